@@ -1,0 +1,517 @@
+"""model.py — the SmolLM3 decoder, with every architecture knob the Smol Training Playbook ablates.
+
+    python model.py config/smollm3.py           # architecture summary (meta device: no weights allocated)
+    python model.py config/tiny.py --n_layers=4 # any config file, any override
+
+Architecture (SmolLM3-3B): pre-norm decoder, RMSNorm (eps 1e-6), SwiGLU MLP (gate, up, down; SiLU),
+grouped-query attention (16 query heads, 4 KV heads, head_dim 128), no biases anywhere, tied input/output
+embeddings, normal(0, 0.02) init. RoPE is the half-split ("rotate_half") layout with
+inv_freq = 1 / theta^(arange(0, D, 2) / D). RNoPE: layer i (0-based) skips RoPE when
+(i + 1) % nope_interval == 0, so with interval 4 layers 3, 7, ..., 35 see no positional signal.
+
+Design choices:
+- Packed sequences are described by `pos`: per-document positions that restart at 0 at each document
+  start. RoPE uses `pos`; with `doc_masking` a token attends only to earlier tokens of its own document
+  (document id = cumsum(pos == 0) along the row). With `doc_masking=False` the row is one causal sequence
+  and RoPE uses plain 0..T-1 positions, which is the playbook's "no intra-document masking" baseline.
+- `sliding_window` (None = off) limits every layer to the last `window` tokens (i - j < window).
+- `attn_impl`: "sdpa" is PyTorch's scaled_dot_product_attention (the CPU path and the reference);
+  "triton" calls kernels.flash_attention, our FlashAttention-2 kernel (GPU only).
+- The loss never materialises [B*T, V] fp32 logits: the LM head and cross-entropy run over chunks of
+  `loss_chunk` rows, each under activation checkpointing, so peak memory is one chunk's logits
+  (a 4096-token micro-batch at a 128k vocab would otherwise hold 2 GB of fp32 logits). z-loss
+  (PaLM) adds z_loss * logsumexp(logits)^2 per token.
+- Checkpoints are the transformers SmolLM3 layout (config.json + model.safetensors), so a directory we
+  write loads in SmolLM3ForCausalLM and a released SmolLM3 checkpoint loads here. Our parameter names
+  are short; HF_NAMES maps them. qk_norm has no SmolLM3 equivalent and is saved under Qwen3's names.
+- generate() keeps a preallocated per-layer KV cache of n_kv_heads (GQA-sized), left-pads a batch of
+  prompts of different lengths, and decodes one token per step for the whole batch.
+"""
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 128256
+    d_model: int = 2048
+    n_layers: int = 36
+    n_heads: int = 16
+    n_kv_heads: int = 4            # = n_heads: MHA, 1: MQA, between: GQA
+    head_dim: int | None = None    # None: d_model // n_heads
+    d_ff: int = 11008
+    rope_theta: float = 50000.0
+    nope_interval: int = 4         # RNoPE; 0 = RoPE in every layer
+    max_position_embeddings: int = 65536
+    rms_eps: float = 1e-6
+    tie_embeddings: bool = True
+    doc_masking: bool = True
+    sliding_window: int | None = None
+    qk_norm: bool = False
+    z_loss: float = 0.0
+    attn_impl: str = "sdpa"        # "sdpa" | "triton"
+    init_std: float = 0.02
+    loss_chunk: int = 2048         # rows of the LM head + CE computed at once
+    bos_id: int = 128000
+    eos_id: int = 128001
+    pad_id: int = 128004
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.d_model // self.n_heads
+        checks = [(self.n_heads % self.n_kv_heads == 0, f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"),
+                  (self.head_dim % 2 == 0, f"head_dim ({self.head_dim}) must be even for RoPE"),
+                  (self.attn_impl in ("sdpa", "triton"), f"attn_impl must be 'sdpa' or 'triton', got {self.attn_impl!r}"),
+                  (self.nope_interval >= 0, f"nope_interval must be >= 0, got {self.nope_interval}"),
+                  (self.sliding_window is None or self.sliding_window > 0, f"sliding_window must be None or > 0, got {self.sliding_window}")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"model config: {msg}")
+
+    def uses_rope(self, i):
+        return self.nope_interval == 0 or (i + 1) % self.nope_interval != 0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 (as SmolLM3 does) and cast back before the weight, matching transformers bit-for-bit
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(pos, head_dim, theta):
+    """cos, sin of shape [B, T, 1, D] for per-token positions pos [B, T] (half-split layout)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    ang = pos.float()[..., None] * inv_freq           # [B, T, D/2]
+    ang = torch.cat([ang, ang], dim=-1)[:, :, None]   # [B, T, 1, D]
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+def doc_causal_mask(pos, window=None, doc_masking=True):
+    """Boolean attention mask [B, 1, T, T] (True = may attend) from per-document positions."""
+    T = pos.shape[1]
+    i = torch.arange(T, device=pos.device)
+    allowed = (i[None, :] <= i[:, None])[None]        # [1, T, T] causal
+    if doc_masking:
+        doc = torch.cumsum(pos == 0, dim=1)            # [B, T]
+        allowed = allowed & (doc[:, :, None] == doc[:, None, :])
+    if window is not None:
+        allowed = allowed & (i[:, None] - i[None, :] < window)[None]
+    return allowed[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.use_rope = cfg.uses_rope(layer_idx)
+        H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.d_model, H * D, bias=False)
+        self.k = nn.Linear(cfg.d_model, Hkv * D, bias=False)
+        self.v = nn.Linear(cfg.d_model, Hkv * D, bias=False)
+        self.o = nn.Linear(H * D, cfg.d_model, bias=False)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(D, cfg.rms_eps), RMSNorm(D, cfg.rms_eps)
+
+    def forward(self, x, rope, mask, cache=None):
+        """x [B, T, C]; rope = (cos, sin); mask: bool [B, 1, T, S] / None (causal) / ("triton", pos)."""
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.q(x).view(B, T, cfg.n_heads, cfg.head_dim)     # [B, T, H, D]
+        k = self.k(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)  # [B, T, Hkv, D]
+        v = self.v(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if isinstance(mask, tuple):
+            import kernels  # GPU path; imported here so the CPU path never needs triton
+            o = kernels.flash_attention(q, k, v, mask[1], cfg.sliding_window)
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)     # [B, Hkv, S, D]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=cfg.n_kv_heads != cfg.n_heads)
+            o = o.transpose(1, 2)                              # [B, T, H, D]
+        return self.o(o.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, mask, cache=None):
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class KVCache:
+    """Preallocated keys/values per layer, [B, Hkv, S_max, D]; `length` tokens are filled."""
+
+    def __init__(self, cfg, batch, max_len, device, dtype):
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer, k, v):
+        t0, t1 = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, t0:t1] = k
+        self.v[layer, :, :, t0:t1] = v
+        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+
+
+def _chunk_ce(h, weight, y, z_loss):
+    """Per-token cross-entropy (+ z-loss) for one chunk: h [N, C], y [N] -> [N] (0 where y == -100)."""
+    logits = (h @ weight.t()).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    target = logits.gather(1, y.clamp(min=0)[:, None])[:, 0]
+    loss = lse - target
+    if z_loss:
+        loss = loss + z_loss * lse.square()
+    return torch.where(y == -100, 0.0, loss)
+
+
+class Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+
+    def _init(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
+
+    @property
+    def head_weight(self):
+        return self.tok_emb.weight if self.cfg.tie_embeddings else self.lm_head.weight
+
+    def hidden(self, x, pos=None, cache=None, mask=None):
+        """Final-norm hidden states [B, T, C]. `mask` overrides the mask derived from pos (generation)."""
+        cfg = self.cfg
+        B, T = x.shape
+        if pos is None or not cfg.doc_masking and cache is None:
+            pos = torch.arange(T, device=x.device).expand(B, T)
+        if mask is None and cache is None:
+            if cfg.attn_impl == "triton":
+                if x.device.type != "cuda":
+                    raise RuntimeError("attn_impl='triton' needs a CUDA GPU; use attn_impl='sdpa' on CPU")
+                mask = ("triton", pos if cfg.doc_masking else None)
+            elif cfg.doc_masking or cfg.sliding_window is not None:
+                mask = doc_causal_mask(pos, cfg.sliding_window, cfg.doc_masking)
+        rope = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
+        h = self.tok_emb(x)
+        for layer in self.layers:
+            h = layer(h, rope, mask, cache)
+        return self.norm(h)
+
+    def forward(self, x, y=None, pos=None, reduction="mean"):
+        h = self.hidden(x, pos)
+        if y is None:
+            return (h @ self.head_weight.t()).float()
+        B, T, C = h.shape
+        h, yf = h.reshape(B * T, C), y.reshape(B * T)
+        n = self.cfg.loss_chunk
+        parts = []
+        for i in range(0, B * T, n):
+            args = (h[i:i + n], self.head_weight, yf[i:i + n], self.cfg.z_loss)
+            parts.append(checkpoint(_chunk_ce, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_ce(*args))
+        per_token = torch.cat(parts).view(B, T)
+        if reduction == "none":
+            return None, per_token
+        if reduction == "sum":
+            return None, per_token.sum()
+        return None, per_token.sum() / (y != -100).sum().clamp(min=1)
+
+    # ---- accounting -------------------------------------------------------------------------------
+    def num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6 N (matmul params, LM head included) + attention 6 * 2 * L * H * D * T_ctx.
+
+        Attention scores and values cost 2 * 2 * H * D * T_ctx per token forward, x3 for fwd+bwd; causal
+        attention sees on average T/2 keys, so T_ctx = seq_len / 2 (capped by the sliding window).
+        """
+        cfg = self.cfg
+        n_matmul = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.d_model
+        t_ctx = seq_len / 2 if cfg.sliding_window is None else min(seq_len / 2, cfg.sliding_window)
+        return 6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * t_ctx
+
+    # ---- generation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None):
+        """Sample continuations for a batch of token-id lists. Returns the new tokens of each prompt
+        (up to and including the first stop token). temperature 0 = greedy."""
+        cfg, dev = self.cfg, self.tok_emb.weight.device
+        B, lens = len(prompts), [len(p) for p in prompts]
+        P = max(lens)
+        if min(lens) == 0:
+            raise ValueError("generate: every prompt needs at least one token")
+        if P + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(f"generate: prompt {P} + {max_new_tokens} new tokens exceeds max_position_embeddings {cfg.max_position_embeddings}")
+        # left-pad so every row's next token lands in the same column; pads are never attended to
+        x = torch.full((B, P), cfg.pad_id, dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            x[b, P - len(p):] = torch.tensor(p, dtype=torch.long, device=dev)
+        pad = torch.tensor([P - n for n in lens], device=dev)              # [B]
+        col = torch.arange(P + max_new_tokens, device=dev)
+        valid = col[None] >= pad[:, None]                                  # [B, S_max] real tokens
+        pos_all = (col[None] - pad[:, None]).clamp(min=0)                  # [B, S_max]
+        cache = KVCache(cfg, B, P + max_new_tokens, dev, self.tok_emb.weight.dtype)
+
+        def step(tokens, t0):
+            T = tokens.shape[1]
+            qi, kj = col[t0:t0 + T], col[:t0 + T]
+            m = (kj[None, :] <= qi[:, None])[None] & valid[:, None, :t0 + T]   # [B, T, S]
+            if cfg.sliding_window is not None:
+                m = m & (qi[:, None] - kj[None, :] < cfg.sliding_window)[None]
+            m = m | (kj[None, :] == qi[:, None])[None]  # a pad query sees itself: no all-masked row, no NaN
+            h = self.hidden(tokens, pos_all[:, t0:t0 + T], cache, m[:, None])
+            cache.length += T
+            return (h[:, -1] @ self.head_weight.t()).float()                     # [B, V]
+
+        logits = step(x, 0)
+        out = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
+        for t in range(max_new_tokens):
+            nxt = sample(logits, temperature, top_k, top_p, generator)          # [B]
+            for b in (~done).nonzero()[:, 0].tolist():
+                out[b].append(nxt[b].item())
+            done |= torch.isin(nxt, stop)
+            if done.all() or t == max_new_tokens - 1:
+                break
+            logits = step(nxt[:, None], P + t)
+        return out
+
+    # ---- HF SmolLM3 checkpoints -------------------------------------------------------------------
+    def hf_config(self):
+        cfg = self.cfg
+        return {
+            "architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3",
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+            "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_embeddings,
+            "no_rope_layer_interval": cfg.nope_interval,
+            "no_rope_layers": [int(cfg.uses_rope(i)) for i in range(cfg.n_layers)],
+            # transformers applies its window only to "sliding_attention" layers: ours is every layer
+            "use_sliding_window": cfg.sliding_window is not None, "sliding_window": cfg.sliding_window,
+            "layer_types": ["sliding_attention" if cfg.sliding_window else "full_attention"] * cfg.n_layers,
+            "attention_bias": False, "mlp_bias": False, "initializer_range": cfg.init_std,
+            "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id,
+            "torch_dtype": str(self.tok_emb.weight.dtype).removeprefix("torch."),
+            # ours only; transformers ignores them
+            "nanosmol": {"qk_norm": cfg.qk_norm, "doc_masking": cfg.doc_masking, "z_loss": cfg.z_loss},
+        }
+
+    def save_pretrained(self, path):
+        """Write config.json + model.safetensors in the transformers SmolLM3 layout (atomically per file)."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        tensors = {hf_name(k): v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic(os.path.join(path, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        text = json.dumps(self.hf_config(), indent=2)
+        _atomic(os.path.join(path, "config.json"), lambda p: open(p, "w").write(text))
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """Load a transformers SmolLM3 directory (ours or a released one). `overrides` set ModelConfig fields."""
+        from safetensors import safe_open
+        cfg = cls.config_from_hf(os.path.join(path, "config.json"), **overrides)
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {hf_name(k): v for k, v in model.state_dict().items()}
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise ValueError(f"{path}: no .safetensors weights found")
+        state = {}
+        for f in files:
+            with safe_open(os.path.join(path, f), framework="pt") as sf:
+                for k in sf.keys():
+                    if k == "lm_head.weight" and cfg.tie_embeddings:
+                        continue  # tied: may be present as a copy of the embedding
+                    if k not in expected:
+                        raise ValueError(f"{path}/{f}: unexpected tensor {k!r}")
+                    t = sf.get_tensor(k)
+                    if t.shape != expected[k].shape:
+                        raise ValueError(f"{path}/{f}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
+                    state[our_name(k)] = t
+        missing = sorted(set(expected) - {hf_name(k) for k in state})
+        if missing:
+            raise ValueError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        model.load_state_dict(state, assign=True)
+        return model
+
+    @staticmethod
+    def config_from_hf(path, **overrides):
+        with open(path) as f:
+            try:
+                hf = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        if hf.get("model_type") not in ("smollm3", "llama"):
+            raise ValueError(f"{path}: model_type {hf.get('model_type')!r}, expected 'smollm3'")
+        need = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+        for k in need:
+            if k not in hf:
+                raise ValueError(f"{path}: missing key {k!r}")
+        n_layers = hf["num_hidden_layers"]
+        rope = hf.get("no_rope_layers")
+        interval = hf.get("no_rope_layer_interval", 4 if hf["model_type"] == "smollm3" else 0)
+        if rope is not None and len(rope) >= n_layers:
+            # no_rope_layers is authoritative; find the interval that reproduces it
+            rope = [int(r) for r in rope[:n_layers]]
+            cands = [iv for iv in range(0, n_layers + 2) if [int(iv == 0 or (i + 1) % iv != 0) for i in range(n_layers)] == rope]
+            if not cands:
+                raise ValueError(f"{path}: no_rope_layers {rope} is not a periodic RNoPE pattern this model supports")
+            interval = cands[0]
+        theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 2e6)
+        window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+        eos = _get(hf, "eos_token_id", 128001)
+        ours = hf.get("nanosmol", {})
+        kw = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], d_ff=hf["intermediate_size"],
+                  n_layers=n_layers, n_heads=hf["num_attention_heads"],
+                  n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                  head_dim=hf.get("head_dim"), rope_theta=float(theta), nope_interval=interval,
+                  max_position_embeddings=hf.get("max_position_embeddings", 65536),
+                  rms_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", True),
+                  sliding_window=window, init_std=hf.get("initializer_range", 0.02),
+                  bos_id=_get(hf, "bos_token_id", 128000), eos_id=eos[0] if isinstance(eos, list) else eos,
+                  pad_id=_get(hf, "pad_token_id", 128004), **{k: v for k, v in ours.items() if k in ("qk_norm", "doc_masking", "z_loss")})
+        kw.update(overrides)
+        return ModelConfig(**kw)
+
+
+# our module name -> transformers' SmolLM3 module name (the parameter suffix, ".weight", is shared)
+HF_NAMES = {"tok_emb": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head",
+            "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+            "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
+            "attn.o": "self_attn.o_proj", "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm",
+            "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}
+OUR_NAMES = {v: k for k, v in HF_NAMES.items()}
+
+
+def hf_name(name):
+    """layers.3.attn.q.weight -> model.layers.3.self_attn.q_proj.weight"""
+    module, param = name.rsplit(".", 1)
+    if module.startswith("layers."):
+        _, i, rest = module.split(".", 2)
+        return f"model.layers.{i}.{HF_NAMES[rest]}.{param}"
+    return f"{HF_NAMES[module]}.{param}"
+
+
+def our_name(name):
+    """Inverse of hf_name; an unknown name raises KeyError (callers check names first)."""
+    module, param = name.rsplit(".", 1)
+    if module.startswith("model.layers."):
+        _, _, i, rest = module.split(".", 3)
+        return f"layers.{i}.{OUR_NAMES[rest]}.{param}"
+    return f"{OUR_NAMES[module]}.{param}"
+
+
+def _get(d, key, default):
+    """d[key] unless absent or null (HF configs write null for unset token ids)."""
+    return default if d.get(key) is None else d[key]
+
+
+def _atomic(path, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """Next token ids [B] from logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def summary(cfg, seq_len=4096):
+    """Human-readable architecture summary, computed on the meta device (no weights allocated)."""
+    with torch.device("meta"):
+        model = Model(cfg)
+    n, n_ne = model.num_params(), model.num_params(non_embedding=True)
+    nope = [i for i in range(cfg.n_layers) if not cfg.uses_rope(i)]
+    kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2  # K and V, bf16
+    lines = [f"{k:>24} = {v}" for k, v in asdict(cfg).items()]
+    lines += ["",
+              f"{'parameters':>24} = {n:,}",
+              f"{'non-embedding':>24} = {n_ne:,}",
+              f"{'FLOPs/token @' + str(seq_len):>24} = {model.flops_per_token(seq_len):,.0f} (6N + attention)",
+              f"{'KV cache/token (bf16)':>24} = {kv_bytes:,} bytes ({kv_bytes * seq_len / 2**20:,.1f} MiB per {seq_len}-token sequence)",
+              f"{'NoPE layers':>24} = {nope if nope else 'none'} ({len(nope)} of {cfg.n_layers})"]
+    return "\n".join(lines)
+
+
+def main(argv):
+    from config import load, pick
+    try:
+        ns = load(argv)
+        cfg = ModelConfig(**pick(ns, ModelConfig))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print(summary(cfg, getattr(ns, "seq_len", 4096)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,267 @@
+"""model.py against independent references: per-document runs, float64 hand-written attention,
+full-forward logits for the KV cache, transformers' SmolLM3ForCausalLM, and hand-computed counts."""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import config
+import model as M
+from model import Model, ModelConfig
+
+
+def small_cfg(**kw):
+    base = dict(vocab_size=97, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=96, rope_theta=10000.0,
+                nope_interval=4, max_position_embeddings=256, bos_id=1, eos_id=2, pad_id=0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def make(seed=0, dtype=torch.float32, **kw):
+    torch.manual_seed(seed)
+    m = Model(small_cfg(**kw)).to(dtype).eval()
+    return m
+
+
+def positions(lengths):
+    return torch.cat([torch.arange(n) for n in lengths])[None]
+
+
+def test_packed_documents_equal_separate_runs():
+    m = make()
+    lengths = [7, 1, 12]
+    x = torch.randint(3, 97, (1, sum(lengths)))
+    packed = m(x, pos=positions(lengths))
+    start = 0
+    for n in lengths:
+        alone = m(x[:, start:start + n])
+        torch.testing.assert_close(packed[:, start:start + n], alone, rtol=0, atol=1e-5)
+        start += n
+    # and without doc masking the later documents do see the earlier ones
+    m.cfg.doc_masking = False
+    leaky = m(x, pos=positions(lengths))
+    assert (leaky[:, 8:] - packed[:, 8:]).abs().max() > 1e-3
+
+
+def attn_out(m, layer, x, pos):
+    """Output of one layer's attention module for hidden input x."""
+    cfg = m.cfg
+    rope = M.rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
+    mask = M.doc_causal_mask(pos, None, True)
+    return m.layers[layer].attn(x, rope, mask)
+
+
+def test_nope_layers_ignore_rope_theta():
+    m = make(n_layers=8, nope_interval=4)
+    assert [i for i in range(8) if not m.cfg.uses_rope(i)] == [3, 7]
+    x = torch.randn(2, 10, 64)
+    pos = torch.arange(10).expand(2, 10)
+    before = {i: attn_out(m, i, x, pos) for i in range(8)}
+    m.cfg.rope_theta = 1234.0
+    for i in range(8):
+        after = attn_out(m, i, x, pos)
+        if i in (3, 7):
+            assert torch.equal(before[i], after), f"NoPE layer {i} changed with rope_theta"
+        else:
+            assert (before[i] - after).abs().max() > 1e-4, f"RoPE layer {i} ignored rope_theta"
+    m0 = make(n_layers=8, nope_interval=0)
+    assert all(m0.cfg.uses_rope(i) for i in range(8))
+
+
+def reference_attention(m, layer, x, pos):
+    """Float64 attention written from the definitions: rotate-half RoPE, repeated KV heads, masked softmax."""
+    cfg, a = m.cfg, m.layers[layer].attn
+    B, T, _ = x.shape
+    x = x.double()
+    q = (x @ a.q.weight.double().t()).view(B, T, cfg.n_heads, cfg.head_dim)
+    k = (x @ a.k.weight.double().t()).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+    v = (x @ a.v.weight.double().t()).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+    if a.use_rope:
+        d = cfg.head_dim
+        freqs = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        ang = pos.double()[..., None] * freqs
+        cos, sin = ang.cos(), ang.sin()
+
+        def rot(t):
+            t1, t2 = t[..., : d // 2], t[..., d // 2:]
+            c, s = cos[:, :, None], sin[:, :, None]
+            return torch.cat([t1 * c - t2 * s, t2 * c + t1 * s], -1)
+        q, k = rot(q), rot(k)
+    rep = cfg.n_heads // cfg.n_kv_heads
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    s = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(cfg.head_dim)
+    doc = torch.cumsum(pos == 0, 1)
+    allowed = (torch.arange(T)[None, :] <= torch.arange(T)[:, None])[None] & (doc[:, :, None] == doc[:, None, :])
+    if cfg.sliding_window:
+        allowed &= (torch.arange(T)[:, None] - torch.arange(T)[None, :] < cfg.sliding_window)[None]
+    s = s.masked_fill(~allowed[:, None], float("-inf"))
+    o = torch.einsum("bhts,bshd->bthd", s.softmax(-1), v).reshape(B, T, -1)
+    return o @ a.o.weight.double().t()
+
+
+@pytest.mark.parametrize("n_kv_heads,window", [(4, None), (2, None), (1, None), (2, 5)])
+def test_attention_matches_float64_reference(n_kv_heads, window):
+    """MHA (n_kv == n_heads), GQA, MQA and sliding window against a plain float64 computation."""
+    m = make(n_kv_heads=n_kv_heads, sliding_window=window)
+    x = torch.randn(2, 13, 64)
+    pos = torch.cat([positions([5, 8]), positions([13])])
+    for layer in (0, 3):  # a RoPE layer and a NoPE layer
+        cfg = m.cfg
+        rope = M.rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
+        ours = m.layers[layer].attn(x, rope, M.doc_causal_mask(pos, window, True))
+        torch.testing.assert_close(ours.double(), reference_attention(m, layer, x, pos), rtol=0, atol=2e-5)
+
+
+def test_chunked_loss_equals_full_cross_entropy():
+    m = make(loss_chunk=7, z_loss=1e-3)
+    x = torch.randint(3, 97, (3, 11))
+    y = torch.randint(0, 97, (3, 11))
+    y[0, :4] = -100
+    _, loss = m(x, y)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    logits = m(x)
+    lse = torch.logsumexp(logits, -1)
+    valid = y != -100
+    ref = F.cross_entropy(logits.view(-1, 97), y.view(-1), ignore_index=-100) + 1e-3 * lse[valid].square().mean()
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+    _, per_tok = m(x, y, reduction="none")
+    assert per_tok.shape == (3, 11) and torch.all(per_tok[0, :4] == 0)
+    torch.testing.assert_close(per_tok.sum() / valid.sum(), loss)
+
+
+def test_kv_cache_decoding_matches_full_forward(monkeypatch):
+    m = make(sliding_window=6)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15]]
+    seen = []
+
+    def greedy(logits, *a, **k):
+        seen.append(logits.clone())
+        return logits.argmax(-1)
+    monkeypatch.setattr(M, "sample", greedy)
+    out = m.generate(prompts, max_new_tokens=5)
+    assert [len(o) for o in out] == [5, 5, 5]
+    for b, p in enumerate(prompts):
+        full = m(torch.tensor([p + out[b]]))[0]       # [T, V]
+        for t in range(5):
+            torch.testing.assert_close(seen[t][b], full[len(p) - 1 + t], rtol=0, atol=1e-4)
+
+
+def test_generate_stops_and_samples():
+    m = make()
+    first = m.generate([[5, 6]], max_new_tokens=1)[0][0]
+    out = m.generate([[5, 6], [7]], max_new_tokens=6, stop_ids=[first])
+    assert out[0] == [first]  # stopped at the stop token, which is included
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(M.sample(logits, 1.0, top_k=1, generator=g), torch.ones(2000, dtype=torch.long))
+    draws = M.sample(logits, 1.0, top_k=2, generator=g)
+    assert set(draws.tolist()) == {1, 2}
+    frac = (draws == 1).float().mean().item()  # p = e^3 / (e^3 + e^2) = 0.731
+    assert abs(frac - math.e / (math.e + 1)) < 0.04
+    # nucleus 0.7: token 1 alone has 0.644 of the mass (< 0.7) so tokens 1 and 2 are kept
+    draws = M.sample(logits, 1.0, top_p=0.7, generator=g)
+    assert set(draws.tolist()) == {1, 2}
+    assert set(M.sample(logits, 1.0, top_p=0.5, generator=g).tolist()) == {1}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_load_roundtrip_bit_exact(tmp_path, tied):
+    m = make(tie_embeddings=tied, qk_norm=not tied)
+    m.save_pretrained(tmp_path)
+    m2 = Model.from_pretrained(tmp_path)
+    assert m2.cfg == m.cfg
+    sd, sd2 = m.state_dict(), m2.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path))
+
+
+def test_load_errors_name_the_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+    m = make()
+    m.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    good = load_file(path)
+    cases = {
+        "missing tensor(s) model.layers.1.mlp.up_proj.weight": {k: v for k, v in good.items() if k != "model.layers.1.mlp.up_proj.weight"},
+        "unexpected tensor 'model.layers.9.mlp.up_proj.weight'": {**good, "model.layers.9.mlp.up_proj.weight": torch.zeros(1)},
+        "'model.norm.weight' has shape (3,), expected (64,)": {**good, "model.norm.weight": torch.zeros(3)},
+    }
+    for msg, tensors in cases.items():
+        save_file(tensors, path)
+        with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            Model.from_pretrained(tmp_path)
+
+
+def test_parameter_count_smollm3_on_meta():
+    ns = config.load(["config/smollm3.py"])
+    cfg = ModelConfig(**config.pick(ns, ModelConfig))
+    with torch.device("meta"):
+        m = Model(cfg)
+    assert m.num_params() == 3_075_098_624
+    # by hand: embedding + 36 * (attention + MLP + 2 norms) + final norm
+    per_layer = 2048 * 2048 * 2 + 2048 * 512 * 2 + 3 * 2048 * 11008 + 2 * 2048
+    assert m.num_params() == 128256 * 2048 + 36 * per_layer + 2048
+    assert "3,075,098,624" in M.summary(cfg)
+
+
+def test_config_errors(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("d_model = 64\nn_layrs = 2\n")
+    with pytest.raises(ValueError, match=r"c.py:2: unknown config key 'n_layrs' \(did you mean n_layers"):
+        config.load([str(f)])
+    f.write_text("d_model = '64'\n")
+    with pytest.raises(ValueError, match=r"c.py:1: key 'd_model': expected int, got str '64'"):
+        config.load([str(f)])
+    with pytest.raises(ValueError, match="override --rope_theta: key 'rope_theta': expected float"):
+        config.load(["--rope_theta=[1]"])
+    with pytest.raises(ValueError, match="config file not found: nope/missing.py"):
+        config.load(["nope/missing.py"])
+    f.write_text("import os\n")
+    with pytest.raises(ValueError, match=r"c.py:1: expected `name = value`"):
+        config.load([str(f)])
+    f.write_text("d_model = os.system('true')\n")
+    with pytest.raises(ValueError, match=r"c.py:1: expected a literal value"):
+        config.load([str(f)])
+    f.write_text("d_model = 32 * 2\nsliding_window = None\n")
+    ns = config.load([str(f), "--sliding_window=128", "--rope_theta=5e5", "--attn_impl=triton"])
+    assert (ns.d_model, ns.sliding_window, ns.rope_theta, ns.attn_impl) == (64, 128, 5e5, "triton")
+    assert isinstance(ns.rope_theta, float)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_transformers_loads_ours_and_agrees(tmp_path, hf, tied):
+    """transformers' SmolLM3ForCausalLM gives our logits from a directory we wrote, and we give theirs."""
+    m = make(tie_embeddings=tied, n_layers=8)
+    m.save_pretrained(tmp_path / "ours")
+    theirs = hf.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    x = torch.randint(3, 97, (2, 16))
+    with torch.no_grad():
+        ref = theirs(input_ids=x).logits
+    torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
+    # and back: their save_pretrained -> our from_pretrained
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = Model.from_pretrained(tmp_path / "theirs")
+    torch.testing.assert_close(back(x), ref, rtol=0, atol=1e-5)
+
+
+def test_transformers_config_defaults_give_smollm3(hf, tmp_path):
+    """Their default SmolLM3Config (the released 3B shape) parses to our smollm3 config."""
+    hf.SmolLM3Config().to_json_file(tmp_path / "config.json")
+    cfg = Model.config_from_hf(tmp_path / "config.json")
+    ns = config.load(["config/smollm3.py"])
+    ours = ModelConfig(**config.pick(ns, ModelConfig))
+    for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "nope_interval", "rms_eps", "tie_embeddings", "head_dim"):
+        assert getattr(cfg, k) == getattr(ours, k), k
