@@ -1,21 +1,51 @@
 """data.py — tokenizer, chat template, corpus preparation, the embedded default corpus and loaders.
 
+Tokenizer: byte-level BPE with Llama-3's pre-tokenization regex, held in a tiktoken.Encoding (rank = merge
+order, single bytes at rank = byte value, our special tokens right after the ranks; encode() adds no BOS and
+never yields a special id). train_bpe counts unique chunks on all cores, then merges with incremental pair
+counts (pair -> chunks index, lazy max-heap); ties go to the smallest (left, right) ids. Saved as tiktoken
+rank lines under '#' header lines holding the regex and specials; `hash` is that text's sha256. An exported
+tokenizer.json lists every split of every token into two tokens, ordered by rank (as Llama-3's file does),
+so HF `tokenizers` reproduces tiktoken exactly; from_hf refuses, naming the file, anything tiktoken cannot.
+Metrics: words are letter/digit runs, punctuation runs and single CJK characters; fertility = tokens/word;
+continued words = share of words overlapping >= 2 tokens of the in-context encoding.
+
+Chat template (ChatML): a system turn always comes first and reads "Reasoning Mode: /think" (or /no_think;
+SmolLM3's metadata line without its dates, so renders are deterministic), then the user's system text with
+the flags stripped. A flag in that text decides the mode, else render_chat's `think=` (default True, as in
+SmolLM3). In /no_think the template puts an empty `<think>\n\n</think>\n` before every assistant turn and
+after the generation prompt; in /think the assistant content carries its own `<think>...</think>`, the only
+text that becomes control tokens (and only in assistant turns). Tool results are `tool` turns, context only.
+The loss mask is exactly what the model generates after the generation prompt: assistant content + <|im_end|>.
+
 (Docstring to be completed: design choices + how to run: `python data.py prepare ...`,
 `python data.py tokenizer-eval ...`, `python data.py bench`.)
 """
+import argparse
 import base64
+import bisect
 import collections
+import functools
 import hashlib
 import heapq
+import itertools
 import json
 import multiprocessing
 import os
+import random
+import struct
+import sys
 import sysconfig
+import tempfile
 import time
+import zlib
+from dataclasses import dataclass, field
 
 import numpy as np
 import regex
 import tiktoken
+import torch
+from tqdm import tqdm
 
 # ==== TOKENIZER SECTION (BPE training, tiktoken encoding, HF tokenizer.json import/export, metrics, chat template) ====
 
@@ -26,8 +56,8 @@ import tiktoken
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-# Our special tokens, given ids in this order right after the regular ranks. The names are Llama-3's /
-# SmolLM3's (pad is Llama's <|finetune_right_pad_id|>), so an imported SmolLM3 tokenizer.json has them all.
+# Our special tokens, given ids in this order right after the regular ranks. Names follow Llama-3 / SmolLM3
+# (pad is Llama's <|finetune_right_pad_id|>); from_hf finds them by name and refuses a file lacking one.
 SPECIALS = {"bos_id": "<|begin_of_text|>", "eos_id": "<|end_of_text|>", "im_start_id": "<|im_start|>",
             "im_end_id": "<|im_end|>", "pad_id": "<|finetune_right_pad_id|>", "think_id": "<think>",
             "think_end_id": "</think>"}
@@ -43,13 +73,13 @@ class Tokenizer:
 
     def __init__(self, ranks, specials, pattern=LLAMA3_PATTERN):
         n = len(ranks)
+        missing = [s for s in SPECIALS.values() if s not in specials]
+        if missing:
+            raise ValueError(f"tokenizer lacks the special tokens {missing}")
         if sorted(ranks.values()) != list(range(n)):
             raise ValueError(f"tokenizer ranks must be exactly 0..{n - 1}")
         if sorted(specials.values()) != list(range(n, n + len(specials))):
             raise ValueError(f"special token ids must be exactly {n}..{n + len(specials) - 1} (after the ranks)")
-        missing = [s for s in SPECIALS.values() if s not in specials]
-        if missing:
-            raise ValueError(f"tokenizer lacks the special tokens {missing}")
         self.ranks, self.specials, self.pattern = ranks, dict(specials), pattern
         self.enc = tiktoken.Encoding("nanosmol", pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.specials)
         self.n_vocab = n + len(specials)
@@ -85,7 +115,7 @@ class Tokenizer:
     def _serialize(self):
         # Header lines start with '#', which base64 never does; the rank lines are tiktoken's own format.
         lines = [_FORMAT_HEADER, "# pattern " + json.dumps(self.pattern)]
-        lines += [f"# special {name} {i}" for name, i in sorted(self.specials.items(), key=lambda kv: kv[1])]
+        lines += [f"# special {json.dumps(s)} {i}" for s, i in sorted(self.specials.items(), key=lambda kv: kv[1])]
         lines += [f"{base64.b64encode(b).decode()} {r}" for b, r in sorted(self.ranks.items(), key=lambda kv: kv[1])]
         return "\n".join(lines) + "\n"
 
@@ -113,12 +143,12 @@ class Tokenizer:
                     pattern = json.loads(line[len("# pattern "):])
                 elif line.startswith("# special "):
                     name, i = line[len("# special "):].rsplit(" ", 1)
-                    specials[name] = int(i)
+                    specials[json.loads(name)] = int(i)
                 else:
                     token, rank = line.split(" ")
                     ranks[base64.b64decode(token, validate=True)] = int(rank)
             except ValueError:
-                raise ValueError(f"{path}:{no}: expected '# pattern JSON', '# special NAME ID' or 'BASE64 RANK', "
+                raise ValueError(f"{path}:{no}: expected '# pattern JSON', '# special JSON ID' or 'BASE64 RANK', "
                                  f"got {line[:60]!r}") from None
         if not isinstance(pattern, str):
             raise ValueError(f"{path}: missing the '# pattern' line")
@@ -126,6 +156,150 @@ class Tokenizer:
             return cls(ranks, specials, pattern)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+
+    def save_hf(self, path):
+        """Write a Hugging Face tokenizer.json (Llama-3 layout) that `tokenizers` encodes to our exact ids.
+
+        tiktoken merges any two adjacent parts whose concatenation is a token, at that token's rank; HF
+        applies listed merges in list order. So, as in Llama-3's own file, every split of a token into two
+        tokens is listed, sorted by the rank of the token it makes, and ignore_merges mirrors tiktoken's
+        whole-chunk lookup. No post-processor: like encode(), HF then adds no BOS."""
+        merges = []
+        for t, _ in sorted(self.ranks.items(), key=lambda kv: kv[1]):
+            splits = [(t[:i], t[i:]) for i in range(1, len(t)) if t[:i] in self.ranks and t[i:] in self.ranks]
+            splits.sort(key=lambda s: (self.ranks[s[0]], self.ranks[s[1]]))
+            merges += [[_bytes_to_str(a), _bytes_to_str(b)] for a, b in splits]
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+        doc = {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True}
+                             for s, i in sorted(self.specials.items(), key=lambda kv: kv[1])],
+            "normalizer": None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
+                byte_level]},
+            "post_processor": None,
+            "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                      "vocab": {_bytes_to_str(t): r for t, r in sorted(self.ranks.items(), key=lambda kv: kv[1])},
+                      "merges": merges},
+        }
+        _atomic_write(path, json.dumps(doc, ensure_ascii=False))
+
+    @classmethod
+    def from_hf(cls, path):
+        """Import a byte-level BPE tokenizer.json (Llama-3.2 / SmolLM3 layout) so that encode() gives HF's ids.
+
+        Anything tiktoken cannot reproduce exactly is a ValueError naming the file and what was expected:
+        other models or normalizers, a pre-tokenizer other than Split(regex) + ByteLevel, merges not sorted
+        by the id they make (tiktoken's merge priority is the token's rank), or a split of a token into two
+        tokens with no merge (tiktoken would merge it, HF would not)."""
+        def fail(msg):
+            raise ValueError(f"{path}: {msg}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            fail(f"not a JSON tokenizer file ({e})")
+        model = doc.get("model") if isinstance(doc, dict) else None
+        if not isinstance(model, dict) or model.get("type") != "BPE":
+            fail("expected model.type == 'BPE' (a byte-level BPE tokenizer.json)")
+        # (key, required value, HF's default when absent); ignore_merges is tiktoken's whole-chunk lookup.
+        for key, want, default in (("byte_fallback", False, False), ("dropout", None, None),
+                                   ("continuing_subword_prefix", None, None), ("end_of_word_suffix", None, None),
+                                   ("ignore_merges", True, False)):
+            if model.get(key, default) != want:
+                fail(f"expected model.{key} == {json.dumps(want)}, got {json.dumps(model.get(key, default))}")
+        if doc.get("normalizer") is not None:
+            fail("expected no normalizer (null)")
+        pre = doc.get("pre_tokenizer")
+        seq = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else None
+        ok = isinstance(seq, list) and len(seq) == 2 and all(isinstance(p, dict) for p in seq)
+        split, level = seq if ok else ({}, {})
+        if not (split.get("type") == "Split" and isinstance(split.get("pattern"), dict)
+                and isinstance(split["pattern"].get("Regex"), str) and split.get("behavior") == "Isolated"
+                and not split.get("invert") and level.get("type") == "ByteLevel"
+                and not level.get("add_prefix_space") and not level.get("use_regex", True)):
+            fail("expected pre_tokenizer Sequence[Split(Regex, behavior Isolated), ByteLevel(add_prefix_space "
+                 "false, use_regex false)] as in Llama-3")
+        vocab, merges_raw = model.get("vocab"), model.get("merges")
+        if not isinstance(vocab, dict) or not isinstance(merges_raw, list):
+            fail("expected model.vocab to be an object and model.merges a list")
+        added = {}
+        for t in doc.get("added_tokens", []):
+            if not isinstance(t, dict) or not isinstance(t.get("content"), str) or not isinstance(t.get("id"), int):
+                fail(f"expected added_tokens entries with 'content' and 'id', got {str(t)[:60]}")
+            added[t["content"]] = t["id"]
+        ranks = {}
+        for s, i in vocab.items():
+            if s in added:
+                if added[s] != i:
+                    fail(f"token {s!r} has id {i} in model.vocab but {added[s]} in added_tokens")
+                continue
+            try:
+                ranks[_str_to_bytes(s)] = i
+            except KeyError:
+                fail(f"model.vocab token {s!r} has characters outside the ByteLevel alphabet")
+        if len(ranks) != len(vocab) - sum(s in vocab for s in added):
+            fail("model.vocab maps two strings to the same bytes")
+        missing = [b for b in range(256) if bytes([b]) not in ranks]
+        if missing:
+            fail(f"model.vocab lacks the single-byte tokens for bytes {missing[:8]}; byte-level BPE needs all 256")
+        _check_merges(ranks, merges_raw, fail)
+        try:
+            return cls(ranks, added, split["pattern"]["Regex"])
+        except ValueError as e:
+            fail(str(e))
+
+
+def _byte_to_char():
+    """GPT-2's ByteLevel alphabet: printable Latin-1 bytes stand for themselves, the other 68 bytes (space,
+    control characters, ...) for chr(256 + k) in byte order, so every token is a printable string."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    out = {b: chr(b) for b in keep}
+    out.update({b: chr(256 + k) for k, b in enumerate(b for b in range(256) if b not in out)})
+    return out
+
+
+_B2C = _byte_to_char()
+_C2B = {c: b for b, c in _B2C.items()}
+
+
+def _bytes_to_str(b):
+    return "".join(_B2C[x] for x in b)
+
+
+def _str_to_bytes(s):
+    return bytes(_C2B[c] for c in s)
+
+
+def _check_merges(ranks, merges_raw, fail):
+    """Fail unless HF's merge list does what tiktoken does with ranks (see Tokenizer.from_hf)."""
+    listed, prev = set(), -1
+    for i, m in enumerate(merges_raw):
+        parts = m.split(" ") if isinstance(m, str) else m
+        if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(p, str) for p in parts)):
+            fail(f"model.merges[{i}]: expected 'a b' or ['a', 'b'], got {json.dumps(m)[:60]}")
+        try:
+            a, b = _str_to_bytes(parts[0]), _str_to_bytes(parts[1])
+        except KeyError:
+            fail(f"model.merges[{i}] {parts}: characters outside the ByteLevel alphabet")
+        if a not in ranks or b not in ranks or a + b not in ranks:
+            fail(f"model.merges[{i}] {parts}: both parts and their concatenation must be in model.vocab")
+        if ranks[a + b] < prev:
+            fail(f"model.merges[{i}] {parts} makes id {ranks[a + b]} after a merge that made id {prev}; tiktoken "
+                 "applies merges in the order of the ids they make, so merges must be sorted by that id")
+        prev = ranks[a + b]
+        listed.add((a, b))
+    unlisted = [(t[:i], t[i:]) for t in ranks for i in range(1, len(t))
+                if t[:i] in ranks and t[i:] in ranks and (t[:i], t[i:]) not in listed]
+    if unlisted:
+        a, b = min(unlisted, key=lambda s: ranks[s[0] + s[1]])
+        fail(f"model.merges lacks the merge {_bytes_to_str(a)!r} + {_bytes_to_str(b)!r} -> id {ranks[a + b]}: "
+             "tiktoken merges any two adjacent tokens that form a token, so every such split must be listed "
+             "(as in Llama-3's tokenizer.json)")
 
 
 def _atomic_write(path, text):
@@ -233,16 +407,25 @@ def train_bpe(texts, vocab_size):
     return Tokenizer(ranks, {s: len(token) + i for i, s in enumerate(SPECIALS.values())})
 
 
-def bench_tokenizer(vocab_size=16384, megabytes=10):
-    """Time train_bpe on the first ~10 MB (sorted paths) of this interpreter's standard-library source."""
-    texts, size = [], 0
+def _stdlib_texts(limit_bytes):
+    """The interpreter's standard-library .py files in sorted-path order, up to about limit_bytes."""
+    size = 0
     for root, dirs, files in os.walk(sysconfig.get_paths()["stdlib"]):
         dirs.sort()
         for name in sorted(files):
-            if name.endswith(".py") and size < megabytes << 20:
+            if name.endswith(".py"):
                 with open(os.path.join(root, name), encoding="utf-8", errors="replace") as f:
-                    texts.append(f.read())
-                size += len(texts[-1].encode("utf-8"))
+                    text = f.read()
+                yield text
+                size += len(text.encode("utf-8"))
+                if size >= limit_bytes:
+                    return
+
+
+def bench_tokenizer(vocab_size=16384, megabytes=10):
+    """Time train_bpe on the first ~10 MB of this interpreter's standard-library source."""
+    texts = list(_stdlib_texts(megabytes << 20))
+    size = sum(len(t.encode("utf-8")) for t in texts)
     t0 = time.perf_counter()
     tok = train_bpe(texts, vocab_size)
     dt = time.perf_counter() - t0
@@ -250,8 +433,1205 @@ def bench_tokenizer(vocab_size=16384, megabytes=10):
     print(f"train_bpe: {vocab_size} vocab on {size / 1e6:.1f} MB ({len(texts)} files) in {dt:.1f} s; "
           f"{size / n:.2f} bytes/token on that text")
 
+
+# Words for the playbook's tokenizer metrics: letter/digit runs, punctuation runs, and single Han / kana
+# characters (CJK writes no spaces; one character per word is the usual convention there).
+_CJK = r"\p{Han}\p{Hiragana}\p{Katakana}"
+_WORD = regex.compile(rf"[{_CJK}]|(?:(?![{_CJK}])[\p{{L}}\p{{M}}\p{{N}}])+|[^\s\p{{L}}\p{{M}}\p{{N}}]+")
+
+
+def tokenizer_metrics(tok, text):
+    """Fertility (tokens per word) and the proportion of continued words (words that overlap >= 2 tokens
+    of the in-context encoding), plus bytes per token. -> dict(words, tokens, fertility, continued, bytes_per_token)"""
+    ids = tok.encode(text)
+    lens = tok.token_bytes()[ids]                          # [n_tokens] bytes per token
+    ends = np.cumsum(lens)                                 # byte offset where each token ends
+    starts = ends - lens
+    cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    char_end = np.cumsum(1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000))  # UTF-8 byte offsets
+    char_start = np.concatenate([[0], char_end])
+    spans = np.array([m.span() for m in _WORD.finditer(text)], dtype=np.int64).reshape(-1, 2)
+    s, e = char_start[spans[:, 0]], char_start[spans[:, 1]]  # word byte spans [s, e)
+    per_word = np.searchsorted(starts, e, "left") - np.searchsorted(ends, s, "right")
+    n_words = max(len(spans), 1)
+    return {"words": len(spans), "tokens": len(ids), "fertility": len(ids) / n_words,
+            "continued": float((per_word >= 2).sum()) / n_words,
+            "bytes_per_token": len(text.encode("utf-8")) / max(len(ids), 1)}
+
+
+def load_any_tokenizer(spec):
+    """A tokenizer from a path: *.json or a directory holding tokenizer.json -> from_hf, else our format."""
+    if os.path.isdir(spec):
+        spec = os.path.join(spec, "tokenizer.json")
+    if not os.path.isfile(spec):
+        raise ValueError(f"tokenizer file not found: {spec}")
+    return Tokenizer.from_hf(spec) if spec.endswith(".json") else Tokenizer.load(spec)
+
+
+def tokenizer_eval_main(argv):
+    """`python data.py tokenizer-eval TOK_A TOK_B FILE...`: the metrics per file (one sample / language each)."""
+    if len(argv) < 3:
+        raise SystemExit("usage: python data.py tokenizer-eval TOK_A TOK_B FILE...  (TOK: our tokenizer file, "
+                         "a tokenizer.json, or a directory holding one; FILE: UTF-8 text, e.g. one per language)")
+    missing = [p for p in argv[2:] if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"text file not found: {missing[0]}")
+    toks = [load_any_tokenizer(a) for a in argv[:2]]
+    print(f"A = {argv[0]} ({toks[0].n_vocab} ids)\nB = {argv[1]} ({toks[1].n_vocab} ids)")
+    print(f"{'file':<24}{'words':>9}{'fertility A':>13}{'B':>7}{'continued A':>13}{'B':>7}{'bytes/tok A':>13}{'B':>7}")
+    for path in argv[2:]:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        a, b = (tokenizer_metrics(t, text) for t in toks)
+        print(f"{os.path.basename(path)[:23]:<24}{a['words']:>9}{a['fertility']:>13.3f}{b['fertility']:>7.3f}"
+              f"{a['continued']:>12.1%}{b['continued']:>8.1%}{a['bytes_per_token']:>13.2f}{b['bytes_per_token']:>7.2f}")
+
+
+# The chat template (DESIGN §3): ChatML turns `<|im_start|>{role}\n{content}<|im_end|>\n`, always opened by a
+# system turn that carries the reasoning mode. A conversation is first laid out as segments
+# (text, is_special, in_loss); render_chat_text joins them, render_chat encodes them.
+_ROLES = ("system", "user", "assistant", "tool")
+_THINK_TAGS = regex.compile(r"(<think>|</think>)")
+
+
+def _chat_segments(messages, add_generation_prompt, think):
+    messages = list(messages)
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str)):
+            raise ValueError(f"message {i}: expected {{'role': one of {_ROLES}, 'content': str}}, got {str(m)[:80]}")
+        if m["role"] == "system" and i > 0:
+            raise ValueError(f"message {i}: a system message may only come first")
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+    if "/no_think" in system:
+        think = False
+    elif "/think" in system:
+        think = True
+    instructions = system.replace("/no_think", "").replace("/think", "").strip()
+    flag = "/think" if think else "/no_think"
+    empty_think = [("<think>", True, 0), ("\n\n", False, 0), ("</think>", True, 0), ("\n", False, 0)]
+
+    def turn(role, body, loss):
+        return [("<|im_start|>", True, 0), (role + "\n", False, 0), *body, ("<|im_end|>", True, loss),
+                ("\n", False, 0)]
+    system_text = f"Reasoning Mode: {flag}" + (f"\n\n{instructions}" if instructions else "")
+    segs = turn("system", [(system_text, False, 0)], 0)
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            parts = _THINK_TAGS.split(m["content"])  # odd indices are the tags: the model emits them as tokens
+            if not think and len(parts) > 1:
+                raise ValueError(f"message {i}: assistant content has <think> tags but the mode is /no_think")
+            body = [(p, k % 2 == 1, 1) for k, p in enumerate(parts)]
+            segs += turn("assistant", ([] if think else empty_think) + body, 1)
+        elif m["role"] != "system":
+            segs += turn(m["role"], [(m["content"], False, 0)], 0)
+    if add_generation_prompt:
+        segs += [("<|im_start|>", True, 0), ("assistant\n", False, 0)] + ([] if think else empty_think)
+    return [s for s in segs if s[0]]
+
+
+def render_chat_text(messages, add_generation_prompt=False, think=True):
+    """The exact rendered conversation as a string (special tokens written by name)."""
+    return "".join(text for text, _, _ in _chat_segments(messages, add_generation_prompt, think))
+
+
+def render_chat(tok, messages, add_generation_prompt=False, think=True):
+    """-> (ids, mask): mask is 1 exactly on what the model must generate, i.e. assistant content (with its
+    <think> block in /think mode) and its <|im_end|>; 0 on headers, the template's empty think block, and
+    every other turn. Message text is encoded as text; only the template's own tags become special ids.
+    Adjacent text with the same mask is encoded together, so ids equal HF's tokenization of the rendered
+    string except where the mask boundary falls inside what would be one token."""
+    ids, mask = [], []
+    for (special, loss), group in itertools.groupby(_chat_segments(messages, add_generation_prompt, think),
+                                                    key=lambda seg: (seg[1], seg[2])):
+        texts = [text for text, _, _ in group]
+        part = [tok.specials[t] for t in texts] if special else tok.encode("".join(texts))
+        ids += part
+        mask += [loss] * len(part)
+    return ids, mask
+
 # ==== END TOKENIZER SECTION ====
 
 # ==== CORPUS + LOADER SECTION (prepare shards, embedded default corpus, Loader, SFT packing, preference/RL batches, bench) ====
 
+# ---------------------------------------------------------------------------------------------- config
+
+@dataclass
+class DataConfig:
+    data_dir: str = "data/default"    # the embedded corpus, its tokenizer and the post-training sets live here
+    tokenizer: str = "default"         # "default": <data_dir>/tokenizer.txt; else our tokenizer file or an HF tokenizer.json
+    dataset: str = "default"           # "default": the embedded corpus in data_dir; else a directory from `data.py prepare`
+    seq_len: int = 1024
+    mixture: dict[str, float] = field(default_factory=lambda: {"code": 0.6, "math": 0.4})
+    stages: list = field(default_factory=list)  # [[start_step, {source: weight}], ...]: from start_step on, replaces mixture
+
+
+def load_tokenizer(cfg):
+    """cfg.tokenizer: "default" = <data_dir>/tokenizer.txt, else a path for load_any_tokenizer."""
+    path = os.path.join(cfg.data_dir, "tokenizer.txt") if cfg.tokenizer == "default" else cfg.tokenizer
+    if cfg.tokenizer == "default" and not os.path.isfile(path):
+        raise ValueError(f"tokenizer not found: {path} (build the default corpus: `python data.py default CONFIG`)")
+    return load_any_tokenizer(path)
+
+
+def dataset_dir(cfg):
+    return cfg.data_dir if cfg.dataset == "default" else cfg.dataset
+
+
+# ------------------------------------------------------------------------------- token shards on disk
+
+# A shard is a 128-byte header then the token ids (uint16, or uint32 past 65,536 ids), every document
+# followed by the end-of-text token. The header lets a reader refuse a shard written by another tokenizer
+# or cut short by a crash; the inputs digest lets `prepare` skip shards whose inputs did not change.
+_HEADER = struct.Struct("<8sIIQQ64s32s")  # magic, version, itemsize, n_tokens, n_docs, tokenizer hash, inputs digest
+SHARD_MAGIC, SHARD_VERSION = b"NSMLSHRD", 1
+TEXT_SUFFIXES = (".txt", ".md", ".py")  # one file = one document
+SPLITS = ("train", "val")
+
+
+def shard_dtype(n_vocab):
+    return np.dtype(np.uint16) if n_vocab <= 1 << 16 else np.dtype(np.uint32)
+
+
+def read_shard_header(path):
+    """-> (itemsize, n_tokens, n_docs, tokenizer hash, inputs digest) after checking magic and file size."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(_HEADER.size)
+    except FileNotFoundError:
+        raise ValueError(f"shard not found: {path}") from None
+    if len(head) < _HEADER.size:
+        raise ValueError(f"{path}: truncated shard ({size} bytes, shorter than its {_HEADER.size}-byte header)")
+    magic, version, itemsize, n_tokens, n_docs, tok_hash, digest = _HEADER.unpack(head)
+    if magic != SHARD_MAGIC:
+        raise ValueError(f"{path}: not a nanosmol token shard (magic {magic!r}, expected {SHARD_MAGIC!r})")
+    if version != SHARD_VERSION or itemsize not in (2, 4):
+        raise ValueError(f"{path}: unsupported shard version {version} / item size {itemsize}")
+    if size != _HEADER.size + n_tokens * itemsize:
+        raise ValueError(f"{path}: truncated shard: its header promises {n_tokens} tokens "
+                         f"({_HEADER.size + n_tokens * itemsize} bytes) but the file has {size} bytes")
+    return itemsize, n_tokens, n_docs, tok_hash.rstrip(b"\0").decode(), digest
+
+
+def open_shard(path, tok_hash):
+    """np.memmap [n_tokens] of a shard's ids, refusing a shard written with a different tokenizer."""
+    itemsize, n_tokens, _, h, _ = read_shard_header(path)
+    if h != tok_hash:
+        raise ValueError(f"{path}: shard was written with tokenizer {h}, but the tokenizer in use is {tok_hash}")
+    return np.memmap(path, dtype=np.uint16 if itemsize == 2 else np.uint32, mode="r",
+                     offset=_HEADER.size, shape=(n_tokens,))
+
+
+def write_shard(path, chunks, tok_hash, itemsize, digest=bytes(32)):
+    """Write (tokens, n_docs) chunks as one shard -> (n_tokens, n_docs).
+
+    Written to a temporary name, header last, then renamed: a failure at any point leaves no file at path."""
+    if len(tok_hash.encode()) > 64:
+        raise ValueError(f"tokenizer hash {tok_hash!r} is longer than the 64 bytes a shard header holds")
+    dtype = np.uint16 if itemsize == 2 else np.uint32
+    tmp = f"{path}.tmp{os.getpid()}"
+    n_tokens = n_docs = 0
+    try:
+        with open(tmp, "wb") as f:
+            f.write(bytes(_HEADER.size))
+            for tokens, docs in chunks:
+                f.write(np.asarray(tokens, dtype=dtype).tobytes())
+                n_tokens, n_docs = n_tokens + len(tokens), n_docs + docs
+            f.seek(0)
+            f.write(_HEADER.pack(SHARD_MAGIC, SHARD_VERSION, itemsize, n_tokens, n_docs, tok_hash.encode(), digest))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return n_tokens, n_docs
+
+
+# ------------------------------------------------------------------------------- reading input files
+
+def read_jsonl(path):
+    """Yield (line number, object) for each non-blank line; a bad line is a ValueError naming path:line."""
+    with open(path, "rb") as f:
+        for no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{no}: malformed JSON line ({e})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{no}: expected a JSON object, got {type(obj).__name__}")
+            yield no, obj
+
+
+def _parquet_texts(path, field):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading .parquet needs pyarrow, which is not installed (pip install pyarrow)") from None
+    pf = pq.ParquetFile(path)
+    if field not in pf.schema_arrow.names:
+        raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
+    row = 0
+    for batch in pf.iter_batches(columns=[field], batch_size=4096):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if not isinstance(text, str):
+                raise ValueError(f"{path}: row {row}: column {field!r} is {type(text).__name__}, expected a string")
+            yield text
+
+
+def iter_documents(path, field="text"):
+    """Yield the documents of one input file: a .txt/.md/.py file is one document, a .jsonl line or a
+    .parquet row is one (its `field`). Empty documents are skipped; a file with none is an error."""
+    n = 0
+    if path.endswith(TEXT_SUFFIXES):
+        try:
+            with open(path, encoding="utf-8") as f:
+                texts = [f.read()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    elif path.endswith(".jsonl"):
+        texts = (_jsonl_text(path, no, obj, field) for no, obj in read_jsonl(path))
+    elif path.endswith(".parquet"):
+        texts = _parquet_texts(path, field)
+    else:
+        raise ValueError(f"{path}: unsupported input type (expected {', '.join(TEXT_SUFFIXES)}, .jsonl or .parquet)")
+    for text in texts:
+        if text:
+            n += 1
+            yield text
+    if n == 0:
+        raise ValueError(f"{path}: empty file (no documents)")
+
+
+def _jsonl_text(path, no, obj, field):
+    text = obj.get(field)
+    if not isinstance(text, str):
+        raise ValueError(f"{path}:{no}: expected a string field {field!r}, got {type(text).__name__}")
+    return text
+
+
+# ---------------------------------------------------------------------------------- corpus preparation
+
+_WORKER_TOK = None  # the tokenizer of an encoding worker (set by _init_encoder in each process)
+
+
+def _init_encoder(tok):
+    global _WORKER_TOK
+    _WORKER_TOK = tok
+
+
+def _encode_docs(texts):
+    """Encode a batch of documents -> (one array of ids, each document followed by EOT; n_docs)."""
+    tok = _WORKER_TOK
+    docs = [tok.encode(t) for t in texts]
+    ends = np.cumsum([len(d) + 1 for d in docs])
+    out = np.empty(int(ends[-1]), dtype=shard_dtype(tok.n_vocab))
+    for d, end in zip(docs, ends):
+        out[end - 1 - len(d):end - 1] = d
+    out[ends - 1] = tok.eos_id
+    return out, len(docs)
+
+
+def _doc_batches(files, field, bar, batch_chars=1 << 20):
+    """Batches of ~1M characters of documents from files, in order; advances the byte progress bar."""
+    batch, size = [], 0
+    for path in files:
+        for text in iter_documents(path, field):
+            batch.append(text)
+            size += len(text)
+            if size >= batch_chars:
+                yield batch
+                batch, size = [], 0
+        bar.update(os.path.getsize(path))
+    if batch:
+        yield batch
+
+
+def _encoded(batches, pool, window):
+    """Encode batches in order, in the pool when there is one, with at most `window` batches in flight
+    (Pool.imap would read a 100 GB file into memory ahead of the workers)."""
+    if pool is None:
+        yield from map(_encode_docs, batches)
+        return
+    pending = collections.deque()
+    for batch in batches:
+        pending.append(pool.apply_async(_encode_docs, (batch,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _plan_shards(files, shard_bytes):
+    """Group input files into shards: consecutive text files until shard_bytes; each .jsonl/.parquet alone.
+    Depends on names and sizes only, so a re-run finds the same shards without reading any input."""
+    units, group, size = [], [], 0
+    for path in files:
+        if not path.endswith(TEXT_SUFFIXES):
+            if group:
+                units.append(group)
+                group, size = [], 0
+            units.append([path])
+            continue
+        group.append(path)
+        size += os.path.getsize(path)
+        if size >= shard_bytes:
+            units.append(group)
+            group, size = [], 0
+    if group:
+        units.append(group)
+    return units
+
+
+def _inputs_digest(files, field, tok_hash):
+    st = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps([st, field, tok_hash]).encode()).digest()
+
+
+def read_manifest(root):
+    path = os.path.join(root, "manifest.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} not found: prepare the dataset first (`python data.py prepare ...`, "
+                         f"or `python data.py default CONFIG` for the embedded corpus)")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path}: malformed manifest ({e})") from None
+
+
+def prepare(files, out_dir, tok, source, split="train", field="text", shard_bytes=1 << 28, workers=None):
+    """Tokenize input files into shards out_dir/<source>/<split>_NNNNN.bin and record them in
+    out_dir/manifest.json -> the manifest entry of (source, split).
+
+    Shards whose header matches (tokenizer hash, input names/sizes/mtimes) are kept, not re-encoded.
+    Encoding runs on `workers` processes (default: every core)."""
+    if not regex.fullmatch(r"[A-Za-z0-9_.-]+", source):
+        raise ValueError(f"source name {source!r}: use letters, digits, '_', '-' or '.'")
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+    if not files:
+        raise ValueError("prepare: no input files given")
+    for path in files:
+        if not os.path.isfile(path):
+            raise ValueError(f"input file not found: {path}")
+        if not path.endswith((*TEXT_SUFFIXES, ".jsonl", ".parquet")):
+            raise ValueError(f"{path}: unsupported input type (expected {', '.join(TEXT_SUFFIXES)}, .jsonl or .parquet)")
+    manifest_path = os.path.join(out_dir, "manifest.json")
+    manifest = read_manifest(out_dir) if os.path.isfile(manifest_path) else {
+        "version": 1, "tokenizer_hash": tok.hash, "n_vocab": tok.n_vocab, "sources": {}}
+    if manifest["tokenizer_hash"] != tok.hash:
+        raise ValueError(f"{manifest_path}: {out_dir} holds shards of tokenizer {manifest['tokenizer_hash']}, "
+                         f"not of this one ({tok.hash}); prepare into another directory")
+    os.makedirs(os.path.join(out_dir, source), exist_ok=True)
+    itemsize = shard_dtype(tok.n_vocab).itemsize
+    plan = []  # (relative path, input files, digest, (n_tokens, n_docs) if already complete else None)
+    for i, unit in enumerate(_plan_shards(files, shard_bytes)):
+        name, digest = f"{source}/{split}_{i:05d}.bin", _inputs_digest(unit, field, tok.hash)
+        try:
+            _, n_tokens, n_docs, h, d = read_shard_header(os.path.join(out_dir, name))
+            done = (n_tokens, n_docs) if (h, d) == (tok.hash, digest) else None
+        except ValueError:
+            done = None
+        plan.append((name, unit, digest, done))
+    todo = [p for p in plan if p[3] is None]
+    workers = workers or len(os.sched_getaffinity(0))
+    bar = tqdm(total=sum(os.path.getsize(f) for _, unit, _, _ in todo for f in unit), unit="B", unit_scale=True,
+               desc=f"{source}/{split}", disable=not todo)
+    pool = multiprocessing.Pool(workers, _init_encoder, (tok,)) if todo and workers > 1 else None
+    _init_encoder(tok)
+    shards = []
+    try:
+        for name, unit, digest, done in plan:
+            if done is None:
+                batches = _encoded(_doc_batches(unit, field, bar), pool, 4 * workers)
+                done = write_shard(os.path.join(out_dir, name), batches, tok.hash, itemsize, digest)
+            shards.append({"path": name, "tokens": done[0], "documents": done[1]})
+    finally:
+        if pool is not None:
+            pool.terminate()
+        bar.close()
+    entry = {"files": [os.path.abspath(f) for f in files], "documents": sum(s["documents"] for s in shards),
+             "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+    manifest["sources"].setdefault(source, {})[split] = entry
+    _atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    return entry
+
+
+# ------------------------------------------------------------------------------ embedded default corpus
+
+# (a) code: the standard library of the running interpreter. Its test suites are left out (they are large
+# and repetitive); files whose path hash falls in 3 of 100 buckets are the validation split, which keeps
+# the choice fixed across machines with the same Python and independent of directory order.
+_STDLIB_SKIP = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def stdlib_files():
+    """-> (train files, val files): the .py files of this interpreter's standard library, sorted."""
+    root = sysconfig.get_paths()["stdlib"]
+    train, val = [], []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in _STDLIB_SKIP)
+        for name in sorted(files):
+            path = os.path.join(d, name)
+            if name.endswith(".py") and os.path.getsize(path) > 0:  # empty __init__.py files are no documents
+                rel = os.path.relpath(path, root)
+                (val if zlib.crc32(rel.encode()) % 100 < 3 else train).append(path)
+    return train, val
+
+
+# (b) math: short, regular word and arithmetic problems with worked solutions. Every solution line holds
+# exactly one equation `a op b = c` (integers, no negatives), and the last line states the result of the
+# last equation, so any answer can be re-derived from the text. A dict of small generators, one per kind.
+_NAMES = ("Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Isla", "Jack", "Lena", "Max", "Nora",
+          "Omar", "Priya", "Sam")
+_ITEMS = ("apples", "pencils", "stickers", "marbles", "books", "cookies", "cards", "shells", "stamps", "eggs")
+
+
+def _eq(a, op, b):
+    """-> ("a op b = c", c)"""
+    c = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+    return f"{a} {op} {b} = {c}", c
+
+
+def _chain(rng):
+    acc = rng.randint(10, 99)
+    expr, lines = str(acc), []
+    for _ in range(rng.randint(2, 3)):
+        op = "-" if acc > 10 and rng.random() < 0.5 else "+"
+        b = rng.randint(1, min(acc, 99)) if op == "-" else rng.randint(2, 99)
+        eq, acc = _eq(acc, op, b)
+        expr += f" {op} {b}"
+        lines.append(eq + ".")
+    return f"Compute {expr}.", lines, acc
+
+
+def _product(rng):
+    a, b = rng.randint(12, 99), rng.randint(12, 99)
+    tens, ones = b - b % 10, b % 10
+    if ones == 0:
+        return f"Compute {a} * {b}.", [_eq(a, "*", b)[0] + "."], a * b
+    (e1, p1), (e2, p2) = _eq(a, "*", tens), _eq(a, "*", ones)
+    return f"Compute {a} * {b}.", [f"{e1}.", f"{e2}.", _eq(p1, "+", p2)[0] + "."], a * b
+
+
+def _quotient(rng):
+    d, q = rng.randint(2, 12), rng.randint(2, 40)
+    return f"Compute {d * q} / {d}.", [_eq(d * q, "/", d)[0] + "."], q
+
+
+def _precedence(rng):
+    a, b, c = rng.randint(2, 20), rng.randint(2, 12), rng.randint(2, 12)
+    form = rng.randrange(4)
+    if form == 0:
+        (e1, _), (e2, r) = _eq(b, "*", c), _eq(a, "+", b * c)
+        return f"Evaluate {a} + {b} * {c}.", [f"Multiply first: {e1}.", f"Then {e2}."], r
+    if form == 1:
+        (e1, _), (e2, r) = _eq(a, "+", b), _eq(a + b, "*", c)
+        return f"Evaluate ({a} + {b}) * {c}.", [f"Parentheses first: {e1}.", f"Then {e2}."], r
+    if form == 2:
+        c = rng.randint(1, a * b)
+        (e1, _), (e2, r) = _eq(a, "*", b), _eq(a * b, "-", c)
+        return f"Evaluate {a} * {b} - {c}.", [f"Multiply first: {e1}.", f"Then {e2}."], r
+    d = rng.randint(1, c - 1)
+    (e1, _), (e2, _), (e3, r) = _eq(c, "-", d), _eq(b, "*", c - d), _eq(a, "+", b * (c - d))
+    return (f"Evaluate {a} + {b} * ({c} - {d}).",
+            [f"Parentheses first: {e1}.", f"Then multiply: {e2}.", f"Finally {e3}."], r)
+
+
+def _shopping(rng):
+    name, n, p = rng.choice(_NAMES), rng.randint(2, 9), rng.randint(2, 15)
+    bill = rng.choice([b for b in (20, 50, 100, 200) if b >= n * p])
+    (e1, _), (e2, r) = _eq(n, "*", p), _eq(bill, "-", n * p)
+    return (f"{name} buys {n} notebooks at {p} dollars each and pays with a {bill} dollar bill. "
+            f"How much change does {name} get?", [f"The notebooks cost {e1} dollars.", f"The change is {e2} dollars."], r)
+
+
+def _sharing(rng):
+    name, item, k, q = rng.choice(_NAMES), rng.choice(_ITEMS), rng.randint(2, 9), rng.randint(2, 25)
+    return (f"{name} has {k * q} {item} and shares them equally among {k} friends. How many {item} does each "
+            f"friend get?", [f"Each friend gets {_eq(k * q, '/', k)[0]} {item}."], q)
+
+
+def _travel(rng):
+    v, t = rng.randint(3, 12) * 10, rng.randint(2, 9)
+    return (f"A train travels at {v} kilometers per hour for {t} hours. How far does it travel?",
+            [f"It travels {_eq(v, '*', t)[0]} kilometers."], v * t)
+
+
+def _savings(rng):
+    name, a, w = rng.choice(_NAMES), rng.randint(3, 20), rng.randint(2, 12)
+    s = rng.randint(1, a * w)
+    (e1, _), (e2, r) = _eq(a, "*", w), _eq(a * w, "-", s)
+    return (f"{name} saves {a} dollars each week. After {w} weeks, {name} spends {s} dollars. "
+            f"How many dollars are left?", [f"{name} saves {e1} dollars.", f"{e2} dollars are left."], r)
+
+
+def _chairs(rng):
+    r, c = rng.randint(3, 15), rng.randint(4, 12)
+    k = rng.randint(1, r * c)
+    (e1, _), (e2, free) = _eq(r, "*", c), _eq(r * c, "-", k)
+    return (f"A hall has {r} rows of {c} chairs. {k} chairs are taken. How many chairs are free?",
+            [f"There are {e1} chairs.", f"{e2} chairs are free."], free)
+
+
+def _ages(rng):
+    a, d, y = rng.randint(5, 40), rng.randint(2, 30), rng.randint(2, 20)
+    n1, n2 = rng.sample(_NAMES, 2)
+    (e1, _), (e2, r) = _eq(a, "+", d), _eq(a + d, "+", y)
+    return (f"{n1} is {a} years old. {n2} is {d} years older than {n1}. How old will {n2} be in {y} years?",
+            [f"{n2} is {e1} years old now.", f"In {y} years {n2} will be {e2}."], r)
+
+
+def _boxes(rng):
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    b, c, e = rng.randint(2, 9), rng.randint(3, 12), rng.randint(1, 20)
+    g = rng.randint(1, b * c + e)
+    (e1, _), (e2, _), (e3, r) = _eq(b, "*", c), _eq(b * c, "+", e), _eq(b * c + e, "-", g)
+    return (f"{name} has {b} boxes with {c} {item} in each box and {e} more {item} on the table. {name} gives "
+            f"away {g} {item}. How many {item} does {name} have left?",
+            [f"The boxes hold {e1} {item}.", f"With the table that is {e2}.", f"After giving some away: {e3}."], r)
+
+
+MATH_KINDS = {"chain": _chain, "product": _product, "quotient": _quotient, "precedence": _precedence,
+              "shopping": _shopping, "sharing": _sharing, "travel": _travel, "savings": _savings,
+              "chairs": _chairs, "ages": _ages, "boxes": _boxes}
+_ANSWER_RE = regex.compile(r"(?:The answer is|####)\s*(-?[\d,]*\d(?:\.\d+)?)")
+
+
+def math_problems(seed, n, exclude=frozenset(), unique=False):
+    """n problems [(question, solution lines, answer)] from a seeded generator. A question in `exclude`
+    (the held-out sets) is drawn again, and with unique=True so is any question already drawn."""
+    rng, kinds, out, seen = random.Random(seed), list(MATH_KINDS.values()), [], set(exclude)
+    while len(out) < n:
+        problem = rng.choice(kinds)(rng)
+        if problem[0] not in seen:
+            out.append(problem)
+            if unique:
+                seen.add(problem[0])
+    return out
+
+
+def math_text(question, lines, answer):
+    """A pretraining document: Problem, worked Solution (one equation per line), final answer."""
+    return f"Problem: {question}\nSolution:\n" + "\n".join(lines) + f"\nThe answer is {answer}."
+
+
+def extract_answer(text):
+    """The final answer stated in `text` ('The answer is N' or GSM8K's '#### N'; the last one wins), or None."""
+    found = _ANSWER_RE.findall(text)
+    return found[-1].replace(",", "") if found else None
+def math_text(question, lines, answer):
+    """A pretraining document: the problem, a worked solution (one equation per line), the answer."""
+    return f"Problem: {question}\nSolution:\n" + "\n".join(lines) + f"\nThe answer is {answer}."
+
+
+def extract_answer(text):
+    """The final answer stated in text ('The answer is N', or GSM8K's '#### N'; the last one wins), or None."""
+    found = _ANSWER_RE.findall(text)
+    return found[-1].replace(",", "") if found else None
+
+
+# (c) post-training sets, in the conversational formats TRL uses. SFT: {"messages": [...]}, half /think
+# (the worked steps inside <think>, then the answer) and half /no_think (the answer alone), a fifth of
+# them two-turn. Preference: {"prompt": [...], "chosen": [assistant], "rejected": [assistant]}, where the
+# rejected reply slips in its last equation, so it differs from the chosen one only where it goes wrong.
+# RL: {"prompt": [user], "answer": "N"}. Eval: {"question", "answer", "solution"} for generative exact
+# match and {"question", "choices", "label"} for multiple-choice log-likelihood scoring.
+DEFAULT_SIZES = {"math_train": 50_000, "math_val": 2_000, "sft_train": 4_000, "sft_val": 200,
+                 "pref_train": 2_000, "pref_val": 200, "rl_train": 2_000, "math_test": 500, "math_mc_test": 500}
+_HELD_OUT = ("math_test", "math_mc_test", "math_val", "sft_val", "pref_val")
+_PERSONAS = ("", "You are a helpful assistant. ", "You are a careful math tutor. ", "Answer briefly. ")
+
+
+def _system(rng, think):
+    return {"role": "system", "content": rng.choice(_PERSONAS) + ("/think" if think else "/no_think")}
+
+
+def _reply(lines, answer, think):
+    final = f"The answer is {answer}."
+    return "<think>\n" + "\n".join(lines) + f"\n</think>\n{final}" if think else final
+
+
+def _sft_row(rng, problems):
+    think = rng.random() < 0.5
+    messages = [_system(rng, think)]
+    for question, lines, answer in problems:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": _reply(lines, answer, think)}]
+    return {"messages": messages}
+
+
+def _pref_row(rng, problem):
+    question, lines, answer = problem
+    think = rng.random() < 0.5
+    wrong = answer + rng.choice([d for d in (-10, -2, -1, 1, 2, 10) if answer + d >= 0])
+    head, _, tail = lines[-1].rpartition(f"= {answer}")
+    slipped = lines[:-1] + [f"{head}= {wrong}{tail}"]
+    return {"prompt": [_system(rng, think), {"role": "user", "content": question}],
+            "chosen": [{"role": "assistant", "content": _reply(lines, answer, think)}],
+            "rejected": [{"role": "assistant", "content": _reply(slipped, wrong, think)}]}
+
+
+def _mc_row(rng, problem):
+    question, _, answer = problem
+    choices = {answer}
+    while len(choices) < 4:
+        choices.add(max(0, answer + rng.choice((-10, -3, -2, -1, 1, 2, 3, 10))))
+    choices = sorted(choices)
+    rng.shuffle(choices)
+    return {"question": question, "choices": [str(c) for c in choices], "label": choices.index(answer)}
+
+
+def default_sets(sizes=DEFAULT_SIZES):
+    """{name: JSON rows} of the generated math corpus, post-training sets and test sets (deterministic).
+    Held-out questions are unique and never appear in a training set."""
+    held = {name: math_problems(i + 1, sizes[name], unique=True) for i, name in enumerate(_HELD_OUT)}
+    exclude = frozenset(q for problems in held.values() for q, _, _ in problems)
+    p = {**held, **{name: math_problems(i + 100, sizes[name] * (1 + (name == "sft_train")), exclude)
+                    for i, name in enumerate(("math_train", "sft_train", "pref_train", "rl_train"))}}
+    rng = random.Random(0)
+    # sft_train draws two problems per conversation; the second is used when the conversation is two-turn
+    sft = [_sft_row(rng, pair if rng.random() < 0.2 else pair[:1]) for pair in zip(p["sft_train"][::2], p["sft_train"][1::2])]
+    return {
+        "math_train": [{"text": math_text(*x)} for x in p["math_train"]],
+        "math_val": [{"text": math_text(*x)} for x in p["math_val"]],
+        "sft_train": sft,
+        "sft_val": [_sft_row(rng, [x]) for x in p["sft_val"]],
+        "pref_train": [_pref_row(rng, x) for x in p["pref_train"]],
+        "pref_val": [_pref_row(rng, x) for x in p["pref_val"]],
+        "rl_train": [{"prompt": [{"role": "user", "content": q}], "answer": str(a)} for q, _, a in p["rl_train"]],
+        "math_test": [{"question": q, "answer": str(a), "solution": "\n".join(lines) + f"\nThe answer is {a}."}
+                      for q, lines, a in p["math_test"]],
+        "math_mc_test": [_mc_row(rng, x) for x in p["math_mc_test"]],
+    }
+
+
+def _bpe_sample(code_files, math_jsonl, math_docs=8_000):
+    """The tokenizer's training text (~3 MB): every fifth code file (by path hash) and the first math documents."""
+    for path in code_files:
+        if zlib.crc32(path.encode()) % 5 == 0:
+            yield from iter_documents(path)
+    for _, obj in itertools.islice(read_jsonl(math_jsonl), math_docs):
+        yield obj["text"]
+
+
+def prepare_default(data_dir, vocab_size):
+    """Build the embedded default corpus in data_dir: the generated .jsonl sets (DEFAULT_SIZES), a BPE
+    tokenizer of vocab_size ids trained on a sample, and the train/val shards of sources "code" and
+    "math". Idempotent: whatever is already complete is kept (a second call takes about a second)."""
+    t0 = time.perf_counter()
+    os.makedirs(data_dir, exist_ok=True)
+    paths = {name: os.path.join(data_dir, f"{name}.jsonl") for name in DEFAULT_SIZES}
+    if not all(os.path.isfile(p) for p in paths.values()):
+        for name, rows in default_sets().items():
+            if not os.path.isfile(paths[name]):
+                _atomic_write(paths[name], "".join(json.dumps(r) + "\n" for r in rows))
+    code_train, code_val = stdlib_files()
+    tok_path = os.path.join(data_dir, "tokenizer.txt")
+    if os.path.isfile(tok_path):
+        tok = Tokenizer.load(tok_path)
+        if tok.n_vocab != vocab_size:
+            raise ValueError(f"{tok_path} has {tok.n_vocab} ids but vocab_size is {vocab_size}; use another data_dir")
+    else:
+        tok = train_bpe(_bpe_sample(code_train, paths["math_train"]), vocab_size)
+        tok.save(tok_path)
+    for source, split, files in (("code", "train", code_train), ("code", "val", code_val),
+                                 ("math", "train", [paths["math_train"]]), ("math", "val", [paths["math_val"]])):
+        entry = prepare(files, data_dir, tok, source, split)
+        print(f"{source}/{split}: {entry['documents']:,} documents, {entry['tokens']:,} tokens")
+    print(f"default corpus ready in {data_dir} ({time.perf_counter() - t0:.1f} s)")
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+
+# Every loader maps a global sample index to a row as a pure function of (seed, index): nothing is
+# stored per step, so memory and time per batch do not grow with the step or the corpus (the playbook's
+# nanosets slowdown came from index arrays that did), and resuming needs only the step.
+# Sample i of a rank: index = step*G + (micro_step*world_size + rank)*micro_batch_size + i, with
+# G = micro_batch_size*accum*world_size, so DP=1 with k accumulation steps sees exactly the rows of DP=k.
+_ONE = 1 << 24  # mixture weights become multiples of 2^-24, so mixture counts are exact integer arithmetic
+
+
+_M64 = (1 << 64) - 1
+_C1, _C2, _S29, _S32 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(29), np.uint64(32)
+
+
+def _splitmix(z):
+    """splitmix64 on a Python int: a bijective scramble of 64-bit keys."""
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def _feistel(x, keys, wl, wr):
+    """One pass of an unbalanced Feistel network over uint64 x in [0, 2^(wl+wr)): each round maps the state
+    (left: wl bits, right: wr bits) to (right, left ^ F(right)), so the widths swap every round. Each round
+    is invertible whatever F is; F is a keyed multiply-xorshift hash (its top 32 bits)."""
+    left, right = x >> np.uint64(wr), x & np.uint64((1 << wr) - 1)
+    for k in keys:
+        z = (right ^ k) * _C1
+        z = (z ^ (z >> _S29)) * _C2
+        left, right = right, left ^ ((z >> _S32) & np.uint64((1 << wl) - 1))
+        wl, wr = wr, wl
+    return (left << np.uint64(wr)) | right
+
+
+@functools.lru_cache(maxsize=256)
+def _round_keys(key):
+    return tuple(np.uint64(_splitmix(key ^ _splitmix(r))) for r in range(4))
+
+
+def permute(i, n, key):
+    """A bijection of [0, n), keyed by a 64-bit int, applied to the integer array i (any shape).
+
+    A 4-round Feistel network permutes [0, 2^b), the smallest power of two >= n; a value that lands at
+    or past n goes through again (cycle walking) until it is inside [0, n), which keeps the map a bijection
+    of [0, n). The domain is < 2n, so on average fewer than two passes. Memory O(len(i)), never O(n)."""
+    shape, i = np.shape(i), np.asarray(i, dtype=np.uint64).reshape(-1)
+    b = (n - 1).bit_length()
+    wl, wr, keys = (b + 1) // 2, b // 2, _round_keys(key)
+    out = _feistel(i, keys, wl, wr)
+    bad = np.flatnonzero(out >= n)
+    while len(bad):
+        out[bad] = _feistel(out[bad], keys, wl, wr)
+        bad = bad[out[bad] >= n]
+    return out.astype(np.int64).reshape(shape)
+
+
+def _stream_key(seed, name):
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest(), "little")
+
+
+def _draw(k, n, key):
+    """Row of the k-th draw (int64 array) from n rows: epoch e = k // n uses its own permutation of the rows."""
+    epoch = k // n
+    first, last = int(epoch.min()), int(epoch.max())
+    if first == last:  # the usual case: one micro-batch rarely straddles an epoch
+        return permute(k % n, n, _splitmix(key ^ _splitmix(first + 4)))
+    out = np.empty_like(k)
+    for e in range(first, last + 1):
+        sel = epoch == e
+        out[sel] = permute(k[sel] % n, n, _splitmix(key ^ _splitmix(e + 4)))
+    return out
+
+
+def _sample_index(step, micro_step, micro_batch_size, accum, rank, world_size):
+    if step < 0 or not 0 <= micro_step < accum:
+        raise ValueError(f"step {step} / micro_step {micro_step}: expected step >= 0 and 0 <= micro_step < {accum}")
+    g = step * micro_batch_size * accum * world_size + (micro_step * world_size + rank) * micro_batch_size
+    return g + np.arange(micro_batch_size, dtype=np.int64)
+
+
+def _with_pos(buf, eos_id):
+    """[B, T+1] ids -> (x, y, pos) int64 tensors [B, T]; pos restarts at 0 at the row start and after every EOT."""
+    x, y = np.ascontiguousarray(buf[:, :-1]), np.ascontiguousarray(buf[:, 1:])
+    start = np.empty(x.shape, dtype=bool)
+    start[:, 0], start[:, 1:] = True, x[:, :-1] == eos_id
+    first = np.flatnonzero(start)  # flat index of each document's first token
+    pos = np.arange(x.size) - np.repeat(first, np.diff(first, append=x.size))
+    return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(pos.reshape(x.shape))
+
+
+def _schedule(mixture, stages):
+    """[(start_step, {source: weight})] from cfg.mixture (step 0) and cfg.stages, validated and normalised."""
+    out = [(0, mixture)]
+    for i, stage in enumerate(stages):
+        if not (isinstance(stage, (list, tuple)) and len(stage) == 2 and isinstance(stage[0], int)
+                and isinstance(stage[1], dict)):
+            raise ValueError(f"stages[{i}]: expected [start_step, {{source: weight}}], got {stage!r}")
+        if stage[0] == 0 and i == 0:
+            out = []
+        elif stage[0] <= out[-1][0]:
+            raise ValueError(f"stages[{i}]: start step {stage[0]} must be greater than the previous stage's {out[-1][0]}")
+        out.append(tuple(stage))
+    for start, weights in out:
+        where = f"mixture of the stage starting at step {start}"
+        if not weights or not all(isinstance(w, (int, float)) and w >= 0 for w in weights.values()):
+            raise ValueError(f"{where}: expected {{source: weight >= 0}}, got {weights!r}")
+        if sum(weights.values()) <= 0:
+            raise ValueError(f"{where}: weights sum to 0")
+    return [(start, {s: w / sum(weights.values()) for s, w in weights.items()}) for start, weights in out]
+
+
+def _levels(weights, names):
+    """Split a mixture into binary levels [(source index, P)]: source k takes P/2^24 of the samples that no
+    earlier level took (a Beatty sequence on that sub-sequence), and the last level takes the rest."""
+    items = [(names.index(s), w) for s, w in weights.items() if w > 0]
+    left, levels = sum(w for _, w in items), []
+    for idx, w in items:
+        levels.append((idx, min(_ONE, round(w / left * _ONE))))
+        left -= w
+    levels[-1] = (levels[-1][0], _ONE)
+    return levels
+
+
+def _assign(levels, j):
+    """Source index and per-source ordinal of in-stage sample indices j (int64 array).
+
+    At a level of rate p = P/2^24, the first n samples reaching it hold floor(n*p + 1/2) of that level's
+    source, and sample n belongs to it when that count steps up. Any prefix of a stage therefore holds every
+    source within one sample per level of its weight: low discrepancy, with O(1) counts for the ordinals."""
+    src, ordinal, n = np.full(j.shape, -1, dtype=np.int64), np.zeros_like(j), j.copy()
+    for idx, P in levels:
+        before = (n * P + _ONE // 2) >> 24
+        hit = (src < 0) & (((n + 1) * P + _ONE // 2) >> 24 > before)
+        src[hit], ordinal[hit] = idx, before[hit]
+        n = n - before
+    return src, ordinal
+
+
+def _level_counts(levels, n, n_sources):
+    """How many of a stage's first n samples each source takes (Python ints: exact for any n)."""
+    counts = [0] * n_sources
+    for idx, P in levels:
+        c = (n * P + _ONE // 2) >> 24
+        counts[idx] += c
+        n -= c
+    return counts
+
+
+class Loader:
+    """Pretraining batches: fixed rows of seq_len + 1 tokens cut from each source's shards, read by memmap.
+
+    Row r of a source is tokens [r*T, r*T + T + 1) of its concatenated shards (T = seq_len; rows do not
+    cross shards), so each token is a target once per epoch. A sample's stage is set by its step; within
+    the stage, _assign picks its source and that source's ordinal (counting on from earlier stages), and
+    the ordinal's epoch permutation (_draw, keyed by seed and source) picks the row. `pos` restarts at 0
+    at the start of each row and after each end-of-text token."""
+
+    def __init__(self, cfg, micro_batch_size, accum, seed, rank=0, world_size=1, split="train"):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+        tok = load_tokenizer(cfg)
+        self.root, self.seq_len, self.split, self.eos_id = dataset_dir(cfg), cfg.seq_len, split, tok.eos_id
+        self.micro_batch_size, self.accum, self.rank, self.world_size = micro_batch_size, accum, rank, world_size
+        self.G = micro_batch_size * accum * world_size
+        self.token_bytes = torch.from_numpy(tok.token_bytes())  # [V] UTF-8 bytes per id, for bits-per-byte
+        self.tok_hash, self.manifest = tok.hash, read_manifest(self.root)
+        if self.manifest["tokenizer_hash"] != tok.hash:
+            raise ValueError(f"{self.root}/manifest.json: the dataset was tokenized with {self.manifest['tokenizer_hash']}, "
+                             f"but the tokenizer {cfg.tokenizer!r} is {tok.hash}")
+        self.schedule = _schedule(cfg.mixture, cfg.stages)
+        self.sources = sorted({s for _, weights in self.schedule for s, w in weights.items() if w > 0})
+        self._streams = {}
+        self.rows = {s: int(self._stream(s, split)[1][-1]) for s in self.sources}  # rows per epoch of each source
+        self._keys = [_stream_key(seed, s) for s in self.sources]
+        self._starts = [start for start, _ in self.schedule]
+        self._levels = [_levels(weights, self.sources) for _, weights in self.schedule]
+        self._offsets, drawn = [], [0] * len(self.sources)  # per stage: each source's draws before it
+        for k, start in enumerate(self._starts):
+            self._offsets.append(np.array(drawn, dtype=np.int64))
+            if k + 1 < len(self._starts):
+                counts = _level_counts(self._levels[k], (self._starts[k + 1] - start) * self.G, len(self.sources))
+                drawn = [a + b for a, b in zip(drawn, counts)]
+
+    def _stream(self, source, split):
+        """(memmaps of the source's shards, row starts [n_shards + 1]) for one split, opened once."""
+        if (source, split) not in self._streams:
+            entry = self.manifest["sources"].get(source, {}).get(split)
+            if entry is None:
+                have = [f"{s}/{sp}" for s, d in self.manifest["sources"].items() for sp in d]
+                raise ValueError(f"{self.root}/manifest.json: no {split} split of source {source!r} (have: {', '.join(have)})")
+            # plain ndarray views of the memmaps: slicing a np.memmap builds a memmap object each time
+            maps = [open_shard(os.path.join(self.root, s["path"]), self.tok_hash).view(np.ndarray) for s in entry["shards"]]
+            starts = np.cumsum([0] + [(len(m) - 1) // self.seq_len for m in maps])
+            if starts[-1] == 0:
+                raise ValueError(f"source {source!r} ({split}) has fewer than seq_len + 1 = {self.seq_len + 1} tokens")
+            self._streams[source, split] = maps, starts
+        return self._streams[source, split]
+
+    def _fetch(self, source, split, rows, out, at):
+        """Copy rows of one source into out[at] (out: [B, T+1])."""
+        maps, starts = self._stream(source, split)
+        shard = np.searchsorted(starts, rows, side="right") - 1
+        for i, s, r in zip(at.tolist(), shard.tolist(), rows.tolist()):
+            a = (r - starts[s]) * self.seq_len
+            out[i] = maps[s][a:a + self.seq_len + 1]
+
+    def stage_at(self, step):
+        return bisect.bisect_right(self._starts, step) - 1
+
+    def weights_at(self, step):
+        return dict(self.schedule[self.stage_at(step)][1])
+
+    def locate(self, step, micro_step):
+        """-> (source index [B], row [B]) of a micro-batch: the whole data order, without reading tokens."""
+        g = _sample_index(step, micro_step, self.micro_batch_size, self.accum, self.rank, self.world_size)
+        k = self.stage_at(step)
+        src, ordinal = _assign(self._levels[k], g - self._starts[k] * self.G)
+        draws = ordinal + self._offsets[k][src]
+        rows = np.empty_like(draws)
+        for s, name in enumerate(self.sources):
+            sel = src == s
+            if sel.any():
+                rows[sel] = _draw(draws[sel], self.rows[name], self._keys[s])
+        return src, rows
+
+    def get(self, step, micro_step):
+        """-> (x, y, pos) int64 tensors [micro_batch_size, seq_len] of this rank's micro-step."""
+        src, rows = self.locate(step, micro_step)
+        buf = np.empty((self.micro_batch_size, self.seq_len + 1), dtype=np.int64)
+        for s, name in enumerate(self.sources):
+            sel = np.flatnonzero(src == s)
+            if len(sel):
+                self._fetch(name, self.split, rows[sel], buf, sel)
+        return _with_pos(buf, self.eos_id)
+
+    def val_rows(self, source, n_rows):
+        """The first n_rows rows (in order) of a source's val split -> (x, y, pos) [n_rows, seq_len]."""
+        have = int(self._stream(source, "val")[1][-1])
+        if n_rows > have:
+            raise ValueError(f"source {source!r} has {have} val rows of {self.seq_len + 1} tokens; asked for {n_rows}")
+        buf = np.empty((n_rows, self.seq_len + 1), dtype=np.int64)
+        self._fetch(source, "val", np.arange(n_rows), buf, np.arange(n_rows))
+        return _with_pos(buf, self.eos_id)
+
+
+def pack_bfd(lengths, capacity):
+    """Best-fit-decreasing bin packing -> bins (lists of item indices, in placement order). Longest item
+    first (ties: lower index); each goes to the open bin with the least room that still fits it (ties:
+    the older bin), else to a new bin."""
+    room, bins = [], []  # room: sorted (free space, bin index) of bins with space left
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        if not 0 < n <= capacity:
+            raise ValueError(f"item {i} has length {n}; expected 1..{capacity}")
+        k = bisect.bisect_left(room, (n, -1))
+        if k == len(room):
+            bins.append([i])
+            free, b = capacity - n, len(bins) - 1
+        else:
+            free, b = room.pop(k)
+            bins[b].append(i)
+            free -= n
+        if free:
+            bisect.insort(room, (free, b))
+    return bins
+
+
+def _chat_xy(tok, messages, seq_len, where):
+    """Render a conversation -> (x, y) int64 arrays: y[t] = ids[t+1] where that token is the model's to
+    generate (assistant content and its <|im_end|>), else -100. Truncated to seq_len tokens."""
+    try:
+        ids, mask = render_chat(tok, messages)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    ids, mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
+    return ids[:-1][:seq_len], np.where(mask[1:], ids[1:], -100)[:seq_len]
+
+
+def _jsonl_field(path, no, obj, key, kind):
+    value = obj.get(key)
+    if not isinstance(value, kind):
+        raise ValueError(f"{path}:{no}: expected field {key!r} of type {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+class _Shuffled:
+    """The shared order of the post-training loaders: the global sample index (same formula as Loader)
+    drawn through per-epoch permutations of the n items."""
+
+    def _setup(self, n, micro_batch_size, accum, seed, rank, world_size, name):
+        if n == 0:
+            raise ValueError(f"{name}: no examples")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.n, self.micro_batch_size, self.accum, self.rank, self.world_size = n, micro_batch_size, accum, rank, world_size
+        self._key = _stream_key(seed, name)
+
+    def indices(self, step, micro_step):
+        g = _sample_index(step, micro_step, self.micro_batch_size, self.accum, self.rank, self.world_size)
+        return _draw(g, self.n, self._key)
+
+
+class SFTLoader(_Shuffled):
+    """SFT conversations ({"messages": [...]} per line) packed best-fit-decreasing into rows of seq_len.
+
+    Each conversation keeps its own positions (0, 1, ...) and its own next-token targets, so no label or
+    position crosses documents; y = -100 except on assistant tokens; the tail of a row is padding
+    (pad id, y = -100, positions from 0 as a document of its own). Rows are built once in memory."""
+
+    def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1):
+        docs = [_chat_xy(tok, _jsonl_field(path, no, obj, "messages", list), seq_len, f"{path}:{no}")
+                for no, obj in read_jsonl(path)]
+        bins = pack_bfd([len(x) for x, _ in docs], seq_len)
+        self.x = np.full((len(bins), seq_len), tok.pad_id, dtype=np.int64)
+        self.y = np.full((len(bins), seq_len), -100, dtype=np.int64)
+        self.pos = np.zeros((len(bins), seq_len), dtype=np.int64)
+        for r, items in enumerate(bins):
+            at = 0
+            for i in items:
+                x, y = docs[i]
+                self.x[r, at:at + len(x)], self.y[r, at:at + len(x)] = x, y
+                self.pos[r, at:at + len(x)] = np.arange(len(x))
+                at += len(x)
+            self.pos[r, at:] = np.arange(seq_len - at)
+        self.bins, self.n_docs = bins, len(docs)
+        self.fill = sum(len(x) for x, _ in docs) / max(1, self.x.size)  # fraction of row tokens that are not padding
+        self._setup(len(bins), micro_batch_size, accum, seed, rank, world_size, f"sft:{path}")
+
+    def get(self, step, micro_step):
+        """-> (x, y, pos) int64 tensors [micro_batch_size, seq_len]."""
+        rows = self.indices(step, micro_step)
+        return tuple(torch.from_numpy(a[rows]) for a in (self.x, self.y, self.pos))
+
+
+class PreferenceLoader(_Shuffled):
+    """Preference pairs ({"prompt": [...], "chosen": [assistant], "rejected": [assistant]} per line).
+
+    get() -> ((x, y, pos) chosen, (x, y, pos) rejected), each [micro_batch_size, T] with T the longest
+    side in the micro-batch: one conversation per row, y = -100 on the prompt and on right padding, so
+    the sum of -CE over y != -100 is the completion's log-probability."""
+
+    def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1):
+        self.pairs = []
+        for no, obj in read_jsonl(path):
+            prompt = _jsonl_field(path, no, obj, "prompt", list)
+            self.pairs.append(tuple(_chat_xy(tok, prompt + _jsonl_field(path, no, obj, side, list), seq_len, f"{path}:{no}")
+                                    for side in ("chosen", "rejected")))
+        self.pad_id = tok.pad_id
+        self._setup(len(self.pairs), micro_batch_size, accum, seed, rank, world_size, f"pref:{path}")
+
+    def get(self, step, micro_step):
+        pairs = [self.pairs[i] for i in self.indices(step, micro_step).tolist()]
+        T = max(len(x) for pair in pairs for x, _ in pair)
+        out = []
+        for side in (0, 1):
+            x = np.full((len(pairs), T), self.pad_id, dtype=np.int64)
+            y = np.full((len(pairs), T), -100, dtype=np.int64)
+            for r, pair in enumerate(pairs):
+                xs, ys = pair[side]
+                x[r, :len(xs)], y[r, :len(ys)] = xs, ys
+            pos = np.broadcast_to(np.arange(T), x.shape).copy()
+            out.append((torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(pos)))
+        return tuple(out)
+
+
+class PromptLoader(_Shuffled):
+    """RL prompts ({"prompt": [...], "answer": "N"} per line) -> get() = (prompt ids rendered with the
+    generation prompt, answers as strings); rewards compare extract_answer(completion) to the answer."""
+
+    def __init__(self, path, tok, micro_batch_size, accum=1, seed=0, rank=0, world_size=1, think=True):
+        self.prompts, self.answers = [], []
+        for no, obj in read_jsonl(path):
+            messages = _jsonl_field(path, no, obj, "prompt", list)
+            try:
+                self.prompts.append(render_chat(tok, messages, add_generation_prompt=True, think=think)[0])
+            except ValueError as e:
+                raise ValueError(f"{path}:{no}: {e}") from None
+            self.answers.append(_jsonl_field(path, no, obj, "answer", str))
+        self._setup(len(self.prompts), micro_batch_size, accum, seed, rank, world_size, f"rl:{path}")
+
+    def get(self, step, micro_step):
+        idx = self.indices(step, micro_step).tolist()
+        return [self.prompts[i] for i in idx], [self.answers[i] for i in idx]
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+def _rss_mib():
+    """{VmRSS, RssAnon, RssFile} of this process in MiB (Linux /proc). RssFile counts memmapped shard pages,
+    which the kernel may drop at will; RssAnon is what would grow if the loader kept state per step."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
+
+
+def bench_loader(seq_len=2048, micro_batch_size=8, mb_per_source=16, n_batches=3000, total_steps=1_000_000,
+                 index_stride=10):
+    """Loader batch-assembly throughput on three synthetic sources with the SmolLM3 3-stage curriculum, and
+    memory before/after drawing the indices of every index_stride-th step across total_steps steps."""
+    with tempfile.TemporaryDirectory() as d:
+        tok = Tokenizer.byte_level()
+        tok.save(os.path.join(d, "tokenizer.txt"))
+        rng = np.random.default_rng(0)
+        for source in ("web", "code", "math"):
+            letters = rng.integers(97, 123, size=mb_per_source << 20, dtype=np.uint8)
+            letters[rng.random(len(letters)) < 0.15] = 32
+            text, cuts = letters.tobytes().decode(), np.cumsum(rng.geometric(1 / 3000, size=len(letters) // 1000))
+            cuts = [0, *cuts[cuts < len(text)].tolist(), len(text)]
+            path = os.path.join(d, f"{source}.jsonl")
+            with open(path, "w") as f:
+                f.writelines(json.dumps({"text": text[a:b]}) + "\n" for a, b in zip(cuts, cuts[1:]) if b > a)
+            prepare([path], d, tok, source)
+        third = total_steps // 3
+        cfg = DataConfig(data_dir=d, seq_len=seq_len, mixture={"web": 0.85, "code": 0.12, "math": 0.03},
+                         stages=[[third, {"web": 0.75, "code": 0.15, "math": 0.10}],
+                                 [2 * third, {"web": 0.63, "code": 0.24, "math": 0.13}]])
+        loader = Loader(cfg, micro_batch_size, accum=1, seed=0)
+        steps = np.random.default_rng(1).integers(0, total_steps, size=n_batches).tolist()
+        for step in steps[:100]:
+            loader.get(step, 0)
+        t0 = time.perf_counter()
+        for step in steps:
+            loader.get(step, 0)
+        dt = time.perf_counter() - t0
+        print(f"loader: {n_batches * micro_batch_size * seq_len / dt / 1e6:.1f}M tokens/s of batch assembly "
+              f"({dt / n_batches * 1e6:.0f} us per {micro_batch_size}x{seq_len} micro-batch, random steps in [0, {total_steps:,}))")
+        before = _rss_mib()
+        t0 = time.perf_counter()
+        for step in range(0, total_steps, index_stride):
+            loader.locate(step, 0)
+        dt = time.perf_counter() - t0
+        after = _rss_mib()
+        print(f"indices of {total_steps // index_stride:,} steps spread over {total_steps:,} in {dt:.1f} s: " + ", ".join(
+            f"{k} {before[k]:.1f} -> {after[k]:.1f} MiB" for k in before))
+        for step in (0, total_steps - 1, 10 * total_steps):
+            t0 = time.perf_counter()
+            for _ in range(200):
+                loader.get(step, 0)
+            print(f"  get() at step {step:>11,}: {(time.perf_counter() - t0) / 200 * 1e6:.0f} us")
+
 # ==== END CORPUS + LOADER SECTION ====
+
+
+def _prepare_main(argv):
+    p = argparse.ArgumentParser(prog="python data.py prepare",
+                                description="Tokenize text files into token shards + manifest.json (see the docstring).")
+    p.add_argument("files", nargs="+", help=".txt/.md/.py (one document each), .jsonl (one per line), .parquet (one per row)")
+    p.add_argument("--out", required=True, help="dataset directory (shards + manifest.json)")
+    p.add_argument("--tokenizer", required=True, help="our tokenizer file, a tokenizer.json, or a directory holding one")
+    p.add_argument("--source", default="web", help="source name, as the mixture weights name it (default: web)")
+    p.add_argument("--split", default="train", choices=SPLITS)
+    p.add_argument("--field", default="text", help="text field of .jsonl objects / column of .parquet (default: text)")
+    p.add_argument("--workers", type=int, default=None, help="encoding processes (default: every core)")
+    p.add_argument("--shard_mb", type=int, default=256, help="text files are grouped into shards of about this size")
+    a = p.parse_args(argv)
+    entry = prepare(a.files, a.out, load_any_tokenizer(a.tokenizer), a.source, a.split, a.field, a.shard_mb << 20, a.workers)
+    print(f"{a.source}/{a.split}: {entry['documents']:,} documents, {entry['tokens']:,} tokens, "
+          f"{len(entry['shards'])} shards in {a.out}")
+
+
+def _default_main(argv):
+    from config import load  # the config package imports every module, so only this command needs it
+    ns = load(argv)
+    prepare_default(ns.data_dir, ns.vocab_size)
+
+
+def _bench_main(argv):
+    if argv:
+        raise SystemExit("usage: python data.py bench")
+    bench_loader()
+    bench_tokenizer()
+
+
+COMMANDS = {"default": _default_main, "prepare": _prepare_main, "tokenizer-eval": tokenizer_eval_main, "bench": _bench_main}
+
+
+def main(argv):
+    if not argv or argv[0] not in COMMANDS:
+        raise SystemExit(f"usage: python data.py {{{','.join(COMMANDS)}}} ...  (see the module docstring)")
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+
