@@ -1,5 +1,14 @@
 """data.py — tokenizer, chat template, corpus preparation, the embedded default corpus and loaders.
 
+    python data.py default config/tiny.py          # build the embedded corpus + tokenizer for a config (~5 s)
+    python data.py prepare --out data/web --tokenizer data/default/tokenizer.txt --source web a.jsonl b.parquet
+    python data.py prepare --out data/web --tokenizer data/default/tokenizer.txt --source web --split val v.jsonl
+    python data.py tokenizer-eval TOK_A TOK_B FILE...   # fertility / continued words, side by side
+    python data.py bench                           # loader throughput + memory, tokenizer training time
+
+Train on a prepared directory with `--dataset=data/web --tokenizer=PATH --mixture="{'web': 1.0}"`.
+Under torchrun, build data once (rank 0, or before launching): the steps are idempotent, not a lock.
+
 Tokenizer: byte-level BPE with Llama-3's pre-tokenization regex, held in a tiktoken.Encoding (rank = merge
 order, single bytes at rank = byte value, our special tokens right after the ranks; encode() adds no BOS and
 never yields a special id). train_bpe counts unique chunks on all cores, then merges with incremental pair
@@ -18,8 +27,35 @@ after the generation prompt; in /think the assistant content carries its own `<t
 text that becomes control tokens (and only in assistant turns). Tool results are `tool` turns, context only.
 The loss mask is exactly what the model generates after the generation prompt: assistant content + <|im_end|>.
 
-(Docstring to be completed: design choices + how to run: `python data.py prepare ...`,
-`python data.py tokenizer-eval ...`, `python data.py bench`.)
+Shards: `prepare` reads .txt/.md/.py files (one document each), .jsonl lines (the text field is --field)
+and .parquet rows (pyarrow, optional) and writes <out>/<source>/<split>_NNNNN.bin: a 128-byte header
+(magic, version, item size, token and document counts, tokenizer hash, a digest of the inputs' paths, sizes
+and mtimes) then the ids as uint16 (uint32 past 65,536 ids), each document followed by <|end_of_text|>.
+Text files are grouped into ~256 MB shards and each .jsonl/.parquet file is one shard, so a re-run knows
+its shards from file names and sizes alone and skips the finished ones. Documents are encoded on every core
+with a bounded number of batches in flight; a shard is written to a temporary name and renamed, so a crash
+never leaves a partial .bin. manifest.json records per source and split the files, documents, tokens, shards
+and tokenizer hash. Readers check magic, tokenizer hash and file size before memory-mapping a shard.
+
+Default corpus (prepare_default; offline and deterministic for a given Python): "code" is this
+interpreter's standard library without its tests, 3% of files (by path hash) held out as val; "math" is
+generated problems with worked solutions, one `a op b = c` equation per line ending "The answer is N.",
+so every answer can be recomputed from the text. The post-training sets come from the same generator as
+.jsonl files in data_dir (DEFAULT_SIZES): SFT (half /think with the steps inside <think>, half /no_think),
+preference pairs (the rejected reply slips in its last step), RL prompts with answers, and test sets
+(math_test: exact match; math_mc_test: multiple choice). Held-out questions never appear in a training
+set. The BPE tokenizer is trained on a ~3.5 MB sample; the whole build takes ~5 s on 2 cores at 4k vocab.
+
+Loader: a pure function of (seed, global sample index), so there is no state but the step and nothing
+grows with steps or corpus size (the playbook's nanosets slowdown). Rows are seq_len + 1 tokens cut at
+multiples of seq_len from a source's memmapped shards; pos restarts at 0 at the row start and after each
+<|end_of_text|>. The stage (a step range with its own weights) is set by the step; inside a stage the
+source of each sample comes from nested Beatty sequences (source k takes every sample where
+floor(n * p_k + 1/2) steps up, on the samples earlier sources left), which is deterministic, within one
+sample per source of the weights over any prefix, and gives each source's draw count in O(1); the row is
+that draw's image under a per-epoch Feistel permutation of the source's rows (cycle walking keeps it a
+bijection of [0, rows)). SFT conversations are packed best-fit-decreasing into rows with per-conversation
+positions and loss masks; preference pairs and RL prompts use the same index order.
 """
 import argparse
 import base64
@@ -557,12 +593,13 @@ def render_chat(tok, messages, add_generation_prompt=False, think=True):
 
 @dataclass
 class DataConfig:
-    data_dir: str = "data/default"    # the embedded corpus, its tokenizer and the post-training sets live here
-    tokenizer: str = "default"         # "default": <data_dir>/tokenizer.txt; else our tokenizer file or an HF tokenizer.json
-    dataset: str = "default"           # "default": the embedded corpus in data_dir; else a directory from `data.py prepare`
+    """Pretraining data: where it lives, row length, and the per-source mixture over training steps."""
+    data_dir: str = "data/default"  # the embedded corpus, its tokenizer and the post-training sets live here
+    tokenizer: str = "default"       # "default": <data_dir>/tokenizer.txt; else ours, or an HF tokenizer.json
+    dataset: str = "default"         # "default": the embedded corpus in data_dir; else a `data.py prepare` --out
     seq_len: int = 1024
-    mixture: dict[str, float] = field(default_factory=lambda: {"code": 0.6, "math": 0.4})
-    stages: list = field(default_factory=list)  # [[start_step, {source: weight}], ...]: from start_step on, replaces mixture
+    mixture: dict[str, float] = field(default_factory=lambda: {"code": 0.6, "math": 0.4})  # source -> weight
+    stages: list = field(default_factory=list)  # [[start_step, {source: weight}], ...], each replacing the last
 
 
 def load_tokenizer(cfg):
@@ -574,6 +611,7 @@ def load_tokenizer(cfg):
 
 
 def dataset_dir(cfg):
+    """The directory holding manifest.json and the shards that the Loader reads."""
     return cfg.data_dir if cfg.dataset == "default" else cfg.dataset
 
 
@@ -651,14 +689,18 @@ def write_shard(path, chunks, tok_hash, itemsize, digest=bytes(32)):
 
 def read_jsonl(path):
     """Yield (line number, object) for each non-blank line; a bad line is a ValueError naming path:line."""
+    if not os.path.isfile(path):
+        raise ValueError(f"file not found: {path}")
     with open(path, "rb") as f:
         for no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{no}: malformed JSON line ({e})") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{no}: malformed JSON line ({e.msg} at character {e.pos})") from None
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{no}: not UTF-8") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{path}:{no}: expected a JSON object, got {type(obj).__name__}")
             yield no, obj
@@ -668,7 +710,7 @@ def _parquet_texts(path, field):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ValueError(f"{path}: reading .parquet needs pyarrow, which is not installed (pip install pyarrow)") from None
+        raise ValueError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
     pf = pq.ParquetFile(path)
     if field not in pf.schema_arrow.names:
         raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
@@ -734,8 +776,8 @@ def _encode_docs(texts):
     return out, len(docs)
 
 
-def _doc_batches(files, field, bar, batch_chars=1 << 20):
-    """Batches of ~1M characters of documents from files, in order; advances the byte progress bar."""
+def _doc_batches(files, field, bar, batch_chars=1 << 18):
+    """Batches of ~256k characters of documents from files, in order; advances the byte progress bar."""
     batch, size = [], 0
     for path in files:
         for text in iter_documents(path, field):
@@ -791,6 +833,7 @@ def _inputs_digest(files, field, tok_hash):
 
 
 def read_manifest(root):
+    """root/manifest.json: {"tokenizer_hash", "n_vocab", "sources": {source: {split: entry}}} (see prepare)."""
     path = os.path.join(root, "manifest.json")
     if not os.path.isfile(path):
         raise ValueError(f"{path} not found: prepare the dataset first (`python data.py prepare ...`, "
@@ -818,7 +861,7 @@ def prepare(files, out_dir, tok, source, split="train", field="text", shard_byte
         if not os.path.isfile(path):
             raise ValueError(f"input file not found: {path}")
         if not path.endswith((*TEXT_SUFFIXES, ".jsonl", ".parquet")):
-            raise ValueError(f"{path}: unsupported input type (expected {', '.join(TEXT_SUFFIXES)}, .jsonl or .parquet)")
+            raise ValueError(f"{path}: unsupported input type (expected {', '.join(TEXT_SUFFIXES)}, .jsonl, .parquet)")
     manifest_path = os.path.join(out_dir, "manifest.json")
     manifest = read_manifest(out_dir) if os.path.isfile(manifest_path) else {
         "version": 1, "tokenizer_hash": tok.hash, "n_vocab": tok.n_vocab, "sources": {}}
@@ -837,7 +880,7 @@ def prepare(files, out_dir, tok, source, split="train", field="text", shard_byte
             done = None
         plan.append((name, unit, digest, done))
     todo = [p for p in plan if p[3] is None]
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     bar = tqdm(total=sum(os.path.getsize(f) for _, unit, _, _ in todo for f in unit), unit="B", unit_scale=True,
                desc=f"{source}/{split}", disable=not todo)
     pool = multiprocessing.Pool(workers, _init_encoder, (tok,)) if todo and workers > 1 else None
@@ -846,7 +889,7 @@ def prepare(files, out_dir, tok, source, split="train", field="text", shard_byte
     try:
         for name, unit, digest, done in plan:
             if done is None:
-                batches = _encoded(_doc_batches(unit, field, bar), pool, 4 * workers)
+                batches = _encoded(_doc_batches(unit, field, bar), pool, 2 * workers)
                 done = write_shard(os.path.join(out_dir, name), batches, tok.hash, itemsize, digest)
             shards.append({"path": name, "tokens": done[0], "documents": done[1]})
     finally:
@@ -854,7 +897,7 @@ def prepare(files, out_dir, tok, source, split="train", field="text", shard_byte
             pool.terminate()
         bar.close()
     entry = {"files": [os.path.abspath(f) for f in files], "documents": sum(s["documents"] for s in shards),
-             "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+             "tokens": sum(s["tokens"] for s in shards), "tokenizer_hash": tok.hash, "shards": shards}
     manifest["sources"].setdefault(source, {})[split] = entry
     _atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return entry
@@ -946,7 +989,8 @@ def _shopping(rng):
     bill = rng.choice([b for b in (20, 50, 100, 200) if b >= n * p])
     (e1, _), (e2, r) = _eq(n, "*", p), _eq(bill, "-", n * p)
     return (f"{name} buys {n} notebooks at {p} dollars each and pays with a {bill} dollar bill. "
-            f"How much change does {name} get?", [f"The notebooks cost {e1} dollars.", f"The change is {e2} dollars."], r)
+            f"How much change does {name} get?",
+            [f"The notebooks cost {e1} dollars.", f"The change is {e2} dollars."], r)
 
 
 def _sharing(rng):
@@ -1015,15 +1059,6 @@ def math_problems(seed, n, exclude=frozenset(), unique=False):
 
 
 def math_text(question, lines, answer):
-    """A pretraining document: Problem, worked Solution (one equation per line), final answer."""
-    return f"Problem: {question}\nSolution:\n" + "\n".join(lines) + f"\nThe answer is {answer}."
-
-
-def extract_answer(text):
-    """The final answer stated in `text` ('The answer is N' or GSM8K's '#### N'; the last one wins), or None."""
-    found = _ANSWER_RE.findall(text)
-    return found[-1].replace(",", "") if found else None
-def math_text(question, lines, answer):
     """A pretraining document: the problem, a worked solution (one equation per line), the answer."""
     return f"Problem: {question}\nSolution:\n" + "\n".join(lines) + f"\nThe answer is {answer}."
 
@@ -1059,7 +1094,8 @@ def _sft_row(rng, problems):
     think = rng.random() < 0.5
     messages = [_system(rng, think)]
     for question, lines, answer in problems:
-        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": _reply(lines, answer, think)}]
+        messages += [{"role": "user", "content": question},
+                     {"role": "assistant", "content": _reply(lines, answer, think)}]
     return {"messages": messages}
 
 
@@ -1093,7 +1129,8 @@ def default_sets(sizes=DEFAULT_SIZES):
                     for i, name in enumerate(("math_train", "sft_train", "pref_train", "rl_train"))}}
     rng = random.Random(0)
     # sft_train draws two problems per conversation; the second is used when the conversation is two-turn
-    sft = [_sft_row(rng, pair if rng.random() < 0.2 else pair[:1]) for pair in zip(p["sft_train"][::2], p["sft_train"][1::2])]
+    pairs = zip(p["sft_train"][::2], p["sft_train"][1::2])
+    sft = [_sft_row(rng, pair if rng.random() < 0.2 else pair[:1]) for pair in pairs]
     return {
         "math_train": [{"text": math_text(*x)} for x in p["math_train"]],
         "math_val": [{"text": math_text(*x)} for x in p["math_val"]],
@@ -1109,10 +1146,9 @@ def default_sets(sizes=DEFAULT_SIZES):
 
 
 def _bpe_sample(code_files, math_jsonl, math_docs=8_000):
-    """The tokenizer's training text (~3 MB): every fifth code file (by path hash) and the first math documents."""
-    for path in code_files:
-        if zlib.crc32(path.encode()) % 5 == 0:
-            yield from iter_documents(path)
+    """The tokenizer's training text (~3.5 MB): every fifth code file and the first math documents."""
+    for path in code_files[::5]:
+        yield from iter_documents(path)
     for _, obj in itertools.islice(read_jsonl(math_jsonl), math_docs):
         yield obj["text"]
 
@@ -1151,7 +1187,9 @@ def prepare_default(data_dir, vocab_size):
 # nanosets slowdown came from index arrays that did), and resuming needs only the step.
 # Sample i of a rank: index = step*G + (micro_step*world_size + rank)*micro_batch_size + i, with
 # G = micro_batch_size*accum*world_size, so DP=1 with k accumulation steps sees exactly the rows of DP=k.
-_ONE = 1 << 24  # mixture weights become multiples of 2^-24, so mixture counts are exact integer arithmetic
+# Mixture weights become multiples of 2^-24, so mixture counts are exact int64 arithmetic while a stage
+# holds < 2^39 samples (SmolLM3's 11T tokens are 2.7e9 rows of 4096).
+_ONE = 1 << 24
 
 
 _M64 = (1 << 64) - 1
@@ -1245,7 +1283,7 @@ def _schedule(mixture, stages):
         if stage[0] == 0 and i == 0:
             out = []
         elif stage[0] <= out[-1][0]:
-            raise ValueError(f"stages[{i}]: start step {stage[0]} must be greater than the previous stage's {out[-1][0]}")
+            raise ValueError(f"stages[{i}]: start step {stage[0]} must exceed the previous stage's {out[-1][0]}")
         out.append(tuple(stage))
     for start, weights in out:
         where = f"mixture of the stage starting at step {start}"
@@ -1314,8 +1352,8 @@ class Loader:
         self.token_bytes = torch.from_numpy(tok.token_bytes())  # [V] UTF-8 bytes per id, for bits-per-byte
         self.tok_hash, self.manifest = tok.hash, read_manifest(self.root)
         if self.manifest["tokenizer_hash"] != tok.hash:
-            raise ValueError(f"{self.root}/manifest.json: the dataset was tokenized with {self.manifest['tokenizer_hash']}, "
-                             f"but the tokenizer {cfg.tokenizer!r} is {tok.hash}")
+            raise ValueError(f"{self.root}/manifest.json: the dataset was tokenized with "
+                             f"{self.manifest['tokenizer_hash']}, but the tokenizer {cfg.tokenizer!r} is {tok.hash}")
         self.schedule = _schedule(cfg.mixture, cfg.stages)
         self.sources = sorted({s for _, weights in self.schedule for s, w in weights.items() if w > 0})
         self._streams = {}
@@ -1336,9 +1374,11 @@ class Loader:
             entry = self.manifest["sources"].get(source, {}).get(split)
             if entry is None:
                 have = [f"{s}/{sp}" for s, d in self.manifest["sources"].items() for sp in d]
-                raise ValueError(f"{self.root}/manifest.json: no {split} split of source {source!r} (have: {', '.join(have)})")
+                raise ValueError(f"{self.root}/manifest.json: no {split} split of source {source!r} "
+                                 f"(have: {', '.join(have)})")
             # plain ndarray views of the memmaps: slicing a np.memmap builds a memmap object each time
-            maps = [open_shard(os.path.join(self.root, s["path"]), self.tok_hash).view(np.ndarray) for s in entry["shards"]]
+            maps = [open_shard(os.path.join(self.root, s["path"]), self.tok_hash).view(np.ndarray)
+                    for s in entry["shards"]]
             starts = np.cumsum([0] + [(len(m) - 1) // self.seq_len for m in maps])
             if starts[-1] == 0:
                 raise ValueError(f"source {source!r} ({split}) has fewer than seq_len + 1 = {self.seq_len + 1} tokens")
@@ -1436,15 +1476,17 @@ class _Shuffled:
     """The shared order of the post-training loaders: the global sample index (same formula as Loader)
     drawn through per-epoch permutations of the n items."""
 
-    def _setup(self, n, micro_batch_size, accum, seed, rank, world_size, name):
+    def _setup(self, n, micro_batch_size, accum, seed, rank, world_size, path, kind):
         if n == 0:
-            raise ValueError(f"{name}: no examples")
+            raise ValueError(f"{path}: no examples")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.n, self.micro_batch_size, self.accum, self.rank, self.world_size = n, micro_batch_size, accum, rank, world_size
-        self._key = _stream_key(seed, name)
+        self.n, self.micro_batch_size, self.accum = n, micro_batch_size, accum
+        self.rank, self.world_size = rank, world_size
+        self._key = _stream_key(seed, kind)  # not the path: moving the file keeps the order
 
     def indices(self, step, micro_step):
+        """Item indices [micro_batch_size] of this rank's micro-step."""
         g = _sample_index(step, micro_step, self.micro_batch_size, self.accum, self.rank, self.world_size)
         return _draw(g, self.n, self._key)
 
@@ -1473,7 +1515,7 @@ class SFTLoader(_Shuffled):
             self.pos[r, at:] = np.arange(seq_len - at)
         self.bins, self.n_docs = bins, len(docs)
         self.fill = sum(len(x) for x, _ in docs) / max(1, self.x.size)  # fraction of row tokens that are not padding
-        self._setup(len(bins), micro_batch_size, accum, seed, rank, world_size, f"sft:{path}")
+        self._setup(len(bins), micro_batch_size, accum, seed, rank, world_size, path, "sft")
 
     def get(self, step, micro_step):
         """-> (x, y, pos) int64 tensors [micro_batch_size, seq_len]."""
@@ -1492,12 +1534,14 @@ class PreferenceLoader(_Shuffled):
         self.pairs = []
         for no, obj in read_jsonl(path):
             prompt = _jsonl_field(path, no, obj, "prompt", list)
-            self.pairs.append(tuple(_chat_xy(tok, prompt + _jsonl_field(path, no, obj, side, list), seq_len, f"{path}:{no}")
-                                    for side in ("chosen", "rejected")))
+            self.pairs.append(tuple(
+                _chat_xy(tok, prompt + _jsonl_field(path, no, obj, side, list), seq_len, f"{path}:{no}")
+                for side in ("chosen", "rejected")))
         self.pad_id = tok.pad_id
-        self._setup(len(self.pairs), micro_batch_size, accum, seed, rank, world_size, f"pref:{path}")
+        self._setup(len(self.pairs), micro_batch_size, accum, seed, rank, world_size, path, "preference")
 
     def get(self, step, micro_step):
+        """-> ((x, y, pos) chosen, (x, y, pos) rejected), int64 tensors [micro_batch_size, T]."""
         pairs = [self.pairs[i] for i in self.indices(step, micro_step).tolist()]
         T = max(len(x) for pair in pairs for x, _ in pair)
         out = []
@@ -1525,9 +1569,10 @@ class PromptLoader(_Shuffled):
             except ValueError as e:
                 raise ValueError(f"{path}:{no}: {e}") from None
             self.answers.append(_jsonl_field(path, no, obj, "answer", str))
-        self._setup(len(self.prompts), micro_batch_size, accum, seed, rank, world_size, f"rl:{path}")
+        self._setup(len(self.prompts), micro_batch_size, accum, seed, rank, world_size, path, "rl")
 
     def get(self, step, micro_step):
+        """-> (prompts: list of id lists, answers: list of str), micro_batch_size of each."""
         idx = self.indices(step, micro_step).tolist()
         return [self.prompts[i] for i in idx], [self.answers[i] for i in idx]
 
@@ -1543,7 +1588,7 @@ def _rss_mib():
 
 
 def bench_loader(seq_len=2048, micro_batch_size=8, mb_per_source=16, n_batches=3000, total_steps=1_000_000,
-                 index_stride=10):
+                 index_stride=100):
     """Loader batch-assembly throughput on three synthetic sources with the SmolLM3 3-stage curriculum, and
     memory before/after drawing the indices of every index_stride-th step across total_steps steps."""
     with tempfile.TemporaryDirectory() as d:
@@ -1572,15 +1617,16 @@ def bench_loader(seq_len=2048, micro_batch_size=8, mb_per_source=16, n_batches=3
             loader.get(step, 0)
         dt = time.perf_counter() - t0
         print(f"loader: {n_batches * micro_batch_size * seq_len / dt / 1e6:.1f}M tokens/s of batch assembly "
-              f"({dt / n_batches * 1e6:.0f} us per {micro_batch_size}x{seq_len} micro-batch, random steps in [0, {total_steps:,}))")
+              f"({dt / n_batches * 1e6:.0f} us per {micro_batch_size}x{seq_len} micro-batch, "
+              f"random steps in [0, {total_steps:,}))")
         before = _rss_mib()
         t0 = time.perf_counter()
         for step in range(0, total_steps, index_stride):
             loader.locate(step, 0)
         dt = time.perf_counter() - t0
         after = _rss_mib()
-        print(f"indices of {total_steps // index_stride:,} steps spread over {total_steps:,} in {dt:.1f} s: " + ", ".join(
-            f"{k} {before[k]:.1f} -> {after[k]:.1f} MiB" for k in before))
+        memory = ", ".join(f"{k} {before[k]:.1f} -> {after[k]:.1f} MiB" for k in before)
+        print(f"indices of {total_steps // index_stride:,} steps spread over {total_steps:,} in {dt:.1f} s: {memory}")
         for step in (0, total_steps - 1, 10 * total_steps):
             t0 = time.perf_counter()
             for _ in range(200):
@@ -1592,17 +1638,18 @@ def bench_loader(seq_len=2048, micro_batch_size=8, mb_per_source=16, n_batches=3
 
 def _prepare_main(argv):
     p = argparse.ArgumentParser(prog="python data.py prepare",
-                                description="Tokenize text files into token shards + manifest.json (see the docstring).")
-    p.add_argument("files", nargs="+", help=".txt/.md/.py (one document each), .jsonl (one per line), .parquet (one per row)")
+                                description="Tokenize text files into token shards + manifest.json (see the docstring)")
+    p.add_argument("files", nargs="+", help=".txt/.md/.py (a document each), .jsonl (one per line), .parquet (per row)")
     p.add_argument("--out", required=True, help="dataset directory (shards + manifest.json)")
-    p.add_argument("--tokenizer", required=True, help="our tokenizer file, a tokenizer.json, or a directory holding one")
+    p.add_argument("--tokenizer", required=True, help="our tokenizer file, a tokenizer.json, or a folder holding one")
     p.add_argument("--source", default="web", help="source name, as the mixture weights name it (default: web)")
     p.add_argument("--split", default="train", choices=SPLITS)
-    p.add_argument("--field", default="text", help="text field of .jsonl objects / column of .parquet (default: text)")
+    p.add_argument("--field", default="text", help=".jsonl text field / .parquet column (default: text)")
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: every core)")
     p.add_argument("--shard_mb", type=int, default=256, help="text files are grouped into shards of about this size")
     a = p.parse_args(argv)
-    entry = prepare(a.files, a.out, load_any_tokenizer(a.tokenizer), a.source, a.split, a.field, a.shard_mb << 20, a.workers)
+    tok = load_any_tokenizer(a.tokenizer)
+    entry = prepare(a.files, a.out, tok, a.source, a.split, a.field, a.shard_mb << 20, a.workers)
     print(f"{a.source}/{a.split}: {entry['documents']:,} documents, {entry['tokens']:,} tokens, "
           f"{len(entry['shards'])} shards in {a.out}")
 
@@ -1620,7 +1667,8 @@ def _bench_main(argv):
     bench_tokenizer()
 
 
-COMMANDS = {"default": _default_main, "prepare": _prepare_main, "tokenizer-eval": tokenizer_eval_main, "bench": _bench_main}
+COMMANDS = {"default": _default_main, "prepare": _prepare_main, "tokenizer-eval": tokenizer_eval_main,
+            "bench": _bench_main}
 
 
 def main(argv):
