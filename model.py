@@ -28,7 +28,6 @@ Design choices:
   prompts of different lengths, and decodes one token per step for the whole batch.
 """
 import json
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass
