@@ -2,7 +2,8 @@
 
 A config file is data, not code: it may hold only `name = literal` lines (numbers, strings, bools,
 None, lists, dicts, tuples, and + - * / // ** between numbers, so `2_000 * 4096` is allowed). It is
-parsed with `ast`, never executed. `--key=value` overrides follow the file; values parse as Python
+parsed with `ast`, never executed. A first line `base = "other.py"` (a path relative to the file) reads
+that file first, so an ablation config holds only the lines it changes. `--key=value` overrides follow the file; values parse as Python
 literals, and a value that is not a literal is taken as a string where the key is a string.
 
 Every key must be a field of one of the project's config dataclasses (model.ModelConfig,
@@ -48,10 +49,12 @@ def _literal(node, where):
     raise ValueError(f"{where}: expected a literal value, got `{ast.unparse(node)}`")
 
 
-def parse_file(path):
-    """Return {key: value} from a config file of `name = literal` lines, in file order."""
+def parse_file(path, _seen=()):
+    """Return {key: (value, "file:line")} from a config file of `name = literal` lines, bases first."""
     if not os.path.isfile(path):
         raise ValueError(f"config file not found: {path}")
+    if os.path.realpath(path) in _seen:
+        raise ValueError(f"{path}: `base` chain loops back to this file")
     with open(path, encoding="utf-8") as f:
         src = f.read()
     try:
@@ -65,7 +68,13 @@ def parse_file(path):
             continue  # docstring
         if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
             raise ValueError(f"{where}: expected `name = value`, got `{ast.unparse(stmt)}`")
-        out[stmt.targets[0].id] = (_literal(stmt.value, where), where)
+        key, value = stmt.targets[0].id, _literal(stmt.value, where)
+        if key == "base":
+            if out or not isinstance(value, str):
+                raise ValueError(f"{where}: `base` must be the first assignment and a file name string")
+            out.update(parse_file(os.path.join(os.path.dirname(path), value), _seen + (os.path.realpath(path),)))
+        else:
+            out[key] = (value, where)
     return out
 
 

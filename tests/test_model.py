@@ -265,3 +265,31 @@ def test_transformers_config_defaults_give_smollm3(hf, tmp_path):
     ours = ModelConfig(**config.pick(ns, ModelConfig))
     for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "nope_interval", "rms_eps", "tie_embeddings", "head_dim"):
         assert getattr(cfg, k) == getattr(ours, k), k
+
+
+def test_triton_without_gpu_is_a_clear_error():
+    m = make(attn_impl="triton")
+    with pytest.raises(RuntimeError, match="attn_impl='triton' needs a CUDA GPU"):
+        m(torch.randint(3, 97, (1, 4)))
+
+
+def test_summary_cli_prints_smollm3_count():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "model.py", "config/smollm3.py"], capture_output=True, text=True, check=True).stdout
+    assert "parameters = 3,075,098,624" in out and "NoPE layers = [3, 7, 11, 15, 19, 23, 27, 31, 35] (9 of 36)" in out
+    bad = subprocess.run([sys.executable, "model.py", "config/smollm3.py", "--n_layer=3"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "override --n_layer: unknown config key 'n_layer'" in bad.stderr
+
+
+def test_config_base_file_is_read_first(tmp_path):
+    (tmp_path / "a.py").write_text("d_model = 64\nn_layers = 2\n")
+    (tmp_path / "b.py").write_text('"""an ablation"""\nbase = "a.py"\nn_layers = 3\n')
+    ns = config.load([str(tmp_path / "b.py"), "--d_model=32"])
+    assert (ns.d_model, ns.n_layers) == (32, 3)
+    (tmp_path / "a.py").write_text('base = "b.py"\n')
+    with pytest.raises(ValueError, match="loops back"):
+        config.load([str(tmp_path / "b.py")])
+    (tmp_path / "c.py").write_text('n_layers = 3\nbase = "a.py"\n')
+    with pytest.raises(ValueError, match=r"c.py:2: `base` must be the first assignment"):
+        config.load([str(tmp_path / "c.py")])
