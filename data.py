@@ -93,7 +93,7 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 # Our special tokens, given ids in this order right after the regular ranks. Names follow Llama-3 / SmolLM3
-# (pad is Llama's <|finetune_right_pad_id|>); from_hf finds them by name and refuses a file lacking one.
+# (pad is Llama's <|finetune_right_pad_id|>); from_hf finds them by name (see Tokenizer for absent ones).
 SPECIALS = {"bos_id": "<|begin_of_text|>", "eos_id": "<|end_of_text|>", "im_start_id": "<|im_start|>",
             "im_end_id": "<|im_end|>", "pad_id": "<|finetune_right_pad_id|>", "think_id": "<think>",
             "think_end_id": "</think>"}
@@ -105,11 +105,13 @@ class Tokenizer:
     """Byte-level BPE in a tiktoken.Encoding plus named special-token ids.
 
     ranks: {token bytes: rank} for the regular tokens, ranks exactly 0..N-1 (rank = merge priority, as
-    tiktoken wants); specials: {name: id} with ids N..V-1 and every name of SPECIALS present."""
+    tiktoken wants); specials: {name: id} with ids N..V-1, begin/end of text among them. Other SPECIALS
+    may be absent (a plain Llama-3.2 file has no <|im_start|>): their attribute is None, render_chat then
+    writes a missing <think> tag as text and refuses a missing <|im_start|>/<|im_end|>."""
 
     def __init__(self, ranks, specials, pattern=LLAMA3_PATTERN):
         n = len(ranks)
-        missing = [s for s in SPECIALS.values() if s not in specials]
+        missing = [s for s in ("<|begin_of_text|>", "<|end_of_text|>") if s not in specials]
         if missing:
             raise ValueError(f"tokenizer lacks the special tokens {missing}")
         if sorted(ranks.values()) != list(range(n)):
@@ -119,8 +121,8 @@ class Tokenizer:
         self.ranks, self.specials, self.pattern = ranks, dict(specials), pattern
         self.enc = tiktoken.Encoding("nanosmol", pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.specials)
         self.n_vocab = n + len(specials)
-        for attr, name in SPECIALS.items():
-            setattr(self, attr, self.specials[name])
+        for attr, name in SPECIALS.items():  # a file without a chat/think token (plain Llama-3.2) gets None
+            setattr(self, attr, self.specials.get(name))
         self._hash = None
 
     @classmethod
@@ -580,6 +582,10 @@ def render_chat(tok, messages, add_generation_prompt=False, think=True):
     for (special, loss), group in itertools.groupby(_chat_segments(messages, add_generation_prompt, think),
                                                     key=lambda seg: (seg[1], seg[2])):
         texts = [text for text, _, _ in group]
+        if special and any(t not in tok.specials for t in texts):
+            if any(t in ("<|im_start|>", "<|im_end|>") and t not in tok.specials for t in texts):
+                raise ValueError("render_chat: this tokenizer has no <|im_start|>/<|im_end|> tokens (not a chat tokenizer)")
+            special = False  # no <think> token in this vocabulary: the tags are plain text, as HF would encode them
         part = [tok.specials[t] for t in texts] if special else tok.encode("".join(texts))
         ids += part
         mask += [loss] * len(part)

@@ -169,15 +169,16 @@ def tiny_hf(merges_as_lists=False, drop=()):
     vocab = {b2c[b]: b for b in range(256)}
     vocab.update({"he": 256, "ll": 257, "hell": 258, "hello": 259, "Ġh": 260})
     merges = ["h e", "l l", "he ll", "hell o", "Ġ h"]
+    kept = [s for s in data.SPECIALS.values() if s not in drop]
     added = [{"id": 261 + k, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for k, s in enumerate(data.SPECIALS.values())]
+              "normalized": False, "special": True} for k, s in enumerate(kept)]
     doc = {"version": "1.0", "normalizer": None,
            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                {"type": "Split", "pattern": {"Regex": data.LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
            "post_processor": None,
            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-           "added_tokens": [a for a in added if a["content"] not in drop],
+           "added_tokens": added,
            "model": {"type": "BPE", "ignore_merges": True, "vocab": vocab,
                      "merges": [m.split(" ") for m in merges] if merges_as_lists else merges}}
     return doc
@@ -199,6 +200,20 @@ def test_hand_written_tokenizer_json(tmp_path):
         assert t.encode("hello hell hey h") == expected
         assert tokenizers.Tokenizer.from_file(path).encode("hello hell hey h").ids == expected
         assert t.eos_id == 262 and t.n_vocab == 268
+
+
+def test_tokenizer_json_without_chat_or_think_tokens(tmp_path):
+    """A plain Llama-3.2 file has no <|im_start|>; SmolLM3-like files may lack <think>: both load."""
+    t = Tokenizer.from_hf(write(tmp_path, tiny_hf(drop=("<think>", "</think>"))))
+    assert t.think_id is None and t.im_start_id == 263
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>\nx\n</think>\nhello"}]
+    ids, _ = render_chat(t, msgs)
+    assert t.decode(ids) == render_chat_text(msgs)  # the tags came out as text
+    assert t.encode("<think>")[0] in ids            # ... encoded as ordinary BPE tokens
+    t = Tokenizer.from_hf(write(tmp_path, tiny_hf(drop=("<|im_start|>", "<|im_end|>"))))
+    assert t.im_end_id is None and t.eos_id == 262
+    with pytest.raises(ValueError, match="no <\\|im_start\\|>/<\\|im_end\\|> tokens"):
+        render_chat(t, msgs)
 
 
 def test_bad_tokenizer_json(tmp_path):
@@ -231,7 +246,7 @@ def test_bad_tokenizer_json(tmp_path):
     doc = tiny_hf()
     del doc["model"]["vocab"]["a"]
     bad(doc, "lacks the single-byte tokens")
-    bad(tiny_hf(drop=("<|im_end|>",)), "lacks the special tokens")
+    bad(tiny_hf(drop=("<|end_of_text|>",)), "lacks the special tokens")
     with pytest.raises(ValueError, match="tokenizer file not found"):
         data.load_any_tokenizer(str(tmp_path / "missing.json"))
 
