@@ -12,3 +12,27 @@ max_position_embeddings = 2048
 tie_embeddings = True
 doc_masking = True
 attn_impl = "sdpa"
+# ---- data: the embedded default corpus (built on first use): stdlib Python source + worked arithmetic ----
+data_dir = "data/default"
+seq_len = 256
+mixture = {"code": 0.5, "math": 0.5}
+# ---- training: 16 rows x 256 = 4,096 tokens/step; 500 steps = 2.05M tokens (~1/3 epoch of the corpus) ----
+out_dir = "out/tiny"
+batch_size = 16
+micro_batch_size = 16
+max_steps = 500
+lr = 3e-3                    # small models take large steps
+min_lr = 0.0
+warmup_steps = 30
+schedule = "wsd"
+decay_frac = 0.2             # a short run spends a larger share decaying
+weight_decay = 0.1
+grad_clip = 1.0
+eval_interval = 100
+eval_rows = 64               # 64 x 256 held-out tokens per source
+ckpt_interval = 200
+log_interval = 10
+dtype = "float32"            # CPU: no autocast
+sample_prompts = ["def ", "import os\n", "Problem: ", "Problem: Compute 38 + 45.\nSolution:\n"]
+sample_tokens = 96
+sample_temperature = 0.7

@@ -1,0 +1,367 @@
+"""train.py against independent references: hand-computed LR values, an SVD oracle for Newton-Schulz,
+the exact arithmetic of decoupled weight decay, an uninterrupted run for SIGKILL-and-resume (bit for bit,
+across a data-stage boundary), and a PNG decoder for the loss plot. Tiny models on a tiny two-source
+corpus written with data.py's own tools and its byte-level tokenizer."""
+import json
+import math
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import train
+from config import load, pick
+from data import DataConfig, Loader
+from model import Model, ModelConfig
+from train import TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MODEL = dict(vocab_size=264, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_position_embeddings=64,
+             nope_interval=2, rope_theta=10000.0)
+TRAIN = dict(seq_len=32, batch_size=8, micro_batch_size=4, max_steps=24, warmup_steps=4, lr=3e-3, eval_interval=5,
+             ckpt_interval=10, eval_rows=4, device="cpu", dtype="float32", sample_tokens=0)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Data keys of a two-source corpus ('prose', 'sums') in byte-level tokens, train and val splits."""
+    root = tmp_path_factory.mktemp("corpus")
+    tok = data.Tokenizer.byte_level()                        # 263 ids: 256 bytes + 7 specials
+    tok.save(str(root / "tokenizer.txt"))
+    words = "the cat sat on a mat and then ran to see the dog by the red door".split()
+    prose = [" ".join(words[(7 * i + j) % len(words)] for j in range(5 + i % 11)) + "." for i in range(400)]
+    sums = [f"{a} + {b} = {a + b}" for a in range(20) for b in range(20)]
+    for source, docs in (("prose", prose), ("sums", sums)):
+        for split, part in (("train", docs[:-40]), ("val", docs[-40:])):
+            path = root / f"{source}_{split}.jsonl"
+            path.write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+            data.prepare([str(path)], str(root), tok, source, split, workers=1)
+    return {"data_dir": str(root), "dataset": str(root), "tokenizer": str(root / "tokenizer.txt"),
+            "mixture": {"prose": 0.5, "sums": 0.5}}
+
+
+def write_config(path, **keys):
+    with open(path, "w") as f:
+        f.writelines(f"{k} = {v!r}\n" for k, v in keys.items())
+    return str(path)
+
+
+def make_ns(tmp_path, corpus, name="run", **over):
+    keys = {**MODEL, **TRAIN, **corpus, "out_dir": str(tmp_path / name), **over}
+    return load([write_config(tmp_path / f"{name}.py", **keys)])
+
+
+def train_records(run_dir):
+    return [r for r in train.read_log(os.path.join(run_dir, "log.jsonl")) if r["kind"] == "train"]
+
+
+# ---------------------------------------------------------------- schedule
+
+def test_lr_schedule_hand_computed():
+    # lr 1e-2 -> min 1e-3 over 100 steps, 10 warmup steps; WSD decays over the last 20 (steps 80..99).
+    tc = TrainConfig(lr=1e-2, min_lr=1e-3, warmup_steps=10, max_steps=100, decay_frac=0.2)
+    expect = {0: 1e-3, 4: 5e-3, 9: 1e-2, 10: 1e-2, 79: 1e-2,
+              80: 0.00955,            # p = 1/20: 1e-3 + 9e-3 * 0.95
+              89: 0.0055,             # p = 1/2
+              99: 1e-3}               # p = 1: the last update runs at min_lr
+    for step, lr in expect.items():
+        assert train.lr_at(step, tc) == pytest.approx(lr, rel=1e-12, abs=0), step
+    tc.decay_shape = "1-sqrt"
+    for step, lr in {79: 1e-2, 80: 0.007987538820, 89: 0.003636038969, 99: 1e-3}.items():
+        assert train.lr_at(step, tc) == pytest.approx(lr, rel=1e-9), step   # 1e-3 + 9e-3 * (1 - sqrt(p))
+    tc = TrainConfig(lr=1e-2, min_lr=1e-3, warmup_steps=10, max_steps=100, schedule="cosine")
+    # p = (s + 1 - 10) / 90; lr = 1e-3 + 9e-3 * (1 + cos(pi p)) / 2
+    for step, lr in {9: 1e-2, 10: 0.009997258721, 54: 0.0055, 76: 0.00237403733, 99: 1e-3}.items():
+        assert train.lr_at(step, tc) == pytest.approx(lr, rel=1e-7), step
+
+
+# ---------------------------------------------------------------- optimizers
+
+@pytest.mark.parametrize("optimizer,wd_embeddings", [("adamw", False), ("adamw", True), ("muon", False)])
+def test_weight_decay_reaches_only_matrices(optimizer, wd_embeddings):
+    torch.manual_seed(0)
+    model = Model(ModelConfig(**{**MODEL, "tie_embeddings": False}))
+    tc = TrainConfig(optimizer=optimizer, wd_embeddings=wd_embeddings, weight_decay=0.1, lr=0.05, muon_lr=0.02,
+                     warmup_steps=0, max_steps=10, decay_frac=0.0)
+    opts = train.build_optimizers(model, tc, torch.device("cpu"))
+    groups = [(type(o).__name__, g) for o in opts for g in o.param_groups]
+    names = [n for _, g in groups for n in g["param_names"]]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())       # each parameter exactly once
+    decayed = {n for _, g in groups if g["weight_decay"] > 0 for n in g["param_names"]}
+    matrices = {n for n, p in model.named_parameters() if p.dim() == 2}           # attn/mlp, lm_head, tok_emb
+    assert decayed == matrices - ({"tok_emb.weight"} if not wd_embeddings else set())
+    assert not any("norm" in n for n in decayed)
+    if optimizer == "muon":
+        muon = {n for kind, g in groups if kind == "Muon" for n in g["param_names"]}
+        assert muon == matrices - {"tok_emb.weight", "lm_head.weight"}
+
+    # With zero gradients an update is pure decoupled decay: W <- W * (1 - lr * wd), exactly.
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    train.set_lr(opts, 5, tc)
+    for o in opts:
+        o.step()
+    factor = {"AdamW": 1 - 0.05 * 0.1, "Muon": 1 - 0.02 * 0.1}
+    for kind, g in groups:
+        for n, p in zip(g["param_names"], g["params"]):
+            expect = before[n] * factor[kind] if n in decayed else before[n]
+            assert torch.equal(p.detach(), expect), n
+            assert n not in decayed or not torch.equal(p.detach(), before[n])
+
+
+def ns_oracle(g, steps=5):
+    """Newton-Schulz through the SVD: the iteration acts on each singular value of G/||G||_F alone."""
+    u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    x = s / s.square().sum().sqrt()
+    for _ in range(steps):
+        x = 3.4445 * x - 4.7750 * x ** 3 + 2.0315 * x ** 5
+    return u @ torch.diag(x) @ vh
+
+
+def test_muon_matches_svd_newton_schulz_reference():
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((12, 20), (20, 12)):
+        g = torch.randn(shape, generator=gen) * 3
+        torch.testing.assert_close(train.newton_schulz(g, 5).double(), ns_oracle(g), rtol=0, atol=2e-4)
+    # Two Muon steps on a tall matrix (scale sqrt(rows/cols) = sqrt(2)) against the formulas in float64.
+    w0 = torch.randn(16, 8, generator=gen)
+    g1, g2 = torch.randn(16, 8, generator=gen), torch.randn(16, 8, generator=gen)
+    w = torch.nn.Parameter(w0.clone())
+    opt = train.Muon([dict(params=[("w", w)])], lr=0.1, momentum=0.9, weight_decay=0.01)
+    for g in (g1, g2):
+        w.grad = g.clone()
+        opt.step()
+    lr, m, wd, scale = 0.1, 0.9, 0.01, math.sqrt(2)
+    g1, g2, w0 = g1.double(), g2.double(), w0.double()
+    w1 = w0 * (1 - lr * wd) - lr * scale * ns_oracle(g1 + m * g1)            # buf = g1
+    w2 = w1 * (1 - lr * wd) - lr * scale * ns_oracle(g2 + m * (m * g1 + g2))  # buf = m g1 + g2, Nesterov
+    torch.testing.assert_close(w.detach().double(), w2, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------- config checks
+
+@pytest.mark.parametrize("over,message", [
+    (dict(batch_size=10), r"batch_size=10 must be a multiple of micro_batch_size\*world_size = 4\*1"),
+    (dict(seq_len=128), r"seq_len=128 exceeds max_position_embeddings=64"),
+    (dict(n_heads=2, n_kv_heads=3), r"n_heads \(2\) must be divisible by n_kv_heads \(3\)"),
+    (dict(schedule="linear"), r"schedule='linear' must be one of \['cosine', 'wsd'\]"),
+    (dict(warmup_steps=20, decay_frac=0.5), r"warmup_steps=20 \+ decay steps 12 .* exceed max_steps=24"),
+    (dict(spike_factor=0.5), r"spike_factor=0.5 must be 0 \(off\) or > 1"),
+    (dict(min_lr=1.0), r"min_lr=1.0 <= lr=0.003"),
+    (dict(sample_tokens=60), r"sample prompts \(9 bytes\) \+ sample_tokens=60 exceed max_position_embeddings=64"),
+])
+def test_config_errors_before_any_work(tmp_path, corpus, over, message):
+    ns = make_ns(tmp_path, corpus, **over)
+    with pytest.raises(ValueError, match=message):
+        train.train(ns)
+    assert not os.path.exists(ns.out_dir)
+    with pytest.raises(SystemExit, match="^train.py: "):                      # the command line: one line
+        train.main([write_config(tmp_path / "c.py", **{**MODEL, **TRAIN, **corpus, **over})])
+
+
+def test_world_size_and_existing_run_errors(tmp_path, corpus, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match=r"micro_batch_size\*world_size = 4\*3"):
+        train.train(make_ns(tmp_path, corpus))
+    monkeypatch.delenv("WORLD_SIZE")
+    ns = make_ns(tmp_path, corpus, max_steps=2, warmup_steps=1, ckpt_interval=1)
+    train.train(ns)
+    with pytest.raises(ValueError, match="already holds checkpoints: pass --resume=True"):
+        train.train(ns)
+    ns.resume, ns.optimizer = True, "muon"
+    with pytest.raises(ValueError, match=r"optimizers \['AdamW'\], this run uses \['Muon', 'AdamW'\]"):
+        train.train(ns)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _step(model, opts, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+    for o in opts:
+        o.step()
+
+
+@pytest.mark.parametrize("crash", ["optimizer_file", "latest_pointer"])
+def test_crash_while_checkpointing_keeps_previous(tmp_path, monkeypatch, crash):
+    run = str(tmp_path)
+    tc = TrainConfig()
+    torch.manual_seed(0)
+    model = Model(ModelConfig(**MODEL))
+    opts = train.build_optimizers(model, tc, torch.device("cpu"))
+    _step(model, opts, 1)
+    train.save_checkpoint(run, model, opts, {"step": 1}, keep=2)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moments = {n: opts[0].state[p]["exp_avg"].clone() for n, p in model.named_parameters()}
+    _step(model, opts, 2)
+
+    if crash == "optimizer_file":
+        def torn_save(tensors, path):                       # half a file, then the process "dies"
+            with open(path, "wb") as f:
+                f.write(b"\0" * 100)
+            raise OSError("disk full")
+        monkeypatch.setattr(train, "save_file", torn_save)
+    else:
+        real = train._write_text
+
+        def failing_write(path, text):
+            if os.path.basename(path) == "latest":
+                raise OSError("killed before the pointer moved")
+            real(path, text)
+        monkeypatch.setattr(train, "_write_text", failing_write)
+    with pytest.raises(OSError):
+        train.save_checkpoint(run, model, opts, {"step": 2}, keep=2)
+
+    path = train.latest_checkpoint(run)
+    assert os.path.basename(path) == "ckpt_000001"
+    fresh = Model(ModelConfig(**MODEL))
+    fresh_opts = train.build_optimizers(fresh, tc, torch.device("cpu"))
+    assert train.load_checkpoint(path, fresh, fresh_opts)["step"] == 1
+    for n, p in fresh.named_parameters():
+        assert torch.equal(p, weights[n]) and torch.equal(fresh_opts[0].state[p]["exp_avg"], moments[n]), n
+
+    monkeypatch.undo()                                      # the next save succeeds and cleans up
+    train.save_checkpoint(run, model, opts, {"step": 2}, keep=2)
+    assert os.path.basename(train.latest_checkpoint(run)) == "ckpt_000002"
+    assert sorted(os.listdir(run)) == ["ckpt_000001", "ckpt_000002", "latest"]
+
+
+def test_kill_and_resume_is_bit_exact_across_stage_boundary(tmp_path, corpus):
+    # Stage boundary at step 14; checkpoints at 10 and 20. The run is killed once step 11 is logged, so it
+    # resumes from 10 and crosses the boundary after the restart.
+    keys = {**MODEL, **TRAIN, **corpus, "stages": [[0, {"prose": 0.9, "sums": 0.1}], [14, {"prose": 0.1, "sums": 0.9}]],
+            "sample_tokens": 4}
+    cfg = write_config(tmp_path / "cfg.py", **keys)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(out, *extra):
+        return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), cfg, f"--out_dir={out}", *extra],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
+    p = launch(ref)
+    assert p.wait(timeout=120) == 0, p.stdout.read()
+    p = launch(killed)
+    deadline = time.time() + 120
+    while not any(r["step"] >= 11 for r in train_records(killed)):
+        assert p.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.002)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert os.path.basename(train.latest_checkpoint(killed)) == "ckpt_000010"
+    p = launch(killed, "--resume=True")
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out
+    assert "resuming from" in out and "at step 10" in out
+
+    def comparable(run):
+        return [{k: v for k, v in r.items() if k not in ("tok_per_s", "mfu")}
+                for r in train.read_log(os.path.join(run, "log.jsonl"))]
+    a, b = comparable(ref), comparable(killed)
+    assert [r["step"] for r in a if r["kind"] == "train"] == list(range(1, 25))
+    assert a == b                                            # losses, grad norms, LRs, val loss/bpb: bit for bit
+    wa = load_file(os.path.join(train.latest_checkpoint(ref), "model.safetensors"))
+    wb = load_file(os.path.join(train.latest_checkpoint(killed), "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_init_from_loads_weights_for_a_new_stage(tmp_path, corpus):
+    first = train.train(make_ns(tmp_path, corpus, "stage1", max_steps=6, warmup_steps=2))
+    # A long-context style stage: longer rows, larger rope_theta, fresh schedule, weights from stage 1.
+    ns = make_ns(tmp_path, corpus, "stage2", init_from=first["run_dir"], seq_len=64, rope_theta=1e6, max_steps=1,
+                 warmup_steps=1, decay_frac=0.0, batch_size=4)
+    train.train(ns)
+    ref = Model.from_pretrained(train.latest_checkpoint(first["run_dir"]), rope_theta=1e6)
+    x, y, pos = Loader(DataConfig(**pick(ns, DataConfig)), 4, 1, ns.seed).get(0, 0)
+    with torch.no_grad():
+        _, loss = ref(x, y, pos)
+    assert train_records(ns.out_dir)[0]["loss"] == loss.item()
+
+
+# ---------------------------------------------------------------- guards
+
+def _inject(monkeypatch, accum, corrupt):
+    """Training forwards at data position s return corrupt(s, loss); evaluation forwards are untouched."""
+    forward, calls = Model.forward, [0]
+
+    def patched(self, x, y=None, pos=None, reduction="mean"):
+        out = forward(self, x, y, pos, reduction)
+        if not torch.is_grad_enabled():
+            return out
+        calls[0] += 1
+        return out[0], corrupt((calls[0] - 1) // accum, out[1])
+    monkeypatch.setattr(Model, "forward", patched)
+
+
+def test_nan_and_spike_are_skipped_and_counted(tmp_path, corpus, monkeypatch):
+    _inject(monkeypatch, 2, lambda s, loss: loss * float("nan") if s == 3 else loss * 10 if s == 7 else loss)
+    ns = make_ns(tmp_path, corpus, max_steps=12, ckpt_interval=12)
+    summary = train.train(ns)
+    recs = {r["step"]: r for r in train_records(ns.out_dir)}
+    assert recs[4]["skipped"] == "nonfinite_loss" and recs[4]["skips"] == 1
+    assert recs[8]["skipped"] == "spike" and recs[8]["skips"] == 2
+    assert all(r["skipped"] is None and math.isfinite(r["loss"]) for s, r in recs.items() if s not in (4, 8))
+    assert sorted(recs) == list(range(1, 13)) and summary["skips"] == 2
+    # skipped updates never reached the optimizer: AdamW counted 10 steps in 12
+    state = load_file(os.path.join(train.latest_checkpoint(ns.out_dir), "trainer", "state.safetensors"))
+    assert state["optim/tok_emb.weight/step"].item() == 10
+
+
+def test_too_many_skips_stop_and_keep_last_checkpoint(tmp_path, corpus, monkeypatch):
+    _inject(monkeypatch, 2, lambda s, loss: loss * float("nan") if s >= 6 else loss)
+    ns = make_ns(tmp_path, corpus, max_steps=20, ckpt_interval=5, max_skips=2)
+    with pytest.raises(train.Diverged, match=r"stopping at step 9: 3 consecutive updates skipped .*ckpt_000005"):
+        train.train(ns)
+    path = train.latest_checkpoint(ns.out_dir)
+    assert os.path.basename(path) == "ckpt_000005"
+    model = Model(ModelConfig(**MODEL))
+    opts = train.build_optimizers(model, TrainConfig(), torch.device("cpu"))
+    assert train.load_checkpoint(path, model, opts)["step"] == 5
+
+
+# ---------------------------------------------------------------- learning
+
+def test_overfits_one_repeated_batch(tmp_path, corpus, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 33), generator=gen)
+    batch = (x[:, :-1], x[:, 1:], torch.arange(32).expand(4, 32))
+    monkeypatch.setattr(Loader, "get", lambda self, step, micro: batch)
+    ns = make_ns(tmp_path, corpus, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, batch_size=4, max_steps=150,
+                 warmup_steps=10, lr=1e-2, weight_decay=0.0, spike_factor=0.0, eval_interval=150, ckpt_interval=150)
+    train.train(ns)
+    losses = [r["loss"] for r in train_records(ns.out_dir)]
+    assert losses[0] > 5.0 and losses[-1] < 0.05                # ln(264) = 5.58 -> memorised
+
+
+# ---------------------------------------------------------------- plot
+
+def test_loss_png_decodes_with_the_curve_drawn(tmp_path):
+    path = str(tmp_path / "p.png")
+    train.plot_curves(path, [("train", [(s, 5 / (1 + s)) for s in range(0, 101)])], width=200, height=120)
+    blob = open(path, "rb").read()
+    assert blob[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, i = {}, 8
+    while i < len(blob):
+        n, tag = struct.unpack(">I4s", blob[i:i + 8])
+        payload = blob[i + 8:i + 8 + n]
+        assert struct.unpack(">I", blob[i + 8 + n:i + 12 + n])[0] == zlib.crc32(tag + payload)
+        chunks[tag], i = payload, i + 12 + n
+    w, h, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (w, h, depth, colour) == (200, 120, 8, 2)
+    raw = zlib.decompress(chunks[b"IDAT"])
+    rows = [raw[r * (3 * w + 1):(r + 1) * (3 * w + 1)] for r in range(h)]
+    assert all(row[0] == 0 for row in rows)
+    blue = bytes(train._COLORS[0])
+    xs = [c for row in rows for c in range(w) if row[1 + 3 * c:4 + 3 * c] == blue]
+    assert min(xs) <= 64 + 2 and max(xs) >= 200 - 16 - 2     # the curve spans the plot area left to right
