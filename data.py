@@ -1429,12 +1429,13 @@ class Loader:
         return _with_pos(buf, self.eos_id)
 
     def val_rows(self, source, n_rows):
-        """The first n_rows rows (in order) of a source's val split -> (x, y, pos) [n_rows, seq_len]."""
+        """n_rows rows evenly spaced over a source's val split (row floor(r * have / n_rows)), so a small
+        eval covers every held-out file rather than the first few -> (x, y, pos) [n_rows, seq_len]."""
         have = int(self._stream(source, "val")[1][-1])
         if n_rows > have:
             raise ValueError(f"source {source!r} has {have} val rows of {self.seq_len + 1} tokens; asked for {n_rows}")
         buf = np.empty((n_rows, self.seq_len + 1), dtype=np.int64)
-        self._fetch(source, "val", np.arange(n_rows), buf, np.arange(n_rows))
+        self._fetch(source, "val", np.arange(n_rows) * have // n_rows, buf, np.arange(n_rows))
         return _with_pos(buf, self.eos_id)
 
 

@@ -64,6 +64,9 @@ class ModelConfig:
     pad_id: int = 128004
 
     def __post_init__(self):
+        for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+            if getattr(self, k) <= 0:
+                raise ValueError(f"model config: {k} must be > 0, got {getattr(self, k)}")
         if self.head_dim is None:
             self.head_dim = self.d_model // self.n_heads
         checks = [(self.n_heads % self.n_kv_heads == 0, f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"),

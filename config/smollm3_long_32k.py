@@ -1,48 +1,20 @@
-"""SmolLM3 long-context stage 1: 4k -> 32k at rope_theta 2M, from the 4k run's final weights.
+"""SmolLM3 long-context stage 1: 4k -> 32k at a larger rope_theta, from the previous stage's final weights.
 
-The model lines repeat config/smollm3.py with rope_theta changed. Weights come from init_from; the
-optimizer and schedule start fresh. 50B tokens per stage on the decay-stage mixture, as SmolLM3 did."""
-# ---- model: 3,075,098,624 parameters with tied embeddings ----
-vocab_size = 128256          # Llama-3.2 tokenizer: 128,000 BPE + 256 special
-d_model = 2048
-n_layers = 36
-n_heads = 16
-n_kv_heads = 4               # GQA, 4 query heads per KV head
-d_ff = 11008                 # SwiGLU
-rope_theta = 2_000_000.0     # 4k -> 32k (DESIGN §3; the SmolLM3 blog text says 1.5M)
-nope_interval = 4            # RNoPE: layers 3, 7, ..., 35 have no RoPE
-max_position_embeddings = 65536
-rms_eps = 1e-6
-tie_embeddings = True
-doc_masking = True           # intra-document masking
-qk_norm = False
-z_loss = 0.0
-attn_impl = "triton"
-init_std = 0.02
-# ---- data: the stage-3 (decay) mixture, which upsamples code and math ----
-tokenizer = "data/smollm3/tokenizer.json"
-dataset = "data/smollm3"
+config/smollm3.py with what changes: rope_theta, seq_len, the batch shape, a fresh schedule (init_from loads
+weights only; optimizer and schedule start over), and the decay-stage mixture. 50B tokens, as SmolLM3 did."""
+base = "smollm3.py"
+rope_theta = 2_000_000.0     # 4k -> 32k (DESIGN; the SmolLM3 blog text says 1.5M)
 seq_len = 32768
-mixture = {"web": 0.63, "code": 0.24, "math": 0.13}
+mixture = {"web": 0.63, "code": 0.24, "math": 0.13}   # the stage-3 (decay) mixture: more code and math
+stages = []
 # ---- training: 72 rows x 32768 = 2,359,296 tokens/step (the pretraining batch); 21,200 steps = 50B tokens ----
 init_from = "out/smollm3"
 out_dir = "out/smollm3_long_32k"
 batch_size = 72
 micro_batch_size = 1
 max_steps = 21_200
-lr = 1e-4                    # our choice (the blog gives no long-context LR): half the pretraining peak
-min_lr = 0.0
+lr = 1e-4                    # our choice (no published long-context LR): half the pretraining peak
 warmup_steps = 500
-schedule = "wsd"
-decay_frac = 0.1
-weight_decay = 0.1
-wd_embeddings = False
-beta1 = 0.9
-beta2 = 0.95
-eps = 1e-8
-grad_clip = 1.0
-dtype = "bfloat16"
 eval_interval = 1000
 eval_rows = 16
 ckpt_interval = 1000
-log_interval = 10

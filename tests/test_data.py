@@ -169,6 +169,9 @@ def test_pos_restarts_at_every_document_start(tmp_path, byte_tok):
         for t in range(T):
             o = r * T + t
             assert pos[r, t] == o - max([r * T] + [s for s in doc_starts if s <= o]), (r, t)
+    x3, y3, _ = loader.val_rows("s", 3)  # fewer rows: evenly spaced over the split
+    for r in range(3):
+        assert torch.equal(x3[r], x[r * n_rows // 3]) and torch.equal(y3[r], y[r * n_rows // 3])
     with pytest.raises(ValueError, match=f"source 's' has {n_rows} val rows of 17 tokens; asked for {n_rows + 1}"):
         loader.val_rows("s", n_rows + 1)
 
