@@ -28,6 +28,7 @@ Design choices:
   prompts of different lengths, and decodes one token per step for the whole batch.
 """
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -48,6 +49,8 @@ class ModelConfig:
     head_dim: int | None = None    # None: d_model // n_heads
     d_ff: int = 11008
     rope_theta: float = 50000.0
+    yarn_factor: float = 1.0       # YaRN context extension (SmolLM3: 2 at inference for 128k); 1 = off
+    yarn_original_max_position: int = 65536  # the context the model was trained at, for YaRN
     nope_interval: int = 4         # RNoPE; 0 = RoPE in every layer
     max_position_embeddings: int = 65536
     rms_eps: float = 1e-6
@@ -73,6 +76,7 @@ class ModelConfig:
                   (self.head_dim % 2 == 0, f"head_dim ({self.head_dim}) must be even for RoPE"),
                   (self.attn_impl in ("sdpa", "triton"), f"attn_impl must be 'sdpa' or 'triton', got {self.attn_impl!r}"),
                   (self.nope_interval >= 0, f"nope_interval must be >= 0, got {self.nope_interval}"),
+                  (self.yarn_factor >= 1.0, f"yarn_factor must be >= 1 (1 = off), got {self.yarn_factor}"),
                   (self.sliding_window is None or self.sliding_window > 0, f"sliding_window must be None or > 0, got {self.sliding_window}")]
         for ok, msg in checks:
             if not ok:
@@ -95,12 +99,29 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_cos_sin(pos, head_dim, theta):
+def rope_frequencies(cfg):
+    """Inverse frequencies [D/2] and the cos/sin scale; YaRN when cfg.yarn_factor > 1.
+
+    YaRN (Peng et al., 2023): pairs that turn more than 32 times over the original context keep their
+    frequency, pairs that turn less than once are interpolated (frequency / factor), and a linear ramp over
+    the dimension index blends between; pair i turns r times at index d * ln(L / (2 pi r)) / (2 ln theta).
+    cos and sin are scaled by 0.1 ln(factor) + 1, which sharpens attention logits as the paper prescribes."""
+    d, theta, s = cfg.head_dim, cfg.rope_theta, cfg.yarn_factor
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    if s == 1.0:
+        return inv_freq, 1.0
+    index_at = lambda turns: d * math.log(cfg.yarn_original_max_position / (2 * math.pi * turns)) / (2 * math.log(theta))
+    lo, hi = max(math.floor(index_at(32)), 0), min(math.ceil(index_at(1)), d - 1)
+    interp = ((torch.arange(d // 2, dtype=torch.float32) - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
+    return inv_freq * (1 - interp) + inv_freq / s * interp, 0.1 * math.log(s) + 1.0
+
+
+def rope_cos_sin(pos, cfg):
     """cos, sin of shape [B, T, 1, D] for per-token positions pos [B, T] (half-split layout)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
-    ang = pos.float()[..., None] * inv_freq           # [B, T, D/2]
-    ang = torch.cat([ang, ang], dim=-1)[:, :, None]   # [B, T, 1, D]
-    return ang.cos(), ang.sin()
+    inv_freq, scale = rope_frequencies(cfg)
+    ang = pos.float()[..., None] * inv_freq.to(pos.device)  # [B, T, D/2]
+    ang = torch.cat([ang, ang], dim=-1)[:, :, None]         # [B, T, 1, D]
+    return ang.cos() * scale, ang.sin() * scale
 
 
 def apply_rope(x, cos, sin):
@@ -241,7 +262,7 @@ class Model(nn.Module):
                 mask = ("triton", pos if cfg.doc_masking else None)
             elif cfg.doc_masking or cfg.sliding_window is not None:
                 mask = doc_causal_mask(pos, cfg.sliding_window, cfg.doc_masking)
-        rope = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
+        rope = rope_cos_sin(pos, cfg)
         h = self.tok_emb(x)
         for layer in self.layers:
             h = layer(h, rope, mask, cache)
@@ -341,7 +362,9 @@ class Model(nn.Module):
             "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
             "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
             "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta} if cfg.yarn_factor == 1.0 else
+                {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.yarn_factor,
+                 "original_max_position_embeddings": cfg.yarn_original_max_position},
             "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_embeddings,
             "no_rope_layer_interval": cfg.nope_interval,
             "no_rope_layers": [int(cfg.uses_rope(i)) for i in range(cfg.n_layers)],
@@ -416,7 +439,13 @@ class Model(nn.Module):
             if not cands:
                 raise ValueError(f"{path}: no_rope_layers {rope} is not a periodic RNoPE pattern this model supports")
             interval = cands[0]
-        theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 2e6)
+        rope_params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        theta = hf.get("rope_theta") or rope_params.get("rope_theta", 2e6)
+        kind = rope_params.get("rope_type", rope_params.get("type", "default"))
+        if kind not in ("default", "yarn"):
+            raise ValueError(f"{path}: rope type {kind!r} is not supported (expected 'default' or 'yarn')")
+        yarn = {} if kind == "default" else {"yarn_factor": float(rope_params["factor"]), "yarn_original_max_position":
+                                             rope_params.get("original_max_position_embeddings", hf.get("max_position_embeddings"))}
         window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
         eos = _get(hf, "eos_token_id", 128001)
         ours = hf.get("nanosmol", {})
@@ -428,7 +457,7 @@ class Model(nn.Module):
                   rms_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", True),
                   sliding_window=window, init_std=hf.get("initializer_range", 0.02),
                   bos_id=_get(hf, "bos_token_id", 128000), eos_id=eos[0] if isinstance(eos, list) else eos,
-                  pad_id=_get(hf, "pad_token_id", 128004), **{k: v for k, v in ours.items() if k in ("qk_norm", "doc_masking", "z_loss")})
+                  pad_id=_get(hf, "pad_token_id", 128004), **yarn, **{k: v for k, v in ours.items() if k in ("qk_norm", "doc_masking", "z_loss")})
         kw.update(overrides)
         return ModelConfig(**kw)
 

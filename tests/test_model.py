@@ -49,7 +49,7 @@ def test_packed_documents_equal_separate_runs():
 def attn_out(m, layer, x, pos):
     """Output of one layer's attention module for hidden input x."""
     cfg = m.cfg
-    rope = M.rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
+    rope = M.rope_cos_sin(pos, cfg)
     mask = M.doc_causal_mask(pos, None, True)
     return m.layers[layer].attn(x, rope, mask)
 
@@ -110,7 +110,7 @@ def test_attention_matches_float64_reference(n_kv_heads, window):
     pos = torch.cat([positions([5, 8]), positions([13])])
     for layer in (0, 3):  # a RoPE layer and a NoPE layer
         cfg = m.cfg
-        rope = M.rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
+        rope = M.rope_cos_sin(pos, cfg)
         ours = m.layers[layer].attn(x, rope, M.doc_causal_mask(pos, window, True))
         torch.testing.assert_close(ours.double(), reference_attention(m, layer, x, pos), rtol=0, atol=2e-5)
 
@@ -293,3 +293,19 @@ def test_config_base_file_is_read_first(tmp_path):
     (tmp_path / "c.py").write_text('n_layers = 3\nbase = "a.py"\n')
     with pytest.raises(ValueError, match=r"c.py:2: `base` must be the first assignment"):
         config.load([str(tmp_path / "c.py")])
+
+
+def test_yarn_matches_transformers(tmp_path, hf):
+    """YaRN (factor 4 over an original 32-token context) against transformers' rope_type 'yarn'."""
+    m = make(yarn_factor=4.0, yarn_original_max_position=32, head_dim=32, n_heads=2, n_kv_heads=1)
+    inv, scale = M.rope_frequencies(m.cfg)
+    base = M.rope_frequencies(small_cfg(head_dim=32, n_heads=2, n_kv_heads=1))[0]
+    assert inv[0] == base[0] and torch.isclose(inv[-1], base[-1] / 4) and scale == pytest.approx(1 + 0.1 * math.log(4))
+    m.save_pretrained(tmp_path)
+    theirs = hf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    x = torch.randint(3, 97, (1, 100))
+    with torch.no_grad():
+        ref = theirs(input_ids=x).logits
+    torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
+    assert Model.from_pretrained(tmp_path).cfg == m.cfg
+    assert (m(x) - make(head_dim=32, n_heads=2, n_kv_heads=1)(x)).abs().max() > 1e-3  # YaRN changed something
