@@ -62,6 +62,7 @@ class ModelConfig:
     attn_impl: str = "sdpa"        # "sdpa" | "triton"
     init_std: float = 0.02
     loss_chunk: int = 2048         # rows of the LM head + CE computed at once
+    act_ckpt: bool = False         # recompute each layer in backward: ~1/3 more compute, activations of 1 layer
     bos_id: int = 128000
     eos_id: int = 128001
     pad_id: int = 128004
@@ -265,7 +266,10 @@ class Model(nn.Module):
         rope = rope_cos_sin(pos, cfg)
         h = self.tok_emb(x)
         for layer in self.layers:
-            h = layer(h, rope, mask, cache)
+            if cfg.act_ckpt and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, rope, mask, use_reentrant=False)
+            else:
+                h = layer(h, rope, mask, cache)
         return self.norm(h)
 
     def forward(self, x, y=None, pos=None, reduction="mean"):

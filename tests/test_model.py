@@ -1,6 +1,5 @@
 """model.py against independent references: per-document runs, float64 hand-written attention,
 full-forward logits for the KV cache, transformers' SmolLM3ForCausalLM, and hand-computed counts."""
-import json
 import math
 import os
 
@@ -309,3 +308,16 @@ def test_yarn_matches_transformers(tmp_path, hf):
     torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
     assert Model.from_pretrained(tmp_path).cfg == m.cfg
     assert (m(x) - make(head_dim=32, n_heads=2, n_kv_heads=1)(x)).abs().max() > 1e-3  # YaRN changed something
+
+
+def test_activation_checkpointing_gives_identical_gradients():
+    grads = []
+    for act_ckpt in (False, True):
+        m = make(act_ckpt=act_ckpt).train()
+        calls = []
+        m.layers[1].mlp.register_forward_hook(lambda *a: calls.append(1))
+        x, y = torch.randint(3, 97, (2, 12)), torch.randint(0, 97, (2, 12))
+        m(x, y, positions([5, 7]).expand(2, 12))[1].backward()
+        assert len(calls) == (2 if act_ckpt else 1)  # checkpointed layers run again in backward
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
