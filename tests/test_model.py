@@ -315,7 +315,7 @@ def test_activation_checkpointing_gives_identical_gradients():
     for act_ckpt in (False, True):
         m = make(act_ckpt=act_ckpt).train()
         calls = []
-        m.layers[1].mlp.register_forward_hook(lambda *a: calls.append(1))
+        m.layers[1].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
         x, y = torch.randint(3, 97, (2, 12)), torch.randint(0, 97, (2, 12))
         m(x, y, positions([5, 7]).expand(2, 12))[1].backward()
         assert len(calls) == (2 if act_ckpt else 1)  # checkpointed layers run again in backward
