@@ -61,6 +61,7 @@ import argparse
 import base64
 import bisect
 import collections
+import contextlib
 import functools
 import hashlib
 import heapq
@@ -83,7 +84,7 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
-# ==== TOKENIZER SECTION (BPE training, tiktoken encoding, HF tokenizer.json import/export, metrics, chat template) ====
+# ------------------------------------------------------------------------------------- tokenizer
 
 # Llama-3's pre-tokenization pattern (SmolLM3 inherits it): English contractions, letter runs with at
 # most one leading non-letter (so " the" is one chunk), numbers in groups of at most three digits,
@@ -117,7 +118,9 @@ class Tokenizer:
         if sorted(ranks.values()) != list(range(n)):
             raise ValueError(f"tokenizer ranks must be exactly 0..{n - 1}")
         if sorted(specials.values()) != list(range(n, n + len(specials))):
-            raise ValueError(f"special token ids must be exactly {n}..{n + len(specials) - 1} (after the ranks)")
+            outside = sorted(set(specials.values()) - set(range(n, n + len(specials))))
+            raise ValueError(f"special token ids must be exactly {n}..{n + len(specials) - 1}, right after the {n} "
+                             f"regular tokens without gaps or repeats; outside that range: {outside[:8]}")
         self.ranks, self.specials, self.pattern = ranks, dict(specials), pattern
         self.enc = tiktoken.Encoding("nanosmol", pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.specials)
         self.n_vocab = n + len(specials)
@@ -135,13 +138,10 @@ class Tokenizer:
         return self.enc.encode_ordinary(text)
 
     def encode_batch(self, texts):
-        return self.enc.encode_ordinary_batch(list(texts), num_threads=os.cpu_count() or 1)
+        return self.enc.encode_ordinary_batch(list(texts), num_threads=_n_cpus())
 
     def decode(self, ids):
         return self.enc.decode(ids, errors="replace")
-
-    def decode_bytes(self, ids):
-        return self.enc.decode_bytes(ids)
 
     def token_bytes(self):
         """[n_vocab] int64: UTF-8 byte length of each token, 0 for specials (bits-per-byte denominators)."""
@@ -282,6 +282,10 @@ class Tokenizer:
                 fail(f"model.vocab token {s!r} has characters outside the ByteLevel alphabet")
         if len(ranks) != len(vocab) - sum(s in vocab for s in added):
             fail("model.vocab maps two strings to the same bytes")
+        taken = set(ranks.values())
+        for s, i in added.items():
+            if i in taken:
+                fail(f"added token {s!r} has id {i}, which model.vocab gives to another token")
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
             fail(f"model.vocab lacks the single-byte tokens for bytes {missing[:8]}; byte-level BPE needs all 256")
@@ -347,16 +351,13 @@ def _atomic_write(path, text):
     os.replace(tmp, path)
 
 
-def _count_chunks(texts):
-    """Counter of pre-token chunks over a list of texts (a multiprocessing worker)."""
-    pat = regex.compile(LLAMA3_PATTERN)
-    counts = collections.Counter()
-    for t in texts:
-        counts.update(pat.findall(t))
-    return counts
+def _n_cpus():
+    """Cores this process may use (the affinity mask under taskset/Slurm; os.cpu_count() where there is none)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _batches(texts, chars):
+    """Group an iterable of strings into lists of about `chars` characters."""
     batch, size = [], 0
     for t in texts:
         batch.append(t)
@@ -368,16 +369,48 @@ def _batches(texts, chars):
         yield batch
 
 
+_WORKER_TOK = None  # the tokenizer of an encoding worker (set by _set_worker_tok in each process)
+
+
+def _set_worker_tok(tok):
+    global _WORKER_TOK
+    _WORKER_TOK = tok
+
+
+def _map_batches(fn, batches, workers, tok=None):
+    """fn(batch) for each batch, results in order. With two or more batches and workers > 1 they run on a
+    process pool (each worker holding tok) with at most two batches per worker in flight, since Pool.imap
+    would read a 100 GB file into memory ahead of the workers; the pool ends when the generator does."""
+    _set_worker_tok(tok)
+    batches = iter(batches)
+    head = list(itertools.islice(batches, 2))
+    if workers < 2 or len(head) < 2:
+        yield from map(fn, itertools.chain(head, batches))
+        return
+    with multiprocessing.Pool(workers, _set_worker_tok, (tok,)) as pool:
+        pending = collections.deque()
+        for batch in itertools.chain(head, batches):
+            pending.append(pool.apply_async(fn, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _count_chunks(texts):
+    """Counter of pre-token chunks over a list of texts (a pool worker)."""
+    pat = regex.compile(LLAMA3_PATTERN)
+    counts = collections.Counter()
+    for t in texts:
+        counts.update(pat.findall(t))
+    return counts
+
+
 def _chunk_counts(texts, batch_chars=2 << 20):
-    """Count unique chunks; batches of ~2M characters go to one worker per core once there are two."""
-    batches = _batches(texts, batch_chars)
-    first, second = next(batches, []), next(batches, None)
-    if second is None:
-        return _count_chunks(first)
+    """Count unique chunks over batches of ~2M characters on every core."""
     total = collections.Counter()
-    with multiprocessing.Pool(len(os.sched_getaffinity(0))) as pool:
-        for counts in pool.imap_unordered(_count_chunks, [first, second, *batches]):
-            total.update(counts)  # sums are order-independent, so the result is deterministic
+    for counts in _map_batches(_count_chunks, _batches(texts, batch_chars), _n_cpus()):
+        total.update(counts)
     return total
 
 
@@ -445,30 +478,19 @@ def train_bpe(texts, vocab_size):
     return Tokenizer(ranks, {s: len(token) + i for i, s in enumerate(SPECIALS.values())})
 
 
-def _stdlib_texts(limit_bytes):
-    """The interpreter's standard-library .py files in sorted-path order, up to about limit_bytes."""
-    size = 0
-    for root, dirs, files in os.walk(sysconfig.get_paths()["stdlib"]):
-        dirs.sort()
-        for name in sorted(files):
-            if name.endswith(".py"):
-                with open(os.path.join(root, name), encoding="utf-8", errors="replace") as f:
-                    text = f.read()
-                yield text
-                size += len(text.encode("utf-8"))
-                if size >= limit_bytes:
-                    return
-
-
-def bench_tokenizer(vocab_size=16384, megabytes=10):
-    """Time train_bpe on the first ~10 MB of this interpreter's standard-library source."""
-    texts = list(_stdlib_texts(megabytes << 20))
-    size = sum(len(t.encode("utf-8")) for t in texts)
+def bench_tokenizer():
+    """Time train_bpe on the first ~10 MB of this interpreter's standard library (the default corpus' code)."""
+    texts, size = [], 0
+    for path in stdlib_files()[0]:
+        if size >= 10 << 20:
+            break
+        texts += iter_documents(path)
+        size += len(texts[-1].encode("utf-8"))
     t0 = time.perf_counter()
-    tok = train_bpe(texts, vocab_size)
+    tok = train_bpe(texts, 16384)
     dt = time.perf_counter() - t0
     n = sum(len(ids) for ids in tok.encode_batch(texts))
-    print(f"train_bpe: {vocab_size} vocab on {size / 1e6:.1f} MB ({len(texts)} files) in {dt:.1f} s; "
+    print(f"train_bpe: 16384 vocab on {size / 1e6:.1f} MB ({len(texts)} files) in {dt:.1f} s; "
           f"{size / n:.2f} bytes/token on that text")
 
 
@@ -525,7 +547,7 @@ def tokenizer_eval_main(argv):
               f"{a['continued']:>12.1%}{b['continued']:>8.1%}{a['bytes_per_token']:>13.2f}{b['bytes_per_token']:>7.2f}")
 
 
-# The chat template (DESIGN §3): ChatML turns `<|im_start|>{role}\n{content}<|im_end|>\n`, always opened by a
+# The chat template (SmolLM3's ChatML): turns `<|im_start|>{role}\n{content}<|im_end|>\n`, always opened by a
 # system turn that carries the reasoning mode. A conversation is first laid out as segments
 # (text, is_special, in_loss); render_chat_text joins them, render_chat encodes them.
 _ROLES = ("system", "user", "assistant", "tool")
@@ -578,22 +600,21 @@ def render_chat(tok, messages, add_generation_prompt=False, think=True):
     every other turn. Message text is encoded as text; only the template's own tags become special ids.
     Adjacent text with the same mask is encoded together, so ids equal HF's tokenization of the rendered
     string except where the mask boundary falls inside what would be one token."""
-    ids, mask = [], []
-    for (special, loss), group in itertools.groupby(_chat_segments(messages, add_generation_prompt, think),
-                                                    key=lambda seg: (seg[1], seg[2])):
-        texts = [text for text, _, _ in group]
-        if special and any(t not in tok.specials for t in texts):
-            if any(t in ("<|im_start|>", "<|im_end|>") and t not in tok.specials for t in texts):
+    segs = []
+    for text, special, loss in _chat_segments(messages, add_generation_prompt, think):
+        if special and text not in tok.specials:
+            if text in ("<|im_start|>", "<|im_end|>"):
                 raise ValueError("render_chat: this tokenizer has no <|im_start|>/<|im_end|> tokens (not a chat tokenizer)")
-            special = False  # no <think> token in this vocabulary: the tags are plain text, as HF would encode them
+            special = False  # no <think> token in this vocabulary: the tag is text, encoded with its neighbours
+        segs.append((text, special, loss))
+    ids, mask = [], []
+    for (special, loss), group in itertools.groupby(segs, key=lambda seg: seg[1:]):
+        texts = [text for text, _, _ in group]
         part = [tok.specials[t] for t in texts] if special else tok.encode("".join(texts))
         ids += part
         mask += [loss] * len(part)
     return ids, mask
 
-# ==== END TOKENIZER SECTION ====
-
-# ==== CORPUS + LOADER SECTION (prepare shards, embedded default corpus, Loader, SFT packing, preference/RL batches, bench) ====
 
 # ---------------------------------------------------------------------------------------------- config
 
@@ -614,11 +635,6 @@ def load_tokenizer(cfg):
     if cfg.tokenizer == "default" and not os.path.isfile(path):
         raise ValueError(f"tokenizer not found: {path} (build the default corpus: `python data.py default CONFIG`)")
     return load_any_tokenizer(path)
-
-
-def dataset_dir(cfg):
-    """The directory holding manifest.json and the shards that the Loader reads."""
-    return cfg.data_dir if cfg.dataset == "default" else cfg.dataset
 
 
 # ------------------------------------------------------------------------------- token shards on disk
@@ -740,7 +756,7 @@ def iter_documents(path, field="text"):
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     elif path.endswith(".jsonl"):
-        texts = (_jsonl_text(path, no, obj, field) for no, obj in read_jsonl(path))
+        texts = (_field(path, no, obj, field, str) for no, obj in read_jsonl(path))
     elif path.endswith(".parquet"):
         texts = _parquet_texts(path, field)
     else:
@@ -753,22 +769,15 @@ def iter_documents(path, field="text"):
         raise ValueError(f"{path}: empty file (no documents)")
 
 
-def _jsonl_text(path, no, obj, field):
-    text = obj.get(field)
-    if not isinstance(text, str):
-        raise ValueError(f"{path}:{no}: expected a string field {field!r}, got {type(text).__name__}")
-    return text
+def _field(path, no, obj, key, kind):
+    """obj[key] of a .jsonl line, checked to be a `kind` (ValueError naming path:line otherwise)."""
+    value = obj.get(key)
+    if not isinstance(value, kind):
+        raise ValueError(f"{path}:{no}: expected field {key!r} of type {kind.__name__}, got {type(value).__name__}")
+    return value
 
 
 # ---------------------------------------------------------------------------------- corpus preparation
-
-_WORKER_TOK = None  # the tokenizer of an encoding worker (set by _init_encoder in each process)
-
-
-def _init_encoder(tok):
-    global _WORKER_TOK
-    _WORKER_TOK = tok
-
 
 def _encode_docs(texts):
     """Encode a batch of documents -> (one array of ids, each document followed by EOT; n_docs)."""
@@ -782,34 +791,17 @@ def _encode_docs(texts):
     return out, len(docs)
 
 
-def _doc_batches(files, field, bar, batch_chars=1 << 18):
-    """Batches of ~256k characters of documents from files, in order; advances the byte progress bar."""
-    batch, size = [], 0
+def _documents(files, field, bar):
+    """The documents of files in order. The byte progress bar moves by each document's length (in
+    characters, capped at the file's size) and settles at the file's size when the file is done."""
     for path in files:
+        size, shown = os.path.getsize(path), 0
         for text in iter_documents(path, field):
-            batch.append(text)
-            size += len(text)
-            if size >= batch_chars:
-                yield batch
-                batch, size = [], 0
-        bar.update(os.path.getsize(path))
-    if batch:
-        yield batch
-
-
-def _encoded(batches, pool, window):
-    """Encode batches in order, in the pool when there is one, with at most `window` batches in flight
-    (Pool.imap would read a 100 GB file into memory ahead of the workers)."""
-    if pool is None:
-        yield from map(_encode_docs, batches)
-        return
-    pending = collections.deque()
-    for batch in batches:
-        pending.append(pool.apply_async(_encode_docs, (batch,)))
-        if len(pending) >= window:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+            step = min(len(text), size - shown)
+            bar.update(step)
+            shown += step
+            yield text
+        bar.update(size - shown)
 
 
 def _plan_shards(files, shard_bytes):
@@ -885,23 +877,15 @@ def prepare(files, out_dir, tok, source, split="train", field="text", shard_byte
         except ValueError:
             done = None
         plan.append((name, unit, digest, done))
-    todo = [p for p in plan if p[3] is None]
-    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    bar = tqdm(total=sum(os.path.getsize(f) for _, unit, _, _ in todo for f in unit), unit="B", unit_scale=True,
-               desc=f"{source}/{split}", disable=not todo)
-    pool = multiprocessing.Pool(workers, _init_encoder, (tok,)) if todo and workers > 1 else None
-    _init_encoder(tok)
+    todo = sum(os.path.getsize(f) for _, unit, _, done in plan if done is None for f in unit)
     shards = []
-    try:
+    with tqdm(total=todo, unit="B", unit_scale=True, desc=f"{source}/{split}", disable=not todo) as bar:
         for name, unit, digest, done in plan:
-            if done is None:
-                batches = _encoded(_doc_batches(unit, field, bar), pool, 2 * workers)
-                done = write_shard(os.path.join(out_dir, name), batches, tok.hash, itemsize, digest)
+            if done is None:  # encode in batches of ~256k characters; closing() ends the pool on any error
+                batches = _batches(_documents(unit, field, bar), 1 << 18)
+                with contextlib.closing(_map_batches(_encode_docs, batches, workers or _n_cpus(), tok)) as chunks:
+                    done = write_shard(os.path.join(out_dir, name), chunks, tok.hash, itemsize, digest)
             shards.append({"path": name, "tokens": done[0], "documents": done[1]})
-    finally:
-        if pool is not None:
-            pool.terminate()
-        bar.close()
     entry = {"files": [os.path.abspath(f) for f in files], "documents": sum(s["documents"] for s in shards),
              "tokens": sum(s["tokens"] for s in shards), "tokenizer_hash": tok.hash, "shards": shards}
     manifest["sources"].setdefault(source, {})[split] = entry
@@ -1196,17 +1180,15 @@ def prepare_default(data_dir, vocab_size):
 # Mixture weights become multiples of 2^-24, so mixture counts are exact int64 arithmetic while a stage
 # holds < 2^39 samples (SmolLM3's 11T tokens are 2.7e9 rows of 4096).
 _ONE = 1 << 24
-
-
-_M64 = (1 << 64) - 1
-_C1, _C2, _S29, _S32 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(29), np.uint64(32)
+_M64, _K1, _K2 = (1 << 64) - 1, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64's odd multipliers
+_C1, _C2, _S29, _S32 = np.uint64(_K1), np.uint64(_K2), np.uint64(29), np.uint64(32)  # the same, for uint64 arrays
 
 
 def _splitmix(z):
     """splitmix64 on a Python int: a bijective scramble of 64-bit keys."""
     z = (z + 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    z = ((z ^ (z >> 30)) * _K1) & _M64
+    z = ((z ^ (z >> 27)) * _K2) & _M64
     return z ^ (z >> 31)
 
 
@@ -1215,7 +1197,7 @@ def _feistel(x, keys, wl, wr):
     (left: wl bits, right: wr bits) to (right, left ^ F(right)), so the widths swap every round. Each round
     is invertible whatever F is; F is a keyed multiply-xorshift hash (its top 32 bits)."""
     left, right = x >> np.uint64(wr), x & np.uint64((1 << wr) - 1)
-    for k in keys:
+    for k in keys:  # uint64 products wrap mod 2^64, as the hash intends
         z = (right ^ k) * _C1
         z = (z ^ (z >> _S29)) * _C2
         left, right = right, left ^ ((z >> _S32) & np.uint64((1 << wl) - 1))
@@ -1352,10 +1334,10 @@ class Loader:
         if split not in SPLITS:
             raise ValueError(f"split {split!r}: expected one of {SPLITS}")
         tok = load_tokenizer(cfg)
-        self.root, self.seq_len, self.split, self.eos_id = dataset_dir(cfg), cfg.seq_len, split, tok.eos_id
+        self.root = cfg.data_dir if cfg.dataset == "default" else cfg.dataset  # holds manifest.json + shards
+        self.seq_len, self.split, self.eos_id = cfg.seq_len, split, tok.eos_id
         self.micro_batch_size, self.accum, self.rank, self.world_size = micro_batch_size, accum, rank, world_size
         self.G = micro_batch_size * accum * world_size
-        self.token_bytes = torch.from_numpy(tok.token_bytes())  # [V] UTF-8 bytes per id, for bits-per-byte
         self.tok_hash, self.manifest = tok.hash, read_manifest(self.root)
         if self.manifest["tokenizer_hash"] != tok.hash:
             raise ValueError(f"{self.root}/manifest.json: the dataset was tokenized with "
@@ -1461,22 +1443,19 @@ def pack_bfd(lengths, capacity):
     return bins
 
 
-def _chat_xy(tok, messages, seq_len, where):
+def _chat_xy(tok, messages, seq_len, where, n_prompt=0):
     """Render a conversation -> (x, y) int64 arrays: y[t] = ids[t+1] where that token is the model's to
-    generate (assistant content and its <|im_end|>), else -100. Truncated to seq_len tokens."""
+    generate (assistant content and its <|im_end|>) after the first n_prompt messages, else -100.
+    Truncated to seq_len tokens."""
     try:
         ids, mask = render_chat(tok, messages)
+        # turns are encoded one by one, so the prompt's rendering is a prefix of the conversation's
+        prompt_len = len(render_chat(tok, messages[:n_prompt])[0]) if n_prompt else 0
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     ids, mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
+    mask[:prompt_len] = False
     return ids[:-1][:seq_len], np.where(mask[1:], ids[1:], -100)[:seq_len]
-
-
-def _jsonl_field(path, no, obj, key, kind):
-    value = obj.get(key)
-    if not isinstance(value, kind):
-        raise ValueError(f"{path}:{no}: expected field {key!r} of type {kind.__name__}, got {type(value).__name__}")
-    return value
 
 
 class _Shuffled:
@@ -1506,7 +1485,7 @@ class SFTLoader(_Shuffled):
     (pad id, y = -100, positions from 0 as a document of its own). Rows are built once in memory."""
 
     def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1):
-        docs = [_chat_xy(tok, _jsonl_field(path, no, obj, "messages", list), seq_len, f"{path}:{no}")
+        docs = [_chat_xy(tok, _field(path, no, obj, "messages", list), seq_len, f"{path}:{no}")
                 for no, obj in read_jsonl(path)]
         bins = pack_bfd([len(x) for x, _ in docs], seq_len)
         self.x = np.full((len(bins), seq_len), tok.pad_id, dtype=np.int64)
@@ -1534,15 +1513,15 @@ class PreferenceLoader(_Shuffled):
     """Preference pairs ({"prompt": [...], "chosen": [assistant], "rejected": [assistant]} per line).
 
     get() -> ((x, y, pos) chosen, (x, y, pos) rejected), each [micro_batch_size, T] with T the longest
-    side in the micro-batch: one conversation per row, y = -100 on the prompt and on right padding, so
-    the sum of -CE over y != -100 is the completion's log-probability."""
+    side in the micro-batch: one conversation per row, y = -100 on the prompt (assistant turns in it
+    included) and on right padding, so the sum of -CE over y != -100 is the completion's log-probability."""
 
     def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1):
         self.pairs = []
         for no, obj in read_jsonl(path):
-            prompt = _jsonl_field(path, no, obj, "prompt", list)
+            prompt = _field(path, no, obj, "prompt", list)
             self.pairs.append(tuple(
-                _chat_xy(tok, prompt + _jsonl_field(path, no, obj, side, list), seq_len, f"{path}:{no}")
+                _chat_xy(tok, prompt + _field(path, no, obj, side, list), seq_len, f"{path}:{no}", len(prompt))
                 for side in ("chosen", "rejected")))
         self.pad_id = tok.pad_id
         self._setup(len(self.pairs), micro_batch_size, accum, seed, rank, world_size, path, "preference")
@@ -1570,12 +1549,12 @@ class PromptLoader(_Shuffled):
     def __init__(self, path, tok, micro_batch_size, accum=1, seed=0, rank=0, world_size=1, think=True):
         self.prompts, self.answers = [], []
         for no, obj in read_jsonl(path):
-            messages = _jsonl_field(path, no, obj, "prompt", list)
+            messages = _field(path, no, obj, "prompt", list)
             try:
                 self.prompts.append(render_chat(tok, messages, add_generation_prompt=True, think=think)[0])
             except ValueError as e:
                 raise ValueError(f"{path}:{no}: {e}") from None
-            self.answers.append(_jsonl_field(path, no, obj, "answer", str))
+            self.answers.append(_field(path, no, obj, "answer", str))
         self._setup(len(self.prompts), micro_batch_size, accum, seed, rank, world_size, path, "rl")
 
     def get(self, step, micro_step):
@@ -1640,7 +1619,7 @@ def bench_loader(seq_len=2048, micro_batch_size=8, mb_per_source=16, n_batches=3
                 loader.get(step, 0)
             print(f"  get() at step {step:>11,}: {(time.perf_counter() - t0) / 200 * 1e6:.0f} us")
 
-# ==== END CORPUS + LOADER SECTION ====
+# -------------------------------------------------------------------------------------- command line
 
 
 def _prepare_main(argv):

@@ -4,6 +4,7 @@ directly, byte offsets of hand-made documents, hand-derived bin packings, and an
 evaluator for the generated math."""
 import ast
 import json
+import multiprocessing
 import operator
 import os
 import re
@@ -231,7 +232,7 @@ def test_bad_inputs_are_clear_errors_and_leave_no_shard(tmp_path, byte_tok):
     bad.write_text('{"text": "fine"}\n\n{"text": "broken\n{"text": "never read"}\n')
     fails([str(bad)], re.escape(f"{bad}:3: malformed JSON line"))
     fails([_write_jsonl(tmp_path / "nofield.jsonl", [{"text": "ok"}, {"content": "x"}])],
-          r"nofield.jsonl:2: expected a string field 'text'")
+          r"nofield.jsonl:2: expected field 'text' of type str, got NoneType")
     (tmp_path / "a.csv").write_text("x")
     fails([str(tmp_path / "a.csv")], "unsupported input type")
     (tmp_path / "t.parquet").write_bytes(b"PAR1")
@@ -241,7 +242,9 @@ def test_bad_inputs_are_clear_errors_and_leave_no_shard(tmp_path, byte_tok):
         fails([str(tmp_path / "t.parquet")], "reading .parquet needs pyarrow")
     # a failure after several batches were encoded: the half-written shard is removed, no .bin appears
     many = [{"text": "y" * 5000} for _ in range(100)] + ["not an object"]
-    fails([_write_jsonl(tmp_path / "late.jsonl", many)], r"late.jsonl:101: expected a JSON object")
+    with pytest.raises(ValueError, match=r"late.jsonl:101: expected a JSON object"):
+        data.prepare([_write_jsonl(tmp_path / "late.jsonl", many)], out, byte_tok, "web", workers=2)
+    assert _leftovers(tmp_path) == [] and multiprocessing.active_children() == []  # the pool is gone too
 
 
 def test_shard_checks_tokenizer_and_size(tmp_path, mix_dir, byte_tok):
@@ -339,6 +342,13 @@ def test_preference_and_prompt_batches(tmp_path, byte_tok):
             ids = data.render_chat(byte_tok, rows[k]["prompt"] + [{"role": "assistant", "content": reply}])[0]
             assert x[i, :len(ids) - 1].tolist() == ids[:-1]
             assert (x[i, len(ids) - 1:] == byte_tok.pad_id).all()
+    # a multi-turn prompt: its own assistant turn is context, so only the final reply is the completion
+    history = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"}]
+    multi = [{**r, "prompt": history + r["prompt"]} for r in rows[:1]]
+    multi_loader = data.PreferenceLoader(_write_jsonl(tmp_path / "m.jsonl", multi), byte_tok, 512, 1)
+    (_, yc, _), (_, yr, _) = multi_loader.get(0, 0)
+    assert byte_tok.decode(yc[0][yc[0] != -100].tolist()) == "The answer is 1.<|im_end|>"
+    assert byte_tok.decode(yr[0][yr[0] != -100].tolist()) == "The answer is 2!!<|im_end|>"
     rl = [{"prompt": [{"role": "user", "content": f"Compute {a} * 2."}], "answer": str(2 * a)} for a in range(5)]
     prompts = data.PromptLoader(_write_jsonl(tmp_path / "rl.jsonl", rl), byte_tok, micro_batch_size=2, think=False)
     ids, answers = prompts.get(1, 0)

@@ -1,6 +1,7 @@
 """data.py's tokenizer section against independent oracles: a naive recount-everything BPE, hand-derived
-merges and ids, the Hugging Face `tokenizers` library (test-only dependency) on exported files, and
-hand-written chat strings."""
+merges and ids, the Hugging Face `tokenizers` library (test-only dependency) on exported files and on a
+Llama-3-layout file made by transformers' own tiktoken converter, and hand-written chat strings."""
+import base64
 import collections
 import itertools
 import json
@@ -21,9 +22,18 @@ MIXED = ("Hello, world! I'M here; they'll say it's 1234567 or 3.14159 — naïve
          "tabs\t\tand   spaces   \n  trailing  \n\n")
 
 
+def stdlib_texts(n_bytes):
+    """The first standard-library files of the default corpus' code source, about n_bytes of them."""
+    texts = []
+    for path in data.stdlib_files()[0]:
+        if sum(map(len, texts)) >= n_bytes:
+            break
+        texts.append(open(path, encoding="utf-8").read())
+    return texts
+
+
 def corpus():
-    stdlib = [next(data._stdlib_texts(1))]  # one real source file of the running interpreter
-    return [MIXED * 3, "the cat sat on the mat. " * 20, *stdlib]
+    return [MIXED * 3, "the cat sat on the mat. " * 20, *stdlib_texts(1)]  # one real file of this interpreter
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +93,10 @@ def test_hand_checked_merges():
         train_bpe(["ab"], 100)
 
 
-def test_parallel_chunk_counting_equals_serial():
+def test_parallel_chunk_counting_equals_serial(monkeypatch):
     texts = corpus()
+    assert data._chunk_counts(texts, batch_chars=1000) == data._count_chunks(texts)
+    monkeypatch.delattr(data.os, "sched_getaffinity", raising=False)  # macOS and Windows have no affinity mask
     assert data._chunk_counts(texts, batch_chars=1000) == data._count_chunks(texts)
 
 
@@ -114,7 +126,7 @@ def test_roundtrip_unicode_and_bytes(tok):
     for _ in range(200):  # arbitrary id sequences, which may split UTF-8 characters
         ids = [rng.randrange(len(tok.ranks)) for _ in range(rng.randrange(0, 12))]
         raw = b"".join(inverse[i] for i in ids)
-        assert tok.decode_bytes(ids) == raw and tok.decode(ids) == raw.decode("utf-8", "replace")
+        assert tok.enc.decode_bytes(ids) == raw and tok.decode(ids) == raw.decode("utf-8", "replace")
 
 
 def test_save_load(tok, tmp_path):
@@ -153,7 +165,7 @@ def test_export_matches_hf_library_and_reimports(tok, tmp_path):
 
 
 def test_hf_agreement_on_unseen_source(tmp_path):
-    texts = list(data._stdlib_texts(800_000))
+    texts = stdlib_texts(800_000)
     cut = len(texts) * 3 // 4
     t = train_bpe(texts[:cut], 3000)
     path = str(tmp_path / "tokenizer.json")
@@ -202,6 +214,36 @@ def test_hand_written_tokenizer_json(tmp_path):
         assert t.eos_id == 262 and t.n_vocab == 268
 
 
+def test_llama3_layout_made_by_the_transformers_converter(tmp_path):
+    """A tokenizer.json made the way Llama-3's was: transformers' TikTokenConverter over a tiktoken rank file
+    whose single bytes are not at id = byte value (Llama-3 / cl100k order: printable bytes first), then one
+    block of 256 added tokens with SmolLM3's names at Llama-3.2's slots and no <think> token. Our import must
+    give the converter's ids, and render_chat (tags as text) must equal HF on the rendered string."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode
+    chats = [CONV, [{**m, "content": m["content"].split("</think>\n")[-1]} for m in CONV]]  # /think, /no_think
+    rendered = [render_chat_text(c, add_generation_prompt=True, think=k) for c, k in zip(chats, (True, False))]
+    base = train_bpe(corpus() + rendered * 20, 900)  # learns chunks like ">\n\n" across the tag texts
+    ranks = {bytes([b]): i for i, b in enumerate(bytes_to_unicode())}
+    assert ranks[b"!"] == 0 and ranks[b"a"] != ord("a")
+    ranks.update({t: r for t, r in base.ranks.items() if len(t) > 1})
+    (tmp_path / "r.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    names = [f"<|reserved_special_token_{i}|>" for i in range(256)]
+    for slot, name in ((0, "<|begin_of_text|>"), (1, "<|end_of_text|>"), (4, "<|finetune_right_pad_id|>"),
+                       (11, "<|im_start|>"), (12, "<|im_end|>")):
+        names[slot] = name
+    path = str(tmp_path / "tokenizer.json")
+    TikTokenConverter(vocab_file=str(tmp_path / "r.tiktoken"), extra_special_tokens=names).converted().save(path)
+    hf, ours, n = tokenizers.Tokenizer.from_file(path), Tokenizer.from_hf(path), len(ranks)
+    assert ours.n_vocab == hf.get_vocab_size() == n + 256
+    ids = (ours.bos_id, ours.eos_id, ours.pad_id, ours.im_start_id, ours.im_end_id, ours.think_id)
+    assert ids == (n, n + 1, n + 4, n + 11, n + 12, None)
+    for text in HF_TEXTS + stdlib_texts(100_000):
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids
+    for c, k, text in zip(chats, (True, False), rendered):
+        want = hf.encode(text, add_special_tokens=False).ids
+        assert render_chat(ours, c, add_generation_prompt=True, think=k)[0] == want
+
+
 def test_tokenizer_json_without_chat_or_think_tokens(tmp_path):
     """A plain Llama-3.2 file has no <|im_start|>; SmolLM3-like files may lack <think>: both load."""
     t = Tokenizer.from_hf(write(tmp_path, tiny_hf(drop=("<think>", "</think>"))))
@@ -247,6 +289,12 @@ def test_bad_tokenizer_json(tmp_path):
     del doc["model"]["vocab"]["a"]
     bad(doc, "lacks the single-byte tokens")
     bad(tiny_hf(drop=("<|end_of_text|>",)), "lacks the special tokens")
+    doc = tiny_hf()
+    doc["added_tokens"][2]["id"] = 257  # on top of "ll"
+    bad(doc, "added token '<\\|im_start\\|>' has id 257, which model.vocab gives to another token")
+    doc = tiny_hf()
+    doc["added_tokens"][-1]["id"] = 300  # a gap after the others
+    bad(doc, r"special token ids must be exactly 261..267, right after .* outside that range: \[300\]")
     with pytest.raises(ValueError, match="tokenizer file not found"):
         data.load_any_tokenizer(str(tmp_path / "missing.json"))
 
