@@ -37,6 +37,13 @@ the math); older GPUs use masked pointer loads. Block sizes come from a small ta
 (_attn_config; 128x64 tiles, 8 warps, 3 stages for D=128), no autotuning, so that the interpreter
 runs the very same launch path.
 
+Training integration. The attention forward and backward are torch custom ops joined by
+register_autograd, so torch.compile(fullgraph=True) keeps them as opaque nodes (no graph break, no
+tracing of Triton launches); q/k/v may be strided views of a fused projection (TMA needs 16-byte
+aligned row strides, anything else is copied); under torch.autocast the inputs are cast to the autocast
+dtype and the gradients come back in the callers' dtypes. The interpreter miscomputes bfloat16 tl.dot,
+so under TRITON_INTERPRET=1 the matmul kernels refuse bfloat16 instead of returning garbage.
+
 RMSNorm: one row per program forward (fp32 math, saves 1/rms); backward writes dX and per-program
 partial dW sums that torch adds up. Cross-entropy: the logits h @ W^T are computed tile by tile inside
 a Triton matmul whose epilogue keeps an online log-sum-exp and picks the target logit, so the forward
@@ -50,16 +57,20 @@ Run:
     python kernels.py --bench [--head_dim 64]        # GPU: TFLOP/s vs SDPA flash/cuDNN, varlen, FlexAttention
     python kernels.py --bench --tiny                 # CPU: the benchmark's code path at toy size
     python kernels.py --tune [--head_dim 64]         # GPU: search block sizes for _ATTN_CONFIGS
+    python kernels.py --compile sm_90                # CPU: compile the attention kernels for an H100
     python kernels.py                                # all of the above that this machine can run
 On CPU the script re-runs itself under TRITON_INTERPRET=1 (triton reads it at import). The pytest
 suite (tests/test_kernels.py) runs `--check --bench --tiny` in one interpreter subprocess.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -75,12 +86,34 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _check_device(t, what):
-    """Triton runs on CUDA, or on CPU under the interpreter; say so plainly otherwise."""
-    if t.is_cuda or (t.device.type == "cpu" and _interpreting()):
+def _check_device(t, what, matmul=True):
+    """Triton runs on CUDA, or on CPU under the interpreter; say so plainly otherwise. The interpreter
+    returns garbage (errors ~1e8) from a bfloat16 tl.dot, so kernels with matmuls refuse bf16 there."""
+    if t.device.type == "cpu" and _interpreting():
+        if matmul and t.dtype == torch.bfloat16:
+            raise ValueError(f"kernels.{what}: the Triton interpreter miscomputes bfloat16 matmuls; use "
+                             f"float16 or float32 under TRITON_INTERPRET=1")
         return
-    raise ValueError(f"kernels.{what}: needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), "
-                     f"got a tensor on {t.device}; use the PyTorch twin on CPU")
+    if not t.is_cuda:
+        raise ValueError(f"kernels.{what}: needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), "
+                         f"got a tensor on {t.device}; use the PyTorch twin on CPU")
+
+
+def _on_device(t):
+    """Context for launching on t's GPU: Triton launches on the current CUDA device, which need not be
+    the one holding the tensors (e.g. train.py with device="cuda:1"). Autograd already runs backward
+    passes on a thread bound to the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _autocast(*tensors):
+    """The tensors in the autocast dtype when torch.autocast is on for their device (as F.linear and
+    SDPA would compute), else unchanged; autograd casts the gradients back."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -389,14 +422,18 @@ _INTERP_CONFIG = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 
 def _attn_config(D, device):
     if _interpreting():
         return _INTERP_CONFIG
-    return dict(_ATTN_CONFIGS[64 if D <= 64 else 128], desc=torch.cuda.get_device_capability(device)[0] >= 9)
+    # TMA descriptors: NVIDIA Hopper and later (ROCm reports its own "capabilities"; pointer path there)
+    tma = torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+    return dict(_ATTN_CONFIGS[64 if D <= 64 else 128], desc=tma)
 
 
 def _rows_view(x):
     """x [B, T, heads, D] in a layout whose tokens are rows of a 2-D [B*T, heads*D] view with a
-    16-byte aligned row stride (what TMA descriptors need); copies only when x is not."""
+    16-byte aligned row stride no smaller than a row (what TMA descriptors need); copies only when x
+    is not (a view of a fused qkv projection qualifies; an expanded or transposed tensor does not)."""
     B, T, nh, D = x.shape
-    ok = (x.stride(3) == 1 and (nh == 1 or x.stride(2) == D) and (B == 1 or x.stride(0) == T * x.stride(1))
+    ok = (x.stride(3) == 1 and (nh == 1 or x.stride(2) == D) and x.stride(1) >= nh * D
+          and (B == 1 or x.stride(0) == T * x.stride(1))
           and (x.stride(1) * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0)
     return x if ok else x.contiguous()
 
@@ -434,61 +471,114 @@ def _dkdv_query_ranges(lo, BLOCK_N):
     return torch.searchsorted(lo, targets, right=True).to(torch.int32).contiguous()
 
 
-class _FlashAttention(torch.autograd.Function):
-    """o = softmax(q k^T / sqrt(D) + mask) v, mask given by lo (see the file docstring)."""
+# The attention is a pair of torch custom ops (forward, backward) tied by register_autograd rather than
+# an autograd.Function: torch.compile then treats each as one opaque node (no graph break, no attempt
+# to trace Triton launches or TMA descriptors), and eager autograd works the same way. A launch
+# config crosses the op boundary as a flat int list, [] meaning "the default for this head_dim/GPU".
+_KERNELS = ("fwd", "dkdv", "dq")
 
-    @staticmethod
-    def forward(ctx, q, k, v, lo, cfg):
-        q, k, v = _rows_view(q), _rows_view(k), _rows_view(v)
-        B, T, H, D = q.shape
-        G = H // k.shape[2]
-        BM, BN, warps, stages = cfg["fwd"]
-        o = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype)
-        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-        sm_scale = 1.0 / math.sqrt(D)
+
+def _cfg_ints(cfg):
+    return [x for name in _KERNELS for x in cfg[name]] + [int(cfg["desc"])]
+
+
+def _cfg_dict(ints, D, device):
+    if not ints:
+        return _attn_config(D, device)
+    return dict({name: tuple(ints[4 * i:4 * i + 4]) for i, name in enumerate(_KERNELS)}, desc=bool(ints[12]))
+
+
+@torch.library.custom_op("nanosmol::flash_attn_fwd", mutates_args=())
+def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: Optional[torch.Tensor],
+                 cfg: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """o [B, T, H, D] (contiguous, q's dtype) and the log-sum-exp [B, H, T] (fp32, base 2)."""
+    q, k, v = _rows_view(q), _rows_view(k), _rows_view(v)
+    B, T, H, D = q.shape
+    G = H // k.shape[2]
+    cfg = _cfg_dict(cfg, D, q.device)
+    BM, BN, warps, stages = cfg["fwd"]
+    o = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+    sm_scale = 1.0 / math.sqrt(D)
+    with _on_device(q):
         _attn_fwd[(B * H, triton.cdiv(T, BM))](
             q, k, v, o, lse, lo if lo is not None else q,
             _desc(k, BN, cfg["desc"]), _desc(v, BN, cfg["desc"]), sm_scale * LOG2E, T, H, G,
             q.stride(1), k.stride(1), v.stride(1), o.stride(1),
             D=D, BLOCK_M=BM, BLOCK_N=BN, DTYPE=_TL_DTYPE[q.dtype], HAS_LO=lo is not None,
             USE_DESC=cfg["desc"], num_warps=warps, num_stages=stages)
-        ctx.save_for_backward(q, k, v, o, lse, lo)
-        ctx.cfg = cfg
-        return o
+    return o, lse
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, lo = ctx.saved_tensors
-        cfg = ctx.cfg
-        do = _rows_view(do)
-        B, T, H, D = q.shape
-        Hkv = k.shape[2]
-        G = H // Hkv
-        sm_scale = 1.0 / math.sqrt(D)
-        dtype = _TL_DTYPE[q.dtype]
-        has_lo = lo is not None
-        delta = torch.empty_like(lse)
+
+@_attn_fwd_op.register_fake
+def _(q, k, v, lo, cfg):
+    B, T, H, D = q.shape
+    return q.new_empty(B, T, H, D), q.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("nanosmol::flash_attn_bwd", mutates_args=())
+def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                 lse: torch.Tensor, lo: Optional[torch.Tensor], cfg: list[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv, contiguous, in q's dtype."""
+    q, k, v, do = _rows_view(q), _rows_view(k), _rows_view(v), _rows_view(do)
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    G = H // Hkv
+    cfg = _cfg_dict(cfg, D, q.device)
+    sm_scale = 1.0 / math.sqrt(D)
+    dtype = _TL_DTYPE[q.dtype]
+    has_lo = lo is not None
+    delta = torch.empty_like(lse)
+    dq = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype)
+    dk = torch.empty(B, T, Hkv, D, device=q.device, dtype=q.dtype)
+    dv = torch.empty_like(dk)
+    BM1, BN1, warps1, stages1 = cfg["dkdv"]
+    BM2, BN2, warps2, stages2 = cfg["dq"]
+    qrange = _dkdv_query_ranges(lo, BN1) if has_lo else lse
+    with _on_device(q):
         _attn_bwd_delta[(B * H, triton.cdiv(T, 64))](o, do, delta, T, H, o.stride(1), do.stride(1),
                                                       D=D, BLOCK_M=64)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-        BM, BN, warps, stages = cfg["dkdv"]
-        qrange = _dkdv_query_ranges(lo, BN) if has_lo else lse
-        _attn_bwd_dkdv[(B * Hkv, triton.cdiv(T, BN))](
+        _attn_bwd_dkdv[(B * Hkv, triton.cdiv(T, BN1))](
             q, k, v, do, dk, dv, lse, delta, lo if has_lo else lse, qrange,
-            _desc(q, BM, cfg["desc"]), _desc(do, BM, cfg["desc"]), sm_scale * LOG2E, sm_scale, T, H, G,
+            _desc(q, BM1, cfg["desc"]), _desc(do, BM1, cfg["desc"]), sm_scale * LOG2E, sm_scale, T, H, G,
             q.stride(1), k.stride(1), v.stride(1), do.stride(1), dk.stride(1), dv.stride(1),
-            D=D, BLOCK_M=BM, BLOCK_N=BN, DTYPE=dtype, HAS_LO=has_lo, USE_DESC=cfg["desc"],
-            num_warps=warps, num_stages=stages)
-
-        BM, BN, warps, stages = cfg["dq"]
-        _attn_bwd_dq[(B * H, triton.cdiv(T, BM))](
+            D=D, BLOCK_M=BM1, BLOCK_N=BN1, DTYPE=dtype, HAS_LO=has_lo, USE_DESC=cfg["desc"],
+            num_warps=warps1, num_stages=stages1)
+        _attn_bwd_dq[(B * H, triton.cdiv(T, BM2))](
             q, k, v, do, dq, lse, delta, lo if has_lo else lse,
-            _desc(k, BN, cfg["desc"]), _desc(v, BN, cfg["desc"]), sm_scale * LOG2E, sm_scale, T, H, G,
+            _desc(k, BN2, cfg["desc"]), _desc(v, BN2, cfg["desc"]), sm_scale * LOG2E, sm_scale, T, H, G,
             q.stride(1), k.stride(1), v.stride(1), do.stride(1), dq.stride(1),
-            D=D, BLOCK_M=BM, BLOCK_N=BN, DTYPE=dtype, HAS_LO=has_lo, USE_DESC=cfg["desc"],
-            num_warps=warps, num_stages=stages)
-        return dq, dk, dv, None, None
+            D=D, BLOCK_M=BM2, BLOCK_N=BN2, DTYPE=dtype, HAS_LO=has_lo, USE_DESC=cfg["desc"],
+            num_warps=warps2, num_stages=stages2)
+    return dq, dk, dv
+
+
+@_attn_bwd_op.register_fake
+def _(do, q, k, v, o, lse, lo, cfg):
+    return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
+
+
+def _attn_setup_context(ctx, inputs, output):
+    q, k, v, lo, cfg = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, lo)
+    ctx.cfg = cfg
+
+
+def _attn_backward(ctx, do, _dlse):
+    q, k, v, o, lse, lo = ctx.saved_tensors
+    dq, dk, dv = _attn_bwd_op(do, q, k, v, o, lse, lo, ctx.cfg)
+    return dq, dk, dv, None, None
+
+
+_attn_fwd_op.register_autograd(_attn_backward, setup_context=_attn_setup_context)
+
+
+def _flash_attention(q, k, v, lo, cfg=None):
+    """o = softmax(q k^T / sqrt(D) + mask) v with the mask given by lo (see the file docstring);
+    cfg None = the launch config of _attn_config."""
+    return _attn_fwd_op(q, k, v, lo, _cfg_ints(cfg) if cfg else [])[0]
 
 
 def _check_attn_args(q, k, v, pos, window):
@@ -496,17 +586,20 @@ def _check_attn_args(q, k, v, pos, window):
         raise ValueError(f"kernels.flash_attention: expected q [B,T,H,D] and k, v [B,T,Hkv,D], got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     B, T, H, D = q.shape
-    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D or H % k.shape[2] != 0:
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D or H % k.shape[2] != 0 or B * T == 0:
         raise ValueError(f"kernels.flash_attention: k/v {tuple(k.shape)} do not fit q {tuple(q.shape)} "
-                         f"(same B, T, D; H a multiple of Hkv)")
+                         f"(same B, T, D; B, T >= 1; H a multiple of Hkv)")
     if D not in (16, 32, 64, 128):
         raise ValueError(f"kernels.flash_attention: head_dim must be 16, 32, 64 or 128, got {D}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _TL_DTYPE:
         raise ValueError(f"kernels.flash_attention: q, k, v must share one of float16/bfloat16/float32, "
                          f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"kernels.flash_attention: q, k, v must be on one device, got {q.device}, "
+                         f"{k.device}, {v.device}")
     if q.is_cuda and q.dtype == torch.float32:
         raise ValueError("kernels.flash_attention: on GPU use float16 or bfloat16 (float32 is for the "
-                         "CPU interpreter tests)")
+                         "CPU interpreter tests), or call it under torch.autocast")
     if pos is not None and (pos.shape != (B, T) or pos.dtype.is_floating_point):
         raise ValueError(f"kernels.flash_attention: pos must be an integer tensor [B, T] = [{B}, {T}], "
                          f"got {pos.dtype} {tuple(pos.shape)}")
@@ -518,11 +611,14 @@ def _check_attn_args(q, k, v, pos, window):
 def flash_attention(q, k, v, pos=None, window=None):
     """Causal attention with document masking (pos), GQA and an optional sliding window.
 
-    q [B, T, H, D], k/v [B, T, Hkv, D] (any strides), pos [B, T] int or None -> o [B, T, H, D]."""
+    q [B, T, H, D], k/v [B, T, Hkv, D] (any strides), pos [B, T] int or None -> o [B, T, H, D]
+    (contiguous). Under torch.autocast q, k, v are first cast to the autocast dtype, as torch's own
+    attention is; gradients come back in the callers' dtypes."""
+    q, k, v = _autocast(q, k, v)
     _check_attn_args(q, k, v, pos, window)
     B, T = q.shape[:2]
     lo = _attn_lo(pos.to(q.device) if pos is not None else None, B, T, window, q.device)
-    return _FlashAttention.apply(q, k, v, lo, _attn_config(q.shape[3], q.device))
+    return _flash_attention(q, k, v, lo)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -588,8 +684,9 @@ class _RMSNorm(torch.autograd.Function):
         y = torch.empty(n_rows, n_cols, device=x.device, dtype=x.dtype)
         rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
         block = triton.next_power_of_2(n_cols)
-        _rms_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps, BLOCK=block,
-                            num_warps=min(16, max(1, block // 256)))
+        with _on_device(x):
+            _rms_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps, BLOCK=block,
+                                num_warps=min(16, max(1, block // 256)))
         ctx.save_for_backward(x2, weight, rstd)
         return y.view(shape)
 
@@ -617,7 +714,7 @@ def rms_norm(x, weight, eps):
                          f"got {tuple(weight.shape)}")
     if x.shape[-1] > 65536:
         raise ValueError(f"kernels.rms_norm: rows longer than 65536 are not supported, got {x.shape[-1]}")
-    _check_device(x, "rms_norm")
+    _check_device(x, "rms_norm", matmul=False)
     return _RMSNorm.apply(x, weight, float(eps))
 
 
@@ -724,9 +821,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             v_per_split = triton.cdiv(triton.cdiv(V, splits), BV) * BV
             splits = triton.cdiv(V, v_per_split)
             part = torch.empty(3, splits, n, device=h.device, dtype=torch.float32)
-            _lce_fwd[(row_blocks, splits)](hv, W, yv, part[0], part[1], part[2], n, V, D, hv.stride(0),
-                                           W.stride(0), v_per_split, BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK,
-                                           PRECISION=precision, num_warps=warps, num_stages=stages)
+            with _on_device(h):
+                _lce_fwd[(row_blocks, splits)](hv, W, yv, part[0], part[1], part[2], n, V, D, hv.stride(0),
+                                               W.stride(0), v_per_split, BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK,
+                                               PRECISION=precision, num_warps=warps, num_stages=stages)
             m = part[0].max(0).values
             lse = m + torch.log((part[1] * torch.exp(part[0] - m)).sum(0))
             tgt = part[2].sum(0)
@@ -778,10 +876,12 @@ def linear_cross_entropy(h, W, y, ignore_index=-100, z_loss=0.0, reduction="mean
 
     h [N, D], W [V, D], y [N] int (ignore_index rows count for nothing). Per token:
     lse - logit[y] + z_loss * lse^2. reduction "mean" (over kept tokens; 0 when none is kept), "sum",
-    or "none" ([N] float32, 0 at ignored rows). chunk_size: vocab columns per backward chunk."""
+    or "none" ([N] float32, 0 at ignored rows). chunk_size: vocab columns per backward chunk. The
+    matmuls run in h's dtype (W is cast to it), or in the autocast dtype under torch.autocast."""
     if h.dim() != 2 or W.dim() != 2 or h.shape[1] != W.shape[1] or y.shape != (h.shape[0],):
         raise ValueError(f"kernels.linear_cross_entropy: expected h [N,D], W [V,D], y [N], got "
                          f"{tuple(h.shape)}, {tuple(W.shape)}, {tuple(y.shape)}")
+    h, W = _autocast(h, W)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"kernels.linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', "
                          f"got {reduction!r}")
@@ -919,7 +1019,7 @@ def _check_attention(gpu, device, seed=0):
         if cfg is None:
             o = flash_attention(q, k, v, pos, window)
         else:
-            o = _FlashAttention.apply(q, k, v, _attn_lo(pos, B, T, window, q.device), cfg)
+            o = _flash_attention(q, k, v, _attn_lo(pos, B, T, window, q.device), cfg)
         o.backward(do)
         grads = [t.grad for t in leaves]
         if docs == "fused":
@@ -955,6 +1055,48 @@ def _check_attention_control(gpu, device):
     err = _rel_err(o, wrong)
     return [{"name": "attention: control, window 7 vs reference window 8 must differ",
              "ok": err > 1e-2, "errs": {"out": (err, 1e-2)}}]
+
+
+def _check_attention_in_training(gpu, device):
+    """flash_attention as model.py calls it: under torch.autocast with float32 q/k (an fp32 qk-norm
+    weight promotes them) next to a low-precision v, and inside torch.compile(fullgraph=True) on views
+    of a fused qkv projection, which must give the eager results bit for bit."""
+    low = torch.bfloat16 if gpu else torch.float16
+    B, T, H, Hkv, D = (2, 512, 8, 2, 64) if gpu else (1, 40, 4, 2, 16)
+    leaves, (q, k, v), pos, do = _attn_inputs(B, T, H, Hkv, D, torch.float32, "random", device, 5)
+    q, k = leaves[:2]
+    v = v.detach().to(low).requires_grad_()
+    with torch.autocast(device, dtype=low):
+        o = flash_attention(q, k, v, pos, window=T // 3)
+    o.backward(do.to(low))
+    ref_in = [t.detach().to(low).double().requires_grad_() for t in (q, k, v)]
+    ref_o = attention_ref(*ref_in, pos=pos, window=T // 3)
+    ref_o.backward(do.to(low).double())
+    tol = 2e-2 if gpu else 5e-3
+    refs = [ref_o.detach()] + [t.grad for t in ref_in]
+    ours = [o.detach(), q.grad, k.grad, v.grad]
+    errs = {n: (_rel_err(x, r), tol) for n, x, r in zip(("out", "dq", "dk", "dv"), ours, refs)}
+    dtypes_ok = (o.dtype, q.grad.dtype, k.grad.dtype, v.grad.dtype) == (low, torch.float32, torch.float32, low)
+    records = [{"name": f"attention: autocast {str(low)[6:]}, fp32 q/k + {str(low)[6:]} v, grads' dtypes",
+                "ok": dtypes_ok and all(e <= t for e, t in errs.values()), "errs": errs}]
+
+    dtype = low if gpu else torch.float32
+    (qkv,), _, pos, do = _attn_inputs(B, T, H, Hkv, D, dtype, "fused", device, 6)
+
+    def attend(qkv):
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        return flash_attention(q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D), pos, T // 3)
+
+    results = []
+    for fn in (attend, torch.compile(attend, fullgraph=True, backend="inductor" if gpu else "aot_eager")):
+        qkv.grad = None
+        o = fn(qkv)
+        o.backward(do)
+        results.append((o.detach(), qkv.grad))
+    diffs = {n: ((a - b).abs().max().item(), 0.0) for n, a, b in zip(("out", "dqkv"), *results)}
+    records.append({"name": "attention: torch.compile fullgraph on fused-qkv views = eager, bitwise",
+                    "ok": all(d == 0 for d, _ in diffs.values()), "errs": diffs})
+    return records
 
 
 def _check_rms_norm(gpu, device):
@@ -1026,6 +1168,7 @@ def check(json_path=None):
     device = "cuda" if gpu else "cpu"
     records = []
     for run in (lambda: _check_attention(gpu, device), lambda: _check_attention_control(gpu, device),
+                lambda: _check_attention_in_training(gpu, device),
                 lambda: _check_rms_norm(gpu, device), lambda: _check_cross_entropy(gpu, device)):
         for r in run():
             errs = "  ".join(f"{k}={e:.2e}/{t:.1e}" for k, (e, t) in r["errs"].items())
@@ -1040,6 +1183,78 @@ def check(json_path=None):
     print(f"{len(records) - n_bad}/{len(records)} checks passed (errors are max|x-ref|/max|ref| vs float64; "
           f"tolerances fixed per dtype{', for attention 2x the error of torch SDPA in the same dtype' if gpu else ''})")
     return n_bad == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU compilation without a GPU: python kernels.py --compile sm_90
+# ----------------------------------------------------------------------------------------------------
+
+def compile_attention(arch="sm_90", head_dims=(64, 128), paths=None):
+    """Compile every attention kernel launch of flash_attention and its backward for `arch` through
+    the real host code, on a machine without a GPU (Triton's compiler and ptxas run on the CPU), and
+    print each kernel's registers, stack (spills) and shared memory. The interpreter accepts programs
+    the compiler rejects, so this is the CPU-side guard for the GPU path. paths: subset of
+    ("desc", "ptr") (TMA descriptors from sm_90 on, pointer loads everywhere). True when all compile."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+    if _interpreting():
+        raise RuntimeError("kernels.compile_attention: run without TRITON_INTERPRET=1 (it compiles, not interprets)")
+    if not re.fullmatch(r"sm_\d+", arch):
+        raise ValueError(f"kernels.compile_attention: arch must look like sm_90 or sm_80, got {arch!r}")
+    target = GPUTarget("cuda", int(arch[3:]), 32)
+    backend = make_backend(target)
+    ok = True
+
+    def compiling(fn):     # stands in for fn.run: compile for `target` where a launch would happen
+        def run(*args, grid, warmup, **kwargs):
+            nonlocal ok
+            kwargs["debug"] = False
+            bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+            what = f"{fn.__name__:<16} " + " ".join(f"{n}={kwargs[n]}" for n in (
+                "D", "BLOCK_M", "BLOCK_N", "HAS_LO", "USE_DESC", "num_warps", "num_stages") if n in kwargs)
+            try:
+                kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                        options=options.__dict__)
+            except Exception as e:
+                ok = False
+                print(f"FAIL  {what}: {type(e).__name__}: {e}", flush=True)
+                return
+            print(f"ok    {what}  {_resource_usage(kernel)} shared={kernel.metadata.shared}", flush=True)
+        return run
+
+    jitted = (_attn_fwd, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq)
+    for fn in jitted:
+        fn.run = compiling(fn)
+    try:
+        B, T, H, Hkv = 2, 300, 8, 2
+        pos = _pos_from_docs([[100, 200], [1, 299]], T)
+        for D in head_dims:
+            for path in paths or (("desc", "ptr") if target.arch >= 90 else ("ptr",)):
+                cfg = _cfg_ints(dict(_ATTN_CONFIGS[64 if D <= 64 else 128], desc=path == "desc"))
+                # views of a fused projection, as model.py's layout may give them
+                qkv = torch.zeros(B, T, (H + 2 * Hkv) * D, dtype=torch.bfloat16)
+                q, k, v = (t.view(B, T, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
+                for lo in (None, _attn_lo(pos, B, T, 64, "cpu")):
+                    o, lse = _attn_fwd_op(q, k, v, lo, cfg)
+                    _attn_bwd_op(o, q, k, v, o, lse, lo, cfg)
+    finally:
+        for fn in jitted:
+            del fn.run
+    return ok
+
+
+def _resource_usage(kernel):
+    """'REG:n STACK:n ...' of a compiled kernel's cubin, read with the cuobjdump Triton ships."""
+    import subprocess
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+                             capture_output=True, text=True).stdout
+    return " ".join(re.findall(r"(?:REG|STACK|LOCAL):\d+", out)) or "resources: n/a"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1161,6 +1376,8 @@ def bench(tiny=False, head_dim=128):
                 b_ms = _time_ms(lambda: o.backward(do, retain_graph=True), gpu, grads=leaves)
                 del o
             except Exception as e:          # a backend missing on this GPU/build is a table entry, not a crash
+                if name == "triton (ours)":
+                    raise
                 print(f"{label:<22}{name:<27}  n/a: {type(e).__name__}: {str(e).splitlines()[0][:70]}")
                 continue
             if name == "triton (ours)":
@@ -1208,9 +1425,9 @@ def tune(head_dim, B=2, T=8192, H=16, Hkv=4, device="cuda", space=None):
             cfg = dict(best, **{kernel: c})
             try:
                 if kernel == "fwd":
-                    times[c] = _time_ms(lambda: _FlashAttention.apply(q, k, v, None, cfg), gpu)
+                    times[c] = _time_ms(lambda: _flash_attention(q, k, v, None, cfg), gpu)
                 else:
-                    o = _FlashAttention.apply(q, k, v, None, cfg)
+                    o = _flash_attention(q, k, v, None, cfg)
                     times[c] = _time_ms(lambda: o.backward(do, retain_graph=True), gpu, grads=(q, k, v))
             except Exception as e:       # e.g. out of shared memory: not a candidate on this GPU
                 print(f"{kernel} {c}: {type(e).__name__}")
@@ -1228,7 +1445,15 @@ def main(argv):
     parser.add_argument("--tune", action="store_true", help="search attention block sizes (GPU)")
     parser.add_argument("--head_dim", type=int, default=128, choices=(64, 128), help="with --bench/--tune")
     parser.add_argument("--json", help="with --check: also write the results to this file")
+    parser.add_argument("--compile", metavar="ARCH", help="alone: compile the attention kernels for ARCH "
+                        "(e.g. sm_90, sm_80) on this machine, no GPU needed")
     args = parser.parse_args(argv)
+    if args.compile:
+        if args.check or args.bench or args.tune:
+            parser.error("--compile runs alone")
+        if not re.fullmatch(r"sm_\d+", args.compile):
+            parser.error(f"--compile takes an architecture like sm_90 or sm_80, got {args.compile!r}")
+        return 0 if compile_attention(args.compile) else 1
     if not (args.check or args.bench or args.tune):  # bare `python kernels.py`: what this machine can do
         args.check = args.bench = True
         args.tiny = args.tiny or not torch.cuda.is_available()

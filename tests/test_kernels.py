@@ -4,10 +4,12 @@ The Triton kernels run on CPU through the Triton interpreter, which must be swit
 is imported, so they run in ONE subprocess: `TRITON_INTERPRET=1 python kernels.py --check --json F
 --bench --tiny`. That process compares every kernel (outputs and gradients) with its float64 PyTorch
 twin at tiny shapes in fp32 and fp16 and writes one record per case; the tests below read the records.
+The same process runs flash_attention under CPU autocast and inside torch.compile(fullgraph=True).
 Tolerances (max|x - ref| / max|ref|): attention fp32 2e-5, fp16 5e-3; RMSNorm fp32 1e-5, fp16 2e-3;
 cross-entropy fp32 1e-5, fp16 5e-3 (measured errors are ~10x below). The twins themselves are checked
 here, in-process, against independent oracles: torch SDPA with hand-built masks, F.rms_norm and
-F.cross_entropy.
+F.cross_entropy. Because the interpreter accepts programs the GPU compiler rejects, the attention
+kernels are also compiled for sm_90 (H100) in-process with Triton's compiler and ptxas, no GPU needed.
 """
 import json
 import os
@@ -52,7 +54,7 @@ def test_flash_attention_matches_float64_reference(interp_run):
     names = " | ".join(chosen)
     # the cases must cover what the kernels promise
     for feature in ("causal", "docs fixed", "docs random", "GQA2", "GQA4", "MQA", "window", "padding rows",
-                    "D=64", "fp32", "fp16", "fused-qkv", "pointer path", "control"):
+                    "D=64", "fp32", "fp16", "fused-qkv", "pointer path", "control", "autocast", "torch.compile"):
         assert feature in names, f"no attention case covers {feature!r}"
     assert any(int(t) % 32 for t in re.findall(r"T=(\d+)", names)), "need T not a multiple of the block"
 
@@ -195,6 +197,8 @@ def test_bad_inputs_raise(monkeypatch):
         kernels.flash_attention(q, kv, kv, pos=torch.zeros(1, 7, dtype=torch.long))
     with pytest.raises(ValueError, match="window"):
         kernels.flash_attention(q, kv, kv, window=0)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.flash_attention(q[:, :0], kv[:, :0], kv[:, :0])
     with pytest.raises(ValueError, match="reduction"):
         kernels.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long),
                                      reduction="avg")
@@ -207,3 +211,39 @@ def test_bad_inputs_raise(monkeypatch):
 def test_cross_entropy_rejects_out_of_range_targets():
     with pytest.raises(ValueError, match="targets"):
         kernels.linear_cross_entropy(torch.randn(3, 16), torch.randn(5, 16), torch.tensor([0, 5, -100]))
+
+
+def test_interpreter_refuses_bfloat16_matmuls(monkeypatch):
+    """The interpreter returns errors ~1e8 from a bfloat16 tl.dot: refuse it instead of returning garbage,
+    also when CPU autocast (bfloat16 by default) is what makes the inputs bfloat16."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(1, 8, 2, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernels.flash_attention(x, x, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="bfloat16"):
+        kernels.flash_attention(x.float(), x.float(), x.float())
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernels.linear_cross_entropy(torch.randn(3, 16, dtype=torch.bfloat16),
+                                     torch.randn(5, 16, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.long))
+
+
+def test_rows_view_copies_only_what_tma_cannot_read():
+    """TMA descriptors need a 16-byte aligned base and row stride, and rows that do not overlap."""
+    qkv = torch.randn(2, 8, 6 * 16)
+    q = qkv[..., :4 * 16].view(2, 8, 4, 16)                  # a fused projection's view: read in place
+    assert kernels._rows_view(q) is q
+    for bad in (torch.randn(2, 4, 8, 16).transpose(1, 2),    # heads before tokens
+                torch.randn(1, 1, 1, 16).expand(1, 8, 1, 16),  # row stride 0
+                torch.randn(2, 8, 65)[..., :64].view(2, 8, 4, 16),  # row stride 260 bytes
+                torch.randn(2 * 8 * 64 + 1)[1:].view(2, 8, 4, 16)):  # base 4 bytes off
+        out = kernels._rows_view(bad)
+        assert out.is_contiguous() and torch.equal(out, bad)
+
+
+def test_attention_kernels_compile_for_h100(capsys):
+    """The interpreter runs programs the GPU compiler rejects: compile the training configuration
+    (head_dim 128, TMA descriptors, plain causal and document/window masks) for sm_90 on this CPU."""
+    assert kernels.compile_attention("sm_90", head_dims=(128,), paths=("desc",))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(("ok", "FAIL"))]
+    assert len(lines) == 8 and all(ln.startswith("ok") for ln in lines), "\n".join(lines)
+    assert sum("USE_DESC=True" in ln for ln in lines) == 6
