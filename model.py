@@ -21,16 +21,22 @@ Design choices:
   `loss_chunk` rows, each under activation checkpointing, so peak memory is one chunk's logits
   (a 4096-token micro-batch at a 128k vocab would otherwise hold 2 GB of fp32 logits). z-loss
   (PaLM) adds z_loss * logsumexp(logits)^2 per token.
+- Numerics follow transformers' SmolLM3: RMSNorm normalises in fp32 and rounds before the weight; RoPE
+  angles are fp32 and cos/sin are rounded to the residual stream's dtype. A bf16 model therefore gives
+  SmolLM3ForCausalLM's bf16 logits bit-for-bit, and so does an fp32 model under bf16 autocast.
 - Checkpoints are the transformers SmolLM3 layout (config.json + model.safetensors), so a directory we
-  write loads in SmolLM3ForCausalLM and a released SmolLM3 checkpoint loads here. Our parameter names
-  are short; HF_NAMES maps them. qk_norm has no SmolLM3 equivalent and is saved under Qwen3's names.
+  write loads in SmolLM3ForCausalLM and a released SmolLM3 checkpoint (sharded, with an index) loads
+  here, keeping its dtype. Our parameter names are short; HF_NAMES maps them. qk_norm has no SmolLM3
+  equivalent and is saved under Qwen3's names.
 - generate() keeps a preallocated per-layer KV cache of n_kv_heads (GQA-sized), left-pads a batch of
-  prompts of different lengths, and decodes one token per step for the whole batch.
+  prompts of different lengths, and decodes one token per step for the whole batch: per step one
+  [B, 1, S] mask shared by all layers and one device-to-host copy of the sampled ids.
 """
 import json
 import math
 import os
 import sys
+import typing
 from dataclasses import asdict, dataclass
 
 import torch
@@ -68,13 +74,15 @@ class ModelConfig:
     pad_id: int = 128004
 
     def __post_init__(self):
-        for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+        for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "loss_chunk", "max_position_embeddings"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"model config: {k} must be > 0, got {getattr(self, k)}")
         if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(f"model config: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) unless head_dim is set")
             self.head_dim = self.d_model // self.n_heads
         checks = [(self.n_heads % self.n_kv_heads == 0, f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"),
-                  (self.head_dim % 2 == 0, f"head_dim ({self.head_dim}) must be even for RoPE"),
+                  (self.head_dim > 0 and self.head_dim % 2 == 0, f"head_dim ({self.head_dim}) must be even and > 0 for RoPE"),
                   (self.attn_impl in ("sdpa", "triton"), f"attn_impl must be 'sdpa' or 'triton', got {self.attn_impl!r}"),
                   (self.nope_interval >= 0, f"nope_interval must be >= 0, got {self.nope_interval}"),
                   (self.yarn_factor >= 1.0, f"yarn_factor must be >= 1 (1 = off), got {self.yarn_factor}"),
@@ -117,17 +125,21 @@ def rope_frequencies(cfg):
     return inv_freq * (1 - interp) + inv_freq / s * interp, 0.1 * math.log(s) + 1.0
 
 
-def rope_cos_sin(pos, cfg):
-    """cos, sin of shape [B, T, 1, D] for per-token positions pos [B, T] (half-split layout)."""
+def rope_cos_sin(pos, cfg, dtype=torch.float32):
+    """cos, sin [B, T, 1, D] for per-token positions pos [B, T] (half-split layout), in `dtype`.
+
+    Angles are always computed in fp32; cos/sin are then rounded to the residual stream's dtype, as
+    transformers does, so a bf16 model gives transformers' bf16 logits bit-for-bit. Under autocast the
+    residual stream is fp32 and RoPE stays fp32."""
     inv_freq, scale = rope_frequencies(cfg)
     ang = pos.float()[..., None] * inv_freq.to(pos.device)  # [B, T, D/2]
     ang = torch.cat([ang, ang], dim=-1)[:, :, None]         # [B, T, 1, D]
-    return ang.cos() * scale, ang.sin() * scale
+    return (ang.cos() * scale).to(dtype), (ang.sin() * scale).to(dtype)
 
 
 def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
-    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 def doc_causal_mask(pos, window=None, doc_masking=True):
@@ -167,6 +179,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # fp32 RoPE / qk-norm weights promote q, k under autocast; attention takes one dtype (v's: bf16 there)
+        q, k = q.to(v.dtype), k.to(v.dtype)
         if isinstance(mask, tuple):
             import kernels  # GPU path; imported here so the CPU path never needs triton
             o = kernels.flash_attention(q, k, v, mask[1], cfg.sliding_window)
@@ -174,8 +188,19 @@ class Attention(nn.Module):
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)     # [B, Hkv, S, D]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=cfg.n_kv_heads != cfg.n_heads)
+            rep = cfg.n_heads // cfg.n_kv_heads
+            if mask is not None and rep > 1 and T == 1:
+                # decoding: the rep query heads sharing a KV head become rep query rows of that head, so
+                # the cache is read as is (no GQA expansion) and the [B, 1, 1, S] mask covers every row
+                o = F.scaled_dot_product_attention(q.reshape(B, cfg.n_kv_heads, rep, -1), k, v, attn_mask=mask)
+                o = o.reshape(B, cfg.n_heads, 1, -1)
+            else:
+                if mask is not None and rep > 1 and q.is_cuda:
+                    # CUDA's fused kernels may not take a mask and GQA together; the fallback, the math
+                    # kernel, holds [B, H, T, T] scores. Expanding K/V keeps the fused kernel.
+                    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                   enable_gqa=k.shape[1] != q.shape[1])
             o = o.transpose(1, 2)                              # [B, T, H, D]
         return self.o(o.reshape(B, T, -1))
 
@@ -221,7 +246,10 @@ class KVCache:
 
 
 def _chunk_ce(h, weight, y, z_loss):
-    """Per-token cross-entropy (+ z-loss) for one chunk: h [N, C], y [N] -> [N] (0 where y == -100)."""
+    """Per-token cross-entropy (+ z-loss) for one chunk: h [N, C], y [N] -> [N] (0 where y == -100).
+
+    Under bf16 autocast the logits come out of the matmul in bf16 (as in transformers); they are upcast
+    before logsumexp so the reduction itself runs in fp32."""
     logits = (h @ weight.t()).float()
     lse = torch.logsumexp(logits, dim=-1)
     target = logits.gather(1, y.clamp(min=0)[:, None])[:, 0]
@@ -240,7 +268,8 @@ class Model(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.apply(self._init)
+        if not self.tok_emb.weight.is_meta:  # meta (summary, from_pretrained) has no values to draw
+            self.apply(self._init)
 
     def _init(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -254,17 +283,18 @@ class Model(nn.Module):
         """Final-norm hidden states [B, T, C]. `mask` overrides the mask derived from pos (generation)."""
         cfg = self.cfg
         B, T = x.shape
-        if pos is None or not cfg.doc_masking and cache is None:
+        docs = cfg.doc_masking and pos is not None  # pos None: one causal sequence per row
+        if not docs and cache is None:
             pos = torch.arange(T, device=x.device).expand(B, T)
         if mask is None and cache is None:
             if cfg.attn_impl == "triton":
                 if x.device.type != "cuda":
                     raise RuntimeError("attn_impl='triton' needs a CUDA GPU; use attn_impl='sdpa' on CPU")
-                mask = ("triton", pos if cfg.doc_masking else None)
-            elif cfg.doc_masking or cfg.sliding_window is not None:
-                mask = doc_causal_mask(pos, cfg.sliding_window, cfg.doc_masking)
-        rope = rope_cos_sin(pos, cfg)
+                mask = ("triton", pos if docs else None)
+            elif docs or cfg.sliding_window is not None:
+                mask = doc_causal_mask(pos, cfg.sliding_window, docs)
         h = self.tok_emb(x)
+        rope = rope_cos_sin(pos, cfg, h.dtype)
         for layer in self.layers:
             if cfg.act_ckpt and self.training and torch.is_grad_enabled():
                 h = checkpoint(layer, h, rope, mask, use_reentrant=False)
@@ -273,6 +303,8 @@ class Model(nn.Module):
         return self.norm(h)
 
     def forward(self, x, y=None, pos=None, reduction="mean"):
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         h = self.hidden(x, pos)
         if y is None:
             return (h @ self.head_weight.t()).float()
@@ -300,10 +332,13 @@ class Model(nn.Module):
         return n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token: 6 N (matmul params, LM head included) + attention 6 * 2 * L * H * D * T_ctx.
+        """Training FLOPs per token (forward + backward): 6 N + 12 * L * H * D * T_ctx.
 
-        Attention scores and values cost 2 * 2 * H * D * T_ctx per token forward, x3 for fwd+bwd; causal
-        attention sees on average T/2 keys, so T_ctx = seq_len / 2 (capped by the sliding window).
+        N = non-embedding parameters + one V x C LM-head matmul (counted once, tied or not; the input
+        embedding is a lookup and costs nothing). Attention scores and values cost 2 * 2 * H * D * T_ctx per
+        token and layer forward, x3 for fwd+bwd. T_ctx = seq_len / 2, the mean number of keys a causal
+        query sees (PaLM's 12 L H D T counts the full square; we count only the causal half), capped by the
+        sliding window. Document masking would lower it further and is not counted.
         """
         cfg = self.cfg
         n_matmul = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.d_model
@@ -317,15 +352,15 @@ class Model(nn.Module):
         (up to and including the first stop token). temperature 0 = greedy."""
         cfg, dev = self.cfg, self.tok_emb.weight.device
         B, lens = len(prompts), [len(p) for p in prompts]
+        if B == 0:
+            return []
         P = max(lens)
         if min(lens) == 0:
             raise ValueError("generate: every prompt needs at least one token")
         if P + max_new_tokens > cfg.max_position_embeddings:
             raise ValueError(f"generate: prompt {P} + {max_new_tokens} new tokens exceeds max_position_embeddings {cfg.max_position_embeddings}")
         # left-pad so every row's next token lands in the same column; pads are never attended to
-        x = torch.full((B, P), cfg.pad_id, dtype=torch.long, device=dev)
-        for b, p in enumerate(prompts):
-            x[b, P - len(p):] = torch.tensor(p, dtype=torch.long, device=dev)
+        x = torch.tensor([[cfg.pad_id] * (P - len(p)) + list(p) for p in prompts], dtype=torch.long, device=dev)
         pad = torch.tensor([P - n for n in lens], device=dev)              # [B]
         col = torch.arange(P + max_new_tokens, device=dev)
         valid = col[None] >= pad[:, None]                                  # [B, S_max] real tokens
@@ -345,14 +380,14 @@ class Model(nn.Module):
 
         logits = step(x, 0)
         out = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
+        done, stop = [False] * B, {int(s) for s in stop_ids}
         for t in range(max_new_tokens):
             nxt = sample(logits, temperature, top_k, top_p, generator)          # [B]
-            for b in (~done).nonzero()[:, 0].tolist():
-                out[b].append(nxt[b].item())
-            done |= torch.isin(nxt, stop)
-            if done.all() or t == max_new_tokens - 1:
+            for b, tok in enumerate(nxt.tolist()):  # the step's one device -> host sync
+                if not done[b]:
+                    out[b].append(tok)
+                    done[b] = tok in stop
+            if all(done) or t == max_new_tokens - 1:
                 break
             logits = step(nxt[:, None], P + t)
         return out
@@ -389,32 +424,50 @@ class Model(nn.Module):
         tensors = {hf_name(k): v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         _atomic(os.path.join(path, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
         text = json.dumps(self.hf_config(), indent=2)
-        _atomic(os.path.join(path, "config.json"), lambda p: open(p, "w").write(text))
+
+        def write_text(p):
+            with open(p, "w") as f:
+                f.write(text)
+        _atomic(os.path.join(path, "config.json"), write_text)
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
-        """Load a transformers SmolLM3 directory (ours or a released one). `overrides` set ModelConfig fields."""
+        """Load a transformers SmolLM3 directory (ours or a released one). `overrides` set ModelConfig fields.
+
+        Weights are model.safetensors or, as in released checkpoints, the shards a
+        model.safetensors.index.json names (transformers' order of preference). Tensors keep the
+        checkpoint's dtype: a released bf16 checkpoint loads as bf16 (call .float() to train in fp32)."""
         from safetensors import safe_open
         cfg = cls.config_from_hf(os.path.join(path, "config.json"), **overrides)
         with torch.device("meta"):
             model = cls(cfg)
         expected = {hf_name(k): v for k, v in model.state_dict().items()}
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-        if not files:
-            raise ValueError(f"{path}: no .safetensors weights found")
-        state = {}
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(os.path.join(path, "model.safetensors")):
+            files = ["model.safetensors"]
+        elif os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: expected a 'weight_map' of tensor name -> shard file")
+            files = sorted(set(weight_map.values()))
+        else:
+            raise ValueError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+        state, source = {}, {}
         for f in files:
             with safe_open(os.path.join(path, f), framework="pt") as sf:
                 for k in sf.keys():
-                    if k == "lm_head.weight" and cfg.tie_embeddings:
-                        continue  # tied: may be present as a copy of the embedding
+                    if k == "lm_head.weight" and cfg.tie_embeddings or k.endswith("rotary_emb.inv_freq"):
+                        continue  # tied: a copy of the embedding; inv_freq: a derived buffer old checkpoints kept
                     if k not in expected:
                         raise ValueError(f"{path}/{f}: unexpected tensor {k!r}")
+                    if k in source:
+                        raise ValueError(f"{path}/{f}: tensor {k!r} is also in {source[k]}")
                     t = sf.get_tensor(k)
                     if t.shape != expected[k].shape:
                         raise ValueError(f"{path}/{f}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
-                    state[our_name(k)] = t
-        missing = sorted(set(expected) - {hf_name(k) for k in state})
+                    state[our_name(k)], source[k] = t, f
+        missing = sorted(set(expected) - set(source))
         if missing:
             raise ValueError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         model.load_state_dict(state, assign=True)
@@ -422,47 +475,83 @@ class Model(nn.Module):
 
     @staticmethod
     def config_from_hf(path, **overrides):
+        """ModelConfig from a transformers config.json, read the way transformers' SmolLM3Config reads it.
+
+        Anything SmolLM3ForCausalLM would compute differently from our model (biases, another activation,
+        a sliding window on only some layers, a RoPE variant we lack) is an error rather than a silent
+        mismatch. A list eos_token_id keeps its first id (generate() takes its stop ids explicitly)."""
+        from config import check_type
         with open(path) as f:
             try:
                 hf = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        if hf.get("model_type") not in ("smollm3", "llama"):
-            raise ValueError(f"{path}: model_type {hf.get('model_type')!r}, expected 'smollm3'")
-        need = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
-        for k in need:
+        smol = hf.get("model_type") == "smollm3"
+        if not smol and hf.get("model_type") != "llama":
+            raise ValueError(f"{path}: model_type {hf.get('model_type')!r}, expected 'smollm3' (or 'llama')")
+        for k in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]:
             if k not in hf:
                 raise ValueError(f"{path}: missing key {k!r}")
+        unsupported = [k for k, ok in [("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")]
+                       if hf.get(k, ok) != ok]
+        if unsupported:
+            raise ValueError(f"{path}: {', '.join(f'{k}={hf[k]!r}' for k in unsupported)} is not supported "
+                             "(no biases, SiLU)")
         n_layers = hf["num_hidden_layers"]
+
+        def layer_has_rope(iv):
+            return [int(iv == 0 or (i + 1) % iv != 0) for i in range(n_layers)]
+        interval = _get(hf, "no_rope_layer_interval", 4 if smol else 0)
+        if not isinstance(interval, int) or interval < 0:
+            raise ValueError(f"{path}: no_rope_layer_interval must be an int >= 0, got {interval!r}")
         rope = hf.get("no_rope_layers")
-        interval = hf.get("no_rope_layer_interval", 4 if hf["model_type"] == "smollm3" else 0)
-        if rope is not None and len(rope) >= n_layers:
-            # no_rope_layers is authoritative; find the interval that reproduces it
+        if rope is not None:  # authoritative (1 = RoPE, 0 = NoPE): find an interval that reproduces it
+            if len(rope) < n_layers:
+                raise ValueError(f"{path}: no_rope_layers has {len(rope)} entries for {n_layers} layers")
             rope = [int(r) for r in rope[:n_layers]]
-            cands = [iv for iv in range(0, n_layers + 2) if [int(iv == 0 or (i + 1) % iv != 0) for i in range(n_layers)] == rope]
-            if not cands:
-                raise ValueError(f"{path}: no_rope_layers {rope} is not a periodic RNoPE pattern this model supports")
-            interval = cands[0]
+            if layer_has_rope(interval) != rope:
+                cands = [iv for iv in range(n_layers + 2) if layer_has_rope(iv) == rope]
+                if not cands:
+                    raise ValueError(f"{path}: no_rope_layers {rope} is not a periodic RNoPE pattern this model supports")
+                interval = cands[0]
+        # transformers: rope_parameters (or legacy rope_scaling) wins over a top-level rope_theta
         rope_params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        theta = hf.get("rope_theta") or rope_params.get("rope_theta", 2e6)
+        theta = rope_params.get("rope_theta") or hf.get("rope_theta") or 2e6
         kind = rope_params.get("rope_type", rope_params.get("type", "default"))
-        if kind not in ("default", "yarn"):
-            raise ValueError(f"{path}: rope type {kind!r} is not supported (expected 'default' or 'yarn')")
-        yarn = {} if kind == "default" else {"yarn_factor": float(rope_params["factor"]), "yarn_original_max_position":
-                                             rope_params.get("original_max_position_embeddings", hf.get("max_position_embeddings"))}
+        odd = {k: rope_params[k] for k, ok in [("beta_fast", 32), ("beta_slow", 1), ("attention_factor", None), ("mscale", None),
+                                               ("mscale_all_dim", None), ("truncate", True), ("partial_rotary_factor", 1.0)]
+               if rope_params.get(k) not in (None, ok)}
+        if kind not in ("default", "yarn") or odd:
+            raise ValueError(f"{path}: RoPE {kind!r} {odd or ''} is not supported (expected 'default', or 'yarn' "
+                             "with its default beta_fast/beta_slow/attention factor)")
+        max_pos = hf.get("max_position_embeddings", 32768)
+        yarn = {}
+        if kind == "yarn":
+            orig = rope_params.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings") or max_pos
+            yarn = {"yarn_factor": float(rope_params.get("factor") or max_pos / orig), "yarn_original_max_position": orig}
+        # transformers windows only layers whose layer_type is "sliding_attention" (by default the NoPE ones)
         window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+        types = hf.get("layer_types") or ["sliding_attention" if window and not r else "full_attention" for r in layer_has_rope(interval)]
+        windowed = {t == "sliding_attention" for t in types[:n_layers]} if window else {False}
+        if len(windowed) > 1:
+            raise ValueError(f"{path}: a sliding window on only some layers (layer_types) is not supported")
+        window = window if True in windowed else None
         eos = _get(hf, "eos_token_id", 128001)
         ours = hf.get("nanosmol", {})
         kw = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], d_ff=hf["intermediate_size"],
                   n_layers=n_layers, n_heads=hf["num_attention_heads"],
                   n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                  head_dim=hf.get("head_dim"), rope_theta=float(theta), nope_interval=interval,
-                  max_position_embeddings=hf.get("max_position_embeddings", 65536),
-                  rms_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", True),
+                  head_dim=hf.get("head_dim"), rope_theta=theta, nope_interval=interval, max_position_embeddings=max_pos,
+                  rms_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", smol),
                   sliding_window=window, init_std=hf.get("initializer_range", 0.02),
                   bos_id=_get(hf, "bos_token_id", 128000), eos_id=eos[0] if isinstance(eos, list) else eos,
                   pad_id=_get(hf, "pad_token_id", 128004), **yarn, **{k: v for k, v in ours.items() if k in ("qk_norm", "doc_masking", "z_loss")})
         kw.update(overrides)
+        hints = typing.get_type_hints(ModelConfig)
+        for k, v in kw.items():
+            if k not in hints:
+                raise ValueError(f"from_pretrained: unknown ModelConfig field {k!r}")
+            kw[k] = check_type(v, hints[k], f"{path}: {k}")
         return ModelConfig(**kw)
 
 

@@ -1,7 +1,10 @@
 """model.py against independent references: per-document runs, float64 hand-written attention,
-full-forward logits for the KV cache, transformers' SmolLM3ForCausalLM, and hand-computed counts."""
+full-forward logits for the KV cache, transformers' SmolLM3ForCausalLM (fp32, bf16, bf16 autocast) and
+its config parsing, and hand-computed counts; config/ against its documented errors."""
+import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -134,10 +137,18 @@ def test_chunked_loss_equals_full_cross_entropy():
     _, per_tok = m(x, y, reduction="none")
     assert per_tok.shape == (3, 11) and torch.all(per_tok[0, :4] == 0)
     torch.testing.assert_close(per_tok.sum() / valid.sum(), loss)
+    # under bf16 autocast the chunks see bf16 logits (as the full path does) but reduce them in fp32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss_amp = m(x, y)
+        logits = m(x)
+    assert logits.dtype == torch.float32
+    ref = F.cross_entropy(logits.view(-1, 97).double(), y.view(-1)) + 1e-3 * torch.logsumexp(logits.double(), -1)[valid].square().mean()
+    torch.testing.assert_close(loss_amp.double(), ref, rtol=1e-6, atol=1e-6)
 
 
-def test_kv_cache_decoding_matches_full_forward(monkeypatch):
-    m = make(sliding_window=6)
+@pytest.mark.parametrize("n_kv_heads,window", [(2, 6), (1, None), (4, None)])
+def test_kv_cache_decoding_matches_full_forward(monkeypatch, n_kv_heads, window):
+    m = make(n_kv_heads=n_kv_heads, sliding_window=window)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15]]
     seen = []
 
@@ -158,6 +169,8 @@ def test_generate_stops_and_samples():
     first = m.generate([[5, 6]], max_new_tokens=1)[0][0]
     out = m.generate([[5, 6], [7]], max_new_tokens=6, stop_ids=[first])
     assert out[0] == [first]  # stopped at the stop token, which is included
+    assert out[1] == m.generate([[7]], max_new_tokens=6, stop_ids=[first])[0]  # the other row is unaffected
+    assert m.generate([], max_new_tokens=3) == []
     logits = torch.tensor([[0.0, 3.0, 2.0, 1.0]]).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
     assert torch.equal(M.sample(logits, 1.0, top_k=1, generator=g), torch.ones(2000, dtype=torch.long))
@@ -173,7 +186,7 @@ def test_generate_stops_and_samples():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_save_load_roundtrip_bit_exact(tmp_path, tied):
-    m = make(tie_embeddings=tied, qk_norm=not tied)
+    m = make(tie_embeddings=tied, qk_norm=not tied, nope_interval=4 if tied else 6)  # 6 > n_layers: all RoPE
     m.save_pretrained(tmp_path)
     m2 = Model.from_pretrained(tmp_path)
     assert m2.cfg == m.cfg
@@ -233,6 +246,35 @@ def test_config_errors(tmp_path):
     ns = config.load([str(f), "--sliding_window=128", "--rope_theta=5e5", "--attn_impl=triton"])
     assert (ns.d_model, ns.sliding_window, ns.rope_theta, ns.attn_impl) == (64, 128, 5e5, "triton")
     assert isinstance(ns.rope_theta, float)
+    # typed containers are checked element by element, and the message points at the element
+    f.write_text("mixture = {'web': 3, 'code': 1.5}\nstages = [[100, {'web': 1}]]\nsample_prompts = ['a']\n")
+    ns = config.load([str(f), "--init_from=2024", "--out_dir=1e3"])
+    assert ns.mixture == {"web": 3.0, "code": 1.5} and ns.stages == [[100, {"web": 1}]]
+    assert (ns.init_from, ns.out_dir) == ("2024", "1e3")  # a string key takes the override as typed
+    bad = {"mixture = {'web': 'x'}": r"c.py:1: key 'mixture'\['web'\]: expected float, got str 'x'",
+           "sample_prompts = ['a', 3]": r"c.py:1: key 'sample_prompts'\[1\]: expected str, got int 3",
+           "init_from = 3": r"c.py:1: key 'init_from': expected str \| None, got int 3",
+           "seq_len = 4096 // 0": r"c.py:1: 4096 // 0: integer division or modulo by zero",
+           "mixture = {**{}}": r"c.py:1: expected a literal value"}
+    for line, msg in bad.items():
+        f.write_text(line + "\n")
+        with pytest.raises(ValueError, match=msg):
+            config.load([str(f)])
+    f.write_text("d_model = 64\n")
+    with pytest.raises(ValueError, match="give one config file, before the --key=value overrides"):
+        config.load([str(f), str(f)])
+    for kw, msg in [({"loss_chunk": 0}, "loss_chunk must be > 0"), ({"d_model": 65}, "d_model \\(65\\) must be divisible by n_heads")]:
+        with pytest.raises(ValueError, match=msg):
+            small_cfg(**kw)
+
+
+def test_config_field_names_are_unique_across_files(tmp_path, monkeypatch):
+    for name, field in [("cfg_a", "lr: float = 1.0"), ("cfg_b", "lr: float = 2.0")]:
+        (tmp_path / f"{name}.py").write_text(f"from dataclasses import dataclass\n@dataclass\nclass {name.upper()}Config:\n    {field}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(config, "SCHEMA_MODULES", ("cfg_a", "cfg_b"))
+    with pytest.raises(ValueError, match="config key 'lr' is a field of both CFG_AConfig and CFG_BConfig"):
+        config.schema()
 
 
 @pytest.fixture(scope="module")
@@ -240,20 +282,118 @@ def hf():
     return pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_transformers_loads_ours_and_agrees(tmp_path, hf, tied):
-    """transformers' SmolLM3ForCausalLM gives our logits from a directory we wrote, and we give theirs."""
-    m = make(tie_embeddings=tied, n_layers=8)
+@pytest.mark.parametrize("tied,window", [(True, None), (False, 5)])
+def test_transformers_loads_ours_and_agrees(tmp_path, hf, tied, window):
+    """transformers' SmolLM3ForCausalLM gives our logits from a directory we wrote, and we give theirs:
+    fp32 to 1e-5, and bit-for-bit under bf16 autocast (the training regime: fp32 weights, bf16 matmuls)."""
+    m = make(tie_embeddings=tied, n_layers=8, sliding_window=window)
     m.save_pretrained(tmp_path / "ours")
     theirs = hf.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
     x = torch.randint(3, 97, (2, 16))
     with torch.no_grad():
         ref = theirs(input_ids=x).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref_amp, ours_amp = theirs(input_ids=x).logits, m(x)
     torch.testing.assert_close(m(x), ref, rtol=0, atol=1e-5)
+    assert torch.equal(ours_amp, ref_amp.float())
     # and back: their save_pretrained -> our from_pretrained
     theirs.save_pretrained(tmp_path / "theirs")
     back = Model.from_pretrained(tmp_path / "theirs")
+    assert back.cfg == m.cfg
     torch.testing.assert_close(back(x), ref, rtol=0, atol=1e-5)
+
+
+def write_released_style(path, m, shards):
+    """A checkpoint laid out like the published SmolLM3-3B: bf16 shards named by an index, a config.json
+    of transformers 4.54 (rope_scaling null, top-level rope_theta, bos null, an eos list)."""
+    from safetensors.torch import save_file
+    os.makedirs(path)
+    tensors = {M.hf_name(k): v.to(torch.bfloat16).contiguous() for k, v in m.state_dict().items()}
+    weight_map = {}
+    for i, names in enumerate(shards):
+        f = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: tensors[k] for k in names}, os.path.join(path, f), metadata={"format": "pt"})
+        weight_map.update({k: f for k in names})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
+    c = m.cfg
+    hf_cfg = {"architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3", "attention_bias": False,
+              "attention_dropout": 0.0, "bos_token_id": None, "eos_token_id": [7, 2], "pad_token_id": 0,
+              "hidden_act": "silu", "hidden_size": c.d_model, "intermediate_size": c.d_ff, "initializer_range": 0.02,
+              "max_position_embeddings": c.max_position_embeddings, "max_window_layers": c.n_layers, "mlp_bias": False,
+              "no_rope_layer_interval": 4, "no_rope_layers": [int(c.uses_rope(i)) for i in range(c.n_layers)],
+              "num_attention_heads": c.n_heads, "num_hidden_layers": c.n_layers, "num_key_value_heads": c.n_kv_heads,
+              "pretraining_tp": 2, "rms_norm_eps": c.rms_eps, "rope_scaling": None, "rope_theta": c.rope_theta,
+              "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+              "transformers_version": "4.54.0", "use_cache": False, "use_sliding_window": False, "vocab_size": c.vocab_size}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_cfg, f)
+    return tensors
+
+
+def test_released_sharded_bf16_checkpoint_matches_transformers_bit_for_bit(tmp_path, hf):
+    """Sharded bf16 weights + index, a tied lm_head copy in a shard: we load what transformers loads, keep
+    bf16, and our bf16 forward (RMSNorm and RoPE casts included) equals theirs bit-for-bit."""
+    m = make(n_layers=8)
+    names = [M.hf_name(k) for k in m.state_dict()]
+    write_released_style(tmp_path / "ck", m, [names[:20], names[20:]])
+    from safetensors.torch import save_file
+    # the tied head written out as a copy of the embedding in a third shard, as some exports do
+    save_file({"lm_head.weight": m.tok_emb.weight.to(torch.bfloat16)}, tmp_path / "ck" / "model-00003-of-00003.safetensors")
+    index = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = "model-00003-of-00003.safetensors"
+    (tmp_path / "ck" / "model.safetensors.index.json").write_text(json.dumps(index))
+    ours = Model.from_pretrained(tmp_path / "ck").eval()
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    assert (ours.cfg.eos_id, ours.cfg.nope_interval, ours.cfg.sliding_window, ours.cfg.tie_embeddings) == (7, 4, None, True)
+    assert all(torch.equal(v, m.state_dict()[k].to(torch.bfloat16)) for k, v in ours.state_dict().items())
+    theirs = hf.AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.bfloat16).eval()
+    x = torch.randint(3, 97, (2, 40))
+    with torch.no_grad():
+        ref = theirs(input_ids=x).logits
+    assert torch.equal(ours(x), ref.float())
+    # a tensor written to two shards is an error naming both files
+    save_file({"model.norm.weight": torch.ones(64, dtype=torch.bfloat16)}, tmp_path / "ck" / "model-00003-of-00003.safetensors")
+    with pytest.raises(ValueError, match=r"model-00003-of-00003.safetensors: tensor 'model.norm.weight' is also in model-0000[12]-of"):
+        Model.from_pretrained(tmp_path / "ck")
+
+
+def test_config_from_hf_reads_like_transformers(tmp_path, hf):
+    """config.json variants: each either parses to what SmolLM3ForCausalLM computes, or is an error."""
+    make().save_pretrained(tmp_path)
+    base = json.loads((tmp_path / "config.json").read_text())
+    path = tmp_path / "c.json"
+
+    def parse(**change):
+        path.write_text(json.dumps({**base, **change}))
+        return Model.config_from_hf(path)
+    assert parse(rope_theta=1.0, rope_parameters={"rope_type": "default", "rope_theta": 777.0}).rope_theta == 777.0
+    assert parse(rope_parameters=None, rope_scaling=None, rope_theta=500.0).rope_theta == 500.0
+    yarn = parse(rope_parameters=None, rope_scaling={"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64})
+    assert (yarn.yarn_factor, yarn.yarn_original_max_position) == (2.0, 64)
+    llama = {k: v for k, v in base.items() if k not in ("tie_word_embeddings", "no_rope_layers", "no_rope_layer_interval")}
+    path.write_text(json.dumps({**llama, "model_type": "llama"}))
+    cfg = Model.config_from_hf(path)
+    assert (cfg.tie_embeddings, cfg.nope_interval) == (False, 0)  # LlamaConfig's defaults
+    window = parse(use_sliding_window=True, sliding_window=8, layer_types=["sliding_attention"] * 4)
+    assert window.sliding_window == 8
+    errors = {
+        "use_sliding_window, sliding_window": ({"use_sliding_window": True, "sliding_window": 8, "layer_types": None},
+                                               "sliding window on only some layers"),
+        "hidden_act": ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+        "attention_bias": ({"attention_bias": True}, "attention_bias=True is not supported"),
+        "no_rope_layers short": ({"no_rope_layers": [1, 1, 1]}, "no_rope_layers has 3 entries for 4 layers"),
+        "no_rope_layers aperiodic": ({"no_rope_layers": [0, 1, 1, 1]}, "not a periodic RNoPE pattern"),
+        "yarn beta": ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "beta_fast": 16, "rope_theta": 1e4}}, "'beta_fast': 16"),
+        "llama3 rope": ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}}, "RoPE 'llama3'"),
+        "type": ({"hidden_size": "64"}, "c.json: d_model: expected int, got str '64'"),
+    }
+    for name, (change, msg) in errors.items():
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            parse(**change)
+    # transformers agrees that the default layer_types window only the NoPE layers
+    conf = hf.SmolLM3Config(num_hidden_layers=4, use_sliding_window=True, sliding_window=8)
+    assert conf.layer_types == ["full_attention"] * 3 + ["sliding_attention"]
 
 
 def test_transformers_config_defaults_give_smollm3(hf, tmp_path):
@@ -272,13 +412,17 @@ def test_triton_without_gpu_is_a_clear_error():
         m(torch.randint(3, 97, (1, 4)))
 
 
-def test_summary_cli_prints_smollm3_count():
-    import subprocess
-    import sys
-    out = subprocess.run([sys.executable, "model.py", "config/smollm3.py"], capture_output=True, text=True, check=True).stdout
+def test_summary_cli_prints_smollm3_count(capsys):
+    M.main(["config/smollm3.py"])  # what `python model.py config/smollm3.py` runs (in-process: no 3 s torch import)
+    out = capsys.readouterr().out
     assert "parameters = 3,075,098,624" in out and "NoPE layers = [3, 7, 11, 15, 19, 23, 27, 31, 35] (9 of 36)" in out
-    bad = subprocess.run([sys.executable, "model.py", "config/smollm3.py", "--n_layer=3"], capture_output=True, text=True)
-    assert bad.returncode != 0 and "override --n_layer: unknown config key 'n_layer'" in bad.stderr
+    # by hand: 6 * 3,075,098,624 (tied head counted once) + 12 * 36 layers * 16 heads * 128 * 2048 keys on average
+    assert f"FLOPs/token @4096 = {6 * 3_075_098_624 + 12 * 36 * 16 * 128 * 2048:,}" in out
+    assert f"KV cache/token (bf16) = {2 * 36 * 4 * 128 * 2:,} bytes" in out  # K and V, 36 layers, 4 KV heads
+    # an untied head is one more matrix to store, but the same one matmul per token
+    assert make(tie_embeddings=False).flops_per_token(64) == make().flops_per_token(64)
+    with pytest.raises(SystemExit, match="override --n_layer: unknown config key 'n_layer'"):
+        M.main(["config/smollm3.py", "--n_layer=3"])
 
 
 def test_config_base_file_is_read_first(tmp_path):
@@ -321,3 +465,18 @@ def test_activation_checkpointing_gives_identical_gradients():
         assert len(calls) == (2 if act_ckpt else 1)  # checkpointed layers run again in backward
         grads.append({n: p.grad for n, p in m.named_parameters()})
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+def test_autocast_attention_gets_one_dtype(monkeypatch):
+    """Under bf16 autocast the fp32 RoPE tables and qk-norm weights promote q and k; the attention backend
+    (SDPA here, the Triton kernel on GPU, which requires it) must still get q, k, v in one dtype."""
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, **kw)
+    monkeypatch.setattr(M.F, "scaled_dot_product_attention", spy)
+    m = make(qk_norm=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        m(torch.randint(3, 97, (1, 6)))
+    assert seen == [(torch.bfloat16,) * 3] * 4
