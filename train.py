@@ -24,6 +24,11 @@ Design choices
   the last update runs at exactly min_lr, just as the first warmup update runs at lr/warmup_steps.
 - AdamW groups: weight decay on matrices only; none on norms, and none on embeddings unless
   `wd_embeddings` (the playbook's stability ablation, after OLMo 2). Fused AdamW on CUDA.
+- GPU precision: the forward (and eval) runs under bf16 autocast, the backward outside it; weights, grads and
+  optimizer state stay fp32 (no loss scaler: bf16 has fp32's exponent range); fp32 matmuls may use TF32.
+- Loss normalisation: a micro-batch's loss is its mean over target tokens and the step's loss the mean of its
+  micro-batches (backward of loss/accum). Pretraining rows have no ignored (-100) targets, so every micro-batch
+  holds the same number of tokens and this is exactly the per-token mean of the whole batch.
 - Muon (`optimizer="muon"`): hidden 2-D matrices take SGD-Nesterov momentum orthogonalised by 5 Newton-Schulz
   iterations (quintic coefficients 3.4445, -4.7750, 2.0315, as in modded-nanogpt), scaled by
   sqrt(max(1, rows/cols)); embeddings, the output head and norms stay on AdamW. Both follow one schedule:
@@ -36,28 +41,32 @@ Design choices
   states) + `trainer/state.json` (step, guard counters, resolved config) in a subdirectory, so that the HF
   loader, which reads every *.safetensors beside config.json, sees only the weights. No pickle anywhere.
   Written as `.tmp_ckpt_...`, renamed into place, then the one-line file `latest` is replaced atomically;
-  a crash at any point leaves `latest` naming a complete checkpoint. The newest `keep_ckpts` are kept.
+  a crash at any point leaves `latest` naming a complete checkpoint (a complete one that `latest` never came
+  to name, killed between the rename and the pointer, is rewritten when the resumed run reaches its step).
+  The newest `keep_ckpts` are kept.
 - On resume, `log.jsonl` is cut back to the checkpoint's step, so the log of a killed-and-resumed run is the
   log of the uninterrupted one; on CPU the losses match bit for bit (tests/test_train.py).
 - Bits per byte per source: sum of CE nats / (ln 2 x sum of UTF-8 bytes of the target tokens), on fixed
   held-out rows, so runs with different tokenizers compare.
-- MFU = model.flops_per_token(seq_len) x tokens/s / peak, with the dense bf16 peak of the device: H100/H200
-  989 TFLOP/s, A100 312 TFLOP/s; other devices (CPU included) show n/a.
-- The loss-curve PNG is drawn here with zlib + struct (a small rasteriser with a 3x5 pixel font), so plots
-  need no plotting package.
+- Throughput: tokens/s is averaged over the steps since the previous log line, eval and checkpoint time left
+  out. MFU = model.flops_per_token(seq_len) (6 x matmul params + causal attention at T/2 keys) x tokens/s / peak,
+  with the device's dense bf16 peak, whatever `dtype` (PEAK_FLOPS: H100 SXM and H200 989 TFLOP/s, H100 PCIe
+  756, A100 312); other devices (CPU included) show n/a. Each step syncs with the host once, fetching loss and
+  grad norm together: the guard needs both before it may step.
+- The loss curves are written as `loss.svg` (text, so no plotting package; opens in any web browser).
 """
 import contextlib
 import dataclasses
+import html
 import json
 import math
 import os
 import platform
+import re
 import shutil
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 
 import torch
@@ -68,8 +77,10 @@ from config import load, pick
 from data import DataConfig, Loader, load_tokenizer, prepare_default
 from model import Model, ModelConfig
 
-# Dense bf16 tensor-core peaks (vendor data sheets), matched against torch.cuda.get_device_name().
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense bf16 tensor-core peaks (vendor data sheets; the sheets' larger numbers assume 2:4 sparsity), matched in
+# this order against torch.cuda.get_device_name(): the PCIe and NVL cards before the SXM parts they contain.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+              "A100": 312e12}
 # The spike guard's reference is an EMA of accepted losses with a ~20-step horizon: slow enough to ignore
 # noise, fast enough to follow a falling loss, so a spike is measured against where the run actually is.
 LOSS_EMA_BETA = 0.95
@@ -77,7 +88,7 @@ LOSS_EMA_BETA = 0.95
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "out/run"            # run directory: log.jsonl, run.json, loss.png, checkpoints
+    out_dir: str = "out/run"            # run directory: log.jsonl, run.json, loss.svg, checkpoints
     seed: int = 1337
     batch_size: int = 32                # global rows per optimizer step (x seq_len = tokens per step)
     micro_batch_size: int = 8           # rows per forward/backward; accumulation = batch / (micro * world)
@@ -153,6 +164,8 @@ def check_config(mc, dc, tc, world_size=1):
     need(tc.decay_shape in DECAY_SHAPES, f"decay_shape={tc.decay_shape!r} must be one of {sorted(DECAY_SHAPES)}")
     need(tc.optimizer in ("adamw", "muon"), f"optimizer={tc.optimizer!r} must be 'adamw' or 'muon'")
     need(tc.dtype in ("bfloat16", "float32"), f"dtype={tc.dtype!r} must be 'bfloat16' or 'float32'")
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", tc.device),
+         f"device={tc.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
     need(tc.lr > 0 and 0 <= tc.min_lr <= tc.lr, f"need 0 <= min_lr={tc.min_lr} <= lr={tc.lr} and lr > 0")
     need(0 <= tc.decay_frac <= 1, f"decay_frac={tc.decay_frac} must be in [0, 1]")
     if tc.schedule == "wsd":
@@ -327,7 +340,8 @@ def save_checkpoint(run_dir, model, opts, state, keep):
         shutil.rmtree(final)
     os.replace(tmp, final)
     _write_text(os.path.join(run_dir, "latest"), name + "\n")
-    old = sorted(d for d in os.listdir(run_dir) if d.startswith("ckpt_") and d != name)
+    # by step, not by name: ckpt_1000000 sorts before ckpt_999999 as a string
+    old = sorted((d for d in os.listdir(run_dir) if d.startswith("ckpt_") and d != name), key=lambda d: int(d[5:]))
     for d in old[:max(len(old) - (keep - 1), 0)]:
         shutil.rmtree(os.path.join(run_dir, d))
     return final
@@ -430,15 +444,9 @@ def evaluate(model, val_sets, token_bytes, micro_batch_size, autocast, device):
     return loss, bpb
 
 
-# ---------------------------------------------------------------- loss-curve PNG
+# ---------------------------------------------------------------- loss-curve plot
 
-# 3x5 pixel glyphs; each digit is one row, bit 4 = left pixel, 2 = middle, 1 = right. Text is drawn upper-case.
-_GLYPHS = dict(zip(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_/:+()= ",
-    ("25755 65656 34443 65556 74647 74644 34553 55755 72227 11152 55655 44447 57755 65555 25552 65644 25563 "
-     "65655 34216 72222 55557 55552 55775 55255 55222 71247 75557 26227 61247 61216 55711 74616 34757 71222 "
-     "75757 75716 00002 00700 00007 11244 02020 02720 12221 42224 07070 00000").split()))
-_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 
 
 def _ticks(lo, hi, n=6):
@@ -450,91 +458,59 @@ def _ticks(lo, hi, n=6):
     return [(k * step, decimals) for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
 
 
-def png_bytes(width, height, rgb):
-    """Encode a bytearray of width*height RGB triples as a PNG (8-bit truecolour, no filtering)."""
-    stride = 3 * width
-    raw = b"".join(b"\x00" + bytes(rgb[y * stride:(y + 1) * stride]) for y in range(height))
+def plot_curves(path, series, width=800, height=480, xlabel="step", ylabel="loss", max_points=2000):
+    """Line plot of `series` = [(label, [(x, y), ...]), ...] with a grid, round ticks and a legend, as SVG.
 
-    def chunk(tag, payload):
-        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-
-
-def plot_curves(path, series, width=800, height=480, xlabel="step", ylabel="loss"):
-    """Line plot of `series` = [(label, [(x, y), ...]), ...] with ticks and a legend, written as a PNG."""
-    img = bytearray(b"\xff" * (3 * width * height))
-    left, right, top, bottom = 64, width - 16, 16, height - 40
-
-    def dot(px, py, color, r=0):
-        for yy in range(py - r, py + r + 1):
-            for xx in range(px - r, px + r + 1):
-                if 0 <= xx < width and 0 <= yy < height:
-                    img[3 * (yy * width + xx):3 * (yy * width + xx) + 3] = bytes(color)
-
-    def line(x0, y0, x1, y1, color, r=0):
-        n = max(abs(x1 - x0), abs(y1 - y0), 1)
-        for i in range(n + 1):
-            dot(round(x0 + (x1 - x0) * i / n), round(y0 + (y1 - y0) * i / n), color, r)
-
-    def text(px, py, s, color=(0, 0, 0), scale=2):
-        for k, ch in enumerate(s.upper()):
-            for row, bits in enumerate(_GLYPHS.get(ch, "00000")):
-                for col in range(3):
-                    if int(bits) >> (2 - col) & 1:
-                        for dy in range(scale):
-                            for dx in range(scale):
-                                dot(px + (4 * k + col) * scale + dx, py + row * scale + dy, color)
-
+    SVG is text (no plotting package) and opens in any web browser. A series longer than `max_points` is
+    drawn through every k-th point, counted back from its last point, so the curve still ends where the run is.
+    """
     points = [p for _, pts in series for p in pts]
     if not points:
         return
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    left, right, top, bottom = 56, width - 16, 28, height - 40
+    x0 = min(x for x, _ in points)
+    x1 = max(max(x for x, _ in points), x0 + 1)
     # The first few percent of steps sit near ln(vocab); letting them set the y range would flatten the rest.
-    late = [y for x, y in points if x >= x0 + 0.05 * (x1 - x0)] or ys
-    y0, y1 = min(ys), max(late)
-    y0, y1 = y0 - 0.05 * (y1 - y0 + 1e-9), y1 + 0.05 * (y1 - y0 + 1e-9)
+    late = [y for x, y in points if x >= x0 + 0.05 * (x1 - x0)] or [y for _, y in points]
+    y0, y1 = min(y for _, y in points), max(late)
+    margin = 0.05 * (y1 - y0) or 0.5
+    y0, y1 = y0 - margin, y1 + margin
 
-    def to_px(x, y):
-        y = min(max(y, y0), y1)
-        return (round(left + (x - x0) / (x1 - x0) * (right - left)),
-                round(bottom - (y - y0) / (y1 - y0) * (bottom - top)))
+    def px(x):
+        return left + (x - x0) / (x1 - x0) * (right - left)
 
-    for v, decimals in _ticks(x0, x1):                          # grid, ticks and labels at round values
-        gx = to_px(v, y0)[0]
-        line(gx, top, gx, bottom, (225, 225, 225))
-        text(gx - 4 * len(f"{v:.{decimals}f}"), bottom + 6, f"{v:.{decimals}f}")
-    for v, decimals in _ticks(y0, y1):
-        gy = to_px(x0, v)[1]
-        line(left, gy, right, gy, (225, 225, 225))
-        text(4, gy - 5, f"{v:.{decimals}f}")
-    line(left, top, left, bottom, (0, 0, 0))
-    line(left, bottom, right, bottom, (0, 0, 0))
-    text((left + right) // 2 - 16, height - 14, xlabel)
-    text(left + 6, top + 2, ylabel)
+    def py(y):
+        return bottom - (y - y0) / (y1 - y0) * (bottom - top)
+
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+           f'<clipPath id="area"><rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}"/></clipPath>']
+    for v, d in _ticks(x0, x1):
+        svg.append(f'<line x1="{px(v):.1f}" y1="{top}" x2="{px(v):.1f}" y2="{bottom}" stroke="#ddd"/>'
+                   f'<text x="{px(v):.1f}" y="{bottom + 16}" text-anchor="middle">{v:.{d}f}</text>')
+    for v, d in _ticks(y0, y1):
+        svg.append(f'<line x1="{left}" y1="{py(v):.1f}" x2="{right}" y2="{py(v):.1f}" stroke="#ddd"/>'
+                   f'<text x="{left - 6}" y="{py(v) + 4:.1f}" text-anchor="end">{v:.{d}f}</text>')
+    svg.append(f'<path d="M{left},{top}V{bottom}H{right}" fill="none" stroke="black"/>'
+               f'<text x="{(left + right) / 2}" y="{height - 8}" text-anchor="middle">{html.escape(xlabel)}</text>'
+               f'<text x="{left}" y="{top - 10}">{html.escape(ylabel)}</text>'
+               f'<rect x="{right - 170}" y="{top + 4}" width="166" height="{16 * len(series) + 8}" fill="white"/>')
     for k, (label, pts) in enumerate(series):
-        color, thick = _COLORS[k % len(_COLORS)], 1 if k else 0
-        pix = [to_px(x, y) for x, y in sorted(pts)]
-        for (ax, ay), (bx, by) in zip(pix, pix[1:]):
-            line(ax, ay, bx, by, color, thick)
-        if len(pix) < 50:                                      # sparse series (evals) get point markers
-            for px, py in pix:
-                dot(px, py, color, 2)
-    box = max(left + 1, right - 196)                            # legend on a white box, top right
-    for yy in range(top + 2, min(top + 4 + 14 * len(series), bottom)):
-        img[3 * (yy * width + box):3 * (yy * width + right)] = b"\xff" * (3 * (right - box))
-    for k, (label, _) in enumerate(series):
-        line(box + 6, top + 10 + 14 * k, box + 26, top + 10 + 14 * k, _COLORS[k % len(_COLORS)], 1)
-        text(box + 32, top + 5 + 14 * k, label)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(png_bytes(width, height, img))
-    os.replace(tmp, path)
+        color, pts = _COLORS[k % len(_COLORS)], sorted(pts)
+        pts = pts[::-math.ceil(len(pts) / max_points)][::-1] if pts else pts
+        svg.append(f'<polyline points="{" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)}" fill="none" '
+                   f'stroke="{color}" stroke-width="{1.5 if k else 1}" clip-path="url(#area)"/>')
+        if len(pts) < 50:                                          # sparse series (evals) get point markers
+            svg += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}" clip-path="url(#area)"/>'
+                    for x, y in pts]
+        ly = top + 16 + 16 * k                                     # legend, top right
+        svg.append(f'<line x1="{right - 162}" y1="{ly}" x2="{right - 142}" y2="{ly}" stroke="{color}" stroke-width="2"/>'
+                   f'<text x="{right - 136}" y="{ly + 4}">{html.escape(label)}</text>')
+    _write_text(path, "\n".join(svg + ["</svg>\n"]))
 
 
 def plot_run(path, records):
-    """loss.png of a run: train loss of accepted steps and held-out loss per source."""
+    """loss.svg of a run: train loss of accepted steps and held-out loss per source."""
     train_pts = [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and not r["skipped"]]
     evals = [r for r in records if r["kind"] == "eval"]
     series = [("train", train_pts)] + [(f"val {s}", [(r["step"], r["val_loss"][s]) for r in evals])
@@ -628,9 +604,9 @@ def train(ns):
             print(f"initialised weights from {source}; fresh optimizer and schedule")
     elif tc.resume and master:
         print(f"--resume: no checkpoint in {run_dir}, starting from scratch")
-    os.makedirs(run_dir, exist_ok=True)
-    records = read_log(log_path, start)
-    _write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))  # cut back to the checkpoint
+    if master:                                               # cut the log back to the checkpoint's step
+        os.makedirs(run_dir, exist_ok=True)
+        _write_text(log_path, "".join(json.dumps(r) + "\n" for r in read_log(log_path, start)))
 
     amp = device.type == "cuda" and tc.dtype == "bfloat16"
     if device.type == "cuda":
@@ -651,7 +627,6 @@ def train(ns):
               + (f"{peak / 1e12:.0f} TFLOP/s (dense bf16)" if peak else "n/a on this device"))
 
     def log(record):
-        records.append(record)
         if master:
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -663,7 +638,7 @@ def train(ns):
 
     params = [p for opt in opts for g in opt.param_groups for p in g["params"]]
     bar = tqdm(total=tc.max_steps, initial=start, disable=not master, dynamic_ncols=True, desc="train")
-    weights, t_last = None, time.perf_counter()
+    weights, timed_steps, timed_s, t_last = None, 0, 0.0, time.perf_counter()
     for step in range(start, tc.max_steps):
         if master and loader.weights_at(step) != weights:
             weights = loader.weights_at(step)
@@ -677,7 +652,7 @@ def train(ns):
             (loss / accum).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        loss_v, grad_norm_v = loss_sum.item() / accum, grad_norm.item()
+        loss_v, grad_norm_v = torch.stack([loss_sum / accum, grad_norm]).tolist()  # the step's one host sync
 
         mean = guard["loss_ema"] / (1 - LOSS_EMA_BETA ** guard["loss_ema_n"]) if guard["loss_ema_n"] else math.inf
         skipped = ("nonfinite_loss" if not math.isfinite(loss_v) else "nonfinite_grad" if not math.isfinite(grad_norm_v)
@@ -695,9 +670,8 @@ def train(ns):
             opt.zero_grad(set_to_none=True)
 
         done = step + 1
-        now = time.perf_counter()
-        tok_s = tokens_per_step / (now - t_last)
-        t_last = now
+        timed_steps, timed_s = timed_steps + 1, timed_s + time.perf_counter() - t_last
+        tok_s = tokens_per_step * timed_steps / timed_s            # averaged over the steps since the last log line
         mfu = flops_per_token * tok_s / peak if peak else None
         bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", gnorm=f"{grad_norm_v:.3f}",
                         mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%", refresh=False)
@@ -706,23 +680,25 @@ def train(ns):
             log({"kind": "train", "step": done, "loss": _json_float(loss_v), "lr": lr,
                  "grad_norm": _json_float(grad_norm_v), "tok_per_s": tok_s, "mfu": mfu, "skipped": skipped,
                  "skips": guard["skips"], "loss_mean": _json_float(mean)})
+            timed_steps, timed_s = 0, 0.0
         if skipped:
             bar.write(f"step {done}: update skipped ({skipped}: loss {loss_v:.4g}, grad norm {grad_norm_v:.4g}, "
                       f"running mean {mean:.4g}); {guard['skips']} skipped so far")
             if guard["skips_in_row"] > tc.max_skips:
                 bar.close()
                 raise Diverged(f"stopping at step {done}: {guard['skips_in_row']} consecutive updates skipped "
-                               f"(max_skips={tc.max_skips}); last good checkpoint: {latest_checkpoint(run_dir)}")
+                               f"(max_skips={tc.max_skips}); last good checkpoint: "
+                               f"{latest_checkpoint(run_dir) or 'none written yet'}")
         if done % tc.eval_interval == 0 or done == tc.max_steps:
             val_loss, val_bpb = evaluate(model, val_sets, token_bytes, tc.micro_batch_size, autocast, device)
             log({"kind": "eval", "step": done, "val_loss": val_loss, "val_bpb": val_bpb})
             bar.write(f"step {done}: val loss " + ", ".join(f"{s} {v:.4f}" for s, v in val_loss.items())
                       + " | bpb " + ", ".join(f"{s} {v:.4f}" for s, v in val_bpb.items()))
             if master:
-                plot_run(os.path.join(run_dir, "loss.png"), records)
+                plot_run(os.path.join(run_dir, "loss.svg"), read_log(log_path))
         if done % tc.ckpt_interval == 0 or done == tc.max_steps:
             checkpoint(done)
-        t_last += time.perf_counter() - now                    # eval and checkpoint time is not step time
+        t_last = time.perf_counter()                           # eval and checkpoint time is not step time
     bar.close()
 
     samples = []
@@ -735,7 +711,7 @@ def train(ns):
         text = "".join(f"--- sample {i}\n{s}\n" for i, s in enumerate(samples))
         _write_text(os.path.join(run_dir, "samples.txt"), text)
         print(text, end="")
-    last_eval = next((r for r in reversed(records) if r["kind"] == "eval"), None)
+    last_eval = next((r for r in reversed(read_log(log_path)) if r["kind"] == "eval"), None)
     return {"step": tc.max_steps, "run_dir": run_dir, "skips": guard["skips"], "samples": samples,
             "val_loss": last_eval and last_eval["val_loss"], "val_bpb": last_eval and last_eval["val_bpb"]}
 

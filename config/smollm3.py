@@ -22,7 +22,7 @@ dataset = "data/smollm3"
 seq_len = 4096
 mixture = {"web": 0.85, "code": 0.12, "math": 0.03}                  # stage 1: 0 -> 8T tokens
 stages = [[3_391_000, {"web": 0.75, "code": 0.15, "math": 0.10}],     # stage 2: 8T / 2,359,296 -> 10T
-          [4_239_000, {"web": 0.63, "code": 0.24, "math": 0.13}]]     # stage 3: 10T -> 11.1T (the decay)
+          [4_234_500, {"web": 0.63, "code": 0.24, "math": 0.13}]]     # stage 3 = the WSD decay: 9.99T -> 11.1T
 # ---- training: 576 rows x 4096 = 2,359,296 tokens/step (DP 192 x micro-batch 3, TP 2: 384 H100s) ----
 out_dir = "out/smollm3"
 batch_size = 576
@@ -32,7 +32,7 @@ lr = 2e-4
 min_lr = 0.0
 warmup_steps = 2000
 schedule = "wsd"
-decay_frac = 0.1             # linear to 0 over the last 470,500 steps, from 9.99T: the stage-3 (10T) decay mixture
+decay_frac = 0.1             # linear to 0 over the last 470,500 steps, from step 4,234,500: stage 3's mixture
 decay_shape = "linear"
 weight_decay = 0.1
 wd_embeddings = False        # no weight decay on embeddings (after OLMo 2)

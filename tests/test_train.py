@@ -1,16 +1,19 @@
 """train.py against independent references: hand-computed LR values, an SVD oracle for Newton-Schulz,
 the exact arithmetic of decoupled weight decay, an uninterrupted run for SIGKILL-and-resume (bit for bit,
-across a data-stage boundary), and a PNG decoder for the loss plot. Tiny models on a tiny two-source
-corpus written with data.py's own tools and its byte-level tokenizer."""
+across a data-stage boundary), transformers for the checkpoint layout, hand arithmetic for the shipped configs,
+and an XML parser inverting the loss plot's coordinates. Tiny models on a tiny two-source corpus written with
+data.py's own tools and its byte-level tokenizer."""
+import contextlib
+import glob
 import json
 import math
 import os
+import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
+import xml.etree.ElementTree as ET
 
 import pytest
 import torch
@@ -29,6 +32,15 @@ MODEL = dict(vocab_size=264, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_
              nope_interval=2, rope_theta=10000.0)
 TRAIN = dict(seq_len=32, batch_size=8, micro_batch_size=4, max_steps=24, warmup_steps=4, lr=3e-3, eval_interval=5,
              ckpt_interval=10, eval_rows=4, device="cpu", dtype="float32", sample_tokens=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tiny shapes run faster on one thread, and on a busy shared CPU two OpenMP threads can spin 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +171,7 @@ def test_muon_matches_svd_newton_schulz_reference():
     (dict(spike_factor=0.5), r"spike_factor=0.5 must be 0 \(off\) or > 1"),
     (dict(min_lr=1.0), r"min_lr=1.0 <= lr=0.003"),
     (dict(sample_tokens=60), r"sample prompts \(9 bytes\) \+ sample_tokens=60 exceed max_position_embeddings=64"),
+    (dict(device="gpu"), r"device='gpu' must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
 ])
 def test_config_errors_before_any_work(tmp_path, corpus, over, message):
     ns = make_ns(tmp_path, corpus, **over)
@@ -237,6 +250,15 @@ def test_crash_while_checkpointing_keeps_previous(tmp_path, monkeypatch, crash):
     assert sorted(os.listdir(run)) == ["ckpt_000001", "ckpt_000002", "latest"]
 
 
+def test_pruning_keeps_the_newest_by_step_past_a_million(tmp_path):
+    # smollm3.py runs 4.7M steps: as strings ckpt_1000000 < ckpt_999998, so a name sort prunes the wrong one
+    model = Model(ModelConfig(**MODEL))
+    opts = train.build_optimizers(model, TrainConfig(), torch.device("cpu"))
+    for step in (999_998, 1_000_000, 1_000_002):
+        train.save_checkpoint(str(tmp_path), model, opts, {"step": step}, keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_1000000", "ckpt_1000002", "latest"]
+
+
 def test_kill_and_resume_is_bit_exact_across_stage_boundary(tmp_path, corpus):
     # Stage boundary at step 14; checkpoints at 10 and 20. The run is killed once step 11 is logged, so it
     # resumes from 10 and crosses the boundary after the restart.
@@ -260,6 +282,11 @@ def test_kill_and_resume_is_bit_exact_across_stage_boundary(tmp_path, corpus):
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert os.path.basename(train.latest_checkpoint(killed)) == "ckpt_000010"
+    # What a kill at step 20 leaves at its worst: a complete ckpt_000020 that `latest` never came to name
+    # (killed between the rename and the pointer; here stale weights, so keeping it would show) and a torn
+    # temporary directory. The resumed run must write both over.
+    shutil.copytree(os.path.join(killed, "ckpt_000010"), os.path.join(killed, "ckpt_000020"), dirs_exist_ok=True)
+    os.makedirs(os.path.join(killed, ".tmp_ckpt_000020", "trainer"), exist_ok=True)
     p = launch(killed, "--resume=True")
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out
@@ -271,9 +298,23 @@ def test_kill_and_resume_is_bit_exact_across_stage_boundary(tmp_path, corpus):
     a, b = comparable(ref), comparable(killed)
     assert [r["step"] for r in a if r["kind"] == "train"] == list(range(1, 25))
     assert a == b                                            # losses, grad norms, LRs, val loss/bpb: bit for bit
-    wa = load_file(os.path.join(train.latest_checkpoint(ref), "model.safetensors"))
-    wb = load_file(os.path.join(train.latest_checkpoint(killed), "model.safetensors"))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert sorted(os.listdir(killed)) == sorted(os.listdir(ref)) == [
+        "ckpt_000020", "ckpt_000024", "latest", "log.jsonl", "loss.svg", "run.json", "samples.txt"]
+    for ckpt in ("ckpt_000020", "ckpt_000024"):
+        wa = load_file(os.path.join(ref, ckpt, "model.safetensors"))
+        wb = load_file(os.path.join(killed, ckpt, "model.safetensors"))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), ckpt
+
+
+def test_checkpoint_loads_in_transformers(tmp_path, corpus):
+    hf = pytest.importorskip("transformers")
+    run = train.train(make_ns(tmp_path, corpus, max_steps=2, warmup_steps=1, tie_embeddings=False))["run_dir"]
+    ckpt = train.latest_checkpoint(run)
+    assert sorted(os.listdir(ckpt)) == ["config.json", "model.safetensors", "trainer"]   # weights only on top
+    theirs = hf.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    x = torch.randint(0, 263, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(Model.from_pretrained(ckpt)(x), theirs(input_ids=x).logits, rtol=0, atol=1e-5)
 
 
 def test_init_from_loads_weights_for_a_new_stage(tmp_path, corpus):
@@ -287,6 +328,46 @@ def test_init_from_loads_weights_for_a_new_stage(tmp_path, corpus):
     with torch.no_grad():
         _, loss = ref(x, y, pos)
     assert train_records(ns.out_dir)[0]["loss"] == loss.item()
+
+
+def test_accumulation_matches_one_big_micro_batch(tmp_path, corpus):
+    # 8 rows as 1 x 8 or 4 x 2: the same rows, the same mean loss and gradient (loss / accum in backward)
+    recs = []
+    for name, micro in (("whole", 8), ("accum", 2)):
+        ns = make_ns(tmp_path, corpus, name, micro_batch_size=micro, max_steps=3, warmup_steps=1, eval_interval=3,
+                     ckpt_interval=3)
+        train.train(ns)
+        recs.append(train_records(ns.out_dir))
+    for a, b in zip(*recs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_evaluate_bits_per_byte_against_cross_entropy(corpus):
+    torch.manual_seed(0)
+    model = Model(ModelConfig(**MODEL))
+    loader = Loader(DataConfig(**{k: v for k, v in corpus.items()}, seq_len=32), 4, 1, 0, split="val")
+    val_sets = {s: loader.val_rows(s, 6) for s in ("prose", "sums")}
+    token_bytes = torch.tensor([1] * 256 + [0] * 7)                    # byte-level: one byte per id, specials none
+    loss, bpb = train.evaluate(model, val_sets, token_bytes, 4, contextlib.nullcontext(), torch.device("cpu"))
+    nats, nbytes, ntok = {}, {}, {}
+    for s, (x, y, pos) in val_sets.items():
+        with torch.no_grad():
+            logits = model(x, pos=pos).double()
+        nats[s] = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+        nbytes[s], ntok[s] = (y < 256).sum().item(), y.numel()
+        assert loss[s] == pytest.approx(nats[s] / ntok[s], rel=1e-6)
+        assert bpb[s] == pytest.approx(nats[s] / (math.log(2) * nbytes[s]), rel=1e-6)
+    assert bpb["all"] == pytest.approx(sum(nats.values()) / (math.log(2) * sum(nbytes.values())), rel=1e-6)
+    assert loss["all"] == pytest.approx(sum(nats.values()) / sum(ntok.values()), rel=1e-6)
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                       ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA GeForce RTX 4090", None)])
+def test_mfu_peak_per_device(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert train.peak_flops(torch.device("cuda:0")) == peak
+    assert train.peak_flops(torch.device("cpu")) is None
 
 
 # ---------------------------------------------------------------- guards
@@ -346,22 +427,63 @@ def test_overfits_one_repeated_batch(tmp_path, corpus, monkeypatch):
 
 # ---------------------------------------------------------------- plot
 
-def test_loss_png_decodes_with_the_curve_drawn(tmp_path):
-    path = str(tmp_path / "p.png")
-    train.plot_curves(path, [("train", [(s, 5 / (1 + s)) for s in range(0, 101)])], width=200, height=120)
-    blob = open(path, "rb").read()
-    assert blob[:8] == b"\x89PNG\r\n\x1a\n"
-    chunks, i = {}, 8
-    while i < len(blob):
-        n, tag = struct.unpack(">I4s", blob[i:i + 8])
-        payload = blob[i + 8:i + 8 + n]
-        assert struct.unpack(">I", blob[i + 8 + n:i + 12 + n])[0] == zlib.crc32(tag + payload)
-        chunks[tag], i = payload, i + 12 + n
-    w, h, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert (w, h, depth, colour) == (200, 120, 8, 2)
-    raw = zlib.decompress(chunks[b"IDAT"])
-    rows = [raw[r * (3 * w + 1):(r + 1) * (3 * w + 1)] for r in range(h)]
-    assert all(row[0] == 0 for row in rows)
-    blue = bytes(train._COLORS[0])
-    xs = [c for row in rows for c in range(w) if row[1 + 3 * c:4 + 3 * c] == blue]
-    assert min(xs) <= 64 + 2 and max(xs) >= 200 - 16 - 2     # the curve spans the plot area left to right
+def test_loss_svg_draws_the_data(tmp_path):
+    path = str(tmp_path / "p.svg")
+    curve = [(10 * i, 5 / (1 + i)) for i in range(501)]               # longer than max_points: thinned
+    evals = [(1000 * k, 0.5 + 0.1 * k) for k in range(6)]
+    train.plot_curves(path, [("train", curve), ("val a&b", evals)], width=400, height=300, max_points=100)
+    svg = "{http://www.w3.org/2000/svg}"
+    root = ET.parse(path).getroot()                                   # well-formed: the & is escaped
+    area = root.find(f"{svg}clipPath/{svg}rect").attrib
+    top, bottom = float(area["y"]), float(area["y"]) + float(area["height"])
+    drawn = [[tuple(map(float, xy.split(","))) for xy in line.get("points").split()]
+             for line in root.iter(f"{svg}polyline")]
+    assert len(drawn) == 2 and len(drawn[1]) == len(evals) and 80 <= len(drawn[0]) <= 100
+    # The eval points fix the affine data -> pixel map; every drawn point must invert to a data point.
+    (ax, ay), (bx, by) = drawn[1][0], drawn[1][-1]
+    sx, sy = (bx - ax) / 5000, (by - ay) / 0.5
+
+    def data(px, py):
+        return (px - ax) / sx, 0.5 + (py - ay) / sy
+    for (px, py), (x, y) in zip(drawn[1], evals):
+        assert data(px, py) == pytest.approx((x, y), abs=1e-3)
+    steps = [data(px, py) for px, py in drawn[0]]
+    assert steps[-1][0] == pytest.approx(5000, abs=0.1)                # the curve ends at the last step
+    for x, y in steps:
+        i = round(x / 10)
+        assert abs(x - 10 * i) < 1 and y == pytest.approx(5 / (1 + i), abs=2e-3), (x, y)
+    # up is smaller y; the evals lie inside the plot area, the first steps (loss > 1) above it, clipped
+    assert sy < 0 and top <= ay <= bottom and top <= by <= bottom and drawn[0][0][1] < top
+    ticks = [t for t in root.iter(f"{svg}text") if t.get("text-anchor") == "middle" and t.text[0].isdigit()]
+    assert [t.text for t in ticks] == ["0", "1000", "2000", "3000", "4000", "5000"]
+    assert all(float(t.get("x")) == pytest.approx(ax + sx * float(t.text), abs=0.2) for t in ticks)
+    assert "val a&b" in [t.text for t in root.iter(f"{svg}text")]
+
+
+# ---------------------------------------------------------------- shipped configs
+
+def test_shipped_configs_resolve_and_hold_their_numbers():
+    """Every config/*.py passes the checks; the numbers their comments state are what they compute."""
+    resolved = {}
+    for path in sorted(glob.glob(os.path.join(ROOT, "config", "*.py"))):
+        name = os.path.basename(path)[:-3]
+        if name != "__init__":
+            ns = load([path])
+            resolved[name] = (ns, *train.resolve(ns))
+    tokens = {k: tc.batch_size * dc.seq_len for k, (_, _, dc, tc) in resolved.items()}
+    assert tokens["smollm3"] == tokens["smollm3_long_32k"] == tokens["smollm3_long_64k"] == 2_359_296
+    assert tokens["smollm3_1b_ablation"] == 1_048_576 and tokens["tiny"] == 4_096
+    smol = resolved["smollm3"][3]
+    assert smol.max_steps * 2_359_296 == pytest.approx(11.1e12, rel=1e-3)
+    assert [s for s, _ in resolved["smollm3"][2].stages] == [round(8e12 / 2_359_296, -3),
+                                                            smol.max_steps - round(smol.decay_frac * smol.max_steps)]
+    for name, count in (("smollm3", 3_075_098_624), ("smollm3_1b_ablation", 1_235_814_400), ("tiny", 3_950_848)):
+        with torch.device("meta"):
+            assert Model(resolved[name][1]).num_params() == count, name
+    # Each ablation is the 1B baseline with one change (and its own out_dir).
+    base = vars(resolved["smollm3_1b_ablation"][0])
+    ablations = {k: v for k, v in resolved.items() if k.startswith("ablation_")}
+    assert len(ablations) == 8
+    for name, (ns, *_) in ablations.items():
+        diff = {k for k, v in vars(ns).items() if v != base[k]}
+        assert len(diff - {"out_dir"}) == 1 and ns.out_dir == f"out/{name}", (name, diff)
