@@ -1,20 +1,11 @@
-"""SmolLM3 long-context stage 2: 32k -> 64k at a larger rope_theta, from the previous stage's final weights.
+"""SmolLM3 long-context stage 2: 32k -> 64k, from stage 1's final weights.
 
-config/smollm3.py with what changes: rope_theta, seq_len, the batch shape, a fresh schedule (init_from loads
-weights only; optimizer and schedule start over), and the decay-stage mixture. 50B tokens, as SmolLM3 did."""
-base = "smollm3.py"
+config/smollm3_long_32k.py with what changes: rope_theta, seq_len, the batch shape, where the weights come
+from and where the run goes. Same 50B tokens on the decay-stage mixture, fresh schedule."""
+base = "smollm3_long_32k.py"
 rope_theta = 5_000_000.0     # 32k -> 64k
 seq_len = 65536
-mixture = {"web": 0.63, "code": 0.24, "math": 0.13}   # the stage-3 (decay) mixture: more code and math
-stages = []
 # ---- training: 36 rows x 65536 = 2,359,296 tokens/step (the pretraining batch); 21,200 steps = 50B tokens ----
 init_from = "out/smollm3_long_32k"
 out_dir = "out/smollm3_long_64k"
 batch_size = 36
-micro_batch_size = 1
-max_steps = 21_200
-lr = 1e-4                    # our choice (no published long-context LR): half the pretraining peak
-warmup_steps = 500
-eval_interval = 1000
-eval_rows = 16
-ckpt_interval = 1000
