@@ -84,6 +84,8 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
+from config import load
+
 # ------------------------------------------------------------------------------------- tokenizer
 
 # Llama-3's pre-tokenization pattern (SmolLM3 inherits it): English contractions, letter runs with at
@@ -1328,16 +1330,13 @@ class Loader:
     the ordinal's epoch permutation (_draw, keyed by seed and source) picks the row. `pos` restarts at 0
     at the start of each row and after each end-of-text token."""
 
-    def __init__(self, cfg, micro_batch_size, accum, seed, rank=0, world_size=1, split="train"):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        if split not in SPLITS:
-            raise ValueError(f"split {split!r}: expected one of {SPLITS}")
-        tok = load_tokenizer(cfg)
+    def __init__(self, cfg, tok, micro_batch_size, accum, seed, dp_rank=0, dp_size=1):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"data-parallel rank {dp_rank} is outside dp_size {dp_size}")
         self.root = cfg.data_dir if cfg.dataset == "default" else cfg.dataset  # holds manifest.json + shards
-        self.seq_len, self.split, self.eos_id = cfg.seq_len, split, tok.eos_id
-        self.micro_batch_size, self.accum, self.rank, self.world_size = micro_batch_size, accum, rank, world_size
-        self.G = micro_batch_size * accum * world_size
+        self.seq_len, self.split, self.eos_id = cfg.seq_len, "train", tok.eos_id
+        self.micro_batch_size, self.accum, self.rank, self.world_size = micro_batch_size, accum, dp_rank, dp_size
+        self.G = micro_batch_size * accum * dp_size
         self.tok_hash, self.manifest = tok.hash, read_manifest(self.root)
         if self.manifest["tokenizer_hash"] != tok.hash:
             raise ValueError(f"{self.root}/manifest.json: the dataset was tokenized with "
@@ -1345,7 +1344,7 @@ class Loader:
         self.schedule = _schedule(cfg.mixture, cfg.stages)
         self.sources = sorted({s for _, weights in self.schedule for s, w in weights.items() if w > 0})
         self._streams = {}
-        self.rows = {s: int(self._stream(s, split)[1][-1]) for s in self.sources}  # rows per epoch of each source
+        self.rows = {s: int(self._stream(s, "train")[1][-1]) for s in self.sources}  # rows per epoch of each source
         self._keys = [_stream_key(seed, s) for s in self.sources]
         self._starts = [start for start, _ in self.schedule]
         self._levels = [_levels(weights, self.sources) for _, weights in self.schedule]
@@ -1594,7 +1593,7 @@ def bench_loader(seq_len=2048, micro_batch_size=8, mb_per_source=16, n_batches=3
         cfg = DataConfig(data_dir=d, seq_len=seq_len, mixture={"web": 0.85, "code": 0.12, "math": 0.03},
                          stages=[[third, {"web": 0.75, "code": 0.15, "math": 0.10}],
                                  [2 * third, {"web": 0.63, "code": 0.24, "math": 0.13}]])
-        loader = Loader(cfg, micro_batch_size, accum=1, seed=0)
+        loader = Loader(cfg, load_tokenizer(cfg), micro_batch_size, accum=1, seed=0)
         steps = np.random.default_rng(1).integers(0, total_steps, size=n_batches).tolist()
         for step in steps[:100]:
             loader.get(step, 0)
@@ -1641,8 +1640,7 @@ def _prepare_main(argv):
 
 
 def _default_main(argv):
-    from config import load  # the config package imports every module, so only this command needs it
-    ns = load(argv)
+    ns = load(argv, DataConfig, prog="python data.py default", strict=False)
     prepare_default(ns.data_dir, ns.vocab_size)
 
 

@@ -422,13 +422,13 @@ class Model(nn.Module):
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
         tensors = {hf_name(k): v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic(os.path.join(path, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
         text = json.dumps(self.hf_config(), indent=2)
 
         def write_text(p):
             with open(p, "w") as f:
                 f.write(text)
-        _atomic(os.path.join(path, "config.json"), write_text)
+        atomic_write(os.path.join(path, "config.json"), write_text)
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
@@ -587,10 +587,22 @@ def _get(d, key, default):
     return default if d.get(key) is None else d[key]
 
 
-def _atomic(path, write):
-    tmp = path + ".tmp"
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write):
+    """All or nothing, even across a power loss: `write(tmp)` fills a temporary file, which is fsynced
+    and renamed over `path`; then the directory is fsynced so that the rename itself is on disk."""
+    tmp = f"{path}.tmp"
     write(tmp)
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(os.path.dirname(path) or ".")
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -630,11 +642,11 @@ def summary(cfg, seq_len=4096):
 def main(argv):
     from config import load, pick
     try:
-        ns = load(argv)
+        ns = load(argv, ModelConfig, prog="python model.py", strict=False)
         cfg = ModelConfig(**pick(ns, ModelConfig))
     except ValueError as e:
         sys.exit(f"error: {e}")
-    print(summary(cfg, getattr(ns, "seq_len", 4096)))
+    print(summary(cfg, 4096))
 
 
 if __name__ == "__main__":

@@ -182,11 +182,15 @@ def check_config(mc, dc, tc, world_size=1):
         raise ValueError("config: " + "; ".join(errors))
 
 
+# The dataclasses whose fields a training config may set (config.load reads exactly these).
+CONFIGS = (ModelConfig, DataConfig, TrainConfig)
+
+
 def resolve(ns):
     """The three dataclasses of a loaded namespace, checked together: (ModelConfig, DataConfig, TrainConfig).
 
     ModelConfig checks its own fields (heads divisible by KV heads, even head_dim, ...) as it is built."""
-    mc, dc, tc = (cls(**pick(ns, cls)) for cls in (ModelConfig, DataConfig, TrainConfig))
+    mc, dc, tc = (cls(**pick(ns, cls)) for cls in CONFIGS)
     check_config(mc, dc, tc, dist_env()[1])
     return mc, dc, tc
 
@@ -583,10 +587,9 @@ def train(ns):
     model.train()
     opts = build_optimizers(model, tc, device)
     accum = tc.batch_size // (tc.micro_batch_size * world)
-    loader = Loader(dc, tc.micro_batch_size, accum, tc.seed, rank=rank, world_size=world, split="train")
-    val_loader = Loader(dc, tc.micro_batch_size, 1, tc.seed, split="val")
+    loader = Loader(dc, tok, tc.micro_batch_size, accum, tc.seed, dp_rank=rank, dp_size=world)
     sources = sorted(set(dc.mixture) | {s for _, weights in dc.stages for s in weights})
-    val_sets = {s: val_loader.val_rows(s, tc.eval_rows) for s in sources}
+    val_sets = {s: loader.val_rows(s, tc.eval_rows) for s in sources}
 
     # Guard state: skip counters and a bias-corrected EMA of accepted losses (the spike reference).
     start, guard = 0, {"skips": 0, "skips_in_row": 0, "loss_ema": 0.0, "loss_ema_n": 0}
@@ -719,7 +722,7 @@ def train(ns):
 def main(argv):
     """Command line: bad input (config, files, checkpoints) and a diverged run end in one line, exit code 1."""
     try:
-        train(load(argv))
+        train(load(argv, *CONFIGS, prog="python train.py"))
     except (ValueError, Diverged) as e:
         sys.exit(f"train.py: {e}")
 

@@ -1,33 +1,24 @@
 """Config loading: `python X.py config/NAME.py --key=value ...` -> one flat, typed namespace.
 
-A config file is data, not code: it may hold only `name = literal` lines (numbers, strings, bools,
-None, lists, dicts, tuples, and + - * / // ** between numbers, so `2_000 * 4096` is allowed). It is
-parsed with `ast`, never executed. A first line `base = "other.py"` (a path relative to the file) reads
-that file first, so an ablation config holds only the lines it changes. `--key=value` overrides follow
-the one file; values parse as Python literals, and where a key takes a string, an override that is not
-a literal of its type is the text as typed (`--out_dir=2024` is "2024").
-
-Every key must be a field of one of the project's config dataclasses (model.ModelConfig,
-data.DataConfig, train.TrainConfig, ...; a field name may belong to only one of them), and its value
-must match that field's type, element by element for `list[str]`, `dict[str, float]`, `int | None`
-(an int is accepted where a float is expected). Anything else is a one-line ValueError naming the
-file/line or the override (and the offending element), before any work starts. Each file then picks
-its own fields: `ModelConfig(**pick(ns, ModelConfig))`.
+A config file is data, not code: only `name = literal` lines (numbers, strings, bools, None, lists,
+dicts, tuples, and arithmetic between numbers such as `2_000 * 4096`), parsed with `ast`, never executed.
+A first line `base = "other.py"` reads that file first, so an ablation holds only what it changes.
+Each entry point names the dataclasses it reads; their fields are the known keys:
 
     from config import load, pick
-    ns = load(sys.argv[1:])             # types.SimpleNamespace of every known key with its value
+    ns = load(sys.argv[1:], ModelConfig, DataConfig, TrainConfig, prog="python train.py")
+    mc = ModelConfig(**pick(ns, ModelConfig))
+
+Unknown keys and values of the wrong type (checked element by element) are one-line ValueErrors naming
+the file:line or the override. With `prog`, no arguments or -h/--help print the keys and exit.
 """
 import ast
 import dataclasses
-import importlib
 import operator
 import os
+import sys
 import types
 import typing
-
-# Modules whose `*Config` dataclasses together define the known keys. Imported lazily so that this
-# package imports nothing at import time and a missing optional module is simply skipped.
-SCHEMA_MODULES = ("model", "data", "train", "parallel", "posttrain", "eval")
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow, ast.Mod: operator.mod}
@@ -89,25 +80,32 @@ def parse_file(path, _seen=()):
     return out
 
 
-def schema():
-    """{key: (type, default, owner)} over every project config dataclass that exists."""
+def schema(*classes):
+    """{key: (type, default, owner)} over the named config dataclasses.
+
+    Two of them may share a key (a post-training `lr` beside pretraining's) only with one type: the one
+    value then feeds both."""
     fields = {}
-    for mod_name in SCHEMA_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name == mod_name:
-                continue
-            raise
-        for obj in vars(mod).values():
-            if dataclasses.is_dataclass(obj) and obj.__name__.endswith("Config") and obj.__module__ == mod_name:
-                hints = typing.get_type_hints(obj)
-                for f in dataclasses.fields(obj):
-                    if f.name in fields:  # one flat namespace: a shared name would feed both classes one value
-                        raise ValueError(f"config key {f.name!r} is a field of both {fields[f.name][2]} and {obj.__name__}")
-                    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                    fields[f.name] = (hints[f.name], default, obj.__name__)
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in fields and fields[f.name][0] != hints[f.name]:
+                raise ValueError(f"config key {f.name!r} is {_name(fields[f.name][0])} in {fields[f.name][2]} "
+                                 f"but {_name(hints[f.name])} in {cls.__name__}")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            fields.setdefault(f.name, (hints[f.name], default, cls.__name__))
     return fields
+
+
+def usage(prog, fields):
+    """The command line, then one line per key: `--name=default  (type)`, grouped by dataclass."""
+    lines, owner = [f"usage: {prog} CONFIG_FILE [--key=value ...]"], None
+    for key, (tp, default, cls) in fields.items():
+        if cls != owner:
+            lines.append(f"{cls}:")
+            owner = cls
+        lines.append(f"  --{key}={default!r}  ({_name(tp)})")
+    return "\n".join(lines)
 
 
 def check_type(value, tp, where):
@@ -161,12 +159,17 @@ def _name(tp):
     return tp.__name__ if typing.get_origin(tp) is None and hasattr(tp, "__name__") else str(tp)
 
 
-def load(argv, fields=None):
-    """Parse `[CONFIG_FILE] [--key=value ...]` into a SimpleNamespace holding every known key.
+def load(argv, *classes, prog=None, strict=True):
+    """Parse `[CONFIG_FILE] [--key=value ...]` into a SimpleNamespace of every key of `classes`.
 
-    Keys absent from the file and overrides take their dataclass default. `fields` defaults to schema().
+    Keys absent from the file and overrides take their dataclass default. With `prog` (a command line),
+    -h/--help prints the keys and exits 0, and no arguments print them and exit 2. `strict=False` skips
+    file keys the named classes do not own (`python model.py` reads a training config's model keys).
     """
-    fields = schema() if fields is None else fields
+    fields = schema(*classes)
+    if prog is not None and (not argv or any(a in ("-h", "--help") for a in argv)):
+        print(usage(prog, fields), file=sys.stdout if argv else sys.stderr)
+        raise SystemExit(0 if argv else 2)
     values, raws, config_file = {}, {}, None
     for arg in argv:
         if arg.startswith("--"):
@@ -179,11 +182,13 @@ def load(argv, fields=None):
             except (ValueError, SyntaxError):
                 val = raw  # bare words are strings: --out_dir=out/x
             values[key], raws[key] = (val, where), raw
+        elif "=" in arg and not os.path.isfile(arg):
+            raise ValueError(f"{arg!r}: overrides start with two dashes (did you mean --{arg}?)")
         elif config_file is not None or raws:
             raise ValueError(f"config file {arg!r}: give one config file, before the --key=value overrides")
         else:
             config_file = arg
-            values.update(parse_file(arg))
+            values.update({k: v for k, v in parse_file(arg).items() if strict or k in fields})
     for key, (val, where) in values.items():
         if key not in fields:
             close = [k for k in fields if k.replace("_", "") == key.replace("_", "") or k.startswith(key[:4])][:3]

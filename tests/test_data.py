@@ -17,6 +17,15 @@ import data
 from data import DataConfig, Loader, Tokenizer
 
 
+TOK = data.load_tokenizer  # a Loader takes the run's tokenizer, loaded once
+
+
+def TOKD(**kw):
+    """(DataConfig(**kw), its tokenizer): the first two arguments of a Loader."""
+    cfg = DataConfig(**kw)
+    return cfg, TOK(cfg)
+
+
 def _write_jsonl(path, rows):
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -77,9 +86,9 @@ def test_permutation_is_a_keyed_bijection():
 
 def test_dp_equals_gradient_accumulation(mix_dir):
     cfg = DataConfig(data_dir=mix_dir, seq_len=32, mixture={"a": 0.5, "b": 0.3, "c": 0.2})
-    single = Loader(cfg, micro_batch_size=3, accum=4, seed=7)
-    ranks = [Loader(cfg, micro_batch_size=3, accum=1, seed=7, rank=r, world_size=4) for r in range(4)]
-    two = [Loader(cfg, micro_batch_size=3, accum=2, seed=7, rank=r, world_size=2) for r in range(2)]
+    single = Loader(cfg, TOK(cfg), micro_batch_size=3, accum=4, seed=7)
+    ranks = [Loader(cfg, TOK(cfg), micro_batch_size=3, accum=1, seed=7, dp_rank=r, dp_size=4) for r in range(4)]
+    two = [Loader(cfg, TOK(cfg), micro_batch_size=3, accum=2, seed=7, dp_rank=r, dp_size=2) for r in range(2)]
     for step in (0, 1, 13):
         for m in range(4):
             want = single.get(step, m)
@@ -89,24 +98,24 @@ def test_dp_equals_gradient_accumulation(mix_dir):
 
 def test_same_step_same_batch_any_order(mix_dir):
     cfg = DataConfig(data_dir=mix_dir, seq_len=32, mixture={"a": 0.5, "b": 0.5})
-    l1, l2 = Loader(cfg, 4, 2, seed=3), Loader(cfg, 4, 2, seed=3)
+    l1, l2 = Loader(cfg, TOK(cfg), 4, 2, seed=3), Loader(cfg, TOK(cfg), 4, 2, seed=3)
     in_order = {(s, m): l1.get(s, m) for s in range(6) for m in range(2)}
     backwards = {(s, m): l2.get(s, m) for s in (5, 4, 3, 2, 1, 0) for m in (1, 0)}  # e.g. after a resume
     for key, batch in in_order.items():
         assert all(torch.equal(u, v) for u, v in zip(batch, backwards[key])), key
-    assert not torch.equal(Loader(cfg, 4, 2, seed=4).get(0, 0)[0], in_order[0, 0][0])
+    assert not torch.equal(Loader(cfg, TOK(cfg), 4, 2, seed=4).get(0, 0)[0], in_order[0, 0][0])
 
 
 def test_rows_cover_each_epoch_once_and_match_the_stream(mix_dir, byte_tok):
     T = 32
-    loader = Loader(DataConfig(data_dir=mix_dir, seq_len=T, mixture={"a": 1.0}), 1, 1, seed=0)
+    loader = Loader(*TOKD(data_dir=mix_dir, seq_len=T, mixture={"a": 1.0}), 1, 1, seed=0)
     R = loader.rows["a"]
     stream = np.fromfile(os.path.join(mix_dir, "a", "train_00000.bin"), dtype=np.uint16, offset=128)
     assert R == (len(stream) - 1) // T
     epochs = [[loader.locate(s, 0)[1][0] for s in range(e * R, (e + 1) * R)] for e in (0, 1)]
     assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(R)) and epochs[0] != epochs[1]
     # row r is tokens [r*T, r*T + T + 1) of the shard, read here straight from the file
-    loader = Loader(DataConfig(data_dir=mix_dir, seq_len=T, mixture={"a": 1.0}), 6, 1, seed=0)
+    loader = Loader(*TOKD(data_dir=mix_dir, seq_len=T, mixture={"a": 1.0}), 6, 1, seed=0)
     x, y, _ = loader.get(2, 0)
     for i, r in enumerate(loader.locate(2, 0)[1].tolist()):
         assert x[i].tolist() == stream[r * T:r * T + T].tolist()
@@ -115,7 +124,7 @@ def test_rows_cover_each_epoch_once_and_match_the_stream(mix_dir, byte_tok):
 
 def test_mixture_within_one_percent_over_10k_rows(mix_dir):
     for weights in ({"a": 0.7, "b": 0.2, "c": 0.1}, {"a": 0.5, "b": 0.333, "c": 0.167}):
-        loader = Loader(DataConfig(data_dir=mix_dir, seq_len=16, mixture=weights), 50, 1, seed=1)
+        loader = Loader(*TOKD(data_dir=mix_dir, seq_len=16, mixture=weights), 50, 1, seed=1)
         src = sum((_source_of_rows(loader.get(s, 0)[0]) for s in range(200)), [])
         assert len(src) == 10_000
         for s, w in weights.items():
@@ -126,7 +135,7 @@ def test_stages_switch_at_their_start_step(mix_dir):
     G = 8
     cfg = DataConfig(data_dir=mix_dir, seq_len=16, mixture={"a": 1.0},
                      stages=[[5, {"b": 0.5, "c": 0.5}], [9, {"a": 0.75, "b": 0.25}]])
-    loader = Loader(cfg, G, 1, seed=0)
+    loader = Loader(cfg, TOK(cfg), G, 1, seed=0)
     assert loader.weights_at(4) == {"a": 1.0} and loader.weights_at(5) == {"b": 0.5, "c": 0.5}
     assert loader.weights_at(9) == {"a": 0.75, "b": 0.25}
     seen = {s: set(_source_of_rows(loader.get(s, 0)[0])) for s in range(14)}
@@ -141,9 +150,9 @@ def test_stages_switch_at_their_start_step(mix_dir):
     R = loader.rows["a"]
     assert len(draws) >= R and len(set(draws[:R])) == R
     with pytest.raises(ValueError, match=r"stages\[1\]: start step 5"):
-        Loader(DataConfig(data_dir=mix_dir, stages=[[5, {"a": 1.0}], [5, {"b": 1.0}]]), 1, 1, 0)
+        Loader(*TOKD(data_dir=mix_dir, stages=[[5, {"a": 1.0}], [5, {"b": 1.0}]]), 1, 1, 0)
     with pytest.raises(ValueError, match="no train split of source 'web'"):
-        Loader(DataConfig(data_dir=mix_dir, mixture={"web": 1.0}), 1, 1, 0)
+        Loader(*TOKD(data_dir=mix_dir, mixture={"web": 1.0}), 1, 1, 0)
 
 
 def test_pos_restarts_at_every_document_start(tmp_path, byte_tok):
@@ -160,9 +169,10 @@ def test_pos_restarts_at_every_document_start(tmp_path, byte_tok):
                                      tok_hash, 2)
     shard = {"path": "s/val_00000.bin", "tokens": n_tok, "documents": n_docs}
     manifest = {"version": 1, "tokenizer_hash": tok_hash, "n_vocab": byte_tok.n_vocab,
-                "sources": {"s": {"val": {"files": [], "documents": n_docs, "tokens": n_tok, "shards": [shard]}}}}
+                "sources": {"s": {split: {"files": [], "documents": n_docs, "tokens": n_tok, "shards": [shard]}
+                                  for split in ("train", "val")}}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    loader = Loader(DataConfig(data_dir=str(tmp_path), seq_len=T, mixture={"s": 1.0}), 2, 1, 0, split="val")
+    loader = Loader(*TOKD(data_dir=str(tmp_path), seq_len=T, mixture={"s": 1.0}), 2, 1, 0)
     n_rows = (len(stream) - 1) // T
     x, y, pos = loader.val_rows("s", n_rows)
     for r in range(n_rows):
@@ -255,7 +265,7 @@ def test_shard_checks_tokenizer_and_size(tmp_path, mix_dir, byte_tok):
         data.open_shard(src, other.hash)
     other.save(str(tmp_path / "other.txt"))
     with pytest.raises(ValueError, match="dataset was tokenized with"):
-        Loader(DataConfig(data_dir=mix_dir, tokenizer=str(tmp_path / "other.txt"), mixture={"a": 1.0}), 1, 1, 0)
+        Loader(*TOKD(data_dir=mix_dir, tokenizer=str(tmp_path / "other.txt"), mixture={"a": 1.0}), 1, 1, 0)
     blob = open(src, "rb").read()
     cut = tmp_path / "cut.bin"
     cut.write_bytes(blob[:-3])
@@ -462,7 +472,7 @@ def test_prepare_default_builds_once(tmp_path):
     before = stamps()
     data.prepare_default(d, 512)
     assert stamps() == before  # nothing rebuilt
-    x, y, pos = Loader(DataConfig(data_dir=d, seq_len=64), 4, 1, seed=0).get(0, 0)
+    x, y, pos = Loader(*TOKD(data_dir=d, seq_len=64), 4, 1, seed=0).get(0, 0)
     assert x.shape == (4, 64) and int(x.max()) < 512
     with pytest.raises(ValueError, match="has 512 ids but vocab_size is 1024"):
         data.prepare_default(d, 1024)

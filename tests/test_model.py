@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import config
 import model as M
 from model import Model, ModelConfig
+from train import CONFIGS as ALL
 
 
 def small_cfg(**kw):
@@ -213,7 +214,7 @@ def test_load_errors_name_the_tensor(tmp_path):
 
 
 def test_parameter_count_smollm3_on_meta():
-    ns = config.load(["config/smollm3.py"])
+    ns = config.load(["config/smollm3.py"], *ALL)
     cfg = ModelConfig(**config.pick(ns, ModelConfig))
     with torch.device("meta"):
         m = Model(cfg)
@@ -228,27 +229,27 @@ def test_config_errors(tmp_path):
     f = tmp_path / "c.py"
     f.write_text("d_model = 64\nn_layrs = 2\n")
     with pytest.raises(ValueError, match=r"c.py:2: unknown config key 'n_layrs' \(did you mean n_layers"):
-        config.load([str(f)])
+        config.load([str(f)], *ALL)
     f.write_text("d_model = '64'\n")
     with pytest.raises(ValueError, match=r"c.py:1: key 'd_model': expected int, got str '64'"):
-        config.load([str(f)])
+        config.load([str(f)], *ALL)
     with pytest.raises(ValueError, match="override --rope_theta: key 'rope_theta': expected float"):
-        config.load(["--rope_theta=[1]"])
+        config.load(["--rope_theta=[1]"], *ALL)
     with pytest.raises(ValueError, match="config file not found: nope/missing.py"):
-        config.load(["nope/missing.py"])
+        config.load(["nope/missing.py"], *ALL)
     f.write_text("import os\n")
     with pytest.raises(ValueError, match=r"c.py:1: expected `name = value`"):
-        config.load([str(f)])
+        config.load([str(f)], *ALL)
     f.write_text("d_model = os.system('true')\n")
     with pytest.raises(ValueError, match=r"c.py:1: expected a literal value"):
-        config.load([str(f)])
+        config.load([str(f)], *ALL)
     f.write_text("d_model = 32 * 2\nsliding_window = None\n")
-    ns = config.load([str(f), "--sliding_window=128", "--rope_theta=5e5", "--attn_impl=triton"])
+    ns = config.load([str(f), "--sliding_window=128", "--rope_theta=5e5", "--attn_impl=triton"], *ALL)
     assert (ns.d_model, ns.sliding_window, ns.rope_theta, ns.attn_impl) == (64, 128, 5e5, "triton")
     assert isinstance(ns.rope_theta, float)
     # typed containers are checked element by element, and the message points at the element
     f.write_text("mixture = {'web': 3, 'code': 1.5}\nstages = [[100, {'web': 1}]]\nsample_prompts = ['a']\n")
-    ns = config.load([str(f), "--init_from=2024", "--out_dir=1e3"])
+    ns = config.load([str(f), "--init_from=2024", "--out_dir=1e3"], *ALL)
     assert ns.mixture == {"web": 3.0, "code": 1.5} and ns.stages == [[100, {"web": 1}]]
     assert (ns.init_from, ns.out_dir) == ("2024", "1e3")  # a string key takes the override as typed
     bad = {"mixture = {'web': 'x'}": r"c.py:1: key 'mixture'\['web'\]: expected float, got str 'x'",
@@ -259,22 +260,53 @@ def test_config_errors(tmp_path):
     for line, msg in bad.items():
         f.write_text(line + "\n")
         with pytest.raises(ValueError, match=msg):
-            config.load([str(f)])
+            config.load([str(f)], *ALL)
     f.write_text("d_model = 64\n")
     with pytest.raises(ValueError, match="give one config file, before the --key=value overrides"):
-        config.load([str(f), str(f)])
+        config.load([str(f), str(f)], *ALL)
     for kw, msg in [({"loss_chunk": 0}, "loss_chunk must be > 0"), ({"d_model": 65}, "d_model \\(65\\) must be divisible by n_heads")]:
         with pytest.raises(ValueError, match=msg):
             small_cfg(**kw)
 
 
-def test_config_field_names_are_unique_across_files(tmp_path, monkeypatch):
-    for name, field in [("cfg_a", "lr: float = 1.0"), ("cfg_b", "lr: float = 2.0")]:
-        (tmp_path / f"{name}.py").write_text(f"from dataclasses import dataclass\n@dataclass\nclass {name.upper()}Config:\n    {field}\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(config, "SCHEMA_MODULES", ("cfg_a", "cfg_b"))
-    with pytest.raises(ValueError, match="config key 'lr' is a field of both CFG_AConfig and CFG_BConfig"):
-        config.schema()
+def test_config_classes_named_by_the_entry_point(tmp_path, capsys):
+    """Only the named classes' keys are known; a shared key needs one type; --help lists keys and exits."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class AConfig:
+        lr: float = 1.0
+        steps: int = 3
+
+    @dataclass
+    class BConfig:
+        lr: float = 2.0
+
+    @dataclass
+    class CConfig:
+        lr: int = 2
+
+    ns = config.load(["--lr=0.5"], AConfig, BConfig)
+    assert ns.lr == 0.5 and config.pick(ns, BConfig) == {"lr": 0.5}
+    assert config.load([], AConfig).lr == 1.0      # the first class's default where both have one
+    with pytest.raises(ValueError, match="config key 'lr' is float in AConfig but int in CConfig"):
+        config.load([], AConfig, CConfig)
+    with pytest.raises(ValueError, match="unknown config key 'd_model'"):
+        config.load(["--d_model=3"], AConfig)
+    f = tmp_path / "c.py"
+    f.write_text("lr = 0.1\nd_model = 64\n")
+    with pytest.raises(ValueError, match=r"c.py:2: unknown config key 'd_model'"):
+        config.load([str(f)], AConfig)
+    assert vars(config.load([str(f)], AConfig, strict=False)) == {"lr": 0.1, "steps": 3}
+    with pytest.raises(ValueError, match=r"'steps=3': overrides start with two dashes \(did you mean --steps=3\?\)"):
+        config.load([str(f), "steps=3"], AConfig)
+    for argv, code in [(["--help"], 0), ([str(f), "-h"], 0), ([], 2)]:
+        with pytest.raises(SystemExit) as e:
+            config.load(argv, AConfig, prog="python x.py")
+        assert e.value.code == code
+        out = capsys.readouterr()
+        assert (out.out if code == 0 else out.err).splitlines() == [
+            "usage: python x.py CONFIG_FILE [--key=value ...]", "AConfig:", "  --lr=1.0  (float)", "  --steps=3  (int)"]
 
 
 @pytest.fixture(scope="module")
@@ -400,7 +432,7 @@ def test_transformers_config_defaults_give_smollm3(hf, tmp_path):
     """Their default SmolLM3Config (the released 3B shape) parses to our smollm3 config."""
     hf.SmolLM3Config().to_json_file(tmp_path / "config.json")
     cfg = Model.config_from_hf(tmp_path / "config.json")
-    ns = config.load(["config/smollm3.py"])
+    ns = config.load(["config/smollm3.py"], *ALL)
     ours = ModelConfig(**config.pick(ns, ModelConfig))
     for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "nope_interval", "rms_eps", "tie_embeddings", "head_dim"):
         assert getattr(cfg, k) == getattr(ours, k), k
@@ -428,14 +460,14 @@ def test_summary_cli_prints_smollm3_count(capsys):
 def test_config_base_file_is_read_first(tmp_path):
     (tmp_path / "a.py").write_text("d_model = 64\nn_layers = 2\n")
     (tmp_path / "b.py").write_text('"""an ablation"""\nbase = "a.py"\nn_layers = 3\n')
-    ns = config.load([str(tmp_path / "b.py"), "--d_model=32"])
+    ns = config.load([str(tmp_path / "b.py"), "--d_model=32"], *ALL)
     assert (ns.d_model, ns.n_layers) == (32, 3)
     (tmp_path / "a.py").write_text('base = "b.py"\n')
     with pytest.raises(ValueError, match="loops back"):
-        config.load([str(tmp_path / "b.py")])
+        config.load([str(tmp_path / "b.py")], *ALL)
     (tmp_path / "c.py").write_text('n_layers = 3\nbase = "a.py"\n')
     with pytest.raises(ValueError, match=r"c.py:2: `base` must be the first assignment"):
-        config.load([str(tmp_path / "c.py")])
+        config.load([str(tmp_path / "c.py")], *ALL)
 
 
 def test_yarn_matches_transformers(tmp_path, hf):

@@ -69,7 +69,7 @@ def write_config(path, **keys):
 
 def make_ns(tmp_path, corpus, name="run", **over):
     keys = {**MODEL, **TRAIN, **corpus, "out_dir": str(tmp_path / name), **over}
-    return load([write_config(tmp_path / f"{name}.py", **keys)])
+    return load([write_config(tmp_path / f"{name}.py", **keys)], *train.CONFIGS)
 
 
 def train_records(run_dir):
@@ -324,7 +324,7 @@ def test_init_from_loads_weights_for_a_new_stage(tmp_path, corpus):
                  warmup_steps=1, decay_frac=0.0, batch_size=4)
     train.train(ns)
     ref = Model.from_pretrained(train.latest_checkpoint(first["run_dir"]), rope_theta=1e6)
-    x, y, pos = Loader(DataConfig(**pick(ns, DataConfig)), 4, 1, ns.seed).get(0, 0)
+    x, y, pos = Loader(dc := DataConfig(**pick(ns, DataConfig)), data.load_tokenizer(dc), 4, 1, ns.seed).get(0, 0)
     with torch.no_grad():
         _, loss = ref(x, y, pos)
     assert train_records(ns.out_dir)[0]["loss"] == loss.item()
@@ -345,7 +345,8 @@ def test_accumulation_matches_one_big_micro_batch(tmp_path, corpus):
 def test_evaluate_bits_per_byte_against_cross_entropy(corpus):
     torch.manual_seed(0)
     model = Model(ModelConfig(**MODEL))
-    loader = Loader(DataConfig(**{k: v for k, v in corpus.items()}, seq_len=32), 4, 1, 0, split="val")
+    dc = DataConfig(**corpus, seq_len=32)
+    loader = Loader(dc, data.load_tokenizer(dc), 4, 1, 0)
     val_sets = {s: loader.val_rows(s, 6) for s in ("prose", "sums")}
     token_bytes = torch.tensor([1] * 256 + [0] * 7)                    # byte-level: one byte per id, specials none
     loss, bpb = train.evaluate(model, val_sets, token_bytes, 4, contextlib.nullcontext(), torch.device("cpu"))
@@ -468,7 +469,7 @@ def test_shipped_configs_resolve_and_hold_their_numbers():
     for path in sorted(glob.glob(os.path.join(ROOT, "config", "*.py"))):
         name = os.path.basename(path)[:-3]
         if name != "__init__":
-            ns = load([path])
+            ns = load([path], *train.CONFIGS)
             resolved[name] = (ns, *train.resolve(ns))
     tokens = {k: tc.batch_size * dc.seq_len for k, (_, _, dc, tc) in resolved.items()}
     assert tokens["smollm3"] == tokens["smollm3_long_32k"] == tokens["smollm3_long_64k"] == 2_359_296
