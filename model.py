@@ -3,38 +3,28 @@
     python model.py config/smollm3.py           # architecture summary (meta device: no weights allocated)
     python model.py config/tiny.py --n_layers=4 # any config file, any override
 
-Architecture (SmolLM3-3B): pre-norm decoder, RMSNorm (eps 1e-6), SwiGLU MLP (gate, up, down; SiLU),
-grouped-query attention (16 query heads, 4 KV heads, head_dim 128), no biases anywhere, tied input/output
-embeddings, normal(0, 0.02) init. RoPE is the half-split ("rotate_half") layout with
-inv_freq = 1 / theta^(arange(0, D, 2) / D). RNoPE: layer i (0-based) skips RoPE when
-(i + 1) % nope_interval == 0, so with interval 4 layers 3, 7, ..., 35 see no positional signal.
+    model = Model(ModelConfig(...))
+    logits = model(x, pos=pos)                  # x, pos [B, T] -> [B, T, V] fp32
+    _, loss = model(x, y, pos)                  # chunked cross-entropy (+ z-loss); y = -100 is ignored
+    model.generate(prompts, max_new_tokens)     # KV cache: prefill, then decode_one_token per step
+    Model.from_pretrained(dir) / model.save_pretrained(dir)    # transformers' SmolLM3 layout
 
-Design choices:
-- Packed sequences are described by `pos`: per-document positions that restart at 0 at each document
-  start. RoPE uses `pos`; with `doc_masking` a token attends only to earlier tokens of its own document
-  (document id = cumsum(pos == 0) along the row). With `doc_masking=False` the row is one causal sequence
-  and RoPE uses plain 0..T-1 positions, which is the playbook's "no intra-document masking" baseline.
-- `sliding_window` (None = off) limits every layer to the last `window` tokens (i - j < window).
-- `attn_impl`: "sdpa" is PyTorch's scaled_dot_product_attention (the CPU path and the reference);
-  "triton" calls kernels.flash_attention, our FlashAttention-2 kernel (GPU only).
-- The loss never materialises [B*T, V] fp32 logits: the LM head and cross-entropy run over chunks of
-  `loss_chunk` rows, each under activation checkpointing, so peak memory is one chunk's logits
-  (a 4096-token micro-batch at a 128k vocab would otherwise hold 2 GB of fp32 logits). z-loss
-  (PaLM) adds z_loss * logsumexp(logits)^2 per token.
-- Numerics follow transformers' SmolLM3: RMSNorm normalises in fp32 and rounds before the weight; RoPE
-  angles are fp32 and cos/sin are rounded to the residual stream's dtype. A bf16 model therefore gives
-  SmolLM3ForCausalLM's bf16 logits bit-for-bit, and so does an fp32 model under bf16 autocast.
-- Checkpoints are the transformers SmolLM3 layout (config.json + model.safetensors), so a directory we
-  write loads in SmolLM3ForCausalLM and a released SmolLM3 checkpoint (sharded, with an index) loads
-  here, keeping its dtype. Our parameter names are short; HF_NAMES maps them. qk_norm has no SmolLM3
-  equivalent and is saved under Qwen3's names.
-- generate() keeps a preallocated per-layer KV cache of n_kv_heads (GQA-sized), left-pads a batch of
-  prompts of different lengths, and decodes one token per step for the whole batch: per step one
-  [B, 1, S] mask shared by all layers and one device-to-host copy of the sampled ids.
+pos holds per-document positions: 0 at each document start, -1 for padding (nothing attends to or from
+it, and its attention output is 0); pos None is one causal sequence per row. A bf16 model gives
+transformers' SmolLM3ForCausalLM bf16 logits bit-for-bit, and so does an fp32 model under bf16 autocast.
+
+Sections:
+    ModelConfig                 the knobs, their checks, the special ids, nope_layers
+    RMSNorm, RoPE (+ YaRN)      rope_frequencies, rope_cos_sin, apply_rope
+    doc_causal_mask             the one attention mask (kernels.py's PyTorch twin uses it too)
+    Attention, MLP, Block       attn_impl "sdpa" (CPU, reference) or "triton" (kernels.py, GPU)
+    KVCache, Model              forward and loss, accounting, generation, HF checkpoints
+    HF names, atomic_write, sample, summary, main
 """
 import json
 import math
 import os
+import pathlib
 import sys
 import typing
 from dataclasses import asdict, dataclass
@@ -57,21 +47,22 @@ class ModelConfig:
     rope_theta: float = 50000.0
     yarn_factor: float = 1.0       # YaRN context extension (SmolLM3: 2 at inference for 128k); 1 = off
     yarn_original_max_position: int = 65536  # the context the model was trained at, for YaRN
-    nope_interval: int = 4         # RNoPE; 0 = RoPE in every layer
+    nope_interval: int = 4         # RNoPE: layer i skips RoPE when (i + 1) % nope_interval == 0; 0 = RoPE everywhere
     max_position_embeddings: int = 65536
     rms_eps: float = 1e-6
     tie_embeddings: bool = True
-    doc_masking: bool = True
-    sliding_window: int | None = None
+    doc_masking: bool = True       # False: a row is one causal sequence (the playbook's baseline)
+    sliding_window: int | None = None  # every layer sees the last `window` tokens (i - j < window)
     qk_norm: bool = False
-    z_loss: float = 0.0
+    z_loss: float = 0.0            # PaLM: adds z_loss * logsumexp(logits)^2 per token
     attn_impl: str = "sdpa"        # "sdpa" | "triton"
     init_std: float = 0.02
     loss_chunk: int = 2048         # rows of the LM head + CE computed at once
     act_ckpt: bool = False         # recompute each layer in backward: ~1/3 more compute, activations of 1 layer
-    bos_id: int = 128000
-    eos_id: int = 128001
-    pad_id: int = 128004
+    # special ids, None = none; train.py takes them from the tokenizer, config.json records them
+    bos_id: int | None = None
+    eos_id: int | None = None
+    pad_id: int | None = None
 
     def __post_init__(self):
         for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "loss_chunk", "max_position_embeddings"):
@@ -87,12 +78,22 @@ class ModelConfig:
                   (self.nope_interval >= 0, f"nope_interval must be >= 0, got {self.nope_interval}"),
                   (self.yarn_factor >= 1.0, f"yarn_factor must be >= 1 (1 = off), got {self.yarn_factor}"),
                   (self.sliding_window is None or self.sliding_window > 0, f"sliding_window must be None or > 0, got {self.sliding_window}")]
+        # an id past the vocabulary cannot be embedded (transformers refuses such a pad_token_id outright)
+        checks += [(getattr(self, k) is None or 0 <= getattr(self, k) < self.vocab_size,
+                    f"{k} {getattr(self, k)} is outside the vocabulary (vocab_size {self.vocab_size})")
+                   for k in ("bos_id", "eos_id", "pad_id")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"model config: {msg}")
 
-    def uses_rope(self, i):
-        return self.nope_interval == 0 or (i + 1) % self.nope_interval != 0
+    @property
+    def nope_layers(self):
+        return nope_layers(self.n_layers, self.nope_interval)
+
+
+def nope_layers(n_layers, interval):
+    """RNoPE's layers without RoPE (0-based): with interval 4, layers 3, 7, 11, ...; interval 0: none."""
+    return [i for i in range(n_layers) if interval and (i + 1) % interval == 0]
 
 
 class RMSNorm(nn.Module):
@@ -109,16 +110,15 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(cfg):
-    """Inverse frequencies [D/2] and the cos/sin scale; YaRN when cfg.yarn_factor > 1.
-
-    YaRN (Peng et al., 2023): pairs that turn more than 32 times over the original context keep their
-    frequency, pairs that turn less than once are interpolated (frequency / factor), and a linear ramp over
-    the dimension index blends between; pair i turns r times at index d * ln(L / (2 pi r)) / (2 ln theta).
-    cos and sin are scaled by 0.1 ln(factor) + 1, which sharpens attention logits as the paper prescribes."""
+    """Inverse frequencies [D/2] (half-split layout: 1 / theta^(arange(0, D, 2) / D)) and the cos/sin scale."""
     d, theta, s = cfg.head_dim, cfg.rope_theta, cfg.yarn_factor
     inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
     if s == 1.0:
         return inv_freq, 1.0
+    # YaRN (Peng et al., 2023): pairs that turn more than 32 times over the original context keep their
+    # frequency, pairs that turn less than once are interpolated (frequency / factor), a linear ramp over the
+    # pair index blends between; pair i turns r times at index d * ln(L / (2 pi r)) / (2 ln theta). The
+    # 0.1 ln(factor) + 1 scale on cos and sin sharpens the attention logits, as the paper prescribes.
     index_at = lambda turns: d * math.log(cfg.yarn_original_max_position / (2 * math.pi * turns)) / (2 * math.log(theta))
     lo, hi = max(math.floor(index_at(32)), 0), min(math.ceil(index_at(1)), d - 1)
     interp = ((torch.arange(d // 2, dtype=torch.float32) - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
@@ -126,14 +126,12 @@ def rope_frequencies(cfg):
 
 
 def rope_cos_sin(pos, cfg, dtype=torch.float32):
-    """cos, sin [B, T, 1, D] for per-token positions pos [B, T] (half-split layout), in `dtype`.
-
-    Angles are always computed in fp32; cos/sin are then rounded to the residual stream's dtype, as
-    transformers does, so a bf16 model gives transformers' bf16 logits bit-for-bit. Under autocast the
-    residual stream is fp32 and RoPE stays fp32."""
+    """cos, sin [B, T, 1, D] for positions pos [B, T] >= 0, in `dtype`."""
     inv_freq, scale = rope_frequencies(cfg)
+    # angles in fp32, cos/sin rounded to the residual stream's dtype as transformers does (bit-exact bf16);
+    # under autocast the residual stream is fp32 and so is RoPE
     ang = pos.float()[..., None] * inv_freq.to(pos.device)  # [B, T, D/2]
-    ang = torch.cat([ang, ang], dim=-1)[:, :, None]         # [B, T, 1, D]
+    ang = torch.cat([ang, ang], dim=-1)[:, :, None]
     return (ang.cos() * scale).to(dtype), (ang.sin() * scale).to(dtype)
 
 
@@ -143,15 +141,17 @@ def apply_rope(x, cos, sin):
 
 
 def doc_causal_mask(pos, window=None, doc_masking=True):
-    """Boolean attention mask [B, 1, T, T] (True = may attend) from per-document positions."""
+    """Boolean attention mask [B, 1, T, T] (True = may attend) from per-document positions pos [B, T]."""
     T = pos.shape[1]
     i = torch.arange(T, device=pos.device)
-    allowed = (i[None, :] <= i[:, None])[None]        # [1, T, T] causal
-    if doc_masking:
-        doc = torch.cumsum(pos == 0, dim=1)            # [B, T]
-        allowed = allowed & (doc[:, :, None] == doc[:, None, :])
+    allowed = (i[None, :] <= i[:, None])[None]                 # [1, T, T] causal
     if window is not None:
         allowed = allowed & (i[:, None] - i[None, :] < window)[None]
+    real = pos >= 0                                            # padding (pos -1) is invisible both ways
+    allowed = allowed & real[:, :, None] & real[:, None, :]
+    if doc_masking:
+        doc = torch.cumsum(pos <= 0, dim=1)                    # a document starts at pos 0 (or a padding run)
+        allowed = allowed & (doc[:, :, None] == doc[:, None, :])
     return allowed[:, None]
 
 
@@ -159,7 +159,7 @@ class Attention(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
-        self.use_rope = cfg.uses_rope(layer_idx)
+        self.use_rope = layer_idx not in cfg.nope_layers
         H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q = nn.Linear(cfg.d_model, H * D, bias=False)
         self.k = nn.Linear(cfg.d_model, Hkv * D, bias=False)
@@ -168,8 +168,9 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(D, cfg.rms_eps), RMSNorm(D, cfg.rms_eps)
 
-    def forward(self, x, rope, mask, cache=None):
-        """x [B, T, C]; rope = (cos, sin); mask: bool [B, 1, T, S] / None (causal) / ("triton", pos)."""
+    def forward(self, x, rope, pos, mask, cache=None):
+        """x [B, T, C]; rope = (cos, sin); pos [B, T] (-1 = padding) or None (causal rows, no padding);
+        mask: SDPA's bool mask [B, 1, T, S], or None for causal (the Triton kernel masks from pos itself)."""
         B, T, _ = x.shape
         cfg = self.cfg
         q = self.q(x).view(B, T, cfg.n_heads, cfg.head_dim)     # [B, T, H, D]
@@ -181,27 +182,31 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # fp32 RoPE / qk-norm weights promote q, k under autocast; attention takes one dtype (v's: bf16 there)
         q, k = q.to(v.dtype), k.to(v.dtype)
-        if isinstance(mask, tuple):
-            import kernels  # GPU path; imported here so the CPU path never needs triton
-            o = kernels.flash_attention(q, k, v, mask[1], cfg.sliding_window)
+        if cfg.attn_impl == "triton" and cache is None:
+            if not x.is_cuda:
+                raise RuntimeError("attn_impl='triton' needs a CUDA GPU; use attn_impl='sdpa' on CPU")
+            import kernels  # imported here so that the CPU path never needs triton
+            return self.o(kernels.flash_attention(q, k, v, pos, cfg.sliding_window).reshape(B, T, -1))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)     # [B, Hkv, S, D]
+        rep = cfg.n_heads // cfg.n_kv_heads
+        if mask is not None and rep > 1 and T == 1:
+            # decoding: the rep query heads sharing a KV head become rep query rows of that head, so the
+            # cache is read as is (no GQA expansion) and the [B, 1, 1, S] mask covers every row
+            o = F.scaled_dot_product_attention(q.reshape(B, cfg.n_kv_heads, rep, -1), k, v, attn_mask=mask)
+            o = o.reshape(B, cfg.n_heads, 1, -1)
         else:
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-            if cache is not None:
-                k, v = cache.update(self.layer_idx, k, v)     # [B, Hkv, S, D]
-            rep = cfg.n_heads // cfg.n_kv_heads
-            if mask is not None and rep > 1 and T == 1:
-                # decoding: the rep query heads sharing a KV head become rep query rows of that head, so
-                # the cache is read as is (no GQA expansion) and the [B, 1, 1, S] mask covers every row
-                o = F.scaled_dot_product_attention(q.reshape(B, cfg.n_kv_heads, rep, -1), k, v, attn_mask=mask)
-                o = o.reshape(B, cfg.n_heads, 1, -1)
-            else:
-                if mask is not None and rep > 1 and q.is_cuda:
-                    # CUDA's fused kernels may not take a mask and GQA together; the fallback, the math
-                    # kernel, holds [B, H, T, T] scores. Expanding K/V keeps the fused kernel.
-                    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                   enable_gqa=k.shape[1] != q.shape[1])
-            o = o.transpose(1, 2)                              # [B, T, H, D]
+            if mask is not None and rep > 1 and q.is_cuda:
+                # CUDA's fused kernels may not take a mask and GQA together; the fallback, the math kernel,
+                # holds [B, H, T, T] scores. Expanding K/V keeps the fused kernel.
+                k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=k.shape[1] != q.shape[1])
+        o = o.transpose(1, 2)                              # [B, T, H, D]
+        if pos is not None:
+            # a padding query saw only itself (Model.sdpa_mask); its output is 0 by contract
+            o = o.masked_fill((pos < 0)[:, :, None, None], 0.0)
         return self.o(o.reshape(B, T, -1))
 
 
@@ -224,18 +229,20 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, mask, cache=None):
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
+    def forward(self, x, rope, pos, mask, cache=None):
+        x = x + self.attn(self.attn_norm(x), rope, pos, mask, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class KVCache:
-    """Preallocated keys/values per layer, [B, Hkv, S_max, D]; `length` tokens are filled."""
+    """Preallocated keys/values per layer, [B, Hkv, S_max, D], and the positions of the cached tokens
+    [B, S_max] (-1 = padding); the first `length` columns are filled."""
 
     def __init__(self, cfg, batch, max_len, device, dtype):
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = torch.full((batch, max_len), -1, device=device)
         self.length = 0
 
     def update(self, layer, k, v):
@@ -244,12 +251,16 @@ class KVCache:
         self.v[layer, :, :, t0:t1] = v
         return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
 
+    def advance(self, pos):
+        """Every layer has written the tokens at positions pos [B, T]: record them and move on."""
+        t1 = self.length + pos.shape[1]
+        self.pos[:, self.length:t1] = pos
+        self.length = t1
+
 
 def _chunk_ce(h, weight, y, z_loss):
-    """Per-token cross-entropy (+ z-loss) for one chunk: h [N, C], y [N] -> [N] (0 where y == -100).
-
-    Under bf16 autocast the logits come out of the matmul in bf16 (as in transformers); they are upcast
-    before logsumexp so the reduction itself runs in fp32."""
+    """Per-token cross-entropy (+ z-loss) for one chunk: h [N, C], y [N] -> [N] (0 where y == -100)."""
+    # under bf16 autocast the logits leave the matmul in bf16 (as in transformers); logsumexp runs in fp32
     logits = (h @ weight.t()).float()
     lse = torch.logsumexp(logits, dim=-1)
     target = logits.gather(1, y.clamp(min=0)[:, None])[:, 0]
@@ -279,41 +290,49 @@ class Model(nn.Module):
     def head_weight(self):
         return self.tok_emb.weight if self.cfg.tie_embeddings else self.lm_head.weight
 
-    def hidden(self, x, pos=None, cache=None, mask=None):
-        """Final-norm hidden states [B, T, C]. `mask` overrides the mask derived from pos (generation)."""
-        cfg = self.cfg
-        B, T = x.shape
-        docs = cfg.doc_masking and pos is not None  # pos None: one causal sequence per row
-        if not docs and cache is None:
-            pos = torch.arange(T, device=x.device).expand(B, T)
-        if mask is None and cache is None:
-            if cfg.attn_impl == "triton":
-                if x.device.type != "cuda":
-                    raise RuntimeError("attn_impl='triton' needs a CUDA GPU; use attn_impl='sdpa' on CPU")
-                mask = ("triton", pos if docs else None)
-            elif docs or cfg.sliding_window is not None:
-                mask = doc_causal_mask(pos, cfg.sliding_window, docs)
+    def sdpa_mask(self, pos):
+        """doc_causal_mask [B, 1, T, T], where every query also sees itself: CUDA's SDPA kernels may give NaN
+        for a row with nothing to attend to (a padding query), and Attention zeroes those outputs anyway."""
+        eye = torch.eye(pos.shape[1], dtype=torch.bool, device=pos.device)
+        return doc_causal_mask(pos, self.cfg.sliding_window, self.cfg.doc_masking) | eye
+
+    def hidden(self, x, pos, mask, cache=None):
+        """Final-norm hidden states [B, T, C] of tokens x at positions pos (see Attention for pos and mask)."""
         h = self.tok_emb(x)
-        rope = rope_cos_sin(pos, cfg, h.dtype)
+        rope_pos = torch.arange(x.shape[1], device=x.device)[None] if pos is None else pos.clamp(min=0)
+        rope = rope_cos_sin(rope_pos, self.cfg, h.dtype)  # padding's rotation (pos 0) is masked out anyway
         for layer in self.layers:
-            if cfg.act_ckpt and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, rope, mask, use_reentrant=False)
+            if self.cfg.act_ckpt and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, rope, pos, mask, use_reentrant=False)
             else:
-                h = layer(h, rope, mask, cache)
+                h = layer(h, rope, pos, mask, cache)
+        if cache is not None:
+            cache.advance(pos)
         return self.norm(h)
 
     def forward(self, x, y=None, pos=None, reduction="mean"):
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        h = self.hidden(x, pos)
+        cfg = self.cfg
+        if pos is not None and not cfg.doc_masking:
+            # one sequence of the row's real tokens: RoPE counts them (0..T-1 when the row has no padding)
+            real = pos >= 0
+            pos = torch.where(real, real.cumsum(1) - 1, -1)
+        # one SDPA mask for all layers; None: causal (no pos, no window), or the Triton kernel's own from pos
+        mask = None
+        if cfg.attn_impl == "sdpa" and (pos is not None or cfg.sliding_window is not None):
+            mask = self.sdpa_mask(pos if pos is not None else torch.arange(x.shape[1], device=x.device)[None])
+        h = self.hidden(x, pos, mask)
         if y is None:
             return (h @ self.head_weight.t()).float()
+        # the LM head and CE run over chunks of loss_chunk rows, each under activation checkpointing, so
+        # peak memory is one chunk's logits (4096 tokens at a 128k vocab would hold 2 GB of fp32 logits)
         B, T, C = h.shape
         h, yf = h.reshape(B * T, C), y.reshape(B * T)
-        n = self.cfg.loss_chunk
+        n = cfg.loss_chunk
         parts = []
         for i in range(0, B * T, n):
-            args = (h[i:i + n], self.head_weight, yf[i:i + n], self.cfg.z_loss)
+            args = (h[i:i + n], self.head_weight, yf[i:i + n], cfg.z_loss)
             parts.append(checkpoint(_chunk_ce, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_ce(*args))
         per_token = torch.cat(parts).view(B, T)
         if reduction == "none":
@@ -332,24 +351,36 @@ class Model(nn.Module):
         return n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward): 6 N + 12 * L * H * D * T_ctx.
-
-        N = non-embedding parameters + one V x C LM-head matmul (counted once, tied or not; the input
-        embedding is a lookup and costs nothing). Attention scores and values cost 2 * 2 * H * D * T_ctx per
-        token and layer forward, x3 for fwd+bwd. T_ctx = seq_len / 2, the mean number of keys a causal
-        query sees (PaLM's 12 L H D T counts the full square; we count only the causal half), capped by the
-        sliding window. Document masking would lower it further and is not counted.
-        """
+        """Training FLOPs per token (forward + backward): 6 N + 12 * L * H * D * T_ctx."""
         cfg = self.cfg
+        # N: non-embedding parameters + one V x C LM-head matmul, tied or not (the embedding is a lookup)
         n_matmul = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.d_model
+        # scores and values cost 2 * 2 * H * D per key, x3 for fwd+bwd; a causal query sees T/2 keys on
+        # average (PaLM's 12 L H D T counts the full square), capped by the window; doc masking not counted
         t_ctx = seq_len / 2 if cfg.sliding_window is None else min(seq_len / 2, cfg.sliding_window)
         return 6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * t_ctx
 
-    # ---- generation -------------------------------------------------------------------------------
+    # ---- generation (gpt-fast's shape: prefill, then one decode step per token) ---------------------
+    def prefill(self, x, pos, cache):
+        """Run prompts x [B, P] at positions pos (-1 = left padding) into an empty cache -> logits [B, V]
+        of the last column."""
+        h = self.hidden(x, pos, self.sdpa_mask(pos), cache)
+        return (h[:, -1] @ self.head_weight.t()).float()
+
+    def decode_one_token(self, tok, pos, cache):
+        """Append one token per row (tok, pos: [B]) to the cache -> next-token logits [B, V]."""
+        t, window = cache.length, self.cfg.sliding_window
+        # doc_causal_mask's last row for a row of one document: its real cached keys and the new token
+        seen = torch.cat([cache.pos[:, :t] >= 0, torch.ones_like(tok, dtype=torch.bool)[:, None]], 1)  # [B, t+1]
+        if window is not None:
+            seen[:, :max(t + 1 - window, 0)] = False
+        h = self.hidden(tok[:, None], pos[:, None], seen[:, None, None], cache)
+        return (h[:, -1] @ self.head_weight.t()).float()
+
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None):
-        """Sample continuations for a batch of token-id lists. Returns the new tokens of each prompt
-        (up to and including the first stop token). temperature 0 = greedy."""
+        """The new tokens of each prompt (a list of token ids), up to and including its first stop id;
+        temperature 0 = greedy. One device-to-host copy per step."""
         cfg, dev = self.cfg, self.tok_emb.weight.device
         B, lens = len(prompts), [len(p) for p in prompts]
         if B == 0:
@@ -359,28 +390,17 @@ class Model(nn.Module):
             raise ValueError("generate: every prompt needs at least one token")
         if P + max_new_tokens > cfg.max_position_embeddings:
             raise ValueError(f"generate: prompt {P} + {max_new_tokens} new tokens exceeds max_position_embeddings {cfg.max_position_embeddings}")
-        # left-pad so every row's next token lands in the same column; pads are never attended to
-        x = torch.tensor([[cfg.pad_id] * (P - len(p)) + list(p) for p in prompts], dtype=torch.long, device=dev)
-        pad = torch.tensor([P - n for n in lens], device=dev)              # [B]
-        col = torch.arange(P + max_new_tokens, device=dev)
-        valid = col[None] >= pad[:, None]                                  # [B, S_max] real tokens
-        pos_all = (col[None] - pad[:, None]).clamp(min=0)                  # [B, S_max]
+        bad = [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"generate: prompt token id {bad[0]} is outside the vocabulary (vocab_size {cfg.vocab_size})")
+        # left-pad so every row's next token lands in the same column; padding has pos -1, so its id (0,
+        # whatever pad_id is) is never seen
+        x = torch.tensor([[0] * (P - n) + list(p) for p, n in zip(prompts, lens)], device=dev)
+        pos = torch.tensor([[-1] * (P - n) + list(range(n)) for n in lens], device=dev)
         cache = KVCache(cfg, B, P + max_new_tokens, dev, self.tok_emb.weight.dtype)
-
-        def step(tokens, t0):
-            T = tokens.shape[1]
-            qi, kj = col[t0:t0 + T], col[:t0 + T]
-            m = (kj[None, :] <= qi[:, None])[None] & valid[:, None, :t0 + T]   # [B, T, S]
-            if cfg.sliding_window is not None:
-                m = m & (qi[:, None] - kj[None, :] < cfg.sliding_window)[None]
-            m = m | (kj[None, :] == qi[:, None])[None]  # a pad query sees itself: no all-masked row, no NaN
-            h = self.hidden(tokens, pos_all[:, t0:t0 + T], cache, m[:, None])
-            cache.length += T
-            return (h[:, -1] @ self.head_weight.t()).float()                     # [B, V]
-
-        logits = step(x, 0)
-        out = [[] for _ in range(B)]
-        done, stop = [False] * B, {int(s) for s in stop_ids}
+        logits = self.prefill(x, pos, cache)
+        next_pos = torch.tensor(lens, device=dev)
+        out, done, stop = [[] for _ in range(B)], [False] * B, {int(s) for s in stop_ids}
         for t in range(max_new_tokens):
             nxt = sample(logits, temperature, top_k, top_p, generator)          # [B]
             for b, tok in enumerate(nxt.tolist()):  # the step's one device -> host sync
@@ -389,59 +409,50 @@ class Model(nn.Module):
                     done[b] = tok in stop
             if all(done) or t == max_new_tokens - 1:
                 break
-            logits = step(nxt[:, None], P + t)
+            logits = self.decode_one_token(nxt, next_pos + t, cache)
         return out
 
-    # ---- HF SmolLM3 checkpoints -------------------------------------------------------------------
+    # ---- HF SmolLM3 checkpoints: config.json + model.safetensors, as SmolLM3ForCausalLM reads them ---
     def hf_config(self):
         cfg = self.cfg
         return {
             "architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3",
-            "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
-            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-            "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-            "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta,
+            **{hf_key: getattr(cfg, k) for k, hf_key in HF_KEYS.items()},
+            "hidden_act": "silu", "rope_theta": cfg.rope_theta,
             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta} if cfg.yarn_factor == 1.0 else
                 {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.yarn_factor,
                  "original_max_position_embeddings": cfg.yarn_original_max_position},
-            "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_embeddings,
             "no_rope_layer_interval": cfg.nope_interval,
-            "no_rope_layers": [int(cfg.uses_rope(i)) for i in range(cfg.n_layers)],
+            "no_rope_layers": [int(i not in cfg.nope_layers) for i in range(cfg.n_layers)],
             # transformers applies its window only to "sliding_attention" layers: ours is every layer
             "use_sliding_window": cfg.sliding_window is not None, "sliding_window": cfg.sliding_window,
             "layer_types": ["sliding_attention" if cfg.sliding_window else "full_attention"] * cfg.n_layers,
-            "attention_bias": False, "mlp_bias": False, "initializer_range": cfg.init_std,
+            "attention_bias": False, "mlp_bias": False,
             "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id,
             "torch_dtype": str(self.tok_emb.weight.dtype).removeprefix("torch."),
-            # ours only; transformers ignores them
-            "nanosmol": {"qk_norm": cfg.qk_norm, "doc_masking": cfg.doc_masking, "z_loss": cfg.z_loss},
+            # ours only; transformers ignores them (qk_norm's weights are saved under Qwen3's names)
+            "nanosmol": {k: getattr(cfg, k) for k in NANOSMOL_KEYS},
         }
 
     def save_pretrained(self, path):
-        """Write config.json + model.safetensors in the transformers SmolLM3 layout (atomically per file)."""
+        """Write config.json + model.safetensors (each atomically)."""
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
         tensors = {hf_name(k): v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
         text = json.dumps(self.hf_config(), indent=2)
-
-        def write_text(p):
-            with open(p, "w") as f:
-                f.write(text)
-        atomic_write(os.path.join(path, "config.json"), write_text)
+        atomic_write(os.path.join(path, "config.json"), lambda p: pathlib.Path(p).write_text(text))
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
-        """Load a transformers SmolLM3 directory (ours or a released one). `overrides` set ModelConfig fields.
-
-        Weights are model.safetensors or, as in released checkpoints, the shards a
-        model.safetensors.index.json names (transformers' order of preference). Tensors keep the
-        checkpoint's dtype: a released bf16 checkpoint loads as bf16 (call .float() to train in fp32)."""
+        """Load a transformers SmolLM3 directory (ours or a released one); `overrides` set ModelConfig fields.
+        Tensors keep the checkpoint's dtype: a released bf16 checkpoint loads as bf16 (.float() to train)."""
         from safetensors import safe_open
         cfg = cls.config_from_hf(os.path.join(path, "config.json"), **overrides)
         with torch.device("meta"):
             model = cls(cfg)
         expected = {hf_name(k): v for k, v in model.state_dict().items()}
+        # transformers' order of preference: one model.safetensors, else the shards an index names
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(os.path.join(path, "model.safetensors")):
             files = ["model.safetensors"]
@@ -475,48 +486,49 @@ class Model(nn.Module):
 
     @staticmethod
     def config_from_hf(path, **overrides):
-        """ModelConfig from a transformers config.json, read the way transformers' SmolLM3Config reads it.
-
-        Anything SmolLM3ForCausalLM would compute differently from our model (biases, another activation,
-        a sliding window on only some layers, a RoPE variant we lack) is an error rather than a silent
-        mismatch. A list eos_token_id keeps its first id (generate() takes its stop ids explicitly)."""
+        """ModelConfig from a transformers config.json, read the way SmolLM3Config (or LlamaConfig) reads it.
+        What SmolLM3ForCausalLM would compute differently from our model is an error, not a silent mismatch."""
         from config import check_type
         with open(path) as f:
             try:
                 hf = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        hints = typing.get_type_hints(ModelConfig)
+
+        def get(key, tp, default=None):
+            """hf[key] of type tp, an error naming the key otherwise; default when absent or null (HF writes
+            null for unset values)."""
+            return default if hf.get(key) is None else check_type(hf[key], tp, f"{path}: {key}")
         smol = hf.get("model_type") == "smollm3"
         if not smol and hf.get("model_type") != "llama":
             raise ValueError(f"{path}: model_type {hf.get('model_type')!r}, expected 'smollm3' (or 'llama')")
         for k in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]:
-            if k not in hf:
+            if hf.get(k) is None:
                 raise ValueError(f"{path}: missing key {k!r}")
         unsupported = [k for k, ok in [("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")]
                        if hf.get(k, ok) != ok]
         if unsupported:
             raise ValueError(f"{path}: {', '.join(f'{k}={hf[k]!r}' for k in unsupported)} is not supported "
                              "(no biases, SiLU)")
-        n_layers = hf["num_hidden_layers"]
-
-        def layer_has_rope(iv):
-            return [int(iv == 0 or (i + 1) % iv != 0) for i in range(n_layers)]
-        interval = _get(hf, "no_rope_layer_interval", 4 if smol else 0)
-        if not isinstance(interval, int) or interval < 0:
-            raise ValueError(f"{path}: no_rope_layer_interval must be an int >= 0, got {interval!r}")
-        rope = hf.get("no_rope_layers")
-        if rope is not None:  # authoritative (1 = RoPE, 0 = NoPE): find an interval that reproduces it
+        kw = {k: get(hf_key, hints[k]) for k, hf_key in HF_KEYS.items() if hf.get(hf_key) is not None}
+        # absent: the defaults of transformers' config classes
+        kw = {"n_kv_heads": kw["n_heads"], "max_position_embeddings": 32768, "tie_embeddings": smol, **kw}
+        n_layers = kw["n_layers"]
+        interval = get("no_rope_layer_interval", int, 4 if smol else 0)
+        rope = get("no_rope_layers", list[int])
+        if rope is not None:  # authoritative (1 = RoPE, 0 = NoPE); the interval is what it is made of
             if len(rope) < n_layers:
                 raise ValueError(f"{path}: no_rope_layers has {len(rope)} entries for {n_layers} layers")
-            rope = [int(r) for r in rope[:n_layers]]
-            if layer_has_rope(interval) != rope:
-                cands = [iv for iv in range(n_layers + 2) if layer_has_rope(iv) == rope]
-                if not cands:
-                    raise ValueError(f"{path}: no_rope_layers {rope} is not a periodic RNoPE pattern this model supports")
-                interval = cands[0]
+            nope = [i for i, r in enumerate(rope[:n_layers]) if not r]
+            if nope != nope_layers(n_layers, interval):
+                interval = nope[0] + 1 if nope else 0
+                if nope != nope_layers(n_layers, interval):
+                    raise ValueError(f"{path}: no_rope_layers {rope[:n_layers]} is not a periodic RNoPE pattern "
+                                     f"(NoPE layers {nope}, not every nope_interval-th layer)")
         # transformers: rope_parameters (or legacy rope_scaling) wins over a top-level rope_theta
-        rope_params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        theta = rope_params.get("rope_theta") or hf.get("rope_theta") or 2e6
+        rope_params = get("rope_parameters", dict) or get("rope_scaling", dict) or {}
+        theta = check_type(rope_params.get("rope_theta") or hf.get("rope_theta") or 2e6, float, f"{path}: rope_theta")
         kind = rope_params.get("rope_type", rope_params.get("type", "default"))
         odd = {k: rope_params[k] for k, ok in [("beta_fast", 32), ("beta_slow", 1), ("attention_factor", None), ("mscale", None),
                                                ("mscale_all_dim", None), ("truncate", True), ("partial_rotary_factor", 1.0)]
@@ -524,36 +536,43 @@ class Model(nn.Module):
         if kind not in ("default", "yarn") or odd:
             raise ValueError(f"{path}: RoPE {kind!r} {odd or ''} is not supported (expected 'default', or 'yarn' "
                              "with its default beta_fast/beta_slow/attention factor)")
-        max_pos = hf.get("max_position_embeddings", 32768)
-        yarn = {}
         if kind == "yarn":
+            max_pos = kw["max_position_embeddings"]
             orig = rope_params.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings") or max_pos
-            yarn = {"yarn_factor": float(rope_params.get("factor") or max_pos / orig), "yarn_original_max_position": orig}
+            kw.update(yarn_factor=float(rope_params.get("factor") or max_pos / orig), yarn_original_max_position=orig)
         # transformers windows only layers whose layer_type is "sliding_attention" (by default the NoPE ones)
-        window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
-        types = hf.get("layer_types") or ["sliding_attention" if window and not r else "full_attention" for r in layer_has_rope(interval)]
+        window = get("sliding_window", int) if hf.get("use_sliding_window") else None
+        nope = nope_layers(n_layers, interval)
+        types = hf.get("layer_types") or ["sliding_attention" if window and i in nope else "full_attention" for i in range(n_layers)]
         windowed = {t == "sliding_attention" for t in types[:n_layers]} if window else {False}
         if len(windowed) > 1:
             raise ValueError(f"{path}: a sliding window on only some layers (layer_types) is not supported")
-        window = window if True in windowed else None
-        eos = _get(hf, "eos_token_id", 128001)
-        ours = hf.get("nanosmol", {})
-        kw = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], d_ff=hf["intermediate_size"],
-                  n_layers=n_layers, n_heads=hf["num_attention_heads"],
-                  n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                  head_dim=hf.get("head_dim"), rope_theta=theta, nope_interval=interval, max_position_embeddings=max_pos,
-                  rms_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", smol),
-                  sliding_window=window, init_std=hf.get("initializer_range", 0.02),
-                  bos_id=_get(hf, "bos_token_id", 128000), eos_id=eos[0] if isinstance(eos, list) else eos,
-                  pad_id=_get(hf, "pad_token_id", 128004), **yarn, **{k: v for k, v in ours.items() if k in ("qk_norm", "doc_masking", "z_loss")})
-        kw.update(overrides)
-        hints = typing.get_type_hints(ModelConfig)
-        for k, v in kw.items():
+        # special ids: absent takes the config class's default, null means none; a list eos keeps its
+        # first id (generate() takes its stop ids explicitly)
+        for k, hf_key, default in [("bos_id", "bos_token_id", 128000 if smol else 1),
+                                   ("eos_id", "eos_token_id", 128001 if smol else 2),
+                                   ("pad_id", "pad_token_id", 128004 if smol else None)]:
+            v = check_type(hf.get(hf_key, default), int | list[int] | None, f"{path}: {hf_key}")
+            kw[k] = (v[0] if v else None) if isinstance(v, list) else v
+        ours = get("nanosmol", dict, {})
+        kw.update({k: check_type(ours[k], hints[k], f"{path}: nanosmol.{k}") for k in NANOSMOL_KEYS if k in ours})
+        kw.update(rope_theta=theta, nope_interval=interval, sliding_window=window if True in windowed else None)
+        for k, v in overrides.items():
             if k not in hints:
                 raise ValueError(f"from_pretrained: unknown ModelConfig field {k!r}")
-            kw[k] = check_type(v, hints[k], f"{path}: {k}")
-        return ModelConfig(**kw)
+            kw[k] = check_type(v, hints[k], f"from_pretrained: {k}")
+        try:
+            return ModelConfig(**kw)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
+
+# ModelConfig field -> config.json key, where the value is the same
+HF_KEYS = {"vocab_size": "vocab_size", "d_model": "hidden_size", "d_ff": "intermediate_size",
+           "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+           "head_dim": "head_dim", "max_position_embeddings": "max_position_embeddings", "rms_eps": "rms_norm_eps",
+           "tie_embeddings": "tie_word_embeddings", "init_std": "initializer_range"}
+NANOSMOL_KEYS = ("qk_norm", "doc_masking", "z_loss")
 
 # our module name -> transformers' SmolLM3 module name (the parameter suffix, ".weight", is shared)
 HF_NAMES = {"tok_emb": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head",
@@ -580,11 +599,6 @@ def our_name(name):
         _, _, i, rest = module.split(".", 3)
         return f"layers.{i}.{OUR_NAMES[rest]}.{param}"
     return f"{OUR_NAMES[module]}.{param}"
-
-
-def _get(d, key, default):
-    """d[key] unless absent or null (HF configs write null for unset token ids)."""
-    return default if d.get(key) is None else d[key]
 
 
 def _fsync(path):
@@ -627,7 +641,7 @@ def summary(cfg, seq_len=4096):
     with torch.device("meta"):
         model = Model(cfg)
     n, n_ne = model.num_params(), model.num_params(non_embedding=True)
-    nope = [i for i in range(cfg.n_layers) if not cfg.uses_rope(i)]
+    nope = cfg.nope_layers
     kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2  # K and V, bf16
     lines = [f"{k:>24} = {v}" for k, v in asdict(cfg).items()]
     lines += ["",

@@ -54,12 +54,12 @@ def attn_out(m, layer, x, pos):
     cfg = m.cfg
     rope = M.rope_cos_sin(pos, cfg)
     mask = M.doc_causal_mask(pos, None, True)
-    return m.layers[layer].attn(x, rope, mask)
+    return m.layers[layer].attn(x, rope, pos, mask)
 
 
 def test_nope_layers_ignore_rope_theta():
     m = make(n_layers=8, nope_interval=4)
-    assert [i for i in range(8) if not m.cfg.uses_rope(i)] == [3, 7]
+    assert m.cfg.nope_layers == [3, 7]
     x = torch.randn(2, 10, 64)
     pos = torch.arange(10).expand(2, 10)
     before = {i: attn_out(m, i, x, pos) for i in range(8)}
@@ -71,7 +71,7 @@ def test_nope_layers_ignore_rope_theta():
         else:
             assert (before[i] - after).abs().max() > 1e-4, f"RoPE layer {i} ignored rope_theta"
     m0 = make(n_layers=8, nope_interval=0)
-    assert all(m0.cfg.uses_rope(i) for i in range(8))
+    assert m0.cfg.nope_layers == []
 
 
 def reference_attention(m, layer, x, pos):
@@ -114,7 +114,7 @@ def test_attention_matches_float64_reference(n_kv_heads, window):
     for layer in (0, 3):  # a RoPE layer and a NoPE layer
         cfg = m.cfg
         rope = M.rope_cos_sin(pos, cfg)
-        ours = m.layers[layer].attn(x, rope, M.doc_causal_mask(pos, window, True))
+        ours = m.layers[layer].attn(x, rope, pos, M.doc_causal_mask(pos, window, True))
         torch.testing.assert_close(ours.double(), reference_attention(m, layer, x, pos), rtol=0, atol=2e-5)
 
 
@@ -353,7 +353,7 @@ def write_released_style(path, m, shards):
               "attention_dropout": 0.0, "bos_token_id": None, "eos_token_id": [7, 2], "pad_token_id": 0,
               "hidden_act": "silu", "hidden_size": c.d_model, "intermediate_size": c.d_ff, "initializer_range": 0.02,
               "max_position_embeddings": c.max_position_embeddings, "max_window_layers": c.n_layers, "mlp_bias": False,
-              "no_rope_layer_interval": 4, "no_rope_layers": [int(c.uses_rope(i)) for i in range(c.n_layers)],
+              "no_rope_layer_interval": 4, "no_rope_layers": [int(i not in c.nope_layers) for i in range(c.n_layers)],
               "num_attention_heads": c.n_heads, "num_hidden_layers": c.n_layers, "num_key_value_heads": c.n_kv_heads,
               "pretraining_tp": 2, "rms_norm_eps": c.rms_eps, "rope_scaling": None, "rope_theta": c.rope_theta,
               "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
@@ -418,7 +418,7 @@ def test_config_from_hf_reads_like_transformers(tmp_path, hf):
         "no_rope_layers aperiodic": ({"no_rope_layers": [0, 1, 1, 1]}, "not a periodic RNoPE pattern"),
         "yarn beta": ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "beta_fast": 16, "rope_theta": 1e4}}, "'beta_fast': 16"),
         "llama3 rope": ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}}, "RoPE 'llama3'"),
-        "type": ({"hidden_size": "64"}, "c.json: d_model: expected int, got str '64'"),
+        "type": ({"hidden_size": "64"}, "c.json: hidden_size: expected int, got str '64'"),
     }
     for name, (change, msg) in errors.items():
         with pytest.raises(ValueError, match=re.escape(msg)):
@@ -512,3 +512,87 @@ def test_autocast_attention_gets_one_dtype(monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         m(torch.randint(3, 97, (1, 6)))
     assert seen == [(torch.bfloat16,) * 3] * 4
+
+
+def test_doc_causal_mask_by_hand():
+    """pos -1 (padding) sees nothing and is seen by nothing; documents start at pos 0 or after padding."""
+    pos = torch.tensor([[-1, 0, 1, 0, 1, -1, 2]])
+    pairs = lambda m: {(i, j) for i, j in zip(*torch.nonzero(m[0, 0], as_tuple=True)) for i, j in [(int(i), int(j))]}
+    assert pairs(M.doc_causal_mask(pos)) == {(1, 1), (2, 1), (2, 2), (3, 3), (4, 3), (4, 4), (6, 6)}
+    causal = {(i, j) for i in (1, 2, 3, 4, 6) for j in (1, 2, 3, 4, 6) if j <= i}
+    assert pairs(M.doc_causal_mask(pos, doc_masking=False)) == causal
+    assert pairs(M.doc_causal_mask(pos, window=2, doc_masking=False)) == {(i, j) for i, j in causal if i - j < 2}
+
+
+@pytest.mark.parametrize("doc_masking,window", [(True, None), (False, None), (True, 3)])
+def test_padding_changes_nothing_on_real_tokens(doc_masking, window):
+    """Left, middle and right padding (pos -1, y -100): the real tokens' logits, the loss and every
+    gradient equal the unpadded rows'; a padding query's attention output is exactly 0; nothing is NaN."""
+    m = make(doc_masking=doc_masking, sliding_window=window, n_kv_heads=1)
+    x = torch.randint(3, 97, (2, 9))
+    y = torch.randint(0, 97, (2, 9))
+    pos = positions([4, 5]).expand(2, 9)
+    # row 0: 3 pads on the left; row 1: 2 pads between its documents (one causal row without doc masking)
+    # and 2 on the right
+    cols = [list(range(3, 12)), [0, 1, 2, 3, 6, 7, 8, 9, 10]]
+    T = 13
+    xp, yp, pp = torch.zeros(2, T, dtype=torch.long), torch.full((2, T), -100), torch.full((2, T), -1)
+    for b, c in enumerate(cols):
+        xp[b, c], yp[b, c], pp[b, c] = x[b], y[b], pos[b]
+    if not doc_masking:  # the reference row is one sequence: padding between documents closes no gap
+        pos = None
+    zeros = []
+    hook = m.layers[0].attn.register_forward_hook(lambda mod, args, out: zeros.append(out[pp < 0]))
+    logits = m(xp, pos=pp)
+    hook.remove()
+    assert not zeros[0].any() and zeros[0].shape[0] == int((pp < 0).sum())
+    ref = m(x, pos=pos)
+    for b, c in enumerate(cols):
+        torch.testing.assert_close(logits[b, c], ref[b], rtol=0, atol=1e-5)
+    grads = []
+    for args in [(xp, yp, pp), (x, y, pos)]:
+        m.zero_grad()
+        loss = m(*args)[1]
+        loss.backward()
+        grads.append((loss, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-6)
+    for n, g in grads[0][1].items():
+        assert not g.isnan().any(), n
+        torch.testing.assert_close(g, grads[1][1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_special_ids_without_pad_or_past_the_vocabulary(tmp_path, hf):
+    """pad_token_id null: config.json stays null (transformers loads it) and generate still pads prompts of
+    unequal length; an id past the vocabulary is one line naming it and vocab_size."""
+    m = make(pad_id=None, bos_id=None)
+    m.save_pretrained(tmp_path)
+    conf = hf.SmolLM3Config.from_pretrained(tmp_path)
+    assert (conf.pad_token_id, conf.bos_token_id, conf.eos_token_id) == (None, None, 2)
+    hf.SmolLM3ForCausalLM.from_pretrained(tmp_path)
+    assert Model.from_pretrained(tmp_path).cfg == m.cfg
+    prompts = [[5, 6, 7, 8], [9]]
+    out = m.generate(prompts, max_new_tokens=4)
+    assert out == [m.generate([p], max_new_tokens=4)[0] for p in prompts]
+    base = json.loads((tmp_path / "config.json").read_text())
+    for change, msg in [({"eos_token_id": 600}, "eos_id 600 is outside the vocabulary (vocab_size 97)"),
+                        ({"eos_token_id": [120, 2]}, "eos_id 120 is outside the vocabulary (vocab_size 97)"),
+                        ({"pad_token_id": 97}, "pad_id 97 is outside the vocabulary (vocab_size 97)")]:
+        (tmp_path / "config.json").write_text(json.dumps({**base, **change}))
+        with pytest.raises(ValueError, match=re.escape(f"config.json: model config: {msg}")):
+            Model.from_pretrained(tmp_path)
+    # absent ids take SmolLM3Config's defaults, which a 97-token vocabulary cannot hold
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in base.items() if k != "bos_token_id"}))
+    with pytest.raises(ValueError, match=re.escape("bos_id 128000 is outside the vocabulary (vocab_size 97)")):
+        Model.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=re.escape("generate: prompt token id 97 is outside the vocabulary")):
+        m.generate([[5, 97]], max_new_tokens=1)
+
+
+def test_model_cli_without_arguments_prints_usage(capsys):
+    for argv, code in [([], 2), (["--help"], 0)]:
+        with pytest.raises(SystemExit) as e:
+            M.main(argv)
+        assert e.value.code == code
+        out = capsys.readouterr()
+        lines = (out.out if code == 0 else out.err).splitlines()
+        assert lines[:3] == ["usage: python model.py CONFIG_FILE [--key=value ...]", "ModelConfig:", "  --vocab_size=128256  (int)"]
