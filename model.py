@@ -337,18 +337,12 @@ class Model(nn.Module):
         per_token = torch.cat(parts).view(B, T)
         if reduction == "none":
             return None, per_token
-        if reduction == "sum":
-            return None, per_token.sum()
-        return None, per_token.sum() / (y != -100).sum().clamp(min=1)
+        return None, per_token.sum() / (1 if reduction == "sum" else (y != -100).sum().clamp(min=1))
 
     # ---- accounting -------------------------------------------------------------------------------
     def num_params(self, non_embedding=False):
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.tok_emb.weight.numel()
-            if not self.cfg.tie_embeddings:
-                n -= self.lm_head.weight.numel()
-        return n
+        embeddings = [self.tok_emb.weight] + ([] if self.cfg.tie_embeddings else [self.lm_head.weight])
+        return sum(p.numel() for p in self.parameters()) - non_embedding * sum(p.numel() for p in embeddings)
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token (forward + backward): 6 N + 12 * L * H * D * T_ctx."""
@@ -385,9 +379,9 @@ class Model(nn.Module):
         B, lens = len(prompts), [len(p) for p in prompts]
         if B == 0:
             return []
-        P = max(lens)
         if min(lens) == 0:
             raise ValueError("generate: every prompt needs at least one token")
+        P = max(lens)
         if P + max_new_tokens > cfg.max_position_embeddings:
             raise ValueError(f"generate: prompt {P} + {max_new_tokens} new tokens exceeds max_position_embeddings {cfg.max_position_embeddings}")
         bad = [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]
@@ -640,8 +634,7 @@ def summary(cfg, seq_len=4096):
     """Human-readable architecture summary, computed on the meta device (no weights allocated)."""
     with torch.device("meta"):
         model = Model(cfg)
-    n, n_ne = model.num_params(), model.num_params(non_embedding=True)
-    nope = cfg.nope_layers
+    n, n_ne, nope = model.num_params(), model.num_params(non_embedding=True), cfg.nope_layers
     kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2  # K and V, bf16
     lines = [f"{k:>24} = {v}" for k, v in asdict(cfg).items()]
     lines += ["",

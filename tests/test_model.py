@@ -596,3 +596,14 @@ def test_model_cli_without_arguments_prints_usage(capsys):
         out = capsys.readouterr()
         lines = (out.out if code == 0 else out.err).splitlines()
         assert lines[:3] == ["usage: python model.py CONFIG_FILE [--key=value ...]", "ModelConfig:", "  --vocab_size=128256  (int)"]
+
+
+def test_generate_syncs_with_the_host_once_per_step(monkeypatch):
+    """Every read of a tensor value on the host (tolist, item, bool, int, float) during generate is counted."""
+    m = make(sliding_window=4)
+    calls = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__"):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _orig=orig, _n=name: calls.append(_n) or _orig(self, *a))
+    m.generate([[5, 6, 7], [8]], max_new_tokens=6)
+    assert calls == ["tolist"] * 6
