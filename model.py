@@ -533,11 +533,12 @@ class Model(nn.Module):
         if kind == "yarn":
             max_pos = kw["max_position_embeddings"]
             orig = rope_params.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings") or max_pos
-            kw.update(yarn_factor=float(rope_params.get("factor") or max_pos / orig), yarn_original_max_position=orig)
+            factor = check_type(rope_params.get("factor") or max_pos / orig, float, f"{path}: rope_parameters.factor")
+            kw.update(yarn_factor=factor, yarn_original_max_position=check_type(orig, int, f"{path}: original_max_position_embeddings"))
         # transformers windows only layers whose layer_type is "sliding_attention" (by default the NoPE ones)
         window = get("sliding_window", int) if hf.get("use_sliding_window") else None
         nope = nope_layers(n_layers, interval)
-        types = hf.get("layer_types") or ["sliding_attention" if window and i in nope else "full_attention" for i in range(n_layers)]
+        types = get("layer_types", list[str]) or ["sliding_attention" if window and i in nope else "full_attention" for i in range(n_layers)]
         windowed = {t == "sliding_attention" for t in types[:n_layers]} if window else {False}
         if len(windowed) > 1:
             raise ValueError(f"{path}: a sliding window on only some layers (layer_types) is not supported")

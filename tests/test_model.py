@@ -419,6 +419,9 @@ def test_config_from_hf_reads_like_transformers(tmp_path, hf):
         "yarn beta": ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "beta_fast": 16, "rope_theta": 1e4}}, "'beta_fast': 16"),
         "llama3 rope": ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}}, "RoPE 'llama3'"),
         "type": ({"hidden_size": "64"}, "c.json: hidden_size: expected int, got str '64'"),
+        "interval type": ({"no_rope_layer_interval": "4"}, "c.json: no_rope_layer_interval: expected int, got str '4'"),
+        "eos type": ({"eos_token_id": "2"}, "c.json: eos_token_id: expected int | list[int] | None, got str '2'"),
+        "nanosmol type": ({"nanosmol": {"qk_norm": 1}}, "c.json: nanosmol.qk_norm: expected bool, got int 1"),
     }
     for name, (change, msg) in errors.items():
         with pytest.raises(ValueError, match=re.escape(msg)):
