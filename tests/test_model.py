@@ -610,3 +610,29 @@ def test_generate_syncs_with_the_host_once_per_step(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _orig=orig, _n=name: calls.append(_n) or _orig(self, *a))
     m.generate([[5, 6, 7], [8]], max_new_tokens=6)
     assert calls == ["tolist"] * 6
+
+
+def test_padding_never_meets_an_empty_softmax_row(monkeypatch):
+    """Textbook attention gives NaN for a query with nothing to attend to (CUDA's kernels may too); with it
+    in place of SDPA, a padded batch's logits and gradients stay finite and equal SDPA's."""
+    def textbook(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
+        k, v = k.repeat_interleave(q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+        s = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~attn_mask, float("-inf"))
+        return s.softmax(-1) @ v
+    empty = torch.zeros(1, 1, 1, 3, dtype=torch.bool)
+    kv = torch.ones(1, 1, 3, 2)
+    assert textbook(torch.ones(1, 1, 1, 2), kv, kv, attn_mask=empty).isnan().all()
+    m = make()
+    x, y = torch.randint(3, 97, (2, 8)), torch.randint(0, 97, (2, 8))
+    pos = torch.tensor([[-1, -1, 0, 1, 2, 0, 1, -1], [0, 1, 2, 3, 4, 5, 6, 7]])
+    y[pos < 0] = -100
+    results = []
+    for attention in (F.scaled_dot_product_attention, textbook):
+        monkeypatch.setattr(M.F, "scaled_dot_product_attention", attention)
+        m.zero_grad()
+        logits = m(x, pos=pos)
+        m(x, y, pos)[1].backward()
+        results.append([logits] + [p.grad.clone() for p in m.parameters()])
+    for ref, got in zip(*results):
+        assert got.isfinite().all()
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
