@@ -143,15 +143,17 @@ def apply_rope(x, cos, sin):
 
 
 def doc_causal_mask(pos, window=None, doc_masking=True):
-    """Boolean attention mask [B, 1, T, T] (True = may attend) from per-document positions."""
+    """Boolean attention mask [B, 1, T, T] (True = may attend) from per-document positions pos [B, T]."""
     T = pos.shape[1]
     i = torch.arange(T, device=pos.device)
-    allowed = (i[None, :] <= i[:, None])[None]        # [1, T, T] causal
-    if doc_masking:
-        doc = torch.cumsum(pos == 0, dim=1)            # [B, T]
-        allowed = allowed & (doc[:, :, None] == doc[:, None, :])
+    allowed = (i[None, :] <= i[:, None])[None]                 # [1, T, T] causal
     if window is not None:
         allowed = allowed & (i[:, None] - i[None, :] < window)[None]
+    real = pos >= 0                                            # padding (pos -1) is invisible both ways
+    allowed = allowed & real[:, :, None] & real[:, None, :]
+    if doc_masking:
+        doc = torch.cumsum(pos <= 0, dim=1)                    # a document starts at pos 0 (or a padding run)
+        allowed = allowed & (doc[:, :, None] == doc[:, None, :])
     return allowed[:, None]
 
 
