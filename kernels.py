@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -119,25 +118,18 @@ def _load_rows(X, row, col, t, T, stride, BLOCK: tl.constexpr, D: tl.constexpr, 
 
 
 @triton.jit
-def _visible(LO, b, i, j, T, HAS_LO: tl.constexpr):
-    """Query i sees key j (broadcastable token indices of row b): j <= i, and j >= lo[i] with LO."""
-    seen = j <= i
-    if HAS_LO:
-        seen = seen & (j >= tl.load(LO + b * T + i, mask=i < T, other=0))
-    return seen
+def _visible(LO, b, i, j, T):
+    """Query i of row b sees key j (broadcastable token indices): lo[i] <= j <= i."""
+    return (j <= i) & (j >= tl.load(LO + b * T + i, mask=i < T, other=0))
 
 
 @triton.jit
-def _key_range(LO, b, m0, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LO: tl.constexpr,
-               PHASE: tl.constexpr):
+def _key_range(LO, b, m0, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PHASE: tl.constexpr):
     """Keys of query block [m0, m0+BLOCK_M) in PHASE 0 (masked, left of the fully visible blocks),
     1 (fully visible) or 2 (masked, on the diagonal). lo is non-decreasing: its ends bound the block."""
     end = tl.minimum(m0 + BLOCK_M, T)
-    start = 0
-    full_lo = 0
-    if HAS_LO:
-        start = tl.load(LO + b * T + m0) // BLOCK_N * BLOCK_N
-        full_lo = tl.minimum(tl.cdiv(tl.load(LO + b * T + end - 1), BLOCK_N) * BLOCK_N, end)
+    start = tl.load(LO + b * T + m0) // BLOCK_N * BLOCK_N
+    full_lo = tl.minimum(tl.cdiv(tl.load(LO + b * T + end - 1), BLOCK_N) * BLOCK_N, end)
     # a key block is fully visible when its last key n0+BLOCK_N-1 <= m0, the block's first query
     full_hi = tl.maximum((m0 + 1) // BLOCK_N * BLOCK_N, full_lo)
     if PHASE == 0:
@@ -151,9 +143,9 @@ def _key_range(LO, b, m0, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_L
 @triton.jit
 def _fwd_steps(acc, l_i, m_i, q, K, V, LO, b, m0, col, T, stride_k, stride_v, qk_scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DTYPE: tl.constexpr,
-               HAS_LO: tl.constexpr, USE_DESC: tl.constexpr, PHASE: tl.constexpr):
+               USE_DESC: tl.constexpr, PHASE: tl.constexpr):
     """Online softmax in base 2 over this phase's key blocks."""
-    n_start, n_end = _key_range(LO, b, m0, T, BLOCK_M, BLOCK_N, HAS_LO, PHASE)
+    n_start, n_end = _key_range(LO, b, m0, T, BLOCK_M, BLOCK_N, PHASE)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     for n0 in range(n_start, n_end, BLOCK_N):
         k = _load_rows(K, b * T + n0, col, n0, T, stride_k, BLOCK_N, D, USE_DESC, PHASE != 1)
@@ -161,7 +153,7 @@ def _fwd_steps(acc, l_i, m_i, q, K, V, LO, b, m0, col, T, stride_k, stride_v, qk
         s = tl.dot(q, tl.trans(k))                                          # [BM, BN] raw scores
         if PHASE != 1:
             j = n0 + tl.arange(0, BLOCK_N)
-            s = tl.where(_visible(LO, b, offs_m[:, None], j[None, :], T, HAS_LO), s, float("-inf"))
+            s = tl.where(_visible(LO, b, offs_m[:, None], j[None, :], T), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -174,7 +166,7 @@ def _fwd_steps(acc, l_i, m_i, q, K, V, LO, b, m0, col, T, stride_k, stride_v, qk
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, LO, qk_scale, T, H, G, stride_q, stride_k, stride_v, stride_o,
               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
-              HAS_LO: tl.constexpr, USE_DESC: tl.constexpr):
+              USE_DESC: tl.constexpr):
     b = tl.program_id(0) // H
     h = tl.program_id(0) % H
     # heaviest (latest) query blocks first, so causal imbalance leaves no long tail
@@ -187,7 +179,7 @@ def _attn_fwd(Q, K, V, O, LSE, LO, qk_scale, T, H, G, stride_q, stride_k, stride
     m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
     for phase in tl.static_range(3):
         acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, K, V, LO, b, m0, (h // G) * D, T, stride_k, stride_v,
-                                   qk_scale, BLOCK_M, BLOCK_N, D, DTYPE, HAS_LO, USE_DESC, phase)
+                                   qk_scale, BLOCK_M, BLOCK_N, D, DTYPE, USE_DESC, phase)
     seen = l_i > 0.0                                       # False only for rows that see no key (padding)
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     # lse +inf for rows that saw nothing: every probability the backward recomputes is then 0
@@ -199,15 +191,11 @@ def _attn_fwd(Q, K, V, O, LSE, LO, qk_scale, T, H, G, stride_q, stride_k, stride
 
 
 @triton.jit
-def _query_range(HI, b, n0, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LO: tl.constexpr,
-                 PHASE: tl.constexpr):
+def _query_range(HI, b, n0, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PHASE: tl.constexpr):
     """Queries of key block [n0, n0+BLOCK_N) in PHASE 0 (masked, on the diagonal), 1 (they see the
     whole block) or 2 (masked, where lo passes the block). HI[j] ends the queries that see key j."""
-    q_end = T       # queries that see any key of the block
-    q_full = T      # queries before q_full see all of it
-    if HAS_LO:
-        q_end = tl.load(HI + b * T + tl.minimum(n0 + BLOCK_N, T) - 1)
-        q_full = tl.load(HI + b * T + n0)
+    q_end = tl.load(HI + b * T + tl.minimum(n0 + BLOCK_N, T) - 1)   # queries that see any key of the block
+    q_full = tl.load(HI + b * T + n0)                               # those before see all of it
     diag_end = tl.minimum(n0 + BLOCK_N, q_end)
     full_end = diag_end + tl.maximum(q_full - diag_end, 0) // BLOCK_M * BLOCK_M
     if PHASE == 0:
@@ -221,10 +209,10 @@ def _query_range(HI, b, n0, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS
 @triton.jit
 def _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, LO, HI, b, h, n0, T, H, stride_q, stride_do, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DTYPE: tl.constexpr,
-                HAS_LO: tl.constexpr, USE_DESC: tl.constexpr, PHASE: tl.constexpr):
+                USE_DESC: tl.constexpr, PHASE: tl.constexpr):
     """dK, dV of one key block from the query blocks of this phase, for query head h. Transposed
     orientation ([BN, BM] tiles): P^T and dS^T feed the next dots as the left operand."""
-    m_start, m_end = _query_range(HI, b, n0, T, BLOCK_M, BLOCK_N, HAS_LO, PHASE)
+    m_start, m_end = _query_range(HI, b, n0, T, BLOCK_M, BLOCK_N, PHASE)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     stat0 = (b * H + h) * T
     for m0 in range(m_start, m_end, BLOCK_M):
@@ -236,7 +224,7 @@ def _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, LO, HI, b, h, n0, T, H, stride_
         delta = tl.load(DELTA + stat0 + offs_m, mask=offs_m < T, other=0.0)
         pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])   # [BN, BM]
         if PHASE != 1:
-            pT = tl.where(_visible(LO, b, offs_m[None, :], offs_n[:, None], T, HAS_LO), pT, 0.0)
+            pT = tl.where(_visible(LO, b, offs_m[None, :], offs_n[:, None], T), pT, 0.0)
         dv = tl.dot(pT.to(DTYPE), do, dv)
         dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])               # [BN, BM]
         dk = tl.dot(dsT.to(DTYPE), q, dk)
@@ -247,7 +235,7 @@ def _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, LO, HI, b, h, n0, T, H, stride_
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LO, HI, qk_scale, sm_scale, T, H, G,
                    stride_q, stride_k, stride_v, stride_do, stride_dk, stride_dv,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
-                   HAS_LO: tl.constexpr, USE_DESC: tl.constexpr):
+                   USE_DESC: tl.constexpr):
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     b = tl.program_id(0) // (H // G)
     hk = tl.program_id(0) % (H // G)
@@ -260,7 +248,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LO, HI, qk_scale, sm_scale, 
     for g in range(G):
         for phase in tl.static_range(3):
             dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, LO, HI, b, hk * G + g, n0, T, H,
-                                 stride_q, stride_do, qk_scale, BLOCK_M, BLOCK_N, D, DTYPE, HAS_LO, USE_DESC,
+                                 stride_q, stride_do, qk_scale, BLOCK_M, BLOCK_N, D, DTYPE, USE_DESC,
                                  phase)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     rows = (b * T + offs_n).to(tl.int64)[:, None]
@@ -272,9 +260,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LO, HI, qk_scale, sm_scale, 
 @triton.jit
 def _dq_steps(dq, q, do, lse, delta, K, V, LO, b, m0, col, T, stride_k, stride_v, qk_scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DTYPE: tl.constexpr,
-              HAS_LO: tl.constexpr, USE_DESC: tl.constexpr, PHASE: tl.constexpr):
+              USE_DESC: tl.constexpr, PHASE: tl.constexpr):
     """dQ of one query block from this phase's key blocks (same ranges as the forward)."""
-    n_start, n_end = _key_range(LO, b, m0, T, BLOCK_M, BLOCK_N, HAS_LO, PHASE)
+    n_start, n_end = _key_range(LO, b, m0, T, BLOCK_M, BLOCK_N, PHASE)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     for n0 in range(n_start, n_end, BLOCK_N):
         k = _load_rows(K, b * T + n0, col, n0, T, stride_k, BLOCK_N, D, USE_DESC, PHASE != 1)
@@ -282,7 +270,7 @@ def _dq_steps(dq, q, do, lse, delta, K, V, LO, b, m0, col, T, stride_k, stride_v
         p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])   # [BM, BN]
         if PHASE != 1:
             j = n0 + tl.arange(0, BLOCK_N)
-            p = tl.where(_visible(LO, b, offs_m[:, None], j[None, :], T, HAS_LO), p, 0.0)
+            p = tl.where(_visible(LO, b, offs_m[:, None], j[None, :], T), p, 0.0)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq = tl.dot(ds.to(DTYPE), k, dq)
     return dq
@@ -292,7 +280,7 @@ def _dq_steps(dq, q, do, lse, delta, K, V, LO, b, m0, col, T, stride_k, stride_v
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, qk_scale, sm_scale, T, H, G,
                  stride_q, stride_k, stride_v, stride_do, stride_dq,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
-                 HAS_LO: tl.constexpr, USE_DESC: tl.constexpr):
+                 USE_DESC: tl.constexpr):
     b = tl.program_id(0) // H
     h = tl.program_id(0) % H
     m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
@@ -304,7 +292,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, qk_scale, sm_scale, T, H, G,
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
     for phase in tl.static_range(3):
         dq = _dq_steps(dq, q, do, lse, delta, K, V, LO, b, m0, (h // G) * D, T, stride_k, stride_v, qk_scale,
-                       BLOCK_M, BLOCK_N, D, DTYPE, HAS_LO, USE_DESC, phase)
+                       BLOCK_M, BLOCK_N, D, DTYPE, USE_DESC, phase)
     rows = (b * T + offs_m).to(tl.int64)
     tl.store(DQ + rows[:, None] * stride_dq + h * D + tl.arange(0, D)[None, :], (dq * sm_scale).to(DTYPE),
              mask=(offs_m < T)[:, None])
@@ -355,16 +343,11 @@ def _tiles(x, block_rows, tma):
     return TensorDescriptor(x, [B * T, nh * D], [x.stride(1), 1], [block_rows, D]) if tma else x
 
 
-def _attn_lo(pos, B, T, window, device):
-    """First visible key of each query, int32 [B, T] (non-decreasing along T); None = plain causal."""
-    if pos is None and window is None:
-        return None
-    t = torch.arange(T, device=device, dtype=torch.int32)
-    lo = torch.zeros(B, T, device=device, dtype=torch.int32)
-    if pos is not None:
-        # a document starts at pos == 0; a padding token (pos < 0) starts an empty one after itself
-        starts = torch.where(pos == 0, t, torch.where(pos < 0, t + 1, 0)).to(torch.int32)
-        lo = starts.cummax(dim=1).values
+def _attn_lo(pos, window):
+    """First visible key of each query, int32 [B, T] from pos [B, T]; non-decreasing along T."""
+    t = torch.arange(pos.shape[1], device=pos.device, dtype=torch.int32)
+    # a document starts at pos == 0; a padding token (pos < 0) starts an empty one after itself
+    lo = torch.where(pos == 0, t, torch.where(pos < 0, t + 1, 0)).to(torch.int32).cummax(dim=1).values
     if window is not None:
         lo = torch.maximum(lo, t - (window - 1))
     return lo.contiguous()
@@ -374,7 +357,7 @@ def _attn_lo(pos, B, T, window, device):
 # torch.compile then keeps each as one opaque node (no graph break, no tracing of Triton launches or
 # TMA descriptors). Block sizes are derived inside from head_dim; only `tma` crosses the boundary.
 @torch.library.custom_op("nanosmol::flash_attn_fwd", mutates_args=())
-def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: Optional[torch.Tensor],
+def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor,
                  tma: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """o [B, T, H, D] (contiguous, q's dtype) and the log-sum-exp [B, H, T] (fp32, base 2)."""
     q, k, v = _rows_view(q), _rows_view(k), _rows_view(v)
@@ -386,7 +369,7 @@ def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: Optional
         _attn_fwd[(B * H, triton.cdiv(T, BM))](
             q, _tiles(k, BN, tma), _tiles(v, BN, tma), o, lse, lo, LOG2E / math.sqrt(D), T, H, H // k.shape[2],
             q.stride(1), k.stride(1), v.stride(1), o.stride(1), D=D, BLOCK_M=BM, BLOCK_N=BN,
-            DTYPE=_TL_DTYPE[q.dtype], HAS_LO=lo is not None, USE_DESC=tma, num_warps=warps, num_stages=stages)
+            DTYPE=_TL_DTYPE[q.dtype], USE_DESC=tma, num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -398,7 +381,7 @@ def _(q, k, v, lo, tma):
 
 @torch.library.custom_op("nanosmol::flash_attn_bwd", mutates_args=())
 def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                 lse: torch.Tensor, lo: Optional[torch.Tensor], tma: bool
+                 lse: torch.Tensor, lo: torch.Tensor, tma: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, contiguous, in q's dtype. dQ has its own kernel: two extra matmuls per tile, but no
     atomics, so the gradients are deterministic."""
@@ -409,15 +392,15 @@ def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     BM1, BN1, warps1, stages1 = blocks["dkdv"]
     BM2, BN2, warps2, stages2 = blocks["dq"]
     scale = 1.0 / math.sqrt(D)
-    common = dict(D=D, DTYPE=_TL_DTYPE[q.dtype], HAS_LO=lo is not None, USE_DESC=tma)
+    common = dict(D=D, DTYPE=_TL_DTYPE[q.dtype], USE_DESC=tma)
     # the softmax-backward term shared by every key of a row: rowsum(dO * O), [B, H, T]
     delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()
     dq = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype)
     dk = torch.empty(B, T, Hkv, D, device=q.device, dtype=q.dtype)
     dv = torch.empty_like(dk)
     # hi[j]: the end of the queries that see key j (lo <= j), for the dK/dV loops over query blocks
-    hi = None if lo is None else torch.searchsorted(lo, torch.arange(T, device=lo.device, dtype=torch.int32)
-                                                     .expand(B, T).contiguous(), right=True).to(torch.int32)
+    keys = torch.arange(T, device=lo.device, dtype=torch.int32).expand(B, T).contiguous()
+    hi = torch.searchsorted(lo, keys, right=True).to(torch.int32)
     with _on_device(q):
         _attn_bwd_dkdv[(B * Hkv, triton.cdiv(T, BN1))](
             _tiles(q, BM1, tma), k, v, _tiles(do, BM1, tma), dk, dv, lse, delta, lo, hi, scale * LOG2E,
@@ -478,7 +461,8 @@ def flash_attention(q, k, v, pos=None, window=None, tma=None):
     q, k, v = _autocast(q, k, v)
     _check_attn_args(q, k, v, pos, window)
     B, T = q.shape[:2]
-    lo = _attn_lo(pos.to(q.device) if pos is not None else None, B, T, window, q.device)
+    pos = torch.arange(T, device=q.device).expand(B, T) if pos is None else pos.to(q.device)
+    lo = _attn_lo(pos, window)
     return _attn_fwd_op(q, k, v, lo, _tma_ok(q.device) if tma is None else tma)[0]
 
 
@@ -793,7 +777,7 @@ def compile_attention(arch="sm_90", head_dims=(64, 128), tma=(True, False)):
             bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
             options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
             what = f"{fn.__name__:<16} " + " ".join(f"{n}={kwargs[n]}" for n in (
-                "D", "BLOCK_M", "BLOCK_N", "HAS_LO", "USE_DESC", "num_warps", "num_stages") if n in kwargs)
+                "D", "BLOCK_M", "BLOCK_N", "USE_DESC", "num_warps", "num_stages") if n in kwargs)
             try:
                 kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                                         options=options.__dict__)
@@ -809,15 +793,14 @@ def compile_attention(arch="sm_90", head_dims=(64, 128), tma=(True, False)):
         fn.run = compiling(fn)
     try:
         B, T, H, Hkv = 2, 300, 8, 2
-        pos = _pos_from_docs([[100, 200], [1, 299]], T)
+        lo = _attn_lo(_pos_from_docs([[100, 200], [1, 299]], T), 64)
         for D in head_dims:
             # views of a fused projection, as model.py's layout may give them
             qkv = torch.zeros(B, T, (H + 2 * Hkv) * D, dtype=torch.bfloat16)
             q, k, v = (t.view(B, T, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
             for use_tma in tma if target.arch >= 90 else (False,):
-                for lo in (None, _attn_lo(pos, B, T, 64, "cpu")):
-                    o, lse = _attn_fwd_op(q, k, v, lo, use_tma)
-                    _attn_bwd_op(o, q, k, v, o, lse, lo, use_tma)
+                o, lse = _attn_fwd_op(q, k, v, lo, use_tma)
+                _attn_bwd_op(o, q, k, v, o, lse, lo, use_tma)
     finally:
         for fn in jitted:
             del fn.run
@@ -849,14 +832,10 @@ def _pos_from_docs(rows, T):
     return torch.stack(out)
 
 
-def _random_doc_lens(T, gen, mean_len, p_one=0.2):
-    """Document lengths summing to T: exponentially distributed, a fraction p_one of them length 1."""
-    lens = []
-    while sum(lens) < T:
-        r = torch.rand((), generator=gen).item()
-        n = 1 if r < p_one else 1 + int(torch.empty(()).exponential_(1.0 / mean_len, generator=gen).item())
-        lens.append(min(n, T - sum(lens)))
-    return lens
+def _random_doc_lens(T, gen, mean_len):
+    """Lengths of about T / mean_len documents filling T tokens, cut at uniform random points."""
+    cuts = torch.randint(1, T, (max(0, T // mean_len - 1),), generator=gen).unique().tolist()
+    return [b - a for a, b in zip([0] + cuts, cuts + [T])]
 
 
 def _rel_err(x, ref):
@@ -864,8 +843,8 @@ def _rel_err(x, ref):
     return ((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp(min=1e-30)).item()
 
 
-def _time_ms(fn, gpu, grads=()):
-    """Median milliseconds of fn(); CUDA events on GPU, one timed call on CPU (tiny mode)."""
+def _time_ms(fn, gpu, grads):
+    """Median milliseconds of fn(); CUDA events on GPU, one call after a warm-up on CPU (tiny mode)."""
     if gpu:
         return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(grads), return_mode="median")
     fn()
@@ -875,39 +854,27 @@ def _time_ms(fn, gpu, grads=()):
 
 
 def _bench_impls(pos, doc_lens, gpu):
-    """name -> run(q, k, v) -> o on [B, T, H, D] tensors, all with the mask of pos (causal within
-    documents): ours, FlexAttention with a BlockMask, and SDPA (flash for one document per row,
-    torch's variable-length flash attention for packed rows)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    """name -> run(q, k, v) -> o on [B, T, H, D] tensors, each with the document-causal mask of pos: ours,
+    FlexAttention with a BlockMask, and SDPA's variable-length flash attention over the documents."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.varlen import varlen_attn
     B, T = pos.shape
     doc = torch.cumsum(pos == 0, dim=1)
-    ours_pos = pos if doc_lens is not None else None     # one document per row: the plain causal path
     block_mask = create_block_mask(lambda b, h, qi, ki: (qi >= ki) & (doc[b, qi] == doc[b, ki]),
                                    B, None, T, T, device=pos.device)
     flex = torch.compile(flex_attention, dynamic=False) if gpu else flex_attention
-    heads_first = lambda t: t.transpose(1, 2)  # noqa: E731
-    impls = {"triton (ours)": lambda q, k, v: flash_attention(q, k, v, ours_pos),
-             "flex (BlockMask)": lambda q, k, v: flex(*map(heads_first, (q, k, v)), block_mask=block_mask,
-                                                      enable_gqa=True).transpose(1, 2)}
-    if doc_lens is None:
-        def sdpa(q, k, v):
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(*map(heads_first, (q, k, v)), is_causal=True,
-                                                      enable_gqa=True).transpose(1, 2)
-        impls["sdpa flash"] = sdpa
-    else:
-        from torch.nn.attention.varlen import varlen_attn
-        cu = torch.tensor([0] + [n for row in doc_lens for n in row], device=pos.device).cumsum(0).to(torch.int32)
-        longest = max(max(row) for row in doc_lens)
+    cu = torch.tensor([0] + [n for row in doc_lens for n in row], device=pos.device).cumsum(0).to(torch.int32)
+    longest = max(max(row) for row in doc_lens)
 
-        def varlen(q, k, v):
-            H, D = q.shape[2:]
-            o = varlen_attn(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D), cu, cu,
-                            longest, longest, window_size=(-1, 0), enable_gqa=True)
-            return o.view(B, T, H, D)
-        impls["sdpa varlen flash"] = varlen
-    return impls
+    def varlen(q, k, v):
+        H, D = q.shape[2:]
+        o = varlen_attn(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D), cu, cu,
+                        longest, longest, window_size=(-1, 0), enable_gqa=True)
+        return o.view(B, T, H, D)
+    return {"triton (ours)": lambda q, k, v: flash_attention(q, k, v, pos),
+            "flex (BlockMask)": lambda q, k, v: flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     block_mask=block_mask, enable_gqa=True).transpose(1, 2),
+            "sdpa varlen flash": varlen}
 
 
 def _accuracy(q, k, v, do, pos):
@@ -933,58 +900,51 @@ def _accuracy(q, k, v, do, pos):
 
 
 def bench(tiny=False, head_dim=128):
-    """Forward and backward TFLOP/s, ours next to FlexAttention and SDPA; on GPU the bf16 accuracy."""
+    """Forward and backward TFLOP/s on rows of packed documents (GQA), ours next to FlexAttention and
+    SDPA's varlen flash attention; on GPU also our bf16 errors next to torch's."""
     gpu = torch.cuda.is_available() and not _interpreting()
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
     torch._dynamo.config.recompile_limit = 64     # FlexAttention compiles once per shape
-    if tiny:
-        H, Hkv, D, tokens, mean_doc, lengths = 2, 1, 32, 128, 24, [128]
-    else:   # SmolLM3's attention shape; 16k tokens per batch; packed rows of ~600-token documents
-        H, Hkv, D, tokens, mean_doc, lengths = 16, 4, head_dim, 16384, 600, [4096, 16384]
+    # SmolLM3's attention shape; 16k tokens per batch in rows of ~600-token documents
+    H, Hkv, D, tokens, mean_doc, lengths = ((2, 1, 32, 128, 24, [128]) if tiny else
+                                            (16, 4, head_dim, 16384, 600, [4096, 16384]))
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda})  triton {triton.__version__}  "
           f"{torch.cuda.get_device_name() if gpu else 'CPU (Triton interpreter: timings meaningless)'}")
     print(f"H={H} Hkv={Hkv} D={D} {str(dtype)[6:]}, {tokens} tokens per batch. FLOPs: fwd 2*H*D*sum(L^2) "
-          f"(L = each document's length), bwd 2.5x fwd. x: their time / ours (> 1: ours is faster)")
-    print(f"{'case':<18}{'impl':<20}{'fwd ms':>9}{'TF/s':>7}{'bwd ms':>9}{'TF/s':>7}{'x fwd':>7}{'x bwd':>7}")
+          f"over documents of length L, bwd 2.5x fwd. x: their time / ours (> 1: ours is faster)")
+    print(f"{'case':<10}{'impl':<20}{'fwd ms':>9}{'TF/s':>7}{'bwd ms':>9}{'TF/s':>7}{'x fwd':>7}{'x bwd':>7}")
     gen = torch.Generator().manual_seed(0)
-    for packed in (False, True):
-        for T in lengths:
-            B = max(1, tokens // T)
-            rows = [_random_doc_lens(T, gen, mean_doc, p_one=0.0) if packed else [T] for _ in range(B)]
-            pos = _pos_from_docs(rows, T).to(device)
-            fwd_flops = 2 * H * D * sum(n * n for row in rows for n in row)
-            q = torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True)
-            k, v = (torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True) for _ in "kv")
-            do = torch.randn(B, T, H, D, device=device, dtype=dtype)
-            label, ours = f"{'packed' if packed else 'causal'} T={T}", None
-            for name, fn in _bench_impls(pos, rows if packed else None, gpu).items():
-                try:
-                    f_ms = _time_ms(lambda: fn(q, k, v), gpu)
-                    o = fn(q, k, v)
-                    b_ms = _time_ms(lambda: o.backward(do, retain_graph=True), gpu, grads=(q, k, v))
-                    ratio = f"{f_ms / ours[0]:>7.2f}{b_ms / ours[1]:>7.2f}" if ours else ""
-                    ours = ours or (f_ms, b_ms)
-                    row = (f"{f_ms:>9.3f}{fwd_flops / f_ms / 1e9:>7.0f}{b_ms:>9.3f}"
-                           f"{2.5 * fwd_flops / b_ms / 1e9:>7.0f}{ratio}")
-                except Exception as e:     # a backend this device/build lacks is a table entry, not a crash
-                    if ours is None:
-                        raise
-                    row = f"  n/a: {type(e).__name__}: {str(e).splitlines()[0][:70]}"
-                print(f"{label:<18}{name:<20}{row}", flush=True)
-                label = ""
+    for T in lengths:
+        rows = [_random_doc_lens(T, gen, mean_doc) for _ in range(tokens // T)]
+        pos = _pos_from_docs(rows, T).to(device)
+        fwd_flops = 2 * H * D * sum(n * n for row in rows for n in row)
+        q = torch.randn(len(rows), T, H, D, device=device, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(len(rows), T, Hkv, D, device=device, dtype=dtype, requires_grad=True) for _ in "kv")
+        do = torch.randn_like(q)
+        label, ours = f"T={T}", None
+        for name, fn in _bench_impls(pos, rows, gpu).items():
+            try:
+                f_ms = _time_ms(lambda: fn(q, k, v), gpu, ())
+                o = fn(q, k, v)
+                b_ms = _time_ms(lambda: o.backward(do, retain_graph=True), gpu, (q, k, v))
+                ratio = f"{f_ms / ours[0]:>7.2f}{b_ms / ours[1]:>7.2f}" if ours else ""
+                ours = ours or (f_ms, b_ms)
+                row = f"{f_ms:>9.3f}{fwd_flops / f_ms / 1e9:>7.0f}{b_ms:>9.3f}{2.5 * fwd_flops / b_ms / 1e9:>7.0f}{ratio}"
+            except Exception as e:     # a backend this device/build lacks is a table entry, not a crash
+                if ours is None:
+                    raise
+                row = f"  n/a: {type(e).__name__}: {str(e).splitlines()[0][:70]}"
+            print(f"{label:<10}{name:<20}{row}", flush=True)
+            label = ""
     if not gpu:   # torch's CPU attention computes in fp32 and only rounds: no low-precision yardstick
         print("accuracy: skipped on CPU (ours vs torch in bf16, both against fp32, is a GPU measurement)")
         return True
-    ok = True
-    for packed in (False, True):
-        T = 2048
-        pos = _pos_from_docs([_random_doc_lens(T, gen, mean_doc, 0.0) if packed else [T]], T).to(device)
-        errs = _accuracy(*(torch.randn(1, T, n, D, device=device, dtype=dtype) for n in (H, Hkv, Hkv, H)), pos)
-        good = all(e <= 2 * b for _, e, b in errs)
-        ok = ok and good
-        print(f"accuracy bf16 T={T} {'packed docs' if packed else 'causal'}: "
-              + "  ".join(f"{n} ours {e:.2e} torch {b:.2e}" for n, e, b in errs)
-              + f"  -> {'PASS' if good else 'FAIL'} (ours <= 2x torch, both vs fp32)")
+    T = 2048
+    pos = _pos_from_docs([_random_doc_lens(T, gen, mean_doc)], T).to(device)
+    errs = _accuracy(*(torch.randn(1, T, n, D, device=device, dtype=dtype) for n in (H, Hkv, Hkv, H)), pos)
+    ok = all(e <= 2 * b for _, e, b in errs)
+    print(f"accuracy bf16 T={T} packed docs: " + "  ".join(f"{n} ours {e:.2e} torch {b:.2e}" for n, e, b in errs)
+          + f"  -> {'PASS' if ok else 'FAIL'} (ours <= 2x torch, both vs fp32)")
     return ok
 
 
