@@ -14,21 +14,15 @@ Run:
 Sections: helpers · attention twin · attention kernels (forward, backward) · attention host side and
 custom ops · RMSNorm · linear cross-entropy · --compile · --bench · main.
 
-The mask (model.doc_causal_mask) folds into one number per query, lo[i], its first visible key: query
-i sees exactly the keys [lo[i], i], and lo never decreases along a row. So a block of queries needs only
-the keys from lo of its first query up to its last query, and each inner loop runs in three phases:
-masked blocks, fully visible blocks (no mask arithmetic), masked blocks on the diagonal. The cost is
-~ sum of L^2 over documents, not T^2. Padding (pos < 0) sees nothing and is seen by nothing: its output
-and gradients are exactly 0, never NaN.
+Attention masks as model.doc_causal_mask: causal, within documents, an optional window; padding
+(pos < 0) sees nothing and is seen by nothing (output and gradients exactly 0, never NaN). Cost is
+~ sum of L^2 over documents of length L, not T^2: the mask folds into one number per query (_attn_lo).
 """
 import argparse
 import contextlib
 import math
 import os
-import re
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -71,13 +65,10 @@ def _autocast(*tensors):
     device = tensors[0].device.type
     if not torch.is_autocast_enabled(device):
         return tensors
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+    return tuple(t.to(torch.get_autocast_dtype(device)) if t.is_floating_point() else t for t in tensors)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Attention: PyTorch twin
-# ----------------------------------------------------------------------------------------------------
+# ---- Attention: PyTorch twin ---------------------------------------------------------------------------
 
 def attention_ref(q, k, v, pos=None, window=None):
     """Plain softmax attention in the inputs' dtype (float64 too), same contract as flash_attention."""
@@ -94,9 +85,7 @@ def attention_ref(q, k, v, pos=None, window=None):
     return (p @ vh).transpose(1, 2)                               # [B, T, H, D]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Attention: Triton kernels (FlashAttention-2, Dao 2023)
-# ----------------------------------------------------------------------------------------------------
+# ---- Attention: Triton kernels (FlashAttention-2, Dao 2023) --------------------------------------------
 # Every tensor is read as a 2-D [B*T, heads*D] view: the tile of (batch b, token t, head h) starts at
 # row b*T + t, column h*D. On Hopper the tiles inside the loops come through TMA descriptors (X is then
 # a TensorDescriptor, USE_DESC); rows past T belong to the next sequence and are masked in the math.
@@ -132,12 +121,8 @@ def _key_range(LO, b, m0, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PHASE
     full_lo = tl.minimum(tl.cdiv(tl.load(LO + b * T + end - 1), BLOCK_N) * BLOCK_N, end)
     # a key block is fully visible when its last key n0+BLOCK_N-1 <= m0, the block's first query
     full_hi = tl.maximum((m0 + 1) // BLOCK_N * BLOCK_N, full_lo)
-    if PHASE == 0:
-        return start, full_lo
-    elif PHASE == 1:
-        return full_lo, full_hi
-    else:
-        return full_hi, end
+    bounds = (start, full_lo, full_hi, end)
+    return bounds[PHASE], bounds[PHASE + 1]
 
 
 @triton.jit
@@ -164,7 +149,7 @@ def _fwd_steps(acc, l_i, m_i, q, K, V, LO, b, m0, col, T, stride_k, stride_v, qk
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, LO, qk_scale, T, H, G, stride_q, stride_k, stride_v, stride_o,
+def _attn_fwd(Q, K, V, O, LSE, LO, qk_scale, T, H, G, stride_q, stride_k, stride_v,
               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
               USE_DESC: tl.constexpr):
     b = tl.program_id(0) // H
@@ -185,7 +170,7 @@ def _attn_fwd(Q, K, V, O, LSE, LO, qk_scale, T, H, G, stride_q, stride_k, stride
     # lse +inf for rows that saw nothing: every probability the backward recomputes is then 0
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
     rows = (b * T + offs_m).to(tl.int64)
-    tl.store(O + rows[:, None] * stride_o + h * D + tl.arange(0, D)[None, :], o.to(DTYPE),
+    tl.store(O + rows[:, None] * (H * D) + h * D + tl.arange(0, D)[None, :], o.to(DTYPE),
              mask=(offs_m < T)[:, None])
     tl.store(LSE + (b * H + h) * T + offs_m, lse, mask=offs_m < T)
 
@@ -198,12 +183,8 @@ def _query_range(HI, b, n0, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PHA
     q_full = tl.load(HI + b * T + n0)                               # those before see all of it
     diag_end = tl.minimum(n0 + BLOCK_N, q_end)
     full_end = diag_end + tl.maximum(q_full - diag_end, 0) // BLOCK_M * BLOCK_M
-    if PHASE == 0:
-        return n0, diag_end
-    elif PHASE == 1:
-        return diag_end, full_end
-    else:
-        return full_end, q_end
+    bounds = (n0, diag_end, full_end, q_end)
+    return bounds[PHASE], bounds[PHASE + 1]
 
 
 @triton.jit
@@ -233,7 +214,7 @@ def _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, LO, HI, b, h, n0, T, H, stride_
 
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LO, HI, qk_scale, sm_scale, T, H, G,
-                   stride_q, stride_k, stride_v, stride_do, stride_dk, stride_dv,
+                   stride_q, stride_k, stride_v, stride_do,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
                    USE_DESC: tl.constexpr):
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
@@ -253,8 +234,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, LO, HI, qk_scale, sm_scale, 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     rows = (b * T + offs_n).to(tl.int64)[:, None]
     cols = hk * D + tl.arange(0, D)[None, :]
-    tl.store(DK + rows * stride_dk + cols, (dk * sm_scale).to(DTYPE), mask=(offs_n < T)[:, None])
-    tl.store(DV + rows * stride_dv + cols, dv.to(DTYPE), mask=(offs_n < T)[:, None])
+    tl.store(DK + rows * (H // G * D) + cols, (dk * sm_scale).to(DTYPE), mask=(offs_n < T)[:, None])
+    tl.store(DV + rows * (H // G * D) + cols, dv.to(DTYPE), mask=(offs_n < T)[:, None])
 
 
 @triton.jit
@@ -278,7 +259,7 @@ def _dq_steps(dq, q, do, lse, delta, K, V, LO, b, m0, col, T, stride_k, stride_v
 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, qk_scale, sm_scale, T, H, G,
-                 stride_q, stride_k, stride_v, stride_do, stride_dq,
+                 stride_q, stride_k, stride_v, stride_do,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DTYPE: tl.constexpr,
                  USE_DESC: tl.constexpr):
     b = tl.program_id(0) // H
@@ -294,13 +275,11 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, LO, qk_scale, sm_scale, T, H, G,
         dq = _dq_steps(dq, q, do, lse, delta, K, V, LO, b, m0, (h // G) * D, T, stride_k, stride_v, qk_scale,
                        BLOCK_M, BLOCK_N, D, DTYPE, USE_DESC, phase)
     rows = (b * T + offs_m).to(tl.int64)
-    tl.store(DQ + rows[:, None] * stride_dq + h * D + tl.arange(0, D)[None, :], (dq * sm_scale).to(DTYPE),
+    tl.store(DQ + rows[:, None] * (H * D) + h * D + tl.arange(0, D)[None, :], (dq * sm_scale).to(DTYPE),
              mask=(offs_m < T)[:, None])
 
 
-# ----------------------------------------------------------------------------------------------------
-# Attention: host side
-# ----------------------------------------------------------------------------------------------------
+# ---- Attention: host side ------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, by head_dim. Hopper sizing: the forward keeps
 # Q (BM x D) in shared memory plus num_stages K/V tiles; 128x64 at D=128 with 3 stages is ~128 KB.
@@ -319,8 +298,8 @@ def _attn_blocks(D):
 
 
 def _tma_ok(device):
-    """TMA descriptors: NVIDIA Hopper and later (ROCm reports its own "capabilities"), and the
-    interpreter, which runs them on CPU; everything else takes the pointer path."""
+    """TMA descriptors on NVIDIA Hopper and later (ROCm reports its own "capabilities") and in the
+    interpreter; everything else takes the pointer path."""
     if device.type == "cpu":
         return _interpreting()
     return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
@@ -343,8 +322,12 @@ def _tiles(x, block_rows, tma):
     return TensorDescriptor(x, [B * T, nh * D], [x.stride(1), 1], [block_rows, D]) if tma else x
 
 
+# The whole mask is one number per query, lo[i], its first visible key: query i sees exactly the keys
+# [lo[i], i]. lo never decreases along a row, so a block of queries needs only the keys from lo of its
+# first query on, and each inner loop runs in three phases: masked blocks, fully visible blocks (no
+# mask arithmetic), masked blocks on the diagonal.
 def _attn_lo(pos, window):
-    """First visible key of each query, int32 [B, T] from pos [B, T]; non-decreasing along T."""
+    """First visible key of each query, int32 [B, T] from pos [B, T]."""
     t = torch.arange(pos.shape[1], device=pos.device, dtype=torch.int32)
     # a document starts at pos == 0; a padding token (pos < 0) starts an empty one after itself
     lo = torch.where(pos == 0, t, torch.where(pos < 0, t + 1, 0)).to(torch.int32).cummax(dim=1).values
@@ -368,7 +351,7 @@ def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Te
     with _on_device(q):
         _attn_fwd[(B * H, triton.cdiv(T, BM))](
             q, _tiles(k, BN, tma), _tiles(v, BN, tma), o, lse, lo, LOG2E / math.sqrt(D), T, H, H // k.shape[2],
-            q.stride(1), k.stride(1), v.stride(1), o.stride(1), D=D, BLOCK_M=BM, BLOCK_N=BN,
+            q.stride(1), k.stride(1), v.stride(1), D=D, BLOCK_M=BM, BLOCK_N=BN,
             DTYPE=_TL_DTYPE[q.dtype], USE_DESC=tma, num_warps=warps, num_stages=stages)
     return o, lse
 
@@ -388,9 +371,7 @@ def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     q, k, v, do = _rows_view(q), _rows_view(k), _rows_view(v), _rows_view(do)
     B, T, H, D = q.shape
     Hkv = k.shape[2]
-    blocks = _attn_blocks(D)
-    BM1, BN1, warps1, stages1 = blocks["dkdv"]
-    BM2, BN2, warps2, stages2 = blocks["dq"]
+    (BM1, BN1, warps1, stages1), (BM2, BN2, warps2, stages2) = _attn_blocks(D)["dkdv"], _attn_blocks(D)["dq"]
     scale = 1.0 / math.sqrt(D)
     common = dict(D=D, DTYPE=_TL_DTYPE[q.dtype], USE_DESC=tma)
     # the softmax-backward term shared by every key of a row: rowsum(dO * O), [B, H, T]
@@ -404,12 +385,10 @@ def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     with _on_device(q):
         _attn_bwd_dkdv[(B * Hkv, triton.cdiv(T, BN1))](
             _tiles(q, BM1, tma), k, v, _tiles(do, BM1, tma), dk, dv, lse, delta, lo, hi, scale * LOG2E,
-            scale, T, H, H // Hkv, q.stride(1), k.stride(1), v.stride(1), do.stride(1), dk.stride(1),
-            dv.stride(1), BLOCK_M=BM1, BLOCK_N=BN1, num_warps=warps1, num_stages=stages1, **common)
+            scale, T, H, H // Hkv, q.stride(1), k.stride(1), v.stride(1), do.stride(1), BLOCK_M=BM1, BLOCK_N=BN1, num_warps=warps1, num_stages=stages1, **common)
         _attn_bwd_dq[(B * H, triton.cdiv(T, BM2))](
             q, _tiles(k, BN2, tma), _tiles(v, BN2, tma), do, dq, lse, delta, lo, scale * LOG2E, scale, T, H,
-            H // Hkv, q.stride(1), k.stride(1), v.stride(1), do.stride(1), dq.stride(1),
-            BLOCK_M=BM2, BLOCK_N=BN2, num_warps=warps2, num_stages=stages2, **common)
+            H // Hkv, q.stride(1), k.stride(1), v.stride(1), do.stride(1), BLOCK_M=BM2, BLOCK_N=BN2, num_warps=warps2, num_stages=stages2, **common)
     return dq, dk, dv
 
 
@@ -466,9 +445,7 @@ def flash_attention(q, k, v, pos=None, window=None, tma=None):
     return _attn_fwd_op(q, k, v, lo, _tma_ok(q.device) if tma is None else tma)[0]
 
 
-# ----------------------------------------------------------------------------------------------------
-# RMSNorm
-# ----------------------------------------------------------------------------------------------------
+# ---- RMSNorm -------------------------------------------------------------------------------------------
 
 def rms_norm_ref(x, weight, eps):
     """y = x / sqrt(mean(x^2) + eps) * weight, computed in at least float32, returned in x's dtype."""
@@ -563,9 +540,7 @@ def rms_norm(x, weight, eps):
     return _RMSNorm.apply(x, weight, float(eps))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Fused linear + cross-entropy
-# ----------------------------------------------------------------------------------------------------
+# ---- Fused linear + cross-entropy ----------------------------------------------------------------------
 
 def linear_cross_entropy_ref(h, W, y, ignore_index=-100, z_loss=0.0, reduction="mean"):
     """Same contract as linear_cross_entropy, computed in float64 with full logits."""
@@ -643,9 +618,7 @@ def _lce_grad(Hm, Wm, Y, LSE, COEF, G, N, V, D, v0, width, stride_h, stride_w, s
 
 def _lce_config():
     """(BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages): a standard Hopper matmul tile."""
-    if _interpreting():
-        return 16, 32, 16, 4, 1
-    return 128, 128, 64, 8, 3
+    return (16, 32, 16, 4, 1) if _interpreting() else (128, 128, 64, 8, 3)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -728,8 +701,7 @@ def linear_cross_entropy(h, W, y, ignore_index=-100, z_loss=0.0, reduction="mean
                          f"{tuple(h.shape)}, {tuple(W.shape)}, {tuple(y.shape)}")
     h, W = _autocast(h, W)
     if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"kernels.linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', "
-                         f"got {reduction!r}")
+        raise ValueError(f"kernels.linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if h.dtype not in _TL_DTYPE or y.dtype.is_floating_point:
         raise ValueError(f"kernels.linear_cross_entropy: h must be float16/bfloat16/float32 and y "
                          f"integer, got {h.dtype}, {y.dtype}")
@@ -746,20 +718,16 @@ def linear_cross_entropy(h, W, y, ignore_index=-100, z_loss=0.0, reduction="mean
     return _LinearCrossEntropy.apply(h, W, y, ignore_index, float(z_loss), reduction, chunk_size)
 
 
-# ----------------------------------------------------------------------------------------------------
-# GPU compilation without a GPU: python kernels.py --compile sm_90
-# ----------------------------------------------------------------------------------------------------
+# ---- GPU compilation without a GPU: python kernels.py --compile sm_90 ----------------------------------
 
 # TMA (the descriptor path) from sm_90 on; the pointer path needs sm_80's bf16 mma
 COMPILE_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 
 
 def compile_attention(arch="sm_90", head_dims=(64, 128), tma=(True, False)):
-    """Compile every attention kernel launch of flash_attention and its backward for `arch` through
-    the real host code on a machine without a GPU (Triton's compiler and ptxas run on the CPU), and
-    print each kernel's registers, stack (spills) and shared memory. The interpreter accepts programs
-    the compiler rejects, so this guards the GPU path. tma: the paths to build (TMA from sm_90 on).
-    True when all compile."""
+    """Compile the launches of flash_attention and its backward for `arch` through the real host code,
+    no GPU needed (Triton's compiler and ptxas run on the CPU): the interpreter accepts programs the
+    compiler rejects. Prints each kernel's shared memory; True when all compile."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -785,7 +753,7 @@ def compile_attention(arch="sm_90", head_dims=(64, 128), tma=(True, False)):
                 failures.append(what)
                 print(f"FAIL  {what}: {type(e).__name__}: {e}", flush=True)
                 return
-            print(f"ok    {what}  {_resource_usage(kernel)} shared={kernel.metadata.shared}", flush=True)
+            print(f"ok    {what}  shared memory {kernel.metadata.shared} B", flush=True)
         return run
 
     jitted = (_attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq)
@@ -793,7 +761,7 @@ def compile_attention(arch="sm_90", head_dims=(64, 128), tma=(True, False)):
         fn.run = compiling(fn)
     try:
         B, T, H, Hkv = 2, 300, 8, 2
-        lo = _attn_lo(_pos_from_docs([[100, 200], [1, 299]], T), 64)
+        lo = _attn_lo(_pos_of([[100, 200], [1, 299]]), 64)
         for D in head_dims:
             # views of a fused projection, as model.py's layout may give them
             qkv = torch.zeros(B, T, (H + 2 * Hkv) * D, dtype=torch.bfloat16)
@@ -807,29 +775,11 @@ def compile_attention(arch="sm_90", head_dims=(64, 128), tma=(True, False)):
     return not failures
 
 
-def _resource_usage(kernel):
-    """'REG:n STACK:n ...' of a compiled kernel's cubin, read with the cuobjdump Triton ships."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        out = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
-                             capture_output=True, text=True).stdout
-    return " ".join(re.findall(r"(?:REG|STACK|LOCAL):\d+", out)) or "resources: n/a"
+# ---- Benchmark: python kernels.py --bench --------------------------------------------------------------
 
-
-# ----------------------------------------------------------------------------------------------------
-# Benchmark: python kernels.py --bench
-# ----------------------------------------------------------------------------------------------------
-
-def _pos_from_docs(rows, T):
-    """pos [B, T] from per-row document lengths; a negative length -n is n padding tokens."""
-    out = []
-    for lens in rows:
-        row = torch.cat([torch.arange(n) if n > 0 else torch.full((-n,), -1) for n in lens])
-        if row.numel() != T:
-            raise ValueError(f"kernels: document lengths {lens} sum to {row.numel()}, expected {T}")
-        out.append(row)
-    return torch.stack(out)
+def _pos_of(rows):
+    """pos [B, T] of rows packed with documents of the given lengths."""
+    return torch.stack([torch.cat([torch.arange(n) for n in lens]) for lens in rows])
 
 
 def _random_doc_lens(T, gen, mean_len):
@@ -882,18 +832,17 @@ def _accuracy(q, k, v, do, pos):
     is SDPA's memory-efficient backend with the explicit mask."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     G = q.shape[2] // k.shape[2]
-
-    def sdpa(q, k, v):
-        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-            return F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(G, 1),
-                v.transpose(1, 2).repeat_interleave(G, 1), attn_mask=doc_causal_mask(pos)).transpose(1, 2)
     results = []
-    for fn, dtype in ((lambda *x: attention_ref(*x, pos=pos), torch.float32),
-                      (lambda *x: flash_attention(*x, pos), q.dtype), (sdpa, q.dtype)):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        o = fn(*leaves)
-        o.backward(do.to(dtype))
+    for impl in ("ref", "ours", "sdpa"):
+        leaves = [t.detach().to(torch.float32 if impl == "ref" else q.dtype).requires_grad_() for t in (q, k, v)]
+        if impl == "sdpa":
+            qh, kh, vh = (t.transpose(1, 2) for t in leaves)
+            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                o = F.scaled_dot_product_attention(qh, kh.repeat_interleave(G, 1), vh.repeat_interleave(G, 1),
+                                                   attn_mask=doc_causal_mask(pos)).transpose(1, 2)
+        else:
+            o = (attention_ref if impl == "ref" else flash_attention)(*leaves, pos)
+        o.backward(do.to(o.dtype))
         results.append([o.detach()] + [t.grad for t in leaves])
     ref, ours, theirs = results
     return [(n, _rel_err(a, r), _rel_err(b, r)) for n, a, b, r in zip(("out", "dq", "dk", "dv"), ours, theirs, ref)]
@@ -916,7 +865,7 @@ def bench(tiny=False, head_dim=128):
     gen = torch.Generator().manual_seed(0)
     for T in lengths:
         rows = [_random_doc_lens(T, gen, mean_doc) for _ in range(tokens // T)]
-        pos = _pos_from_docs(rows, T).to(device)
+        pos = _pos_of(rows).to(device)
         fwd_flops = 2 * H * D * sum(n * n for row in rows for n in row)
         q = torch.randn(len(rows), T, H, D, device=device, dtype=dtype, requires_grad=True)
         k, v = (torch.randn(len(rows), T, Hkv, D, device=device, dtype=dtype, requires_grad=True) for _ in "kv")
@@ -940,7 +889,7 @@ def bench(tiny=False, head_dim=128):
         print("accuracy: skipped on CPU (ours vs torch in bf16, both against fp32, is a GPU measurement)")
         return True
     T = 2048
-    pos = _pos_from_docs([_random_doc_lens(T, gen, mean_doc)], T).to(device)
+    pos = _pos_of([_random_doc_lens(T, gen, mean_doc)]).to(device)
     errs = _accuracy(*(torch.randn(1, T, n, D, device=device, dtype=dtype) for n in (H, Hkv, Hkv, H)), pos)
     ok = all(e <= 2 * b for _, e, b in errs)
     print(f"accuracy bf16 T={T} packed docs: " + "  ".join(f"{n} ours {e:.2e} torch {b:.2e}" for n, e, b in errs)
@@ -962,9 +911,9 @@ def main(argv):
         print("kernels.py: choose --bench [--tiny] or --compile ARCH (-h for help)", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    if args.compile and (args.bench or args.tiny):
+        parser.error("--compile runs alone")
     if args.compile:
-        if args.bench:
-            parser.error("--compile runs alone")
         return 0 if compile_attention(args.compile) else 1
     if not args.bench:
         parser.error("--tiny and --head_dim go with --bench")

@@ -30,6 +30,13 @@ def rel_err(x, ref):
     return ((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp(min=1e-30)).item()
 
 
+def pos_from_docs(rows, T):
+    """pos [B, T] from per-row document lengths; a negative length -n is n padding tokens."""
+    pos = torch.stack([torch.cat([torch.arange(n) if n > 0 else torch.full((-n,), -1) for n in lens]) for lens in rows])
+    assert pos.shape[1] == T
+    return pos
+
+
 def attn_inputs(B, T, H, Hkv, D, dtype, docs, seed=0):
     """Leaves, (q, k, v), pos, dO. docs: None, per-row document lengths (negative = padding), "random",
     or "fused" (random documents; q, k, v are strided views of one fused projection, the only leaf)."""
@@ -43,7 +50,7 @@ def attn_inputs(B, T, H, Hkv, D, dtype, docs, seed=0):
         qkv_views = tuple(leaves)
     if docs in ("random", "fused"):
         docs = [kernels._random_doc_lens(T, gen, max(4, T // 3)) for _ in range(B)]
-    pos = kernels._pos_from_docs(docs, T) if docs is not None else None
+    pos = pos_from_docs(docs, T) if docs is not None else None
     return leaves, qkv_views, pos, torch.randn(B, T, H, D, generator=gen).to(dtype)
 
 
@@ -226,7 +233,7 @@ def test_first_visible_key_folds_the_mask(window):
     """The kernels' lo[i] (first visible key) describes exactly model.doc_causal_mask: row i sees
     [lo[i], i], padding rows have lo[i] > i, and lo never decreases (the block skipping needs it)."""
     gen = torch.Generator().manual_seed(1)
-    pos = kernels._pos_from_docs([kernels._random_doc_lens(40, gen, 6) for _ in range(2)], 40)
+    pos = pos_from_docs([kernels._random_doc_lens(40, gen, 6) for _ in range(2)], 40)
     pos[1, 30:33] = -1                      # padding in the middle of a document
     lo = kernels._attn_lo(pos, window)
     i, j = torch.arange(40)[:, None], torch.arange(40)[None, :]
@@ -267,7 +274,7 @@ def test_bench_implementations_agree_with_the_reference():
     _, qkv, _, _ = attn_inputs(2, 48, 4, 2, 16, f32, None, seed=3)
     q, k, v = (t.detach() for t in qkv)      # FlexAttention refuses CPU inputs that require grad
     for doc_lens in ([[48], [48]], [[20, 28], [1, 47]]):
-        pos = kernels._pos_from_docs(doc_lens, 48)
+        pos = pos_from_docs(doc_lens, 48)
         want = kernels.attention_ref(q.double(), k.double(), v.double(), pos)
         ran = []
         for name, fn in kernels._bench_impls(pos, doc_lens, gpu=False).items():
