@@ -268,6 +268,7 @@ def test_linear_cross_entropy_ref_matches_torch(reduction, z_loss):
         torch.testing.assert_close(got, F.cross_entropy(logits, y), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_bench_implementations_agree_with_the_reference():
     """The benchmark compares like with like: every implementation it times computes attention_ref
     (those this CPU build cannot run are skipped, as the benchmark prints them n/a)."""
