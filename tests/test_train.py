@@ -86,14 +86,14 @@ def test_lr_schedule_hand_computed():
               89: 0.0055,             # p = 1/2
               99: 1e-3}               # p = 1: the last update runs at min_lr
     for step, lr in expect.items():
-        assert train.lr_at(step, tc) == pytest.approx(lr, rel=1e-12, abs=0), step
+        assert train.get_lr(step, tc) == pytest.approx(lr, rel=1e-12, abs=0), step
     tc.decay_shape = "1-sqrt"
     for step, lr in {79: 1e-2, 80: 0.007987538820, 89: 0.003636038969, 99: 1e-3}.items():
-        assert train.lr_at(step, tc) == pytest.approx(lr, rel=1e-9), step   # 1e-3 + 9e-3 * (1 - sqrt(p))
+        assert train.get_lr(step, tc) == pytest.approx(lr, rel=1e-9), step   # 1e-3 + 9e-3 * (1 - sqrt(p))
     tc = TrainConfig(lr=1e-2, min_lr=1e-3, warmup_steps=10, max_steps=100, schedule="cosine")
     # p = (s + 1 - 10) / 90; lr = 1e-3 + 9e-3 * (1 + cos(pi p)) / 2
     for step, lr in {9: 1e-2, 10: 0.009997258721, 54: 0.0055, 76: 0.00237403733, 99: 1e-3}.items():
-        assert train.lr_at(step, tc) == pytest.approx(lr, rel=1e-7), step
+        assert train.get_lr(step, tc) == pytest.approx(lr, rel=1e-7), step
 
 
 # ---------------------------------------------------------------- optimizers
@@ -120,7 +120,7 @@ def test_weight_decay_reaches_only_matrices(optimizer, wd_embeddings):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    train.set_lr(opts, 5, tc)
+    train.set_lr(opts, train.get_lr(5, tc), tc.lr)
     for o in opts:
         o.step()
     factor = {"AdamW": 1 - 0.05 * 0.1, "Muon": 1 - 0.02 * 0.1}
@@ -226,13 +226,13 @@ def test_crash_while_checkpointing_keeps_previous(tmp_path, monkeypatch, crash):
             raise OSError("disk full")
         monkeypatch.setattr(train, "save_file", torn_save)
     else:
-        real = train._write_text
+        real = train.atomic_write
 
-        def failing_write(path, text):
+        def failing_write(path, write):
             if os.path.basename(path) == "latest":
                 raise OSError("killed before the pointer moved")
-            real(path, text)
-        monkeypatch.setattr(train, "_write_text", failing_write)
+            real(path, write)
+        monkeypatch.setattr(train, "atomic_write", failing_write)
     with pytest.raises(OSError):
         train.save_checkpoint(run, model, opts, {"step": 2}, keep=2)
 
@@ -310,11 +310,34 @@ def test_checkpoint_loads_in_transformers(tmp_path, corpus):
     hf = pytest.importorskip("transformers")
     run = train.train(make_ns(tmp_path, corpus, max_steps=2, warmup_steps=1, tie_embeddings=False))["run_dir"]
     ckpt = train.latest_checkpoint(run)
-    assert sorted(os.listdir(ckpt)) == ["config.json", "model.safetensors", "trainer"]   # weights only on top
+    # weights only on top (the HF loader reads every *.safetensors there), and the tokenizer beside them
+    assert sorted(os.listdir(ckpt)) == ["config.json", "model.safetensors", "tokenizer.json", "trainer"]
     theirs = hf.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     x = torch.randint(0, 263, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(Model.from_pretrained(ckpt)(x), theirs(input_ids=x).logits, rtol=0, atol=1e-5)
+    # self-contained: transformers' tokenizer from the checkpoint alone gives our ids
+    ours = data.load_tokenizer(DataConfig(**corpus))
+    hf_tok = hf.PreTrainedTokenizerFast(tokenizer_file=os.path.join(ckpt, "tokenizer.json"))
+    text = "the cat sat on 12 + 30 = 42. ünïcode"
+    assert hf_tok.encode(text, add_special_tokens=False) == ours.encode(text)
+    # world-readable, whatever safetensors' own 0600
+    for d, dirs, files in os.walk(ckpt):
+        assert os.stat(d).st_mode & 0o755 == 0o755, d
+        for f in files:
+            assert os.stat(os.path.join(d, f)).st_mode & 0o644 == 0o644, f
+    # the special ids the model got are the tokenizer's (byte-level: bos 256, eos 257, pad 260), not the
+    # ModelConfig defaults, in config.json, run.json and the checkpoint's resolved config alike
+    with open(os.path.join(ckpt, "config.json")) as f:
+        hf_cfg = json.load(f)
+    with open(os.path.join(run, "run.json")) as f:
+        started = json.load(f)["history"]
+    with open(os.path.join(ckpt, "trainer", "state.json")) as f:
+        saved = json.load(f)["config"]
+    ids = (ours.bos_id, ours.eos_id, ours.pad_id)
+    assert ids == (256, 257, 260) == (hf_cfg["bos_token_id"], hf_cfg["eos_token_id"], hf_cfg["pad_token_id"])
+    assert len(started) == 1 and ids == tuple(started[0]["config"][k] for k in ("bos_id", "eos_id", "pad_id"))
+    assert ids == tuple(saved[k] for k in ("bos_id", "eos_id", "pad_id"))
 
 
 def test_init_from_loads_weights_for_a_new_stage(tmp_path, corpus):
