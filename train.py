@@ -807,7 +807,7 @@ def train(ns):
         x, y, pos = (t.to(device, non_blocking=True) for t in batch)
         return fwd(x, y, pos)[1]
 
-    weights, step, saved_step = None, start, start if ckpt else None
+    weights, done, saved_step = None, start, start if ckpt else None
     try:
         for step in range(start, tc.max_steps):
             if loader.weights_at(step) != weights:
@@ -829,7 +829,7 @@ def train(ns):
             log.restart_clock()                                # eval and checkpoint time is not step time
     except KeyboardInterrupt:
         since = "no checkpoint yet" if saved_step is None else f"the latest checkpoint is at step {saved_step}"
-        raise Interrupted(f"interrupted at step {step}; continue with --resume=True ({since})") from None
+        raise Interrupted(f"interrupted at step {done}; continue with --resume=True ({since})") from None
     finally:
         log.bar.close()
 
