@@ -21,6 +21,7 @@ Sections
   plot            plot_curves, plot_run (loss.svg)
   the loop        train, write_samples, main
 """
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -100,10 +101,6 @@ class TrainConfig:
 
 class Diverged(RuntimeError):
     """Too many consecutive updates were skipped; the last checkpoint is left as it was."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during training, carrying the one line main() prints."""
 
 
 # ---------------------------------------------------------------- configuration
@@ -192,8 +189,8 @@ def newton_schulz(g, steps):
     """Approximately orthogonalise a matrix: U S V^T -> U f(S) V^T with f(s) ~ 1 on the singular values.
 
     Quintic iteration X <- aX + b(XX^T)X + c(XX^T)^2 X on X = G/||G||_F (so every singular value is <= 1);
-    the coefficients trade exact convergence for a steep slope at 0, so 5 steps push all values into ~[0.7, 1.2].
-    Runs in bf16 on GPU (the iteration tolerates it, and it is the cost of Muon), fp32 elsewhere.
+    modded-nanogpt's coefficients trade exact convergence for a steep slope at 0, so 5 steps push all values
+    into ~[0.7, 1.2]. Runs in bf16 on GPU (the iteration tolerates it, and it is the cost of Muon).
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
@@ -208,11 +205,9 @@ def newton_schulz(g, steps):
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum orthogonalised by Newton-Schulz, for 2-D weight matrices (Keller Jordan's Muon).
-
-    Per parameter: buf = momentum*buf + g; u = g + momentum*buf (Nesterov); W *= 1 - lr*wd;
-    W -= lr * sqrt(max(1, rows/cols)) * newton_schulz(u).
-    """
+    """Momentum orthogonalised by Newton-Schulz, for hidden 2-D matrices (Keller Jordan's Muon); embeddings,
+    head and norms stay on AdamW. Per parameter: buf = momentum*buf + g; u = g + momentum*buf (Nesterov);
+    W *= 1 - lr*wd; W -= lr * sqrt(max(1, rows/cols)) * newton_schulz(u)."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, ns_steps=5):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
@@ -299,13 +294,8 @@ class Guard:
         vars(self).update(state)
 
 
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    lr: float
-    skipped: str | None                  # the Guard's reason, or None when the update ran
-    mean: float                          # the Guard's running mean before this step
+# skipped: the Guard's reason, or None when the update ran; mean: the Guard's running mean before this step
+StepResult = collections.namedtuple("StepResult", "loss grad_norm lr skipped mean")
 
 
 class Step:
@@ -536,16 +526,14 @@ def find_start(tc, mc):
 
 def git_commit():
     """HEAD of the repository holding this file (+ '-dirty' with local changes), or 'unknown'."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                              text=True, timeout=10)
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
+        head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no").stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-    if head.returncode != 0:
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    return head.stdout.strip() + "-dirty" * bool(dirty) if head.returncode == 0 else "unknown"
 
 
 def start_run(run_dir, config, device, start, ckpt):
@@ -829,7 +817,7 @@ def train(ns):
             log.restart_clock()                                # eval and checkpoint time is not step time
     except KeyboardInterrupt:
         since = "no checkpoint yet" if saved_step is None else f"the latest checkpoint is at step {saved_step}"
-        raise Interrupted(f"interrupted at step {done}; continue with --resume=True ({since})") from None
+        raise KeyboardInterrupt(f"interrupted at step {done}; continue with --resume=True ({since})") from None
     finally:
         log.bar.close()
 

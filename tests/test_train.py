@@ -401,9 +401,10 @@ def test_command_line_usage_and_ctrl_c(tmp_path, corpus, capsys):
     # Ctrl-C mid-run: one line naming the step, exit code 130, no traceback
     cfg = write_config(tmp_path / "c.py", **{**MODEL, **TRAIN, **corpus, "max_steps": 100_000, "ckpt_interval": 5,
                                              "out_dir": str(tmp_path / "run")})
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt handler
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), cfg], cwd=ROOT,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not any(r["step"] >= 7 for r in train_records(str(tmp_path / "run"))):
         assert p.poll() is None and time.time() < deadline, p.communicate()
