@@ -1,63 +1,32 @@
-"""train.py — pretraining: AdamW (or Muon) with a WSD/cosine schedule, exact kill-and-resume, a data-stage
-curriculum, spike guards and throughput/MFU logging. The main job of the project:
+"""train.py — pretraining: AdamW or Muon, warmup then WSD or cosine, spike guard, bpb evals, exact resume.
 
-    python train.py config/tiny.py                      # 2 CPU cores, ~8 min: default corpus, training, samples
-    python train.py config/tiny.py --resume=True        # continue a killed run from its latest checkpoint
-    python train.py config/smollm3_1b_ablation.py       # one GPU (bf16 autocast, fp32 master weights)
-    python train.py config/smollm3_long_32k.py          # long-context stage: init_from the 4k run, fresh schedule
-    torchrun --standalone --nproc_per_node=8 train.py config/smollm3.py
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
-        train.py config/smollm3.py                      # and --node_rank=1 on the second node
+    python train.py config/tiny.py                  # 2 CPU cores: default corpus, 500 steps, samples
+    python train.py config/tiny.py --resume=True    # continue from the newest intact checkpoint
+    python train.py config/smollm3_1b_ablation.py   # one GPU: bf16 autocast, fp32 master weights
+    torchrun --standalone --nproc_per_node=8 train.py config/smollm3.py   # once parallel.py wires DP/TP
 
-Rank, world size and local rank come from the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK). This
-file runs one process; data/tensor parallelism is wired in by parallel.py, and until it is, a WORLD_SIZE above
-1 stops with a clear message. The whole loop is the one function `train(ns)` so that wiring stays small.
+Steps count completed updates: the update at data position s is logged as step s+1, and a checkpoint at
+step s holds the state after s updates. The loader's order is a pure function of (seed, sample index), so
+the data position is all the data state there is, and a resumed run matches an uninterrupted one bit for bit.
 
-Design choices
-- Steps are counted as *completed optimizer steps*: the update that runs with data position `s` (the
-  loader's step) is logged as step s+1, a checkpoint "at step s" holds the state after s updates, and a
-  resumed run continues with data position s. The loader's order is a pure function of (seed, sample
-  index), so the data position is all the data state there is.
-- Schedule (DESIGN §3): linear warmup `lr*(s+1)/warmup_steps`, then either WSD — constant, then the last
-  `round(decay_frac*max_steps)` steps decay to `min_lr` along `1-p` (linear) or `1-sqrt(p)` — or cosine from
-  the end of warmup, `min_lr + (lr-min_lr)*(1+cos(pi*p))/2`. In both, p = (s+1-start)/(max_steps-start), so
-  the last update runs at exactly min_lr, just as the first warmup update runs at lr/warmup_steps.
-- AdamW groups: weight decay on matrices only; none on norms, and none on embeddings unless
-  `wd_embeddings` (the playbook's stability ablation, after OLMo 2). Fused AdamW on CUDA.
-- GPU precision: the forward (and eval) runs under bf16 autocast, the backward outside it; weights, grads and
-  optimizer state stay fp32 (no loss scaler: bf16 has fp32's exponent range); fp32 matmuls may use TF32.
-- Loss normalisation: a micro-batch's loss is its mean over target tokens and the step's loss the mean of its
-  micro-batches (backward of loss/accum). Pretraining rows have no ignored (-100) targets, so every micro-batch
-  holds the same number of tokens and this is exactly the per-token mean of the whole batch.
-- Muon (`optimizer="muon"`): hidden 2-D matrices take SGD-Nesterov momentum orthogonalised by 5 Newton-Schulz
-  iterations (quintic coefficients 3.4445, -4.7750, 2.0315, as in modded-nanogpt), scaled by
-  sqrt(max(1, rows/cols)); embeddings, the output head and norms stay on AdamW. Both follow one schedule:
-  the Muon LR is `muon_lr * lr_at(s)/lr`.
-- Guards: a non-finite loss or grad norm, or a loss above `spike_factor` x the running mean (a bias-corrected
-  EMA of accepted losses), skips the update (the batch is dropped, the step still advances), is logged and
-  counted; more than `max_skips` in a row stops the run and leaves the last checkpoint as it was.
-- Checkpoint = directory `ckpt_000123/`: `config.json` + `model.safetensors` in the HF SmolLM3 layout
-  (model.save_pretrained), and `trainer/state.safetensors` (optimizer state keyed by parameter name, RNG
-  states) + `trainer/state.json` (step, guard counters, resolved config) in a subdirectory, so that the HF
-  loader, which reads every *.safetensors beside config.json, sees only the weights. No pickle anywhere.
-  Written as `.tmp_ckpt_...`, renamed into place, then the one-line file `latest` is replaced atomically;
-  a crash at any point leaves `latest` naming a complete checkpoint (a complete one that `latest` never came
-  to name, killed between the rename and the pointer, is rewritten when the resumed run reaches its step).
-  The newest `keep_ckpts` are kept.
-- On resume, `log.jsonl` is cut back to the checkpoint's step, so the log of a killed-and-resumed run is the
-  log of the uninterrupted one; on CPU the losses match bit for bit (tests/test_train.py).
-- Bits per byte per source: sum of CE nats / (ln 2 x sum of UTF-8 bytes of the target tokens), on fixed
-  held-out rows, so runs with different tokenizers compare.
-- Throughput: tokens/s is averaged over the steps since the previous log line, eval and checkpoint time left
-  out. MFU = model.flops_per_token(seq_len) (6 x matmul params + causal attention at T/2 keys) x tokens/s / peak,
-  with the device's dense bf16 peak, whatever `dtype` (PEAK_FLOPS: H100 SXM and H200 989 TFLOP/s, H100 PCIe
-  756, A100 312); other devices (CPU included) show n/a. Each step syncs with the host once, fetching loss and
-  grad norm together: the guard needs both before it may step.
-- The loss curves are written as `loss.svg` (text, so no plotting package; opens in any web browser).
+Sections
+  configuration   TrainConfig, dist_env, check_config, resolve
+  schedule        get_lr (warmup, then WSD or cosine)
+  optimizers      newton_schulz, Muon, build_optimizers, set_lr
+  one step        Guard (NaN / spike skips), Step (accumulate, clip, guard, update)
+  checkpoints     save_checkpoint, checkpoint_problem, latest_checkpoint, load_checkpoint, check_architecture
+  setup           setup_device, find_start, start_run (run.json history)
+  logging         Logger (log.jsonl, tqdm, tokens/s, MFU), read_log
+  evaluation      evaluate (held-out loss and bits per byte per source)
+  plot            plot_curves, plot_run (loss.svg)
+  the loop        train, write_samples, main
 """
+import collections
 import contextlib
 import dataclasses
+import hashlib
 import html
+import importlib.util
 import json
 import math
 import os
@@ -68,6 +37,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -75,7 +45,7 @@ from tqdm import tqdm
 
 from config import load, pick
 from data import DataConfig, Loader, load_tokenizer, prepare_default
-from model import Model, ModelConfig
+from model import Model, ModelConfig, atomic_write
 
 # Dense bf16 tensor-core peaks (vendor data sheets; the sheets' larger numbers assume 2:4 sparsity), matched in
 # this order against torch.cuda.get_device_name(): the PCIe and NVL cards before the SXM parts they contain.
@@ -84,6 +54,9 @@ PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100
 # The spike guard's reference is an EMA of accepted losses with a ~20-step horizon: slow enough to ignore
 # noise, fast enough to follow a falling loss, so a spike is measured against where the run actually is.
 LOSS_EMA_BETA = 0.95
+# Fields that make two checkpoints different networks; rope_theta, YaRN, masking may change between stages.
+ARCH_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "nope_interval",
+             "tie_embeddings", "qk_norm")
 
 
 @dataclass
@@ -160,10 +133,9 @@ def check_config(mc, dc, tc, world_size=1):
     need(longest + tc.sample_tokens <= mc.max_position_embeddings,
          f"sample prompts ({longest} bytes) + sample_tokens={tc.sample_tokens} exceed "
          f"max_position_embeddings={mc.max_position_embeddings}")
-    need(tc.schedule in SCHEDULES, f"schedule={tc.schedule!r} must be one of {sorted(SCHEDULES)}")
-    need(tc.decay_shape in DECAY_SHAPES, f"decay_shape={tc.decay_shape!r} must be one of {sorted(DECAY_SHAPES)}")
-    need(tc.optimizer in ("adamw", "muon"), f"optimizer={tc.optimizer!r} must be 'adamw' or 'muon'")
-    need(tc.dtype in ("bfloat16", "float32"), f"dtype={tc.dtype!r} must be 'bfloat16' or 'float32'")
+    for key, allowed in (("schedule", ["cosine", "wsd"]), ("decay_shape", ["1-sqrt", "linear"]),
+                         ("optimizer", ["adamw", "muon"]), ("dtype", ["bfloat16", "float32"])):
+        need(getattr(tc, key) in allowed, f"{key}={getattr(tc, key)!r} must be one of {allowed}")
     need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", tc.device),
          f"device={tc.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
     need(tc.lr > 0 and 0 <= tc.min_lr <= tc.lr, f"need 0 <= min_lr={tc.min_lr} <= lr={tc.lr} and lr > 0")
@@ -188,33 +160,27 @@ CONFIGS = (ModelConfig, DataConfig, TrainConfig)
 
 def resolve(ns):
     """The three dataclasses of a loaded namespace, checked together: (ModelConfig, DataConfig, TrainConfig).
-
     ModelConfig checks its own fields (heads divisible by KV heads, even head_dim, ...) as it is built."""
     mc, dc, tc = (cls(**pick(ns, cls)) for cls in CONFIGS)
     check_config(mc, dc, tc, dist_env()[1])
     return mc, dc, tc
 
 
-# ---------------------------------------------------------------- learning-rate schedule
+# ---------------------------------------------------------------- schedule
 
-def _progress(step, start, end):
-    """Fraction of the decay done *after* update `step` (0-based data position): 1/(end-start) ... 1."""
-    return min(max((step + 1 - start) / max(end - start, 1), 0.0), 1.0)
-
-
-DECAY_SHAPES = {"linear": lambda p: 1.0 - p, "1-sqrt": lambda p: 1.0 - math.sqrt(p)}
-SCHEDULES = {
-    "wsd": lambda s, tc: DECAY_SHAPES[tc.decay_shape](
-        _progress(s, tc.max_steps - round(tc.decay_frac * tc.max_steps), tc.max_steps)),
-    "cosine": lambda s, tc: 0.5 * (1.0 + math.cos(math.pi * _progress(s, tc.warmup_steps, tc.max_steps))),
-}
-
-
-def lr_at(step, tc):
-    """Learning rate of the update at data position `step` (0-based)."""
+def get_lr(step, tc):
+    """AdamW LR of the update at data position `step` (0-based): linear warmup to lr, then WSD (constant, then
+    the last decay_frac of steps decay to min_lr along 1-p or 1-sqrt(p)) or cosine from the end of warmup."""
     if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    return tc.min_lr + (tc.lr - tc.min_lr) * SCHEDULES[tc.schedule](step, tc)
+        return tc.lr * (step + 1) / tc.warmup_steps              # the first update runs at lr / warmup_steps
+    start = tc.warmup_steps if tc.schedule == "cosine" else tc.max_steps - round(tc.decay_frac * tc.max_steps)
+    # p is the share of the decay done *after* this update, so the last update runs at exactly min_lr
+    p = min(max((step + 1 - start) / max(tc.max_steps - start, 1), 0.0), 1.0)
+    if tc.schedule == "cosine":
+        coeff = 0.5 * (1.0 + math.cos(math.pi * p))
+    else:
+        coeff = 1.0 - (math.sqrt(p) if tc.decay_shape == "1-sqrt" else p)
+    return tc.min_lr + coeff * (tc.lr - tc.min_lr)
 
 
 # ---------------------------------------------------------------- optimizers
@@ -223,8 +189,8 @@ def newton_schulz(g, steps):
     """Approximately orthogonalise a matrix: U S V^T -> U f(S) V^T with f(s) ~ 1 on the singular values.
 
     Quintic iteration X <- aX + b(XX^T)X + c(XX^T)^2 X on X = G/||G||_F (so every singular value is <= 1);
-    the coefficients trade exact convergence for a steep slope at 0, so 5 steps push all values into ~[0.7, 1.2].
-    Runs in bf16 on GPU (the iteration tolerates it, and it is the cost of Muon), fp32 elsewhere.
+    modded-nanogpt's coefficients trade exact convergence for a steep slope at 0, so 5 steps push all values
+    into ~[0.7, 1.2]. Runs in bf16 on GPU (the iteration tolerates it, and it is the cost of Muon).
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
@@ -239,11 +205,9 @@ def newton_schulz(g, steps):
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum orthogonalised by Newton-Schulz, for 2-D weight matrices (Keller Jordan's Muon).
-
-    Per parameter: buf = momentum*buf + g; u = g + momentum*buf (Nesterov); W *= 1 - lr*wd;
-    W -= lr * sqrt(max(1, rows/cols)) * newton_schulz(u).
-    """
+    """Momentum orthogonalised by Newton-Schulz, for hidden 2-D matrices (Keller Jordan's Muon); embeddings,
+    head and norms stay on AdamW. Per parameter: buf = momentum*buf + g; u = g + momentum*buf (Nesterov);
+    W *= 1 - lr*wd; W -= lr * sqrt(max(1, rows/cols)) * newton_schulz(u)."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, ns_steps=5):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
@@ -265,7 +229,9 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(model, tc, device):
-    """[AdamW] or [Muon, AdamW]; groups carry `param_names` and a `base_lr` the schedule scales each step."""
+    """[AdamW] or [Muon, AdamW]. Weight decay on matrices only: none on norms, and none on embeddings unless
+    `wd_embeddings` (the playbook's stability ablation, after OLMo 2). Groups carry `param_names` and the
+    `base_lr` that set_lr scales, so Muon follows the one schedule at muon_lr * get_lr(s) / lr."""
     decay, no_decay, matrices = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -287,47 +253,113 @@ def build_optimizers(model, tc, device):
     return opts
 
 
-def set_lr(opts, step, tc):
-    """Scale every group's base LR by the schedule's factor at `step`; returns the AdamW LR."""
-    lr = lr_at(step, tc)
+def set_lr(opts, lr, peak_lr):
+    """Scale every group's base LR by lr / peak_lr (the schedule's factor)."""
     for opt in opts:
         for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * lr / tc.lr
-    return lr
+            group["lr"] = group["base_lr"] * lr / peak_lr
+
+
+# ---------------------------------------------------------------- one step
+
+class Guard:
+    """Skip an update whose loss or grad norm is not finite, or whose loss exceeds spike_factor x the running
+    mean (a bias-corrected EMA of accepted losses). A skipped batch is dropped; the step still advances."""
+
+    def __init__(self, spike_factor):
+        self.spike_factor = spike_factor
+        self.skips = self.skips_in_row = self.loss_ema_n = 0
+        self.loss_ema = 0.0
+
+    def mean(self):
+        return self.loss_ema / (1 - LOSS_EMA_BETA ** self.loss_ema_n) if self.loss_ema_n else math.inf
+
+    def check(self, loss, grad_norm):
+        """Why this update must be skipped ("nonfinite_loss", "nonfinite_grad", "spike"), or None; counts it."""
+        skip = ("nonfinite_loss" if not math.isfinite(loss) else "nonfinite_grad" if not math.isfinite(grad_norm)
+                else "spike" if self.spike_factor and loss > self.spike_factor * self.mean() else None)
+        if skip:
+            self.skips += 1
+            self.skips_in_row += 1
+        else:
+            self.skips_in_row = 0
+            self.loss_ema = LOSS_EMA_BETA * self.loss_ema + (1 - LOSS_EMA_BETA) * loss
+            self.loss_ema_n += 1
+        return skip
+
+    def state_dict(self):
+        return {k: getattr(self, k) for k in ("skips", "skips_in_row", "loss_ema", "loss_ema_n")}
+
+    def load_state_dict(self, state):
+        vars(self).update(state)
+
+
+# skipped: the Guard's reason, or None when the update ran; mean: the Guard's running mean before this step
+StepResult = collections.namedtuple("StepResult", "loss grad_norm lr skipped mean")
+
+
+class Step:
+    """One optimizer update over a step's micro-batches: forward under `autocast`, backward of loss / accum (so the
+    gradient is that of the mean micro-batch loss; pretraining rows have no ignored targets, so this is the
+    per-token mean), clip, ask the guard, update or skip, zero the grads. posttrain.py supplies its own batches
+    and loss_fn; parallel.py passes wrapped optimizers and a `clip_grad_norm` that reduces over its shards."""
+
+    def __init__(self, opts, guard, tc, autocast, clip_grad_norm=torch.nn.utils.clip_grad_norm_):
+        self.opts, self.guard, self.autocast, self.clip_grad_norm = opts, guard, autocast, clip_grad_norm
+        self.peak_lr, self.max_norm = tc.lr, tc.grad_clip if tc.grad_clip > 0 else math.inf
+        self.params = [p for opt in opts for g in opt.param_groups for p in g["params"]]
+
+    def __call__(self, batches, loss_fn, lr):
+        set_lr(self.opts, lr, self.peak_lr)
+        losses = []
+        for batch in batches:
+            with self.autocast:
+                loss = loss_fn(batch)
+            (loss / len(batches)).backward()     # backward outside autocast; weights and grads stay fp32
+            losses.append(loss.detach())
+        grad_norm = self.clip_grad_norm(self.params, self.max_norm)
+        # The step's one host sync, loss and grad norm together: the guard needs both before it may step.
+        loss_v, norm_v = torch.stack([torch.stack(losses).mean(), grad_norm]).tolist()
+        mean = self.guard.mean()
+        skipped = self.guard.check(loss_v, norm_v)
+        if not skipped:
+            for opt in self.opts:
+                opt.step()
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
+        return StepResult(loss_v, norm_v, lr, skipped, mean)
 
 
 # ---------------------------------------------------------------- checkpoints
+# ckpt_000123/ = config.json + model.safetensors (the HF SmolLM3 layout) + tokenizer.json, so the directory
+# alone serves eval and generation, and trainer/{state.safetensors, state.json} (optimizer state by parameter
+# name, RNG; step, guard, config, each file's size and sha256) in a subdirectory, because the HF loader reads
+# every *.safetensors beside config.json. No pickle anywhere.
 
-def _write_text(path, text):
-    """Atomic small-file write: temp file, fsync, rename."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+TRAINER_STATE, TRAINER_TENSORS = os.path.join("trainer", "state.json"), os.path.join("trainer", "state.safetensors")
 
 
-def latest_checkpoint(run_dir):
-    """Path of the checkpoint `run_dir/latest` names, or None when the run has none."""
-    pointer = os.path.join(run_dir, "latest")
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer, encoding="utf-8") as f:
-        path = os.path.join(run_dir, f.read().strip())
-    if not os.path.isfile(os.path.join(path, "trainer", "state.json")):
-        raise ValueError(f"{pointer} names {path}, which is not a complete checkpoint")
-    return path
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def save_checkpoint(run_dir, model, opts, state, keep):
-    """Write `run_dir/ckpt_{step:06d}` atomically, point `latest` at it, prune to the newest `keep`."""
+def file_digest(path):
+    with open(path, "rb") as f:
+        return {"bytes": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def save_checkpoint(run_dir, model, opts, state, keep, tok=None):
+    """Write run_dir/ckpt_{step:06d}, point `latest` at it, keep the newest `keep`; returns its path.
+
+    Every file is fsynced and renamed into a temporary directory (model.atomic_write), which is renamed into
+    place before `latest` is replaced, so after a kill or a power loss `latest` names a complete checkpoint."""
     state = {**state, "optimizers": [type(opt).__name__ for opt in opts]}
     name = f"ckpt_{state['step']:06d}"
     final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, f".tmp_{name}")
-    current = latest_checkpoint(run_dir)
-    if current is not None and os.path.basename(current) == name:
-        return final                                           # this exact state is already on disk
     shutil.rmtree(tmp, ignore_errors=True)                     # leftover of a crash mid-write
     model.save_pretrained(tmp)
     tensors = {f"rng/{k}": v for k, v in rng_state().items()}
@@ -338,12 +370,24 @@ def save_checkpoint(run_dir, model, opts, state, keep):
                 for key, value in sd["state"].get(idx, {}).items():
                     tensors[f"optim/{pname}/{key}"] = value.detach().cpu().contiguous()
     os.makedirs(os.path.join(tmp, "trainer"))
-    save_file(tensors, os.path.join(tmp, "trainer", "state.safetensors"))
-    _write_text(os.path.join(tmp, "trainer", "state.json"), json.dumps(state, indent=1))
-    if os.path.exists(final):                                  # a complete dir that `latest` never named
+    atomic_write(os.path.join(tmp, TRAINER_TENSORS), lambda p: save_file(tensors, p))
+    if tok is not None:
+        atomic_write(os.path.join(tmp, "tokenizer.json"), tok.save_hf)
+    # Checksums catch a file truncated or corrupted after the save (resume then falls back to an older
+    # checkpoint); hashing costs ~1 s per GB, seconds beside the minutes between checkpoints.
+    state["files"] = {os.path.relpath(os.path.join(d, f), tmp): file_digest(os.path.join(d, f))
+                      for d, _, files in os.walk(tmp) for f in sorted(files)}
+    atomic_write(os.path.join(tmp, TRAINER_STATE), lambda p: Path(p).write_text(json.dumps(state, indent=1)))
+    # safetensors writes 0600: make the checkpoint readable by whoever evaluates it
+    for d, _, files in os.walk(tmp):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
+    if os.path.exists(final):                                  # one `latest` never named, or a corrupt one
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_text(os.path.join(run_dir, "latest"), name + "\n")
+    _fsync_dir(run_dir)                                        # the rename is on disk before `latest` moves
+    atomic_write(os.path.join(run_dir, "latest"), lambda p: Path(p).write_text(name + "\n"))
     # by step, not by name: ckpt_1000000 sorts before ckpt_999999 as a string
     old = sorted((d for d in os.listdir(run_dir) if d.startswith("ckpt_") and d != name), key=lambda d: int(d[5:]))
     for d in old[:max(len(old) - (keep - 1), 0)]:
@@ -351,15 +395,56 @@ def save_checkpoint(run_dir, model, opts, state, keep):
     return final
 
 
+def checkpoint_problem(path):
+    """Why checkpoint `path` cannot be resumed from (a file missing, truncated or corrupt), or None."""
+    try:
+        with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as f:
+            files = json.load(f)["files"]
+    except FileNotFoundError:
+        return f"{TRAINER_STATE} is missing"
+    except (ValueError, KeyError, TypeError):              # JSONDecodeError and UnicodeDecodeError included
+        return f"{TRAINER_STATE} is truncated or corrupt"
+    for rel, want in files.items():
+        if not os.path.isfile(os.path.join(path, rel)):
+            return f"{rel} is missing"
+        have = file_digest(os.path.join(path, rel))
+        if have["bytes"] != want["bytes"]:
+            return f"{rel} has {have['bytes']:,} bytes, {want['bytes']:,} were saved (truncated)"
+        if have["sha256"] != want["sha256"]:
+            return f"{rel} differs from the sha256 recorded at save time (corrupt)"
+    return None
+
+
+def latest_checkpoint(run_dir):
+    """The newest intact checkpoint of `run_dir`: the one `latest` names, else the newest older one that
+    verifies (printing which were passed over and why); None when the run has no `latest`."""
+    pointer = os.path.join(run_dir, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    named = Path(pointer).read_text(encoding="utf-8").strip()
+    if not re.fullmatch(r"ckpt_\d+", named):
+        raise ValueError(f"{pointer}: expected a checkpoint name like ckpt_000123, got {named[:40]!r}")
+    # A checkpoint newer than `latest` never became it (killed between its rename and the pointer): not trusted.
+    older = [d for d in os.listdir(run_dir) if re.fullmatch(r"ckpt_\d+", d) and int(d[5:]) < int(named[5:])]
+    problems = []
+    for name in [named] + sorted(older, key=lambda d: int(d[5:]), reverse=True):
+        problem = checkpoint_problem(os.path.join(run_dir, name))
+        if problem is None:
+            if problems:
+                print(f"{'; '.join(problems)}; using {name}")
+            return os.path.join(run_dir, name)
+        problems.append(f"{name} is unusable: {problem}")
+    raise ValueError(f"{run_dir}: no intact checkpoint ({'; '.join(problems)})")
+
+
 def load_checkpoint(path, model, opts):
     """Restore weights, optimizer state and RNG from checkpoint `path`; returns its trainer/state.json dict."""
-    with open(os.path.join(path, "trainer", "state.json"), encoding="utf-8") as f:
-        state = json.load(f)
+    state = json.loads(Path(path, TRAINER_STATE).read_text(encoding="utf-8"))
     kinds = [type(opt).__name__ for opt in opts]
     if state["optimizers"] != kinds:
         raise ValueError(f"{path} holds the state of optimizers {state['optimizers']}, this run uses {kinds}")
     model.load_state_dict(Model.from_pretrained(path).state_dict())
-    tensors = load_file(os.path.join(path, "trainer", "state.safetensors"))
+    tensors = load_file(os.path.join(path, TRAINER_TENSORS))
     per_param = {}
     for key, value in tensors.items():
         if key.startswith("optim/"):
@@ -392,17 +477,136 @@ def set_rng_state(states):
         torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
 
 
-def init_weights_from(model, path):
-    """Copy weights from a checkpoint dir, a run dir (its latest checkpoint) or an HF SmolLM3 dir."""
-    if os.path.isfile(os.path.join(path, "latest")):
-        path = latest_checkpoint(path)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"init_from={path!r}: expected a run, checkpoint or HF model directory with config.json")
-    model.load_state_dict(Model.from_pretrained(path).state_dict())
-    return path
+def check_architecture(path, mc, key):
+    """One line naming every architecture field where checkpoint `path`'s config.json differs from `mc`."""
+    theirs = Model.config_from_hf(os.path.join(path, "config.json"))
+    diff = [f"{k}: {getattr(theirs, k)} vs {getattr(mc, k)}" for k in ARCH_KEYS if getattr(theirs, k) != getattr(mc, k)]
+    if diff:
+        raise ValueError(f"{key}: {path} holds another architecture (theirs vs ours): {', '.join(diff)}")
 
 
-# ---------------------------------------------------------------- run log
+# ---------------------------------------------------------------- setup
+
+def setup_device(tc, mc, local_rank):
+    """(device, autocast context), checked before any data work: an unusable attn_impl fails in seconds."""
+    if tc.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(tc.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={tc.device!r} but CUDA is not available")
+    if mc.attn_impl == "triton" and (device.type != "cuda" or importlib.util.find_spec("triton") is None):
+        raise ValueError(f"attn_impl='triton' needs a CUDA device and the triton package (device is {device}); "
+                         "use --attn_impl=sdpa")
+    if device.type == "cuda":                                  # fp32 matmuls may use TF32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    # bf16 autocast for the forward only; no loss scaler, as bf16 has fp32's exponent range
+    if device.type == "cuda" and tc.dtype == "bfloat16":
+        return device, torch.autocast(device.type, dtype=torch.bfloat16)
+    return device, contextlib.nullcontext()
+
+
+def find_start(tc, mc):
+    """(checkpoint to resume from, checkpoint to init_from): either or both None, architectures checked."""
+    has_ckpt = os.path.isfile(os.path.join(tc.out_dir, "latest"))
+    if has_ckpt and not tc.resume:
+        raise ValueError(f"{tc.out_dir} already holds checkpoints: pass --resume=True or choose another --out_dir")
+    ckpt, init = latest_checkpoint(tc.out_dir) if has_ckpt else None, None
+    if not ckpt and tc.init_from:
+        init = latest_checkpoint(tc.init_from) if os.path.isfile(os.path.join(tc.init_from, "latest")) else tc.init_from
+        if not os.path.isfile(os.path.join(init, "config.json")):
+            raise ValueError(f"init_from={tc.init_from!r}: expected a run, checkpoint or HF model directory "
+                             "with config.json")
+    for path, key in ((ckpt, "resume"), (init, "init_from")):
+        if path:
+            check_architecture(path, mc, key)
+    return ckpt, init
+
+
+def git_commit():
+    """HEAD of the repository holding this file (+ '-dirty' with local changes), or 'unknown'."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                              text=True, timeout=10)
+    try:
+        head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return head.stdout.strip() + "-dirty" * bool(dirty) if head.returncode == 0 else "unknown"
+
+
+def start_run(run_dir, config, device, start, ckpt):
+    """Append this start (config, versions, device, commit) to run.json's history; a fresh run starts a new one."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    run = {"config": config, "python": platform.python_version(), "torch": torch.__version__, "device": name,
+           "git_commit": git_commit(), "argv": sys.argv, "world_size": dist_env()[1],
+           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "start_step": start, "resumed_from": ckpt}
+    path = os.path.join(run_dir, "run.json")
+    history = json.loads(Path(path).read_text()).get("history", []) if ckpt and os.path.isfile(path) else []
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps({"history": history + [run]}, indent=1)))
+    return run
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+# ---------------------------------------------------------------- logging
+
+class Logger:
+    """Rank 0's record of the run: one log.jsonl line per logged step, the tqdm bar, loss.svg after each eval.
+    tokens/s is averaged over the steps since the previous line, eval and checkpoint time left out; MFU =
+    flops_per_token (6 x matmul params + causal attention) x tokens/s / the device's dense bf16 peak."""
+
+    def __init__(self, run_dir, start, tc, tokens_per_step, flops_per_token, peak, master):
+        self.path, self.master, self.tc = os.path.join(run_dir, "log.jsonl"), master, tc
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
+        if master:   # cut the log back to the checkpoint's step: a resumed run's log is the uninterrupted one's
+            kept = "".join(json.dumps(r) + "\n" for r in read_log(self.path, start))
+            atomic_write(self.path, lambda p: Path(p).write_text(kept, encoding="utf-8"))
+        self.bar = tqdm(total=tc.max_steps, initial=start, disable=not master, dynamic_ncols=True, desc="train")
+        self.steps, self.seconds = 0, 0.0
+        self.restart_clock()
+
+    def restart_clock(self):
+        self.t_last = time.perf_counter()
+
+    def write(self, record):
+        if self.master:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def say(self, text):
+        if self.master:
+            self.bar.write(text)
+
+    def train_step(self, done, r, guard):
+        self.steps, self.seconds = self.steps + 1, self.seconds + time.perf_counter() - self.t_last
+        tok_s = self.tokens_per_step * self.steps / self.seconds
+        mfu = self.flops_per_token * tok_s / self.peak if self.peak else None
+        self.bar.set_postfix(loss=f"{r.loss:.4f}", lr=f"{r.lr:.2e}", tok_s=f"{tok_s:,.0f}", gnorm=f"{r.grad_norm:.3f}",
+                             mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%", refresh=False)
+        self.bar.update(1)
+        if r.skipped or done % self.tc.log_interval == 0 or done == self.tc.max_steps:
+            self.write({"kind": "train", "step": done, "loss": _json_float(r.loss), "lr": r.lr,
+                        "grad_norm": _json_float(r.grad_norm), "tok_per_s": tok_s, "mfu": mfu, "skipped": r.skipped,
+                        "skips": guard.skips, "loss_mean": _json_float(r.mean)})
+            self.steps, self.seconds = 0, 0.0
+        if r.skipped:
+            self.say(f"step {done}: update skipped ({r.skipped}: loss {r.loss:.4g}, grad norm {r.grad_norm:.4g}, "
+                     f"running mean {r.mean:.4g}); {guard.skips} skipped so far")
+
+    def eval(self, done, val_loss, val_bpb):
+        self.write({"kind": "eval", "step": done, "val_loss": val_loss, "val_bpb": val_bpb})
+        self.say(f"step {done}: val loss " + ", ".join(f"{s} {v:.4f}" for s, v in val_loss.items())
+                 + " | bpb " + ", ".join(f"{s} {v:.4f}" for s, v in val_bpb.items()))
+        if self.master:
+            plot_run(os.path.join(os.path.dirname(self.path), "loss.svg"), read_log(self.path))
+
 
 def read_log(path, upto_step=None):
     """Records of log.jsonl (a torn last line from a kill is dropped), optionally those with step <= upto_step."""
@@ -425,6 +629,8 @@ def _json_float(v):
 
 
 # ---------------------------------------------------------------- evaluation
+# Bits per byte: sum of CE nats / (ln 2 x UTF-8 bytes of the target tokens), so runs with different tokenizers
+# compare; on fixed held-out rows (Loader.val_rows), so every eval of a run sees the same text.
 
 @torch.no_grad()
 def evaluate(model, val_sets, token_bytes, micro_batch_size, autocast, device):
@@ -510,7 +716,8 @@ def plot_curves(path, series, width=800, height=480, xlabel="step", ylabel="loss
         ly = top + 16 + 16 * k                                     # legend, top right
         svg.append(f'<line x1="{right - 162}" y1="{ly}" x2="{right - 142}" y2="{ly}" stroke="{color}" stroke-width="2"/>'
                    f'<text x="{right - 136}" y="{ly + 4}">{html.escape(label)}</text>')
-    _write_text(path, "\n".join(svg + ["</svg>\n"]))
+    text = "\n".join(svg + ["</svg>\n"])
+    atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
 def plot_run(path, records):
@@ -522,36 +729,6 @@ def plot_run(path, records):
     plot_curves(path, series)
 
 
-# ---------------------------------------------------------------- run description
-
-def git_commit():
-    """HEAD of the repository holding this file (+ '-dirty' with local changes), or 'unknown'."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    if head.returncode != 0:
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def describe_run(ns, device):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    return {"config": vars(ns), "python": platform.python_version(), "torch": torch.__version__,
-            "device": name, "git_commit": git_commit(), "argv": sys.argv, "world_size": dist_env()[1],
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
 # ---------------------------------------------------------------- the loop
 
 def train(ns):
@@ -561,26 +738,18 @@ def train(ns):
     if world > 1:
         raise ValueError(f"WORLD_SIZE={world}: multi-process training is wired in by parallel.py; "
                          "this file runs one process")
-    if tc.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(tc.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={tc.device!r} but CUDA is not available")
-    master = rank == 0
-    run_dir = tc.out_dir
-    ckpt = latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
-    if ckpt and not tc.resume:
-        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume=True or choose another --out_dir")
+    master, run_dir = rank == 0, tc.out_dir
+    device, autocast = setup_device(tc, mc, local_rank)
+    ckpt, init = find_start(tc, mc)                            # before the corpus: bad paths fail in seconds
 
     if dc.dataset == "default":
         prepare_default(dc.data_dir, mc.vocab_size)            # idempotent: builds tokenizer + shards once
     tok = load_tokenizer(dc)
     if tok.n_vocab > mc.vocab_size:
         raise ValueError(f"tokenizer has {tok.n_vocab} ids but vocab_size={mc.vocab_size}")
-    token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.int64, device=device)
     # The tokenizer owns the special ids: generate() pads with pad_id and config.json records all three.
-    mc = dataclasses.replace(mc, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    ids = dict(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    mc, config = dataclasses.replace(mc, **ids), {**vars(ns), **ids}
 
     torch.manual_seed(tc.seed)
     model = Model(mc).to(device)
@@ -590,141 +759,98 @@ def train(ns):
     loader = Loader(dc, tok, tc.micro_batch_size, accum, tc.seed, dp_rank=rank, dp_size=world)
     sources = sorted(set(dc.mixture) | {s for _, weights in dc.stages for s in weights})
     val_sets = {s: loader.val_rows(s, tc.eval_rows) for s in sources}
+    token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.int64, device=device)
 
-    # Guard state: skip counters and a bias-corrected EMA of accepted losses (the spike reference).
-    start, guard = 0, {"skips": 0, "skips_in_row": 0, "loss_ema": 0.0, "loss_ema_n": 0}
-    log_path = os.path.join(run_dir, "log.jsonl")
+    guard, start = Guard(tc.spike_factor), 0
     if ckpt:
         saved = load_checkpoint(ckpt, model, opts)
-        start, guard = saved["step"], saved["guard"]
-        changed = {k: (saved["config"].get(k), v) for k, v in vars(ns).items() if saved["config"].get(k) != v}
+        start = saved["step"]
+        guard.load_state_dict(saved["guard"])
+        changed = {k: (saved["config"].get(k), v) for k, v in config.items() if saved["config"].get(k) != v}
         changed.pop("resume", None)
         if master:
             print(f"resuming from {ckpt} at step {start}" + (f"; config changes: {changed}" if changed else ""))
-    elif tc.init_from:
-        source = init_weights_from(model, tc.init_from)
+    elif init:
+        model.load_state_dict(Model.from_pretrained(init).state_dict())
         if master:
-            print(f"initialised weights from {source}; fresh optimizer and schedule")
+            print(f"initialised weights from {init}; fresh optimizer and schedule")
     elif tc.resume and master:
         print(f"--resume: no checkpoint in {run_dir}, starting from scratch")
-    if master:                                               # cut the log back to the checkpoint's step
-        os.makedirs(run_dir, exist_ok=True)
-        _write_text(log_path, "".join(json.dumps(r) + "\n" for r in read_log(log_path, start)))
 
-    amp = device.type == "cuda" and tc.dtype == "bfloat16"
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-    fwd = torch.compile(model) if tc.compile else model      # eval and generate use the plain module
-    tokens_per_step = tc.batch_size * dc.seq_len
-    flops_per_token, peak = model.flops_per_token(dc.seq_len), peak_flops(device)
+    tokens_per_step, peak = tc.batch_size * dc.seq_len, peak_flops(device)
     if master:
-        run = describe_run(ns, device)
-        _write_text(os.path.join(run_dir, "run.json"), json.dumps(run, indent=1))
-        print(json.dumps(run["config"], indent=1))
+        os.makedirs(run_dir, exist_ok=True)
+        run = start_run(run_dir, config, device, start, ckpt)
+        print(json.dumps(config, indent=1))
         print(f"python {run['python']}, torch {run['torch']}, device {run['device']}, commit {run['git_commit']}")
         print(f"{model.num_params():,} parameters ({model.num_params(non_embedding=True):,} non-embedding); "
               f"{tokens_per_step:,} tokens/step = {tc.batch_size} rows ({tc.micro_batch_size} x {accum} accum "
               f"x {world} ranks) x {dc.seq_len}; MFU peak: "
               + (f"{peak / 1e12:.0f} TFLOP/s (dense bf16)" if peak else "n/a on this device"))
+    log = Logger(run_dir, start, tc, tokens_per_step, model.flops_per_token(dc.seq_len), peak, master)
+    update = Step(opts, guard, tc, autocast)
+    fwd = torch.compile(model) if tc.compile else model       # eval and generate use the plain module
 
-    def log(record):
-        if master:
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+    def lm_loss(batch):
+        x, y, pos = (t.to(device, non_blocking=True) for t in batch)
+        return fwd(x, y, pos)[1]
 
-    def checkpoint(step):
-        if master:
-            state = {"step": step, "guard": guard, "config": vars(ns), "tokens": step * tokens_per_step}
-            save_checkpoint(run_dir, model, opts, state, tc.keep_ckpts)
-
-    params = [p for opt in opts for g in opt.param_groups for p in g["params"]]
-    bar = tqdm(total=tc.max_steps, initial=start, disable=not master, dynamic_ncols=True, desc="train")
-    weights, timed_steps, timed_s, t_last = None, 0, 0.0, time.perf_counter()
-    for step in range(start, tc.max_steps):
-        if master and loader.weights_at(step) != weights:
-            weights = loader.weights_at(step)
-            bar.write(f"step {step}: data mixture {weights}")
-        lr = set_lr(opts, step, tc)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y, pos = (t.to(device, non_blocking=True) for t in loader.get(step, micro))
-            with autocast:
-                _, loss = fwd(x, y, pos)
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        loss_v, grad_norm_v = torch.stack([loss_sum / accum, grad_norm]).tolist()  # the step's one host sync
-
-        mean = guard["loss_ema"] / (1 - LOSS_EMA_BETA ** guard["loss_ema_n"]) if guard["loss_ema_n"] else math.inf
-        skipped = ("nonfinite_loss" if not math.isfinite(loss_v) else "nonfinite_grad" if not math.isfinite(grad_norm_v)
-                   else "spike" if tc.spike_factor and loss_v > tc.spike_factor * mean else None)
-        if skipped:
-            guard["skips"] += 1
-            guard["skips_in_row"] += 1
-        else:
-            for opt in opts:
-                opt.step()
-            guard["skips_in_row"] = 0
-            guard["loss_ema"] = LOSS_EMA_BETA * guard["loss_ema"] + (1 - LOSS_EMA_BETA) * loss_v
-            guard["loss_ema_n"] += 1
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-
-        done = step + 1
-        timed_steps, timed_s = timed_steps + 1, timed_s + time.perf_counter() - t_last
-        tok_s = tokens_per_step * timed_steps / timed_s            # averaged over the steps since the last log line
-        mfu = flops_per_token * tok_s / peak if peak else None
-        bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", gnorm=f"{grad_norm_v:.3f}",
-                        mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%", refresh=False)
-        bar.update(1)
-        if skipped or done % tc.log_interval == 0 or done == tc.max_steps:
-            log({"kind": "train", "step": done, "loss": _json_float(loss_v), "lr": lr,
-                 "grad_norm": _json_float(grad_norm_v), "tok_per_s": tok_s, "mfu": mfu, "skipped": skipped,
-                 "skips": guard["skips"], "loss_mean": _json_float(mean)})
-            timed_steps, timed_s = 0, 0.0
-        if skipped:
-            bar.write(f"step {done}: update skipped ({skipped}: loss {loss_v:.4g}, grad norm {grad_norm_v:.4g}, "
-                      f"running mean {mean:.4g}); {guard['skips']} skipped so far")
-            if guard["skips_in_row"] > tc.max_skips:
-                bar.close()
-                raise Diverged(f"stopping at step {done}: {guard['skips_in_row']} consecutive updates skipped "
+    weights, done, saved_step = None, start, start if ckpt else None
+    try:
+        for step in range(start, tc.max_steps):
+            if loader.weights_at(step) != weights:
+                weights = loader.weights_at(step)
+                log.say(f"step {step}: data mixture {weights}")
+            r = update([loader.get(step, m) for m in range(accum)], lm_loss, get_lr(step, tc))
+            done = step + 1
+            log.train_step(done, r, guard)
+            if guard.skips_in_row > tc.max_skips:
+                raise Diverged(f"stopping at step {done}: {guard.skips_in_row} consecutive updates skipped "
                                f"(max_skips={tc.max_skips}); last good checkpoint: "
                                f"{latest_checkpoint(run_dir) or 'none written yet'}")
-        if done % tc.eval_interval == 0 or done == tc.max_steps:
-            val_loss, val_bpb = evaluate(model, val_sets, token_bytes, tc.micro_batch_size, autocast, device)
-            log({"kind": "eval", "step": done, "val_loss": val_loss, "val_bpb": val_bpb})
-            bar.write(f"step {done}: val loss " + ", ".join(f"{s} {v:.4f}" for s, v in val_loss.items())
-                      + " | bpb " + ", ".join(f"{s} {v:.4f}" for s, v in val_bpb.items()))
-            if master:
-                plot_run(os.path.join(run_dir, "loss.svg"), read_log(log_path))
-        if done % tc.ckpt_interval == 0 or done == tc.max_steps:
-            checkpoint(done)
-        t_last = time.perf_counter()                           # eval and checkpoint time is not step time
-    bar.close()
+            if done % tc.eval_interval == 0 or done == tc.max_steps:
+                log.eval(done, *evaluate(model, val_sets, token_bytes, tc.micro_batch_size, autocast, device))
+            if master and (done % tc.ckpt_interval == 0 or done == tc.max_steps):
+                state = {"step": done, "guard": guard.state_dict(), "config": config, "tokens": done * tokens_per_step}
+                save_checkpoint(run_dir, model, opts, state, tc.keep_ckpts, tok)
+                saved_step = done
+            log.restart_clock()                                # eval and checkpoint time is not step time
+    except KeyboardInterrupt:
+        since = "no checkpoint yet" if saved_step is None else f"the latest checkpoint is at step {saved_step}"
+        raise KeyboardInterrupt(f"interrupted at step {done}; continue with --resume=True ({since})") from None
+    finally:
+        log.bar.close()
 
-    samples = []
-    if master and tc.sample_tokens and tc.sample_prompts:
-        gen = torch.Generator(device=device).manual_seed(tc.seed)
-        model.eval()                                           # fp32 weights, no autocast: the KV cache is fp32
-        outs = model.generate([tok.encode(p) for p in tc.sample_prompts], tc.sample_tokens,
-                              temperature=tc.sample_temperature, stop_ids=(tok.eos_id,), generator=gen)
-        samples = [p + tok.decode([t for t in out if t != tok.eos_id]) for p, out in zip(tc.sample_prompts, outs)]
-        text = "".join(f"--- sample {i}\n{s}\n" for i, s in enumerate(samples))
-        _write_text(os.path.join(run_dir, "samples.txt"), text)
-        print(text, end="")
-    last_eval = next((r for r in reversed(read_log(log_path)) if r["kind"] == "eval"), None)
-    return {"step": tc.max_steps, "run_dir": run_dir, "skips": guard["skips"], "samples": samples,
+    samples = write_samples(model, tok, tc, run_dir, device) if master else []
+    last_eval = next((r for r in reversed(read_log(log.path)) if r["kind"] == "eval"), None)
+    return {"step": tc.max_steps, "run_dir": run_dir, "skips": guard.skips, "samples": samples,
             "val_loss": last_eval and last_eval["val_loss"], "val_bpb": last_eval and last_eval["val_bpb"]}
 
 
+def write_samples(model, tok, tc, run_dir, device):
+    """Continue each sample prompt with the trained model; written to samples.txt and printed."""
+    if not (tc.sample_tokens and tc.sample_prompts):
+        return []
+    gen = torch.Generator(device=device).manual_seed(tc.seed)
+    model.eval()                                               # fp32 weights, no autocast: the KV cache is fp32
+    outs = model.generate([tok.encode(p) for p in tc.sample_prompts], tc.sample_tokens,
+                          temperature=tc.sample_temperature, stop_ids=(tok.eos_id,), generator=gen)
+    samples = [p + tok.decode([t for t in out if t != tok.eos_id]) for p, out in zip(tc.sample_prompts, outs)]
+    text = "".join(f"--- sample {i}\n{s}\n" for i, s in enumerate(samples))
+    atomic_write(os.path.join(run_dir, "samples.txt"), lambda p: Path(p).write_text(text, encoding="utf-8"))
+    print(text, end="")
+    return samples
+
+
 def main(argv):
-    """Command line: bad input (config, files, checkpoints) and a diverged run end in one line, exit code 1."""
+    """Command line: bad input and a diverged run end in one line (exit 1); Ctrl-C in one line (exit 130)."""
     try:
         train(load(argv, *CONFIGS, prog="python train.py"))
     except (ValueError, Diverged) as e:
         sys.exit(f"train.py: {e}")
+    except KeyboardInterrupt as e:                             # 130 = 128 + SIGINT, what a shell reports
+        print(f"train.py: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

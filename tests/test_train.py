@@ -8,6 +8,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -86,14 +87,14 @@ def test_lr_schedule_hand_computed():
               89: 0.0055,             # p = 1/2
               99: 1e-3}               # p = 1: the last update runs at min_lr
     for step, lr in expect.items():
-        assert train.lr_at(step, tc) == pytest.approx(lr, rel=1e-12, abs=0), step
+        assert train.get_lr(step, tc) == pytest.approx(lr, rel=1e-12, abs=0), step
     tc.decay_shape = "1-sqrt"
     for step, lr in {79: 1e-2, 80: 0.007987538820, 89: 0.003636038969, 99: 1e-3}.items():
-        assert train.lr_at(step, tc) == pytest.approx(lr, rel=1e-9), step   # 1e-3 + 9e-3 * (1 - sqrt(p))
+        assert train.get_lr(step, tc) == pytest.approx(lr, rel=1e-9), step   # 1e-3 + 9e-3 * (1 - sqrt(p))
     tc = TrainConfig(lr=1e-2, min_lr=1e-3, warmup_steps=10, max_steps=100, schedule="cosine")
     # p = (s + 1 - 10) / 90; lr = 1e-3 + 9e-3 * (1 + cos(pi p)) / 2
     for step, lr in {9: 1e-2, 10: 0.009997258721, 54: 0.0055, 76: 0.00237403733, 99: 1e-3}.items():
-        assert train.lr_at(step, tc) == pytest.approx(lr, rel=1e-7), step
+        assert train.get_lr(step, tc) == pytest.approx(lr, rel=1e-7), step
 
 
 # ---------------------------------------------------------------- optimizers
@@ -120,7 +121,7 @@ def test_weight_decay_reaches_only_matrices(optimizer, wd_embeddings):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    train.set_lr(opts, 5, tc)
+    train.set_lr(opts, train.get_lr(5, tc), tc.lr)
     for o in opts:
         o.step()
     factor = {"AdamW": 1 - 0.05 * 0.1, "Muon": 1 - 0.02 * 0.1}
@@ -226,13 +227,13 @@ def test_crash_while_checkpointing_keeps_previous(tmp_path, monkeypatch, crash):
             raise OSError("disk full")
         monkeypatch.setattr(train, "save_file", torn_save)
     else:
-        real = train._write_text
+        real = train.atomic_write
 
-        def failing_write(path, text):
+        def failing_write(path, write):
             if os.path.basename(path) == "latest":
                 raise OSError("killed before the pointer moved")
-            real(path, text)
-        monkeypatch.setattr(train, "_write_text", failing_write)
+            real(path, write)
+        monkeypatch.setattr(train, "atomic_write", failing_write)
     with pytest.raises(OSError):
         train.save_checkpoint(run, model, opts, {"step": 2}, keep=2)
 
@@ -306,15 +307,150 @@ def test_kill_and_resume_is_bit_exact_across_stage_boundary(tmp_path, corpus):
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), ckpt
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, corpus):
+    """A finished 20-step run with checkpoints at 10 and 20."""
+    tmp = tmp_path_factory.mktemp("finished")
+    ns = make_ns(tmp, corpus, max_steps=20)
+    train.train(ns)
+    return ns.out_dir
+
+
+@pytest.mark.parametrize("damage,rel,why", [
+    ("truncate", "model.safetensors", "model.safetensors has "),
+    ("flip", "model.safetensors", "model.safetensors differs from the sha256 recorded at save time (corrupt)"),
+    ("flip", "trainer/state.safetensors", "trainer/state.safetensors differs from the sha256"),
+    ("truncate", "trainer/state.json", "trainer/state.json is truncated or corrupt"),
+])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, corpus, finished_run, capsys, damage, rel,
+                                                              why):
+    # Checkpoints at 10 and 20 (keep 2); ckpt_000020 is damaged after the run, so a resume must say why it passes
+    # it over, restart from 10, and log exactly what the uninterrupted run logged.
+    ns = make_ns(tmp_path, corpus, max_steps=20, resume=True)
+    shutil.copytree(finished_run, ns.out_dir)
+    reference = train.read_log(os.path.join(finished_run, "log.jsonl"))
+    with open(os.path.join(ns.out_dir, "ckpt_000020", rel), "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if damage == "truncate":
+            f.truncate(size // 2)
+        else:
+            f.seek(size - 100)                        # inside the tensor data: the file still parses
+            byte = f.read(1)[0]
+            f.seek(size - 100)
+            f.write(bytes([byte ^ 0x10]))
+    capsys.readouterr()
+    train.train(ns)
+    out = capsys.readouterr().out
+    assert f"ckpt_000020 is unusable: {why}" in out and "; using ckpt_000010" in out, out
+    assert damage == "flip" or rel.endswith(".json") or re.search(r"has [\d,]+ bytes, [\d,]+ were saved \(truncat", out)
+    assert "at step 10" in out
+
+    def comparable(records):
+        return [{k: v for k, v in r.items() if k not in ("tok_per_s", "mfu")} for r in records]
+    assert comparable(train.read_log(os.path.join(ns.out_dir, "log.jsonl"))) == comparable(reference)
+    assert train.checkpoint_problem(os.path.join(ns.out_dir, "ckpt_000020")) is None     # rewritten whole
+    with open(os.path.join(ns.out_dir, "run.json")) as f:
+        history = json.load(f)["history"]                      # the resume appended to the first start
+    assert [(h["start_step"], h["resumed_from"] and os.path.basename(h["resumed_from"])) for h in history] == [
+        (0, None), (10, "ckpt_000010")]
+
+
+def test_no_intact_checkpoint_is_one_error(tmp_path, corpus):
+    ns = make_ns(tmp_path, corpus, max_steps=2, warmup_steps=1, ckpt_interval=1)
+    train.train(ns)
+    for step in (1, 2):
+        os.remove(os.path.join(ns.out_dir, f"ckpt_{step:06d}", "model.safetensors"))
+    ns.resume = True
+    with pytest.raises(ValueError, match=r"no intact checkpoint \(ckpt_000002 is unusable: model.safetensors is "
+                                         r"missing; ckpt_000001 is unusable: model.safetensors is missing\)"):
+        train.train(ns)
+
+
+def test_another_architecture_is_one_line_naming_the_fields(tmp_path, corpus):
+    first = make_ns(tmp_path, corpus, "first", max_steps=2, warmup_steps=1)
+    train.train(first)
+    ns = make_ns(tmp_path, corpus, "second", init_from=first.out_dir, d_model=48, n_heads=3, d_ff=96)
+    with pytest.raises(ValueError) as e:
+        train.train(ns)
+    assert str(e.value) == (f"init_from: {train.latest_checkpoint(first.out_dir)} holds another architecture "
+                            "(theirs vs ours): d_model: 32 vs 48, n_heads: 2 vs 3, d_ff: 64 vs 96")
+    first.resume, first.n_layers = True, 3
+    with pytest.raises(ValueError, match=r"^resume: .* \(theirs vs ours\): n_layers: 2 vs 3$"):
+        train.train(first)
+
+
+@pytest.mark.parametrize("over,message", [
+    (dict(attn_impl="triton"), r"attn_impl='triton' needs a CUDA device and the triton package \(device is cpu\)"),
+    (dict(init_from="no/such/run"), r"init_from='no/such/run': expected a run, checkpoint or HF model directory"),
+])
+def test_unusable_setup_fails_before_the_corpus_is_built(tmp_path, corpus, over, message):
+    fresh = str(tmp_path / "fresh_data")                       # the default corpus would be built here
+    ns = make_ns(tmp_path, corpus, **{**over, "dataset": "default", "data_dir": fresh, "tokenizer": "default"})
+    with pytest.raises(ValueError, match=message):
+        train.train(ns)
+    assert not os.path.exists(fresh) and not os.path.exists(ns.out_dir)
+
+
+def test_command_line_usage_and_ctrl_c(tmp_path, corpus, capsys):
+    for argv, code in (([], 2), (["--help"], 0)):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        out = capsys.readouterr()
+        assert e.value.code == code and "python train.py" in out.out + out.err
+        assert "--max_steps" in out.out + out.err and "--n_layers" in out.out + out.err
+    # Ctrl-C mid-run: one line naming the step, exit code 130, no traceback
+    cfg = write_config(tmp_path / "c.py", **{**MODEL, **TRAIN, **corpus, "max_steps": 100_000, "ckpt_interval": 5,
+                                             "out_dir": str(tmp_path / "run")})
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), cfg], cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while not any(r["step"] >= 7 for r in train_records(str(tmp_path / "run"))):
+        assert p.poll() is None and time.time() < deadline, p.communicate()
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    last = err.strip().splitlines()[-1].split("\r")[-1]       # after tqdm's bar
+    assert re.fullmatch(r"train.py: interrupted at step (\d+); continue with --resume=True "
+                        r"\(the latest checkpoint is at step (\d+)\)", last), err
+    step, saved = map(int, re.fullmatch(r".*step (\d+);.*step (\d+)\)", last).groups())
+    assert step >= 7 and saved % 5 == 0 and step - 5 <= saved <= step and "Traceback" not in err + out
+
+
 def test_checkpoint_loads_in_transformers(tmp_path, corpus):
     hf = pytest.importorskip("transformers")
     run = train.train(make_ns(tmp_path, corpus, max_steps=2, warmup_steps=1, tie_embeddings=False))["run_dir"]
     ckpt = train.latest_checkpoint(run)
-    assert sorted(os.listdir(ckpt)) == ["config.json", "model.safetensors", "trainer"]   # weights only on top
+    # weights only on top (the HF loader reads every *.safetensors there), and the tokenizer beside them
+    assert sorted(os.listdir(ckpt)) == ["config.json", "model.safetensors", "tokenizer.json", "trainer"]
     theirs = hf.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     x = torch.randint(0, 263, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(Model.from_pretrained(ckpt)(x), theirs(input_ids=x).logits, rtol=0, atol=1e-5)
+    # self-contained: transformers' tokenizer from the checkpoint alone gives our ids
+    ours = data.load_tokenizer(DataConfig(**corpus))
+    hf_tok = hf.PreTrainedTokenizerFast(tokenizer_file=os.path.join(ckpt, "tokenizer.json"))
+    text = "the cat sat on 12 + 30 = 42. ünïcode"
+    assert hf_tok.encode(text, add_special_tokens=False) == ours.encode(text)
+    # world-readable, whatever safetensors' own 0600
+    for d, dirs, files in os.walk(ckpt):
+        assert os.stat(d).st_mode & 0o755 == 0o755, d
+        for f in files:
+            assert os.stat(os.path.join(d, f)).st_mode & 0o644 == 0o644, f
+    # the special ids the model got are the tokenizer's (byte-level: bos 256, eos 257, pad 260), not the
+    # ModelConfig defaults, in config.json, run.json and the checkpoint's resolved config alike
+    with open(os.path.join(ckpt, "config.json")) as f:
+        hf_cfg = json.load(f)
+    with open(os.path.join(run, "run.json")) as f:
+        started = json.load(f)["history"]
+    with open(os.path.join(ckpt, "trainer", "state.json")) as f:
+        saved = json.load(f)["config"]
+    ids = (ours.bos_id, ours.eos_id, ours.pad_id)
+    assert ids == (256, 257, 260) == (hf_cfg["bos_token_id"], hf_cfg["eos_token_id"], hf_cfg["pad_token_id"])
+    assert len(started) == 1 and ids == tuple(started[0]["config"][k] for k in ("bos_id", "eos_id", "pad_id"))
+    assert ids == tuple(saved[k] for k in ("bos_id", "eos_id", "pad_id"))
 
 
 def test_init_from_loads_weights_for_a_new_stage(tmp_path, corpus):
