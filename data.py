@@ -26,10 +26,12 @@ import bisect
 import collections
 import contextlib
 import datetime
+import functools
 import hashlib
 import heapq
 import itertools
 import json
+import multiprocessing
 import os
 import random
 import struct
@@ -88,10 +90,12 @@ class Tokenizer:
         self.n_vocab = n + len(specials)
         for attr, name in SPECIALS.items():
             setattr(self, attr, self.specials.get(name))
-        # The hash covers what encoding depends on (pattern, ranks, specials), not the file's formatting.
-        canonical = [json.dumps(pattern)] + [f"{json.dumps(s)} {i}" for s, i in sorted(specials.items(), key=_by_id)]
+        # The hash covers what encoding depends on (pattern, specials, ranks), not the file's formatting; these
+        # lines are the earlier tokenizer.txt's, so shards prepared before tokenizer.json keep their hash.
+        canonical = ["# nanosmol tokenizer v1", "# pattern " + json.dumps(pattern)]
+        canonical += [f"# special {json.dumps(s)} {i}" for s, i in sorted(specials.items(), key=_by_id)]
         canonical += [f"{base64.b64encode(b).decode()} {r}" for b, r in sorted(ranks.items(), key=_by_id)]
-        self.hash = hashlib.sha256("\n".join(canonical).encode()).hexdigest()[:16]  # stored in shard headers
+        self.hash = hashlib.sha256(("\n".join(canonical) + "\n").encode()).hexdigest()[:16]  # in shard headers
 
     @classmethod
     def byte_level(cls):
@@ -102,8 +106,8 @@ class Tokenizer:
         # encode_ordinary: a special token's name inside text is plain text, never the control token.
         return self.enc.encode_ordinary(text)
 
-    def encode_batch(self, texts, num_threads=None):
-        return self.enc.encode_ordinary_batch(list(texts), num_threads=num_threads or _n_cpus())
+    def encode_batch(self, texts):
+        return self.enc.encode_ordinary_batch(list(texts), num_threads=_n_cpus())
 
     def decode(self, ids):
         return self.enc.decode(ids, errors="replace")
@@ -116,12 +120,10 @@ class Tokenizer:
         return out
 
     def save(self, path):
-        """Write a Hugging Face tokenizer.json (Llama-3's layout) that `tokenizers` encodes to our exact ids.
-
-        tiktoken merges any two adjacent parts whose concatenation is a token, at that token's rank; HF
-        applies listed merges in list order. So, as in Llama-3's file, every split of a token into two
-        tokens is listed, sorted by the rank of the token it makes, and ignore_merges mirrors tiktoken's
-        whole-chunk lookup. No post-processor: like encode(), HF then adds no BOS."""
+        """Write a tokenizer.json in Llama-3's layout, which HF `tokenizers` encodes to our exact ids: tiktoken
+        merges any two adjacent parts that form a token, at that token's rank, so every split of a token into two
+        tokens is listed, sorted by the rank of the token it makes; ignore_merges mirrors tiktoken's whole-chunk
+        lookup. No post-processor: like encode(), HF then adds no BOS."""
         merges = []
         for t, _ in sorted(self.ranks.items(), key=_by_id):
             splits = [(t[:i], t[i:]) for i in range(1, len(t)) if t[:i] in self.ranks and t[i:] in self.ranks]
@@ -144,12 +146,9 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path):
-        """Read a byte-level BPE tokenizer.json (ours, Llama-3.2's, SmolLM3's, a `tokenizers` BpeTrainer's), or a
-        folder holding one. What tiktoken cannot encode exactly as HF does is a one-line ValueError naming the
-        file: other models or normalizers, a pre-tokenizer other than Split(regex) + ByteLevel, or merges that
-        tiktoken's rule (merge the adjacent pair making the lowest-id token) would apply differently."""
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
+        """Read a byte-level BPE tokenizer.json (ours, Llama-3.2's, SmolLM3's, a BpeTrainer's) or a folder holding
+        one. What tiktoken cannot encode exactly as HF does is a one-line ValueError naming the file."""
+        path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(path):
             raise ValueError(f"tokenizer file not found: {path}")
 
@@ -185,20 +184,18 @@ class Tokenizer:
             if not isinstance(t, dict) or not isinstance(t.get("content"), str) or not isinstance(t.get("id"), int):
                 fail(f"expected added_tokens entries with 'content' and 'id', got {str(t)[:60]}")
             added[t["content"]] = t["id"]
-        ranks = {}
-        for s, i in vocab.items():
-            if s in added and added[s] != i:
-                fail(f"token {s!r} has id {i} in model.vocab but {added[s]} in added_tokens")
-            if s not in added:
-                try:
-                    ranks[_str_to_bytes(s)] = i
-                except KeyError:
-                    fail(f"model.vocab token {s!r} has characters outside the ByteLevel alphabet")
+        wrong = [s for s, i in vocab.items() if s in added and added[s] != i]
+        if wrong:
+            fail(f"token {wrong[0]!r} has id {vocab[wrong[0]]} in model.vocab but {added[wrong[0]]} in added_tokens")
+        try:
+            ranks = {_str_to_bytes(s): i for s, i in vocab.items() if s not in added}
+        except KeyError as e:
+            fail(f"model.vocab has a token with {e.args[0]!r}, a character outside the ByteLevel alphabet")
         if len(ranks) != len(vocab) - sum(s in vocab for s in added):
             fail("model.vocab maps two strings to the same bytes")
-        for s, i in added.items():
-            if i in set(ranks.values()):
-                fail(f"added token {s!r} has id {i}, which model.vocab gives to another token")
+        taken = [(s, i) for s, i in added.items() if i in set(ranks.values())]
+        if taken:
+            fail(f"added token {taken[0][0]!r} has id {taken[0][1]}, which model.vocab gives to another token")
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
             fail(f"model.vocab lacks the single-byte tokens for bytes {missing[:8]}; byte-level BPE needs all 256")
@@ -311,6 +308,53 @@ def _batches(texts, chars):
         yield batch
 
 
+# Encoding and chunk counting run on a process pool. Measured on 2 cores (load < 1.7): `bench`'s 3 x 16 MB
+# prepare in 5.2-9.6 s with a pool of 2, 10.7 s in one process on tiktoken's threads (tiktoken holds the GIL:
+# 1, 2 and 4 threads all encode 8 MB in 1.4-1.5 s), so the pool stays; chunk counting 1.9 s vs 3.2 s.
+_WORKER_TOK = None  # an encoding worker's tokenizer (set in each process by _set_worker_tok)
+
+
+def _set_worker_tok(tok):
+    global _WORKER_TOK
+    _WORKER_TOK = tok
+
+
+def _map_batches(fn, batches, workers, tok=None):
+    """fn(batch) for each batch, results in order, on a pool of `workers` processes holding tok when there are
+    two or more batches; at most two batches per worker in flight (Pool.imap would read a 100 GB file into
+    memory ahead of the workers). The pool ends when the generator does."""
+    _set_worker_tok(tok)
+    batches = iter(batches)
+    head = list(itertools.islice(batches, 2))
+    if workers < 2 or len(head) < 2:
+        yield from map(fn, itertools.chain(head, batches))
+        return
+    with multiprocessing.Pool(workers, _set_worker_tok, (tok,)) as pool:
+        pending = collections.deque()
+        for batch in itertools.chain(head, batches):
+            pending.append(pool.apply_async(fn, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _count_chunks(texts):
+    """Counter of pre-token chunks over a list of texts (a pool task)."""
+    pattern, counts = regex.compile(LLAMA3_PATTERN), collections.Counter()
+    for t in texts:
+        counts.update(pattern.findall(t))
+    return counts
+
+
+def _chunk_counts(texts, batch_chars=2 << 20):
+    """Count unique chunks over batches of ~2M characters on every core."""
+    total = collections.Counter()
+    for counts in _map_batches(_count_chunks, _batches(texts, batch_chars), _n_cpus()):
+        total.update(counts)
+    return total
+
+
 def train_bpe(texts, vocab_size):
     """Train byte-level BPE on an iterable of strings -> Tokenizer with exactly vocab_size ids (specials included).
 
@@ -320,11 +364,7 @@ def train_bpe(texts, vocab_size):
     n_merges = vocab_size - 256 - len(SPECIALS)
     if n_merges < 0:
         raise ValueError(f"vocab_size must be >= {256 + len(SPECIALS)} (256 bytes + specials), got {vocab_size}")
-    # Counted in this process: a pool of 2 counts `bench`'s 10.5 MB in 1.9 s against 3.2 s here (train_bpe
-    # 8.8 -> ~10 s), within the 1.2x we allow for dropping the worker processes and their globals.
-    pattern, counts = regex.compile(LLAMA3_PATTERN), collections.Counter()
-    for t in texts:
-        counts.update(pattern.findall(t))
+    counts = _chunk_counts(texts)
     words = [list(c.encode("utf-8")) for c in counts]
     freq = list(counts.values())
     pair_count = collections.defaultdict(int)
@@ -662,15 +702,10 @@ def _field(path, no, obj, key, kind, hint=""):
 
 # ---------------------------------------------------------------------------------- corpus preparation
 
-def _encode_docs(tok, texts, workers):
-    """Encode a batch of documents -> (one array of ids, each document followed by EOT; n_docs)."""
-    docs = tok.encode_batch(texts, workers)
-    ends = np.cumsum([len(d) + 1 for d in docs])
-    out = np.empty(int(ends[-1]), dtype=shard_dtype(tok.n_vocab))
-    for d, end in zip(docs, ends):
-        out[end - 1 - len(d):end - 1] = d
-    out[ends - 1] = tok.eos_id
-    return out, len(docs)
+def _encode_docs(texts):
+    """Encode a batch of documents -> (one array of ids, each document followed by EOT; n_docs) (a pool task)."""
+    tok = _WORKER_TOK
+    return np.concatenate([np.array(tok.encode(t) + [tok.eos_id], dtype=shard_dtype(tok.n_vocab)) for t in texts]), len(texts)
 
 
 def _documents(files, field, bar):
@@ -729,7 +764,7 @@ def prepare(files, out_dir, tok, source, split="train", field="text", shard_byte
     """Tokenize input files into shards out_dir/<source>/<split>_NNNNN.bin and record them in
     out_dir/manifest.json -> the manifest entry of (source, split). Text files are grouped into ~shard_bytes
     shards, each .jsonl/.parquet file is one; shards whose header matches (tokenizer hash, input
-    names/sizes/mtimes) are kept, not re-encoded. `workers`: encoding threads (default: every core)."""
+    names/sizes/mtimes) are kept, not re-encoded. `workers`: encoding processes (default: every core)."""
     if not regex.fullmatch(r"[A-Za-z0-9_.-]+", source):
         raise ValueError(f"source name {source!r}: use letters, digits, '_', '-' or '.'")
     if split not in SPLITS:
@@ -776,11 +811,10 @@ def _prepare_shards(files, out_dir, tok, source, split, field, shard_bytes, work
     shards = []
     with tqdm(total=todo, unit="B", unit_scale=True, desc=f"{source}/{split}", disable=not todo) as bar:
         for name, unit, digest, done in plan:
-            if done is None:
-                # In this process, on tiktoken's threads: `bench`'s 3 x 16 MB encode at ~9 MB/s against ~10
-                # with a pool of 2 processes, within the 1.2x we allow for having no workers and their globals.
-                chunks = (_encode_docs(tok, batch, workers) for batch in _batches(_documents(unit, field, bar), 1 << 22))
-                done = write_shard(os.path.join(out_dir, name), chunks, tok.hash, itemsize, digest)
+            if done is None:  # batches of ~256k characters; closing() ends the pool on any error
+                batches = _batches(_documents(unit, field, bar), 1 << 18)
+                with contextlib.closing(_map_batches(_encode_docs, batches, workers, tok)) as chunks:
+                    done = write_shard(os.path.join(out_dir, name), chunks, tok.hash, itemsize, digest)
             shards.append({"path": name, "tokens": done[0], "documents": done[1]})
     return {"files": [os.path.abspath(f) for f in files], "documents": sum(s["documents"] for s in shards),
             "tokens": sum(s["tokens"] for s in shards), "tokenizer_hash": tok.hash, "shards": shards}
@@ -1082,12 +1116,13 @@ def _mix(z):
     return z ^ (z >> np.uint64(31))
 
 
+@functools.lru_cache(maxsize=4096)
 def _key(*parts):
-    """A 64-bit key (1-element uint64 array) from ints: each part is mixed into the running hash."""
+    """A 64-bit key from ints, each mixed into the running hash (cached: every micro-batch asks again)."""
     h = np.zeros(1, dtype=np.uint64)
     for p in parts:
         h = _mix(h ^ np.uint64(p & _M64))
-    return h
+    return int(h[0])
 
 
 def _stream_key(seed, name):
@@ -1096,7 +1131,7 @@ def _stream_key(seed, name):
 
 
 def permute(i, n, key):
-    """A bijection of [0, n), keyed by a 64-bit key, applied to the integer array i (any shape).
+    """A bijection of [0, n), keyed by a 64-bit int, applied to the integer array i (any shape).
 
     A 4-round Feistel network permutes [0, 2^b), the smallest power of two >= n: each round maps the state
     (left: wl bits, right: wr bits) to (right, left ^ F(right)), invertible whatever F is, with F = the top
@@ -1104,8 +1139,7 @@ def permute(i, n, key):
     until it is inside [0, n), which keeps the map a bijection of [0, n); the domain is < 2n, so on average
     fewer than two passes. Memory O(len(i)), never O(n)."""
     shape, i = np.shape(i), np.asarray(i, dtype=np.uint64).reshape(-1)
-    b = (n - 1).bit_length()
-    keys = [_mix(np.asarray(key, dtype=np.uint64) ^ np.uint64(r)) for r in range(4)]
+    b, keys = (n - 1).bit_length(), [np.uint64(_key(key, r)) for r in range(4)]
 
     def feistel(x):
         wl, wr = (b + 1) // 2, b // 2
@@ -1124,11 +1158,9 @@ def permute(i, n, key):
 
 def _draw(k, n, key):
     """Row of the k-th draw (int64 array) from n rows: epoch e = k // n uses its own permutation of the rows."""
-    epoch = k // n
-    out = np.empty_like(k)
+    epoch, out = k // n, np.empty_like(k)
     for e in np.unique(epoch).tolist():  # one micro-batch rarely straddles an epoch
-        sel = epoch == e
-        out[sel] = permute(k[sel] % n, n, _key(int(key[0]), e))
+        out[epoch == e] = permute(k[epoch == e] % n, n, _key(key, e))
     return out
 
 
@@ -1289,10 +1321,9 @@ class Loader:
         """-> (x, y, pos) int64 tensors [micro_batch_size, seq_len] of this rank's micro-step."""
         src, rows = self.locate(step, micro_step)
         buf = np.empty((self.micro_batch_size, self.seq_len + 1), dtype=np.int64)
-        for s, name in enumerate(self.sources):
+        for s in np.unique(src).tolist():
             sel = np.flatnonzero(src == s)
-            if len(sel):
-                self._fetch(name, self.split, rows[sel], buf, sel)
+            self._fetch(self.sources[s], self.split, rows[sel], buf, sel)
         return self._batch(buf, self.split, [self.sources[s] for s in src], rows)
 
     def val_rows(self, source, n_rows):
@@ -1377,21 +1408,19 @@ class _Shuffled:
 
 
 class SFTLoader(_Shuffled):
-    """SFT conversations ({"messages": [...]} per line) packed best-fit-decreasing into rows of seq_len.
-    Each conversation keeps its own positions (0, 1, ...) and targets, so nothing crosses documents; y = -100
-    except on assistant output; the row's tail is padding (pos = -1). Rows are built once in memory."""
+    """SFT conversations ({"messages": [...]} per line) packed best-fit-decreasing into rows of seq_len, each
+    with its own positions 0, 1, ... and targets (y = -100 but on assistant output), then padding (pos = -1)."""
 
     def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1):
         docs = [_chat_xy(tok, _field(path, no, obj, "messages", list), seq_len, f"{path}:{no}")
                 for no, obj in read_jsonl(path)]
-        self.bins, self.n_docs = pack_bfd([len(x) for x, _ in docs], seq_len), len(docs)
+        self.bins = pack_bfd([len(x) for x, _ in docs], seq_len)
         packed = [[np.concatenate(a) for a in zip(*(docs[i] for i in items))] for items in self.bins]
         self.x, self.y, self.pos = _padded(tok, packed, seq_len)
         for r, items in enumerate(self.bins):  # positions restart at every conversation of a row
             starts = np.cumsum([0] + [len(docs[i][0]) for i in items])
             for a, b in zip(starts, starts[1:]):
                 self.pos[r, a:b] = np.arange(b - a)
-        self.fill = sum(len(x) for x, _ in docs) / max(1, self.x.size)  # fraction of row tokens that are not padding
         self._setup(len(self.bins), micro_batch_size, accum, seed, rank, world_size, path, "sft")
 
     def get(self, step, micro_step):
@@ -1401,9 +1430,8 @@ class SFTLoader(_Shuffled):
 
 
 class PreferenceLoader(_Shuffled):
-    """Preference pairs ({"prompt": [...], "chosen": [assistant], "rejected": [assistant]} per line). One
-    conversation per row, y = -100 on the prompt (its assistant turns included) and on padding, so the sum
-    of -CE over y != -100 is the completion's log-probability."""
+    """Preference pairs ({"prompt": [...], "chosen": [assistant], "rejected": [assistant]} per line), one per row:
+    y = -100 on the prompt and on padding, so the sum of -CE over y != -100 is the completion's log-probability."""
 
     def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1):
         self.pairs, self.tok = [], tok
@@ -1469,17 +1497,12 @@ def tokenizer_metrics(tok, text):
 
 # ------------------------------------------------------------------------------------------------ bench
 
-def _rss_mib():
-    """{VmRSS, RssAnon, RssFile} of this process in MiB (Linux). RssFile counts memmapped shard pages, which
-    the kernel may drop at will; RssAnon is what would grow if the loader kept state per step."""
-    with open("/proc/self/status") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
-
-
 def bench_loader(seq_len=2048, micro_batch_size=8, mb_per_source=16, n_batches=3000, total_steps=1_000_000):
-    """Loader throughput on three synthetic sources with the SmolLM3 3-stage curriculum, and memory before and
-    after drawing the indices of every 100th step across total_steps steps."""
+    """prepare and Loader throughput on three synthetic sources with the SmolLM3 3-stage curriculum, and the
+    anonymous memory (Linux RssAnon: what would grow if the loader kept state per step) over 10,000 steps."""
+    def rss_anon():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("RssAnon"))
     with tempfile.TemporaryDirectory() as d:
         tok, rng, t0 = Tokenizer.byte_level(), np.random.default_rng(0), time.perf_counter()
         for source in ("web", "code", "math"):
@@ -1487,10 +1510,9 @@ def bench_loader(seq_len=2048, micro_batch_size=8, mb_per_source=16, n_batches=3
             letters[rng.random(len(letters)) < 0.15] = 32
             text, cuts = letters.tobytes().decode(), np.cumsum(rng.geometric(1 / 3000, size=len(letters) // 1000))
             cuts = [0, *cuts[cuts < len(text)].tolist(), len(text)]
-            path = os.path.join(d, f"{source}.jsonl")
-            with open(path, "w") as f:
+            with open(os.path.join(d, f"{source}.jsonl"), "w") as f:
                 f.writelines(json.dumps({"text": text[a:b]}) + "\n" for a, b in zip(cuts, cuts[1:]) if b > a)
-            prepare([path], d, tok, source)
+            prepare([os.path.join(d, f"{source}.jsonl")], d, tok, source)
         print(f"prepare: 3 x {mb_per_source} MB of synthetic text in {time.perf_counter() - t0:.1f} s")
         third = total_steps // 3
         cfg = DataConfig(data_dir=d, seq_len=seq_len, mixture={"web": 0.85, "code": 0.12, "math": 0.03},
@@ -1498,21 +1520,19 @@ def bench_loader(seq_len=2048, micro_batch_size=8, mb_per_source=16, n_batches=3
                                  [2 * third, {"web": 0.63, "code": 0.24, "math": 0.13}]])
         loader = Loader(cfg, tok, micro_batch_size, accum=1, seed=0)
         steps = np.random.default_rng(1).integers(0, total_steps, size=n_batches).tolist()
-        for step in steps[:100]:
+        for step in steps[:100]:  # warm the page cache
             loader.get(step, 0)
         t0 = time.perf_counter()
         for step in steps:
             loader.get(step, 0)
         dt = time.perf_counter() - t0
-        print(f"loader: {n_batches * micro_batch_size * seq_len / dt / 1e6:.1f}M tokens/s of batch assembly "
-              f"({dt / n_batches * 1e6:.0f} us per {micro_batch_size}x{seq_len} micro-batch, "
-              f"random steps in [0, {total_steps:,}))")
-        before, t0 = _rss_mib(), time.perf_counter()
+        print(f"loader: {n_batches * micro_batch_size * seq_len / dt / 1e6:.1f}M tokens/s ({dt / n_batches * 1e6:.0f} "
+              f"us per {micro_batch_size}x{seq_len} micro-batch, random steps in [0, {total_steps:,}))")
+        before, t0 = rss_anon(), time.perf_counter()
         for step in range(0, total_steps, 100):
             loader.locate(step, 0)
-        dt, after = time.perf_counter() - t0, _rss_mib()
-        memory = ", ".join(f"{k} {before[k]:.1f} -> {after[k]:.1f} MiB" for k in before)
-        print(f"indices of {total_steps // 100:,} steps spread over {total_steps:,} in {dt:.1f} s: {memory}")
+        print(f"indices of {total_steps // 100:,} steps spread over {total_steps:,} in {time.perf_counter() - t0:.1f} s: "
+              f"RssAnon {before:.1f} -> {rss_anon():.1f} MiB")
 
 
 def bench_tokenizer():
@@ -1525,10 +1545,8 @@ def bench_tokenizer():
         size += len(texts[-1].encode("utf-8"))
     t0 = time.perf_counter()
     tok = train_bpe(texts, 16384)
-    dt = time.perf_counter() - t0
-    n = sum(len(ids) for ids in tok.encode_batch(texts))
-    print(f"train_bpe: 16384 vocab on {size / 1e6:.1f} MB ({len(texts)} files) in {dt:.1f} s; "
-          f"{size / n:.2f} bytes/token on that text")
+    dt, n = time.perf_counter() - t0, sum(map(len, tok.encode_batch(texts)))
+    print(f"train_bpe: 16384 vocab on {size / 1e6:.1f} MB ({len(texts)} files) in {dt:.1f} s; {size / n:.2f} bytes/token")
 
 # -------------------------------------------------------------------------------------- command line
 
@@ -1541,7 +1559,7 @@ def _prepare_main(argv):
     p.add_argument("--source", default="web", help="source name, as the mixture weights name it (default: web)")
     p.add_argument("--split", default="train", choices=SPLITS)
     p.add_argument("--field", default="text", help=".jsonl text field / .parquet column (default: text)")
-    p.add_argument("--workers", type=int, default=None, help="encoding threads (default: every core)")
+    p.add_argument("--workers", type=int, default=None, help="encoding processes (default: every core)")
     p.add_argument("--shard_mb", type=int, default=256, help="text files are grouped into shards of about this size")
     a = p.parse_args(argv)
     entry = prepare(a.files, a.out, Tokenizer.load(a.tokenizer), a.source, a.split, a.field, a.shard_mb << 20, a.workers)

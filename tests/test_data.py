@@ -290,7 +290,7 @@ def test_bad_inputs_are_clear_errors_and_leave_no_shard(tmp_path, byte_tok):
     many = [{"text": "y" * 5000} for _ in range(100)] + ["not an object"]
     with pytest.raises(ValueError, match=r"late.jsonl:101: expected a JSON object"):
         data.prepare([_write_jsonl(tmp_path / "late.jsonl", many)], out, byte_tok, "web", workers=2)
-    assert _leftovers(tmp_path) == [] and multiprocessing.active_children() == [] and not os.path.exists(out)
+    assert _leftovers(tmp_path) == [] and multiprocessing.active_children() == [] and not os.path.exists(out)  # pool gone
 
 
 def test_shard_checks_tokenizer_and_size(tmp_path, mix_dir, byte_tok):

@@ -95,6 +95,13 @@ def test_hand_checked_merges():
         train_bpe(["ab"], 100)
 
 
+def test_parallel_chunk_counting_equals_serial(monkeypatch):
+    texts = corpus()
+    assert data._chunk_counts(texts, batch_chars=1000) == data._count_chunks(texts)
+    monkeypatch.delattr(data.os, "sched_getaffinity", raising=False)  # macOS and Windows have no affinity mask
+    assert data._chunk_counts(texts, batch_chars=1000) == data._count_chunks(texts)
+
+
 def test_vocab_layout_and_specials(tok):
     assert tok.n_vocab == tok.enc.n_vocab == 700
     names = list(data.SPECIALS.values())
