@@ -169,7 +169,8 @@ class Tokenizer:
             fail("expected no normalizer (null)")
         pre = doc.get("pre_tokenizer")
         seq = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else None
-        split, level = seq if isinstance(seq, list) and len(seq) == 2 and all(isinstance(p, dict) for p in seq) else ({}, {})
+        ok = isinstance(seq, list) and len(seq) == 2 and all(isinstance(p, dict) for p in seq)
+        split, level = seq if ok else ({}, {})
         if not (split.get("type") == "Split" and isinstance(split.get("pattern"), dict)
                 and isinstance(split["pattern"].get("Regex"), str) and split.get("behavior") == "Isolated"
                 and not split.get("invert") and level.get("type") == "ByteLevel"
@@ -555,6 +556,7 @@ def load_tokenizer(cfg):
         raise ValueError(f"tokenizer not found: {path} (build the default corpus: `python data.py default CONFIG`)")
     return Tokenizer.load(path)
 
+
 # ------------------------------------------------------------------------------- token shards on disk
 
 # A shard is a 128-byte header then the token ids (uint16, or uint32 past 65,536 ids), every document
@@ -623,7 +625,6 @@ def write_shard(path, chunks, tok_hash, itemsize, digest=bytes(32)):
             os.remove(tmp)
         raise
     return n_tokens, n_docs
-
 
 
 # ------------------------------------------------------------------------------- reading input files
@@ -704,8 +705,8 @@ def _field(path, no, obj, key, kind, hint=""):
 
 def _encode_docs(texts):
     """Encode a batch of documents -> (one array of ids, each document followed by EOT; n_docs) (a pool task)."""
-    tok = _WORKER_TOK
-    return np.concatenate([np.array(tok.encode(t) + [tok.eos_id], dtype=shard_dtype(tok.n_vocab)) for t in texts]), len(texts)
+    tok, dtype = _WORKER_TOK, shard_dtype(_WORKER_TOK.n_vocab)
+    return np.concatenate([np.array(tok.encode(t) + [tok.eos_id], dtype=dtype) for t in texts]), len(texts)
 
 
 def _documents(files, field, bar):
@@ -1531,8 +1532,8 @@ def bench_loader(seq_len=2048, micro_batch_size=8, mb_per_source=16, n_batches=3
         before, t0 = rss_anon(), time.perf_counter()
         for step in range(0, total_steps, 100):
             loader.locate(step, 0)
-        print(f"indices of {total_steps // 100:,} steps spread over {total_steps:,} in {time.perf_counter() - t0:.1f} s: "
-              f"RssAnon {before:.1f} -> {rss_anon():.1f} MiB")
+        print(f"indices of {total_steps // 100:,} steps spread over {total_steps:,} in "
+              f"{time.perf_counter() - t0:.1f} s: RssAnon {before:.1f} -> {rss_anon():.1f} MiB")
 
 
 def bench_tokenizer():
@@ -1546,7 +1547,8 @@ def bench_tokenizer():
     t0 = time.perf_counter()
     tok = train_bpe(texts, 16384)
     dt, n = time.perf_counter() - t0, sum(map(len, tok.encode_batch(texts)))
-    print(f"train_bpe: 16384 vocab on {size / 1e6:.1f} MB ({len(texts)} files) in {dt:.1f} s; {size / n:.2f} bytes/token")
+    print(f"train_bpe: 16384 vocab on {size / 1e6:.1f} MB ({len(texts)} files) in {dt:.1f} s; "
+          f"{size / n:.2f} bytes/token")
 
 # -------------------------------------------------------------------------------------- command line
 
@@ -1562,7 +1564,8 @@ def _prepare_main(argv):
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: every core)")
     p.add_argument("--shard_mb", type=int, default=256, help="text files are grouped into shards of about this size")
     a = p.parse_args(argv)
-    entry = prepare(a.files, a.out, Tokenizer.load(a.tokenizer), a.source, a.split, a.field, a.shard_mb << 20, a.workers)
+    tok = Tokenizer.load(a.tokenizer)
+    entry = prepare(a.files, a.out, tok, a.source, a.split, a.field, a.shard_mb << 20, a.workers)
     print(f"{a.source}/{a.split}: {entry['documents']:,} documents, {entry['tokens']:,} tokens, "
           f"{len(entry['shards'])} shards in {a.out}")
 
@@ -1608,7 +1611,8 @@ def main(argv):
         print(__doc__, file=sys.stdout if argv else sys.stderr)
         raise SystemExit(0 if argv else 2)
     if argv[0] not in COMMANDS:
-        raise SystemExit(f"python data.py: unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)} (-h for usage)")
+        raise SystemExit(f"python data.py: unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)} "
+                         "(-h for usage)")
     try:
         COMMANDS[argv[0]](argv[1:])
     except ValueError as e:

@@ -8,7 +8,6 @@ import datetime
 import itertools
 import json
 import random
-import re
 
 import pytest
 import tokenizers
