@@ -1,67 +1,31 @@
-"""data.py — tokenizer, chat template, corpus preparation, the embedded default corpus and loaders.
+"""data.py — tokenizer, chat template, token shards, the embedded default corpus and the loaders.
 
-    python data.py default config/tiny.py          # build the embedded corpus + tokenizer for a config (~5 s)
-    python data.py prepare --out data/web --tokenizer data/default/tokenizer.txt --source web a.jsonl b.parquet
-    python data.py prepare --out data/web --tokenizer data/default/tokenizer.txt --source web --split val v.jsonl
-    python data.py tokenizer-eval TOK_A TOK_B FILE...   # fertility / continued words, side by side
+    python data.py default config/tiny.py          # embedded corpus + tokenizer.json for a config (~5 s)
+    python data.py prepare --out data/web --tokenizer data/default/tokenizer.json --source web a.jsonl b.parquet
+    python data.py prepare --out data/web --tokenizer data/default/tokenizer.json --source web --split val v.jsonl
+    python data.py tokenizer-eval TOK_A TOK_B FILE... [--field text]   # fertility / continued words
     python data.py bench                           # loader throughput + memory, tokenizer training time
 
-Train on a prepared directory with `--dataset=data/web --tokenizer=PATH --mixture="{'web': 1.0}"`.
-Under torchrun, build data once (rank 0, or before launching): the steps are idempotent, not a lock.
+Train on a prepared directory with `--dataset=data/web --tokenizer=PATH --mixture="{'web': 1.0}"`. Under
+torchrun, build data once (rank 0, or before launching): the steps are idempotent, not a lock.
 
-Tokenizer: byte-level BPE with Llama-3's pre-tokenization regex, held in a tiktoken.Encoding (rank = merge
-order, single bytes at rank = byte value, our special tokens right after the ranks; encode() adds no BOS and
-never yields a special id). train_bpe counts unique chunks on all cores, then merges with incremental pair
-counts (pair -> chunks index, lazy max-heap); ties go to the smallest (left, right) ids. Saved as tiktoken
-rank lines under '#' header lines holding the regex and specials; `hash` is that text's sha256. An exported
-tokenizer.json lists every split of every token into two tokens, ordered by rank (as Llama-3's file does),
-so HF `tokenizers` reproduces tiktoken exactly; from_hf refuses, naming the file, anything tiktoken cannot.
-Metrics: words are letter/digit runs, punctuation runs and single CJK characters; fertility = tokens/word;
-continued words = share of words overlapping >= 2 tokens of the in-context encoding.
-
-Chat template (ChatML): a system turn always comes first and reads "Reasoning Mode: /think" (or /no_think;
-SmolLM3's metadata line without its dates, so renders are deterministic), then the user's system text with
-the flags stripped. A flag in that text decides the mode, else render_chat's `think=` (default True, as in
-SmolLM3). In /no_think the template puts an empty `<think>\n\n</think>\n` before every assistant turn and
-after the generation prompt; in /think the assistant content carries its own `<think>...</think>`, the only
-text that becomes control tokens (and only in assistant turns). Tool results are `tool` turns, context only.
-The loss mask is exactly what the model generates after the generation prompt: assistant content + <|im_end|>.
-
-Shards: `prepare` reads .txt/.md/.py files (one document each), .jsonl lines (the text field is --field)
-and .parquet rows (pyarrow, optional) and writes <out>/<source>/<split>_NNNNN.bin: a 128-byte header
-(magic, version, item size, token and document counts, tokenizer hash, a digest of the inputs' paths, sizes
-and mtimes) then the ids as uint16 (uint32 past 65,536 ids), each document followed by <|end_of_text|>.
-Text files are grouped into ~256 MB shards and each .jsonl/.parquet file is one shard, so a re-run knows
-its shards from file names and sizes alone and skips the finished ones. Documents are encoded on every core
-with a bounded number of batches in flight; a shard is written to a temporary name and renamed, so a crash
-never leaves a partial .bin. manifest.json records per source and split the files, documents, tokens, shards
-and tokenizer hash. Readers check magic, tokenizer hash and file size before memory-mapping a shard.
-
-Default corpus (prepare_default; offline and deterministic for a given Python): "code" is this
-interpreter's standard library without its tests, 3% of files (by path hash) held out as val; "math" is
-generated problems with worked solutions, one `a op b = c` equation per line ending "The answer is N.",
-so every answer can be recomputed from the text. The post-training sets come from the same generator as
-.jsonl files in data_dir (DEFAULT_SIZES): SFT (half /think with the steps inside <think>, half /no_think),
-preference pairs (the rejected reply slips in its last step), RL prompts with answers, and test sets
-(math_test: exact match; math_mc_test: multiple choice). Held-out questions never appear in a training
-set. The BPE tokenizer is trained on a ~3.5 MB sample; the whole build takes ~5 s on 2 cores at 4k vocab.
-
-Loader: a pure function of (seed, global sample index), so there is no state but the step and nothing
-grows with steps or corpus size (the playbook's nanosets slowdown). Rows are seq_len + 1 tokens cut at
-multiples of seq_len from a source's memmapped shards; pos restarts at 0 at the row start and after each
-<|end_of_text|>. The stage (a step range with its own weights) is set by the step; inside a stage the
-source of each sample comes from nested Beatty sequences (source k takes every sample where
-floor(n * p_k + 1/2) steps up, on the samples earlier sources left), which is deterministic, within one
-sample per source of the weights over any prefix, and gives each source's draw count in O(1); the row is
-that draw's image under a per-epoch Feistel permutation of the source's rows (cycle walking keeps it a
-bijection of [0, rows)). SFT conversations are packed best-fit-decreasing into rows with per-conversation
-positions and loss masks; preference pairs and RL prompts use the same index order.
+Sections:
+  tokenizer       byte-level BPE on tiktoken; tokenizer.json (ours and HF's) is the one file format; train_bpe
+  chat template   SmolLM3's, exactly: render_chat_text (the string), render_chat (ids + loss mask)
+  config          DataConfig, load_tokenizer
+  shards          128-byte header + uint16/uint32 ids; read_jsonl / iter_documents; prepare -> manifest.json
+  default corpus  this Python's stdlib as "code", generated math with worked solutions, post-training sets
+  loaders         Loader: a pure function of (seed, sample index) over a staged mixture; SFT / preference /
+                  prompt loaders for post-training (padding: pos = -1, y = -100)
+  metrics         fertility / continued words, answer extraction
+  bench, command line
 """
 import argparse
 import base64
 import bisect
 import collections
 import contextlib
+import datetime
 import functools
 import hashlib
 import heapq
@@ -96,21 +60,17 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 # Our special tokens, given ids in this order right after the regular ranks. Names follow Llama-3 / SmolLM3
-# (pad is Llama's <|finetune_right_pad_id|>); from_hf finds them by name (see Tokenizer for absent ones).
+# (pad is Llama's <|finetune_right_pad_id|>); a loaded file may lack some (their attribute is then None).
 SPECIALS = {"bos_id": "<|begin_of_text|>", "eos_id": "<|end_of_text|>", "im_start_id": "<|im_start|>",
             "im_end_id": "<|im_end|>", "pad_id": "<|finetune_right_pad_id|>", "think_id": "<think>",
             "think_end_id": "</think>"}
-
-_FORMAT_HEADER = "# nanosmol tokenizer v1"
 
 
 class Tokenizer:
     """Byte-level BPE in a tiktoken.Encoding plus named special-token ids.
 
-    ranks: {token bytes: rank} for the regular tokens, ranks exactly 0..N-1 (rank = merge priority, as
-    tiktoken wants); specials: {name: id} with ids N..V-1, begin/end of text among them. Other SPECIALS
-    may be absent (a plain Llama-3.2 file has no <|im_start|>): their attribute is None, render_chat then
-    writes a missing <think> tag as text and refuses a missing <|im_start|>/<|im_end|>."""
+    ranks: {token bytes: rank}, ranks exactly 0..N-1 (rank = merge priority, as tiktoken wants); specials:
+    {name: id} with ids N..V-1. encode() adds no BOS and never yields a special id."""
 
     def __init__(self, ranks, specials, pattern=LLAMA3_PATTERN):
         n = len(ranks)
@@ -118,7 +78,9 @@ class Tokenizer:
         if missing:
             raise ValueError(f"tokenizer lacks the special tokens {missing}")
         if sorted(ranks.values()) != list(range(n)):
-            raise ValueError(f"tokenizer ranks must be exactly 0..{n - 1}")
+            outside = sorted(set(ranks.values()) - set(range(n)))
+            raise ValueError(f"regular token ids must be exactly 0..{n - 1}, with the special tokens after them; "
+                             f"outside that range: {outside[:8]}")
         if sorted(specials.values()) != list(range(n, n + len(specials))):
             outside = sorted(set(specials.values()) - set(range(n, n + len(specials))))
             raise ValueError(f"special token ids must be exactly {n}..{n + len(specials) - 1}, right after the {n} "
@@ -126,9 +88,14 @@ class Tokenizer:
         self.ranks, self.specials, self.pattern = ranks, dict(specials), pattern
         self.enc = tiktoken.Encoding("nanosmol", pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.specials)
         self.n_vocab = n + len(specials)
-        for attr, name in SPECIALS.items():  # a file without a chat/think token (plain Llama-3.2) gets None
+        for attr, name in SPECIALS.items():
             setattr(self, attr, self.specials.get(name))
-        self._hash = None
+        # The hash covers what encoding depends on (pattern, specials, ranks), not the file's formatting; these
+        # lines are the earlier tokenizer.txt's, so shards prepared before tokenizer.json keep their hash.
+        canonical = ["# nanosmol tokenizer v1", "# pattern " + json.dumps(pattern)]
+        canonical += [f"# special {json.dumps(s)} {i}" for s, i in sorted(specials.items(), key=_by_id)]
+        canonical += [f"{base64.b64encode(b).decode()} {r}" for b, r in sorted(ranks.items(), key=_by_id)]
+        self.hash = hashlib.sha256(("\n".join(canonical) + "\n").encode()).hexdigest()[:16]  # in shard headers
 
     @classmethod
     def byte_level(cls):
@@ -152,90 +119,39 @@ class Tokenizer:
             out[r] = len(b)
         return out
 
-    def _serialize(self):
-        # Header lines start with '#', which base64 never does; the rank lines are tiktoken's own format.
-        lines = [_FORMAT_HEADER, "# pattern " + json.dumps(self.pattern)]
-        lines += [f"# special {json.dumps(s)} {i}" for s, i in sorted(self.specials.items(), key=lambda kv: kv[1])]
-        lines += [f"{base64.b64encode(b).decode()} {r}" for b, r in sorted(self.ranks.items(), key=lambda kv: kv[1])]
-        return "\n".join(lines) + "\n"
-
-    @property
-    def hash(self):
-        """Stable 16-hex-digit hash of pattern + ranks + specials (stored in shard headers)."""
-        if self._hash is None:
-            self._hash = hashlib.sha256(self._serialize().encode()).hexdigest()[:16]
-        return self._hash
-
     def save(self, path):
-        _atomic_write(path, self._serialize())
-
-    @classmethod
-    def load(cls, path):
-        """Read the format written by save(); a malformed line is a ValueError naming path:line."""
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        if not lines or lines[0] != _FORMAT_HEADER:
-            raise ValueError(f"{path}:1: expected the header line {_FORMAT_HEADER!r}")
-        pattern, specials, ranks = None, {}, {}
-        for no, line in enumerate(lines[1:], start=2):
-            try:
-                if line.startswith("# pattern "):
-                    pattern = json.loads(line[len("# pattern "):])
-                elif line.startswith("# special "):
-                    name, i = line[len("# special "):].rsplit(" ", 1)
-                    specials[json.loads(name)] = int(i)
-                else:
-                    token, rank = line.split(" ")
-                    ranks[base64.b64decode(token, validate=True)] = int(rank)
-            except ValueError:
-                raise ValueError(f"{path}:{no}: expected '# pattern JSON', '# special JSON ID' or 'BASE64 RANK', "
-                                 f"got {line[:60]!r}") from None
-        if not isinstance(pattern, str):
-            raise ValueError(f"{path}: missing the '# pattern' line")
-        try:
-            return cls(ranks, specials, pattern)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
-
-    def save_hf(self, path):
-        """Write a Hugging Face tokenizer.json (Llama-3 layout) that `tokenizers` encodes to our exact ids.
-
-        tiktoken merges any two adjacent parts whose concatenation is a token, at that token's rank; HF
-        applies listed merges in list order. So, as in Llama-3's own file, every split of a token into two
-        tokens is listed, sorted by the rank of the token it makes, and ignore_merges mirrors tiktoken's
-        whole-chunk lookup. No post-processor: like encode(), HF then adds no BOS."""
+        """Write a tokenizer.json in Llama-3's layout, which HF `tokenizers` encodes to our exact ids: tiktoken
+        merges any two adjacent parts that form a token, at that token's rank, so every split of a token into two
+        tokens is listed, sorted by the rank of the token it makes; ignore_merges mirrors tiktoken's whole-chunk
+        lookup. No post-processor: like encode(), HF then adds no BOS."""
         merges = []
-        for t, _ in sorted(self.ranks.items(), key=lambda kv: kv[1]):
+        for t, _ in sorted(self.ranks.items(), key=_by_id):
             splits = [(t[:i], t[i:]) for i in range(1, len(t)) if t[:i] in self.ranks and t[i:] in self.ranks]
-            splits.sort(key=lambda s: (self.ranks[s[0]], self.ranks[s[1]]))
-            merges += [[_bytes_to_str(a), _bytes_to_str(b)] for a, b in splits]
+            merges += [[_bytes_to_str(a), _bytes_to_str(b)] for a, b in sorted(splits, key=lambda s: self.ranks[s[0]])]
         byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
-        doc = {
-            "version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                              "normalized": False, "special": True}
-                             for s, i in sorted(self.specials.items(), key=lambda kv: kv[1])],
-            "normalizer": None,
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
-                byte_level]},
-            "post_processor": None,
-            "decoder": byte_level,
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                      "vocab": {_bytes_to_str(t): r for t, r in sorted(self.ranks.items(), key=lambda kv: kv[1])},
-                      "merges": merges},
-        }
+        doc = {"version": "1.0", "truncation": None, "padding": None,
+               "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                                 "normalized": False, "special": True}
+                                for s, i in sorted(self.specials.items(), key=_by_id)],
+               "normalizer": None,
+               "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                   {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
+                   byte_level]},
+               "post_processor": None, "decoder": byte_level,
+               "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                         "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                         "ignore_merges": True, "merges": merges,
+                         "vocab": {_bytes_to_str(t): r for t, r in sorted(self.ranks.items(), key=_by_id)}}}
         _atomic_write(path, json.dumps(doc, ensure_ascii=False))
 
     @classmethod
-    def from_hf(cls, path):
-        """Import a byte-level BPE tokenizer.json (Llama-3.2 / SmolLM3 layout) so that encode() gives HF's ids.
+    def load(cls, path):
+        """Read a byte-level BPE tokenizer.json (ours, Llama-3.2's, SmolLM3's, a BpeTrainer's) or a folder holding
+        one. What tiktoken cannot encode exactly as HF does is a one-line ValueError naming the file."""
+        path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(path):
+            raise ValueError(f"tokenizer file not found: {path}")
 
-        Anything tiktoken cannot reproduce exactly is a ValueError naming the file and what was expected:
-        other models or normalizers, a pre-tokenizer other than Split(regex) + ByteLevel, merges not sorted
-        by the id they make (tiktoken's merge priority is the token's rank), or a split of a token into two
-        tokens with no merge (tiktoken would merge it, HF would not)."""
         def fail(msg):
             raise ValueError(f"{path}: {msg}")
         try:
@@ -246,12 +162,9 @@ class Tokenizer:
         model = doc.get("model") if isinstance(doc, dict) else None
         if not isinstance(model, dict) or model.get("type") != "BPE":
             fail("expected model.type == 'BPE' (a byte-level BPE tokenizer.json)")
-        # (key, required value, HF's default when absent); ignore_merges is tiktoken's whole-chunk lookup.
-        for key, want, default in (("byte_fallback", False, False), ("dropout", None, None),
-                                   ("continuing_subword_prefix", None, None), ("end_of_word_suffix", None, None),
-                                   ("ignore_merges", True, False)):
-            if model.get(key, default) != want:
-                fail(f"expected model.{key} == {json.dumps(want)}, got {json.dumps(model.get(key, default))}")
+        for key in ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+            if model.get(key):
+                fail(f"expected model.{key} to be unset, got {json.dumps(model[key])}")
         if doc.get("normalizer") is not None:
             fail("expected no normalizer (null)")
         pre = doc.get("pre_tokenizer")
@@ -264,38 +177,38 @@ class Tokenizer:
                 and not level.get("add_prefix_space") and not level.get("use_regex", True)):
             fail("expected pre_tokenizer Sequence[Split(Regex, behavior Isolated), ByteLevel(add_prefix_space "
                  "false, use_regex false)] as in Llama-3")
-        vocab, merges_raw = model.get("vocab"), model.get("merges")
-        if not isinstance(vocab, dict) or not isinstance(merges_raw, list):
+        vocab, merges = model.get("vocab"), model.get("merges")
+        if not isinstance(vocab, dict) or not isinstance(merges, list):
             fail("expected model.vocab to be an object and model.merges a list")
         added = {}
         for t in doc.get("added_tokens", []):
             if not isinstance(t, dict) or not isinstance(t.get("content"), str) or not isinstance(t.get("id"), int):
                 fail(f"expected added_tokens entries with 'content' and 'id', got {str(t)[:60]}")
             added[t["content"]] = t["id"]
-        ranks = {}
-        for s, i in vocab.items():
-            if s in added:
-                if added[s] != i:
-                    fail(f"token {s!r} has id {i} in model.vocab but {added[s]} in added_tokens")
-                continue
-            try:
-                ranks[_str_to_bytes(s)] = i
-            except KeyError:
-                fail(f"model.vocab token {s!r} has characters outside the ByteLevel alphabet")
+        wrong = [s for s, i in vocab.items() if s in added and added[s] != i]
+        if wrong:
+            fail(f"token {wrong[0]!r} has id {vocab[wrong[0]]} in model.vocab but {added[wrong[0]]} in added_tokens")
+        try:
+            ranks = {_str_to_bytes(s): i for s, i in vocab.items() if s not in added}
+        except KeyError as e:
+            fail(f"model.vocab has a token with {e.args[0]!r}, a character outside the ByteLevel alphabet")
         if len(ranks) != len(vocab) - sum(s in vocab for s in added):
             fail("model.vocab maps two strings to the same bytes")
-        taken = set(ranks.values())
-        for s, i in added.items():
-            if i in taken:
-                fail(f"added token {s!r} has id {i}, which model.vocab gives to another token")
+        taken = [(s, i) for s, i in added.items() if i in set(ranks.values())]
+        if taken:
+            fail(f"added token {taken[0][0]!r} has id {taken[0][1]}, which model.vocab gives to another token")
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
             fail(f"model.vocab lacks the single-byte tokens for bytes {missing[:8]}; byte-level BPE needs all 256")
-        _check_merges(ranks, merges_raw, fail)
+        _check_merges(ranks, merges, model.get("ignore_merges", False), fail)
         try:
             return cls(ranks, added, split["pattern"]["Regex"])
         except ValueError as e:
             fail(str(e))
+
+
+def _by_id(item):
+    return item[1]
 
 
 def _byte_to_char():
@@ -319,8 +232,9 @@ def _str_to_bytes(s):
     return bytes(_C2B[c] for c in s)
 
 
-def _check_merges(ranks, merges_raw, fail):
-    """Fail unless HF's merge list does what tiktoken does with ranks (see Tokenizer.from_hf)."""
+def _check_merges(ranks, merges_raw, ignore_merges, fail):
+    """Fail unless HF's merges encode every chunk as tiktoken does with ranks (tiktoken takes a chunk that is a
+    token whole, else merges the adjacent pair that makes the lowest-rank token, leftmost first)."""
     listed, prev = set(), -1
     for i, m in enumerate(merges_raw):
         parts = m.split(" ") if isinstance(m, str) else m
@@ -332,18 +246,42 @@ def _check_merges(ranks, merges_raw, fail):
             fail(f"model.merges[{i}] {parts}: characters outside the ByteLevel alphabet")
         if a not in ranks or b not in ranks or a + b not in ranks:
             fail(f"model.merges[{i}] {parts}: both parts and their concatenation must be in model.vocab")
-        if ranks[a + b] < prev:
+        if ranks[a + b] < prev or (ranks[a + b] == prev and not ignore_merges):
             fail(f"model.merges[{i}] {parts} makes id {ranks[a + b]} after a merge that made id {prev}; tiktoken "
-                 "applies merges in the order of the ids they make, so merges must be sorted by that id")
+                 "applies merges in the order of the ids they make, so merges must be sorted by that id"
+                 + ("" if ignore_merges else ", one merge per id"))
+        if not ignore_merges and max(ranks[a], ranks[b]) > ranks[a + b]:
+            fail(f"model.merges[{i}] {parts}: a part has a higher id than the token it makes")
         prev = ranks[a + b]
         listed.add((a, b))
-    unlisted = [(t[:i], t[i:]) for t in ranks for i in range(1, len(t))
-                if t[:i] in ranks and t[i:] in ranks and (t[:i], t[i:]) not in listed]
-    if unlisted:
-        a, b = min(unlisted, key=lambda s: ranks[s[0] + s[1]])
-        fail(f"model.merges lacks the merge {_bytes_to_str(a)!r} + {_bytes_to_str(b)!r} -> id {ranks[a + b]}: "
-             "tiktoken merges any two adjacent tokens that form a token, so every such split must be listed "
-             "(as in Llama-3's tokenizer.json)")
+    if ignore_merges:
+        # Llama-3's layout: HF takes a chunk that is a token whole, as tiktoken does, and every split of a
+        # token into two tokens is listed, so both merge the same pairs in the same order.
+        unlisted = [(t[:i], t[i:]) for t in ranks for i in range(1, len(t))
+                    if t[:i] in ranks and t[i:] in ranks and (t[:i], t[i:]) not in listed]
+        if unlisted:
+            a, b = min(unlisted, key=lambda s: ranks[s[0] + s[1]])
+            fail(f"model.merges lacks the merge {_bytes_to_str(a)!r} + {_bytes_to_str(b)!r} -> id {ranks[a + b]}: "
+                 "tiktoken merges any two adjacent tokens that form a token, so every such split must be listed "
+                 "(as in Llama-3's tokenizer.json)")
+        return
+    # A trainer's layout (ignore_merges false, one merge per token, its parts older than it): HF applies merges
+    # in increasing id order, so up to id r both hold the same parts. tiktoken could differ only by joining
+    # two adjacent parts a, b through an unlisted split of t = a + b; those parts cover t exactly, so HF's
+    # merges alone would split the text t into [a, b] too. Hence: if HF's merges turn every token's own text
+    # into that one token, no unlisted split ever fires, and tiktoken's whole-chunk lookup agrees as well.
+    for t in ranks:
+        parts = [bytes([c]) for c in t]
+        while len(parts) > 1:
+            k = min(range(len(parts) - 1), key=lambda k: (ranks.get(parts[k] + parts[k + 1], len(ranks))
+                                                          if (parts[k], parts[k + 1]) in listed else len(ranks)))
+            if (parts[k], parts[k + 1]) not in listed:
+                break
+            parts[k:k + 2] = [parts[k] + parts[k + 1]]
+        if parts != [t]:
+            fail(f"model.merges turn the token {_bytes_to_str(t)!r} (id {ranks[t]}) into "
+                 f"{[_bytes_to_str(p) for p in parts]}, but tiktoken takes a chunk that is a token whole "
+                 "(ignore_merges false)")
 
 
 def _atomic_write(path, text):
@@ -371,7 +309,10 @@ def _batches(texts, chars):
         yield batch
 
 
-_WORKER_TOK = None  # the tokenizer of an encoding worker (set by _set_worker_tok in each process)
+# Encoding and chunk counting run on a process pool. Measured on 2 cores (load < 1.7): `bench`'s 3 x 16 MB
+# prepare in 5.2-9.6 s with a pool of 2, 10.7 s in one process on tiktoken's threads (tiktoken holds the GIL:
+# 1, 2 and 4 threads all encode 8 MB in 1.4-1.5 s), so the pool stays; chunk counting 1.9 s vs 3.2 s.
+_WORKER_TOK = None  # an encoding worker's tokenizer (set in each process by _set_worker_tok)
 
 
 def _set_worker_tok(tok):
@@ -380,9 +321,9 @@ def _set_worker_tok(tok):
 
 
 def _map_batches(fn, batches, workers, tok=None):
-    """fn(batch) for each batch, results in order. With two or more batches and workers > 1 they run on a
-    process pool (each worker holding tok) with at most two batches per worker in flight, since Pool.imap
-    would read a 100 GB file into memory ahead of the workers; the pool ends when the generator does."""
+    """fn(batch) for each batch, results in order, on a pool of `workers` processes holding tok when there are
+    two or more batches; at most two batches per worker in flight (Pool.imap would read a 100 GB file into
+    memory ahead of the workers). The pool ends when the generator does."""
     _set_worker_tok(tok)
     batches = iter(batches)
     head = list(itertools.islice(batches, 2))
@@ -400,11 +341,10 @@ def _map_batches(fn, batches, workers, tok=None):
 
 
 def _count_chunks(texts):
-    """Counter of pre-token chunks over a list of texts (a pool worker)."""
-    pat = regex.compile(LLAMA3_PATTERN)
-    counts = collections.Counter()
+    """Counter of pre-token chunks over a list of texts (a pool task)."""
+    pattern, counts = regex.compile(LLAMA3_PATTERN), collections.Counter()
     for t in texts:
-        counts.update(pat.findall(t))
+        counts.update(pattern.findall(t))
     return counts
 
 
@@ -420,8 +360,8 @@ def train_bpe(texts, vocab_size):
     """Train byte-level BPE on an iterable of strings -> Tokenizer with exactly vocab_size ids (specials included).
 
     Chunks (LLAMA3_PATTERN) are counted once; each merge then touches only the chunks that contain its
-    pair (an index pair -> chunk ids) and updates pair counts by difference. The pair to merge is the most
-    frequent; ties go to the smallest (left id, right id), so training is deterministic."""
+    pair (an index pair -> chunk ids) and updates pair counts by difference, with a lazy max-heap. The pair
+    to merge is the most frequent; ties go to the smallest (left id, right id), so training is deterministic."""
     n_merges = vocab_size - 256 - len(SPECIALS)
     if n_merges < 0:
         raise ValueError(f"vocab_size must be >= {256 + len(SPECIALS)} (256 bytes + specials), got {vocab_size}")
@@ -480,83 +420,52 @@ def train_bpe(texts, vocab_size):
     return Tokenizer(ranks, {s: len(token) + i for i, s in enumerate(SPECIALS.values())})
 
 
-def bench_tokenizer():
-    """Time train_bpe on the first ~10 MB of this interpreter's standard library (the default corpus' code)."""
-    texts, size = [], 0
-    for path in stdlib_files()[0]:
-        if size >= 10 << 20:
-            break
-        texts += iter_documents(path)
-        size += len(texts[-1].encode("utf-8"))
-    t0 = time.perf_counter()
-    tok = train_bpe(texts, 16384)
-    dt = time.perf_counter() - t0
-    n = sum(len(ids) for ids in tok.encode_batch(texts))
-    print(f"train_bpe: 16384 vocab on {size / 1e6:.1f} MB ({len(texts)} files) in {dt:.1f} s; "
-          f"{size / n:.2f} bytes/token on that text")
+# ------------------------------------------------------------------------------------- chat template
 
-
-# Words for the playbook's tokenizer metrics: letter/digit runs, punctuation runs, and single Han / kana
-# characters (CJK writes no spaces; one character per word is the usual convention there).
-_CJK = r"\p{Han}\p{Hiragana}\p{Katakana}"
-_WORD = regex.compile(rf"[{_CJK}]|(?:(?![{_CJK}])[\p{{L}}\p{{M}}\p{{N}}])+|[^\s\p{{L}}\p{{M}}\p{{N}}]+")
-
-
-def tokenizer_metrics(tok, text):
-    """Fertility (tokens per word) and the proportion of continued words (words that overlap >= 2 tokens
-    of the in-context encoding), plus bytes per token. -> dict(words, tokens, fertility, continued, bytes_per_token)"""
-    ids = tok.encode(text)
-    lens = tok.token_bytes()[ids]                          # [n_tokens] bytes per token
-    ends = np.cumsum(lens)                                 # byte offset where each token ends
-    starts = ends - lens
-    cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    char_end = np.cumsum(1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000))  # UTF-8 byte offsets
-    char_start = np.concatenate([[0], char_end])
-    spans = np.array([m.span() for m in _WORD.finditer(text)], dtype=np.int64).reshape(-1, 2)
-    s, e = char_start[spans[:, 0]], char_start[spans[:, 1]]  # word byte spans [s, e)
-    per_word = np.searchsorted(starts, e, "left") - np.searchsorted(ends, s, "right")
-    n_words = max(len(spans), 1)
-    return {"words": len(spans), "tokens": len(ids), "fertility": len(ids) / n_words,
-            "continued": float((per_word >= 2).sum()) / n_words,
-            "bytes_per_token": len(text.encode("utf-8")) / max(len(ids), 1)}
-
-
-def load_any_tokenizer(spec):
-    """A tokenizer from a path: *.json or a directory holding tokenizer.json -> from_hf, else our format."""
-    if os.path.isdir(spec):
-        spec = os.path.join(spec, "tokenizer.json")
-    if not os.path.isfile(spec):
-        raise ValueError(f"tokenizer file not found: {spec}")
-    return Tokenizer.from_hf(spec) if spec.endswith(".json") else Tokenizer.load(spec)
-
-
-def tokenizer_eval_main(argv):
-    """`python data.py tokenizer-eval TOK_A TOK_B FILE...`: the metrics per file (one sample / language each)."""
-    if len(argv) < 3:
-        raise SystemExit("usage: python data.py tokenizer-eval TOK_A TOK_B FILE...  (TOK: our tokenizer file, "
-                         "a tokenizer.json, or a directory holding one; FILE: UTF-8 text, e.g. one per language)")
-    missing = [p for p in argv[2:] if not os.path.isfile(p)]
-    if missing:
-        raise ValueError(f"text file not found: {missing[0]}")
-    toks = [load_any_tokenizer(a) for a in argv[:2]]
-    print(f"A = {argv[0]} ({toks[0].n_vocab} ids)\nB = {argv[1]} ({toks[1].n_vocab} ids)")
-    print(f"{'file':<24}{'words':>9}{'fertility A':>13}{'B':>7}{'continued A':>13}{'B':>7}{'bytes/tok A':>13}{'B':>7}")
-    for path in argv[2:]:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        a, b = (tokenizer_metrics(t, text) for t in toks)
-        print(f"{os.path.basename(path)[:23]:<24}{a['words']:>9}{a['fertility']:>13.3f}{b['fertility']:>7.3f}"
-              f"{a['continued']:>12.1%}{b['continued']:>8.1%}{a['bytes_per_token']:>13.2f}{b['bytes_per_token']:>7.2f}")
-
-
-# The chat template (SmolLM3's ChatML): turns `<|im_start|>{role}\n{content}<|im_end|>\n`, always opened by a
-# system turn that carries the reasoning mode. A conversation is first laid out as segments
-# (text, is_special, in_loss); render_chat_text joins them, render_chat encodes them.
+# SmolLM3's chat template, rendered without jinja. A conversation is laid out as segments (text, is_special,
+# in_loss): render_chat_text joins them, render_chat encodes them. Only the template's own text may hold
+# control tokens; message text is always encoded as text (HF's tokenizer would turn a "<|im_end|>" typed by a
+# user into the control token, we never do).
 _ROLES = ("system", "user", "assistant", "tool")
 _THINK_TAGS = regex.compile(r"(<think>|</think>)")
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December")  # the template's strftime("%d %B %Y"), without the locale
+_DEFAULT_SYSTEM = {
+    "/think": "You are a helpful AI assistant named SmolLM, trained by Hugging Face. Your role as an assistant "
+    "involves thoroughly exploring questions through a systematic thinking process before providing the final "
+    "precise and accurate solutions. This requires engaging in a comprehensive cycle of analysis, summarizing, "
+    "exploration, reassessment, reflection, backtracking, and iteration to develop well-considered thinking "
+    "process. Please structure your response into two main sections: Thought and Solution using the specified "
+    "format: <think> Thought section </think> Solution section. In the Thought section, detail your reasoning "
+    "process in steps. Each step should include detailed considerations such as analysing questions, "
+    "summarizing relevant findings, brainstorming new ideas, verifying the accuracy of the current steps, "
+    "refining any errors, and revisiting previous steps. In the Solution section, based on various attempts, "
+    "explorations, and reflections from the Thought section, systematically present the final solution that "
+    "you deem correct. The Solution section should be logical, accurate, and concise and detail necessary "
+    "steps needed to reach the conclusion.",
+    "/no_think": "You are a helpful AI assistant named SmolLM, trained by Hugging Face."}
+# (text before the tool list, text after it) for the template's xml_tools and python_tools
+_TOOLS = {
+    "xml": ("You may call one or more functions to assist with the user query.\nYou are provided with function "
+            "signatures within <tools></tools> XML tags:\n\n<tools>\n",
+            "</tools>\n\nFor each function call, return a json object with function name and arguments within "
+            "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+            "<args-json-object>}\n</tool_call>"),
+    "python": ("When you send a message containing Python code between '<code>' and '</code>' tags, it will be "
+               "executed in a stateful Jupyter notebook environment, and you will then be given the output to "
+               "continued reasoning in an agentic loop.\n\nYou can use the following tools in your python code "
+               "like regular functions:\n<tools>\n",
+               "</tools>\n\nThe state persists between code executions: so variables that you define in one step "
+               "are still available thereafter.")}
 
 
-def _chat_segments(messages, add_generation_prompt, think):
+def _template(text, loss=0):
+    """The template's own text: its <think> tags are control tokens."""
+    return [(p, k % 2 == 1, loss) for k, p in enumerate(_THINK_TAGS.split(text))]
+
+
+def _chat_segments(messages, add_generation_prompt=False, enable_thinking=True, xml_tools=(), python_tools=(),
+                   today=None, cutoff="June 2025"):
     messages = list(messages)
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str)):
@@ -564,46 +473,55 @@ def _chat_segments(messages, add_generation_prompt, think):
         if m["role"] == "system" and i > 0:
             raise ValueError(f"message {i}: a system message may only come first")
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-    if "/no_think" in system:
-        think = False
-    elif "/think" in system:
-        think = True
-    instructions = system.replace("/no_think", "").replace("/think", "").strip()
-    flag = "/think" if think else "/no_think"
-    empty_think = [("<think>", True, 0), ("\n\n", False, 0), ("</think>", True, 0), ("\n", False, 0)]
-
-    def turn(role, body, loss):
-        return [("<|im_start|>", True, 0), (role + "\n", False, 0), *body, ("<|im_end|>", True, loss),
-                ("\n", False, 0)]
-    system_text = f"Reasoning Mode: {flag}" + (f"\n\n{instructions}" if instructions else "")
-    segs = turn("system", [(system_text, False, 0)], 0)
+    # a flag in the system text beats enable_thinking; the flags are cut out, trailing space trimmed
+    mode = "/no_think" if "/no_think" in system else "/think" if "/think" in system or enable_thinking else "/no_think"
+    custom = system.replace("/no_think", "").replace("/think", "").rstrip()
+    im_start, im_end, nl = ("<|im_start|>", True, 0), ("<|im_end|>", True, 0), ("\n", False, 0)
+    empty_think = _template("<think>\n\n</think>\n") if mode == "/no_think" else []
+    segs = [im_start, ("system\n", False, 0)]
+    if "/system_override" in system:  # the user's text alone, no metadata
+        segs += [(custom.replace("/system_override", "").rstrip(), False, 0), im_end, nl]
+    else:
+        today = today or datetime.date.today()
+        segs += [(f"## Metadata\n\nKnowledge Cutoff Date: {cutoff}\nToday Date: {today.day:02d} "
+                  f"{_MONTHS[today.month - 1]} {today.year}\nReasoning Mode: {mode}\n\n## Custom Instructions\n\n",
+                  False, 0)]
+        segs += [(custom + "\n\n", False, 0)] if custom else _template(_DEFAULT_SYSTEM[mode] + "\n\n")
+        if xml_tools or python_tools:
+            segs.append(("### Tools\n\n", False, 0))
+            for kind, tools in (("xml", xml_tools), ("python", python_tools)):
+                if tools:  # a tool is written as Python's str() of it, as jinja's `string` filter does
+                    head, tail = _TOOLS[kind]
+                    segs += [(head, False, 0), ("".join(f"{t}\n" for t in tools), False, 0), (tail, False, 0)]
+            segs += [("\n\n", False, 0), im_end, nl]
+        # without tools the template never closes the system turn: the first user turn follows directly
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
-            parts = _THINK_TAGS.split(m["content"])  # odd indices are the tags: the model emits them as tokens
-            if not think and len(parts) > 1:
+            parts = _THINK_TAGS.split(m["content"].lstrip("\n"))  # odd indices are the tags the model emits
+            if mode == "/no_think" and len(parts) > 1:
                 raise ValueError(f"message {i}: assistant content has <think> tags but the mode is /no_think")
-            body = [(p, k % 2 == 1, 1) for k, p in enumerate(parts)]
-            segs += turn("assistant", ([] if think else empty_think) + body, 1)
-        elif m["role"] != "system":
-            segs += turn(m["role"], [(m["content"], False, 0)], 0)
+            segs += [im_start, ("assistant\n", False, 0), *empty_think, *((p, k % 2 == 1, 1) for k, p in
+                     enumerate(parts)), ("<|im_end|>", True, 1), nl]
+        elif m["role"] != "system":  # a tool result is a user turn
+            segs += [im_start, ("user\n", False, 0), (m["content"], False, 0), im_end, nl]
     if add_generation_prompt:
-        segs += [("<|im_start|>", True, 0), ("assistant\n", False, 0)] + ([] if think else empty_think)
+        segs += [im_start, ("assistant\n", False, 0), *empty_think]
     return [s for s in segs if s[0]]
 
 
-def render_chat_text(messages, add_generation_prompt=False, think=True):
-    """The exact rendered conversation as a string (special tokens written by name)."""
-    return "".join(text for text, _, _ in _chat_segments(messages, add_generation_prompt, think))
+def render_chat_text(messages, add_generation_prompt=False, **options):
+    """The rendered conversation as SmolLM3's template writes it (special tokens by name). options:
+    enable_thinking (default True), xml_tools, python_tools, today (a datetime.date; default today), cutoff."""
+    return "".join(text for text, _, _ in _chat_segments(messages, add_generation_prompt, **options))
 
 
-def render_chat(tok, messages, add_generation_prompt=False, think=True):
+def render_chat(tok, messages, add_generation_prompt=False, **options):
     """-> (ids, mask): mask is 1 exactly on what the model must generate, i.e. assistant content (with its
     <think> block in /think mode) and its <|im_end|>; 0 on headers, the template's empty think block, and
-    every other turn. Message text is encoded as text; only the template's own tags become special ids.
-    Adjacent text with the same mask is encoded together, so ids equal HF's tokenization of the rendered
-    string except where the mask boundary falls inside what would be one token."""
+    every other turn. Adjacent text with the same mask is encoded together, so ids equal HF's tokenization
+    of the rendered string except where the mask boundary falls inside what would be one token."""
     segs = []
-    for text, special, loss in _chat_segments(messages, add_generation_prompt, think):
+    for text, special, loss in _chat_segments(messages, add_generation_prompt, **options):
         if special and text not in tok.specials:
             if text in ("<|im_start|>", "<|im_end|>"):
                 raise ValueError("render_chat: this tokenizer has no <|im_start|>/<|im_end|> tokens (not a chat tokenizer)")
@@ -624,7 +542,7 @@ def render_chat(tok, messages, add_generation_prompt=False, think=True):
 class DataConfig:
     """Pretraining data: where it lives, row length, and the per-source mixture over training steps."""
     data_dir: str = "data/default"  # the embedded corpus, its tokenizer and the post-training sets live here
-    tokenizer: str = "default"       # "default": <data_dir>/tokenizer.txt; else ours, or an HF tokenizer.json
+    tokenizer: str = "default"       # "default": <data_dir>/tokenizer.json; else a tokenizer.json or its folder
     dataset: str = "default"         # "default": the embedded corpus in data_dir; else a `data.py prepare` --out
     seq_len: int = 1024
     mixture: dict[str, float] = field(default_factory=lambda: {"code": 0.6, "math": 0.4})  # source -> weight
@@ -632,11 +550,11 @@ class DataConfig:
 
 
 def load_tokenizer(cfg):
-    """cfg.tokenizer: "default" = <data_dir>/tokenizer.txt, else a path for load_any_tokenizer."""
-    path = os.path.join(cfg.data_dir, "tokenizer.txt") if cfg.tokenizer == "default" else cfg.tokenizer
+    """cfg.tokenizer: "default" = <data_dir>/tokenizer.json, else a path for Tokenizer.load."""
+    path = os.path.join(cfg.data_dir, "tokenizer.json") if cfg.tokenizer == "default" else cfg.tokenizer
     if cfg.tokenizer == "default" and not os.path.isfile(path):
         raise ValueError(f"tokenizer not found: {path} (build the default corpus: `python data.py default CONFIG`)")
-    return load_any_tokenizer(path)
+    return Tokenizer.load(path)
 
 
 # ------------------------------------------------------------------------------- token shards on disk
@@ -737,7 +655,8 @@ def _parquet_texts(path, field):
         raise ValueError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
     pf = pq.ParquetFile(path)
     if field not in pf.schema_arrow.names:
-        raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)})")
+        raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)}; choose "
+                         "another with --field)")
     row = 0
     for batch in pf.iter_batches(columns=[field], batch_size=4096):
         for text in batch.column(0).to_pylist():
@@ -752,13 +671,15 @@ def iter_documents(path, field="text"):
     .parquet row is one (its `field`). Empty documents are skipped; a file with none is an error."""
     n = 0
     if path.endswith(TEXT_SUFFIXES):
+        with open(path, "rb") as f:
+            raw = f.read()
         try:
-            with open(path, encoding="utf-8") as f:
-                texts = [f.read()]
+            texts = [raw.decode("utf-8")]
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            line = raw[:e.start].count(b"\n") + 1
+            raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     elif path.endswith(".jsonl"):
-        texts = (_field(path, no, obj, field, str) for no, obj in read_jsonl(path))
+        texts = (_field(path, no, obj, field, str, " (choose another with --field)") for no, obj in read_jsonl(path))
     elif path.endswith(".parquet"):
         texts = _parquet_texts(path, field)
     else:
@@ -771,26 +692,21 @@ def iter_documents(path, field="text"):
         raise ValueError(f"{path}: empty file (no documents)")
 
 
-def _field(path, no, obj, key, kind):
+def _field(path, no, obj, key, kind, hint=""):
     """obj[key] of a .jsonl line, checked to be a `kind` (ValueError naming path:line otherwise)."""
-    value = obj.get(key)
-    if not isinstance(value, kind):
-        raise ValueError(f"{path}:{no}: expected field {key!r} of type {kind.__name__}, got {type(value).__name__}")
-    return value
+    if key not in obj:
+        raise ValueError(f"{path}:{no}: missing field {key!r}{hint}")
+    if not isinstance(obj[key], kind):
+        raise ValueError(f"{path}:{no}: expected field {key!r} of type {kind.__name__}, got {type(obj[key]).__name__}")
+    return obj[key]
 
 
 # ---------------------------------------------------------------------------------- corpus preparation
 
 def _encode_docs(texts):
-    """Encode a batch of documents -> (one array of ids, each document followed by EOT; n_docs)."""
-    tok = _WORKER_TOK
-    docs = [tok.encode(t) for t in texts]
-    ends = np.cumsum([len(d) + 1 for d in docs])
-    out = np.empty(int(ends[-1]), dtype=shard_dtype(tok.n_vocab))
-    for d, end in zip(docs, ends):
-        out[end - 1 - len(d):end - 1] = d
-    out[ends - 1] = tok.eos_id
-    return out, len(docs)
+    """Encode a batch of documents -> (one array of ids, each document followed by EOT; n_docs) (a pool task)."""
+    tok, dtype = _WORKER_TOK, shard_dtype(_WORKER_TOK.n_vocab)
+    return np.concatenate([np.array(tok.encode(t) + [tok.eos_id], dtype=dtype) for t in texts]), len(texts)
 
 
 def _documents(files, field, bar):
@@ -847,10 +763,9 @@ def read_manifest(root):
 
 def prepare(files, out_dir, tok, source, split="train", field="text", shard_bytes=1 << 28, workers=None):
     """Tokenize input files into shards out_dir/<source>/<split>_NNNNN.bin and record them in
-    out_dir/manifest.json -> the manifest entry of (source, split).
-
-    Shards whose header matches (tokenizer hash, input names/sizes/mtimes) are kept, not re-encoded.
-    Encoding runs on `workers` processes (default: every core)."""
+    out_dir/manifest.json -> the manifest entry of (source, split). Text files are grouped into ~shard_bytes
+    shards, each .jsonl/.parquet file is one; shards whose header matches (tokenizer hash, input
+    names/sizes/mtimes) are kept, not re-encoded. `workers`: encoding processes (default: every core)."""
     if not regex.fullmatch(r"[A-Za-z0-9_.-]+", source):
         raise ValueError(f"source name {source!r}: use letters, digits, '_', '-' or '.'")
     if split not in SPLITS:
@@ -868,7 +783,21 @@ def prepare(files, out_dir, tok, source, split="train", field="text", shard_byte
     if manifest["tokenizer_hash"] != tok.hash:
         raise ValueError(f"{manifest_path}: {out_dir} holds shards of tokenizer {manifest['tokenizer_hash']}, "
                          f"not of this one ({tok.hash}); prepare into another directory")
+    new_dirs = [d for d in (out_dir, os.path.join(out_dir, source)) if not os.path.isdir(d)]
     os.makedirs(os.path.join(out_dir, source), exist_ok=True)
+    try:
+        entry = _prepare_shards(files, out_dir, tok, source, split, field, shard_bytes, workers or _n_cpus())
+    except BaseException:
+        for d in reversed(new_dirs):  # a failed first run leaves no empty directories behind
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        raise
+    manifest["sources"].setdefault(source, {})[split] = entry
+    _atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    return entry
+
+
+def _prepare_shards(files, out_dir, tok, source, split, field, shard_bytes, workers):
     itemsize = shard_dtype(tok.n_vocab).itemsize
     plan = []  # (relative path, input files, digest, (n_tokens, n_docs) if already complete else None)
     for i, unit in enumerate(_plan_shards(files, shard_bytes)):
@@ -883,17 +812,13 @@ def prepare(files, out_dir, tok, source, split="train", field="text", shard_byte
     shards = []
     with tqdm(total=todo, unit="B", unit_scale=True, desc=f"{source}/{split}", disable=not todo) as bar:
         for name, unit, digest, done in plan:
-            if done is None:  # encode in batches of ~256k characters; closing() ends the pool on any error
+            if done is None:  # batches of ~256k characters; closing() ends the pool on any error
                 batches = _batches(_documents(unit, field, bar), 1 << 18)
-                with contextlib.closing(_map_batches(_encode_docs, batches, workers or _n_cpus(), tok)) as chunks:
+                with contextlib.closing(_map_batches(_encode_docs, batches, workers, tok)) as chunks:
                     done = write_shard(os.path.join(out_dir, name), chunks, tok.hash, itemsize, digest)
             shards.append({"path": name, "tokens": done[0], "documents": done[1]})
-    entry = {"files": [os.path.abspath(f) for f in files], "documents": sum(s["documents"] for s in shards),
-             "tokens": sum(s["tokens"] for s in shards), "tokenizer_hash": tok.hash, "shards": shards}
-    manifest["sources"].setdefault(source, {})[split] = entry
-    _atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
-    return entry
-
+    return {"files": [os.path.abspath(f) for f in files], "documents": sum(s["documents"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards), "tokenizer_hash": tok.hash, "shards": shards}
 
 # ------------------------------------------------------------------------------ embedded default corpus
 
@@ -1137,6 +1062,7 @@ def default_sets(sizes=DEFAULT_SIZES):
     }
 
 
+
 def _bpe_sample(code_files, math_jsonl, math_docs=8_000):
     """The tokenizer's training text (~3.5 MB): every fifth code file and the first math documents."""
     for path in code_files[::5]:
@@ -1147,7 +1073,7 @@ def _bpe_sample(code_files, math_jsonl, math_docs=8_000):
 
 def prepare_default(data_dir, vocab_size):
     """Build the embedded default corpus in data_dir: the generated .jsonl sets (DEFAULT_SIZES), a BPE
-    tokenizer of vocab_size ids trained on a sample, and the train/val shards of sources "code" and
+    tokenizer.json of vocab_size ids trained on a sample, and the train/val shards of sources "code" and
     "math". Idempotent: whatever is already complete is kept (a second call takes about a second)."""
     t0 = time.perf_counter()
     os.makedirs(data_dir, exist_ok=True)
@@ -1157,7 +1083,7 @@ def prepare_default(data_dir, vocab_size):
             if not os.path.isfile(paths[name]):
                 _atomic_write(paths[name], "".join(json.dumps(r) + "\n" for r in rows))
     code_train, code_val = stdlib_files()
-    tok_path = os.path.join(data_dir, "tokenizer.txt")
+    tok_path = os.path.join(data_dir, "tokenizer.json")
     if os.path.isfile(tok_path):
         tok = Tokenizer.load(tok_path)
         if tok.n_vocab != vocab_size:
@@ -1177,80 +1103,74 @@ def prepare_default(data_dir, vocab_size):
 # Every loader maps a global sample index to a row as a pure function of (seed, index): nothing is
 # stored per step, so memory and time per batch do not grow with the step or the corpus (the playbook's
 # nanosets slowdown came from index arrays that did), and resuming needs only the step.
-# Sample i of a rank: index = step*G + (micro_step*world_size + rank)*micro_batch_size + i, with
-# G = micro_batch_size*accum*world_size, so DP=1 with k accumulation steps sees exactly the rows of DP=k.
-# Mixture weights become multiples of 2^-24, so mixture counts are exact int64 arithmetic while a stage
-# holds < 2^39 samples (SmolLM3's 11T tokens are 2.7e9 rows of 4096).
-_ONE = 1 << 24
-_M64, _K1, _K2 = (1 << 64) - 1, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64's odd multipliers
-_C1, _C2, _S29, _S32 = np.uint64(_K1), np.uint64(_K2), np.uint64(29), np.uint64(32)  # the same, for uint64 arrays
+_M64 = (1 << 64) - 1
+# One hash family: splitmix64's output function (Steele, Lea & Flood 2014), on uint64 arrays. Its two odd
+# multipliers are the constants its authors found to best spread every input bit over all output bits, the
+# shifts 30/27/31 fold the high bits back down; each step is a bijection of 64-bit words.
+_K1, _K2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
-def _splitmix(z):
-    """splitmix64 on a Python int: a bijective scramble of 64-bit keys."""
-    z = (z + 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * _K1) & _M64
-    z = ((z ^ (z >> 27)) * _K2) & _M64
-    return z ^ (z >> 31)
+def _mix(z):
+    z = np.atleast_1d(np.asarray(z, dtype=np.uint64))
+    z = (z ^ (z >> np.uint64(30))) * _K1  # uint64 products wrap mod 2^64, as the hash intends
+    z = (z ^ (z >> np.uint64(27))) * _K2
+    return z ^ (z >> np.uint64(31))
 
 
-def _feistel(x, keys, wl, wr):
-    """One pass of an unbalanced Feistel network over uint64 x in [0, 2^(wl+wr)): each round maps the state
-    (left: wl bits, right: wr bits) to (right, left ^ F(right)), so the widths swap every round. Each round
-    is invertible whatever F is; F is a keyed multiply-xorshift hash (its top 32 bits)."""
-    left, right = x >> np.uint64(wr), x & np.uint64((1 << wr) - 1)
-    for k in keys:  # uint64 products wrap mod 2^64, as the hash intends
-        z = (right ^ k) * _C1
-        z = (z ^ (z >> _S29)) * _C2
-        left, right = right, left ^ ((z >> _S32) & np.uint64((1 << wl) - 1))
-        wl, wr = wr, wl
-    return (left << np.uint64(wr)) | right
+@functools.lru_cache(maxsize=4096)
+def _key(*parts):
+    """A 64-bit key from ints, each mixed into the running hash (cached: every micro-batch asks again)."""
+    h = np.zeros(1, dtype=np.uint64)
+    for p in parts:
+        h = _mix(h ^ np.uint64(p & _M64))
+    return int(h[0])
 
 
-@functools.lru_cache(maxsize=256)
-def _round_keys(key):
-    return tuple(np.uint64(_splitmix(key ^ _splitmix(r))) for r in range(4))
+def _stream_key(seed, name):
+    # not a path: moving the data keeps the order
+    return _key(seed, *name.encode())
 
 
 def permute(i, n, key):
     """A bijection of [0, n), keyed by a 64-bit int, applied to the integer array i (any shape).
 
-    A 4-round Feistel network permutes [0, 2^b), the smallest power of two >= n; a value that lands at
-    or past n goes through again (cycle walking) until it is inside [0, n), which keeps the map a bijection
-    of [0, n). The domain is < 2n, so on average fewer than two passes. Memory O(len(i)), never O(n)."""
+    A 4-round Feistel network permutes [0, 2^b), the smallest power of two >= n: each round maps the state
+    (left: wl bits, right: wr bits) to (right, left ^ F(right)), invertible whatever F is, with F = the top
+    wl bits of _mix(right ^ round key). A value that lands at or past n goes through again (cycle walking)
+    until it is inside [0, n), which keeps the map a bijection of [0, n); the domain is < 2n, so on average
+    fewer than two passes. Memory O(len(i)), never O(n)."""
     shape, i = np.shape(i), np.asarray(i, dtype=np.uint64).reshape(-1)
-    b = (n - 1).bit_length()
-    wl, wr, keys = (b + 1) // 2, b // 2, _round_keys(key)
-    out = _feistel(i, keys, wl, wr)
+    b, keys = (n - 1).bit_length(), [np.uint64(_key(key, r)) for r in range(4)]
+
+    def feistel(x):
+        wl, wr = (b + 1) // 2, b // 2
+        left, right = x >> np.uint64(wr), x & np.uint64((1 << wr) - 1)
+        for k in keys:
+            left, right = right, left ^ (_mix(right ^ k) >> np.uint64(64 - wl) if wl else np.zeros_like(left))
+            wl, wr = wr, wl
+        return (left << np.uint64(wr)) | right
+    out = feistel(i)
     bad = np.flatnonzero(out >= n)
     while len(bad):
-        out[bad] = _feistel(out[bad], keys, wl, wr)
+        out[bad] = feistel(out[bad])
         bad = bad[out[bad] >= n]
     return out.astype(np.int64).reshape(shape)
 
 
-def _stream_key(seed, name):
-    return int.from_bytes(hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest(), "little")
-
-
 def _draw(k, n, key):
     """Row of the k-th draw (int64 array) from n rows: epoch e = k // n uses its own permutation of the rows."""
-    epoch = k // n
-    first, last = int(epoch.min()), int(epoch.max())
-    if first == last:  # the usual case: one micro-batch rarely straddles an epoch
-        return permute(k % n, n, _splitmix(key ^ _splitmix(first + 4)))
-    out = np.empty_like(k)
-    for e in range(first, last + 1):
-        sel = epoch == e
-        out[sel] = permute(k[sel] % n, n, _splitmix(key ^ _splitmix(e + 4)))
+    epoch, out = k // n, np.empty_like(k)
+    for e in np.unique(epoch).tolist():  # one micro-batch rarely straddles an epoch
+        out[epoch == e] = permute(k[epoch == e] % n, n, _key(key, e))
     return out
 
 
-def _sample_index(step, micro_step, micro_batch_size, accum, rank, world_size):
+def _first_index(step, micro_step, micro_batch_size, accum, rank, world_size):
+    """Global index of a micro-batch's first sample: step*G + (micro_step*world_size + rank)*micro_batch_size
+    with G = micro_batch_size*accum*world_size, so DP=1 with k accumulation steps sees the rows of DP=k."""
     if step < 0 or not 0 <= micro_step < accum:
         raise ValueError(f"step {step} / micro_step {micro_step}: expected step >= 0 and 0 <= micro_step < {accum}")
-    g = step * micro_batch_size * accum * world_size + (micro_step * world_size + rank) * micro_batch_size
-    return g + np.arange(micro_batch_size, dtype=np.int64)
+    return step * micro_batch_size * accum * world_size + (micro_step * world_size + rank) * micro_batch_size
 
 
 def _with_pos(buf, eos_id):
@@ -1284,9 +1204,15 @@ def _schedule(mixture, stages):
     return [(start, {s: w / sum(weights.values()) for s, w in weights.items()}) for start, weights in out]
 
 
+# A stage's mixture as nested Beatty sequences: level k takes P_k/2^24 of the samples no earlier level took,
+# floor(m*P_k/2^24 + 1/2) of the first m, and the last level takes the rest. So count_k(n), source k's share
+# of a stage's first n samples, is O(1) exact integer arithmetic, and |count_k(n) - n*w_k| < number of
+# sources for every n (tests/test_data.py checks n <= 100,000). 2^24 steps keep n*P in int64 up to 2^39.
+_ONE = 1 << 24
+
+
 def _levels(weights, names):
-    """Split a mixture into binary levels [(source index, P)]: source k takes P/2^24 of the samples that no
-    earlier level took (a Beatty sequence on that sub-sequence), and the last level takes the rest."""
+    """[(source index, P)] of a mixture, the last level's P = 2^24."""
     items = [(names.index(s), w) for s, w in weights.items() if w > 0]
     left, levels = sum(w for _, w in items), []
     for idx, w in items:
@@ -1296,28 +1222,13 @@ def _levels(weights, names):
     return levels
 
 
-def _assign(levels, j):
-    """Source index and per-source ordinal of in-stage sample indices j (int64 array).
-
-    At a level of rate p = P/2^24, the first n samples reaching it hold floor(n*p + 1/2) of that level's
-    source, and sample n belongs to it when that count steps up. Any prefix of a stage therefore holds every
-    source within one sample per level of its weight: low discrepancy, with O(1) counts for the ordinals."""
-    src, ordinal, n = np.full(j.shape, -1, dtype=np.int64), np.zeros_like(j), j.copy()
-    for idx, P in levels:
-        before = (n * P + _ONE // 2) >> 24
-        hit = (src < 0) & (((n + 1) * P + _ONE // 2) >> 24 > before)
-        src[hit], ordinal[hit] = idx, before[hit]
-        n = n - before
-    return src, ordinal
-
-
-def _level_counts(levels, n, n_sources):
-    """How many of a stage's first n samples each source takes (Python ints: exact for any n)."""
+def _counts(levels, n, n_sources):
+    """count_k(n) for every source k: how many of a stage's first n samples it takes (ints or int64 arrays)."""
     counts = [0] * n_sources
     for idx, P in levels:
         c = (n * P + _ONE // 2) >> 24
-        counts[idx] += c
-        n -= c
+        counts[idx] = counts[idx] + c
+        n = n - c
     return counts
 
 
@@ -1325,16 +1236,16 @@ class Loader:
     """Pretraining batches: fixed rows of seq_len + 1 tokens cut from each source's shards, read by memmap.
 
     Row r of a source is tokens [r*T, r*T + T + 1) of its concatenated shards (T = seq_len; rows do not
-    cross shards), so each token is a target once per epoch. A sample's stage is set by its step; within
-    the stage, _assign picks its source and that source's ordinal (counting on from earlier stages), and
-    the ordinal's epoch permutation (_draw, keyed by seed and source) picks the row. `pos` restarts at 0
-    at the start of each row and after each end-of-text token."""
+    cross shards), so each token is a target once per epoch. A micro-batch's stage is set by its step; it
+    takes count_k(end) - count_k(start) rows of source k (its in-stage sample range), drawn on from where
+    that source stopped (earlier stages included) through its epoch permutations (_draw, keyed by seed and
+    source), rows grouped by source. `pos` restarts at 0 at each row start and after each end-of-text."""
 
     def __init__(self, cfg, tok, micro_batch_size, accum, seed, dp_rank=0, dp_size=1):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"data-parallel rank {dp_rank} is outside dp_size {dp_size}")
         self.root = cfg.data_dir if cfg.dataset == "default" else cfg.dataset  # holds manifest.json + shards
-        self.seq_len, self.split, self.eos_id = cfg.seq_len, "train", tok.eos_id
+        self.seq_len, self.split, self.eos_id, self.n_vocab = cfg.seq_len, "train", tok.eos_id, tok.n_vocab
         self.micro_batch_size, self.accum, self.rank, self.world_size = micro_batch_size, accum, dp_rank, dp_size
         self.G = micro_batch_size * accum * dp_size
         self.tok_hash, self.manifest = tok.hash, read_manifest(self.root)
@@ -1350,9 +1261,9 @@ class Loader:
         self._levels = [_levels(weights, self.sources) for _, weights in self.schedule]
         self._offsets, drawn = [], [0] * len(self.sources)  # per stage: each source's draws before it
         for k, start in enumerate(self._starts):
-            self._offsets.append(np.array(drawn, dtype=np.int64))
+            self._offsets.append(drawn)
             if k + 1 < len(self._starts):
-                counts = _level_counts(self._levels[k], (self._starts[k + 1] - start) * self.G, len(self.sources))
+                counts = _counts(self._levels[k], (self._starts[k + 1] - start) * self.G, len(self.sources))
                 drawn = [a + b for a, b in zip(drawn, counts)]
 
     def _stream(self, source, split):
@@ -1363,22 +1274,33 @@ class Loader:
                 have = [f"{s}/{sp}" for s, d in self.manifest["sources"].items() for sp in d]
                 raise ValueError(f"{self.root}/manifest.json: no {split} split of source {source!r} "
                                  f"(have: {', '.join(have)})")
+            paths = [os.path.join(self.root, s["path"]) for s in entry["shards"]]
             # plain ndarray views of the memmaps: slicing a np.memmap builds a memmap object each time
-            maps = [open_shard(os.path.join(self.root, s["path"]), self.tok_hash).view(np.ndarray)
-                    for s in entry["shards"]]
+            maps = [open_shard(p, self.tok_hash).view(np.ndarray) for p in paths]
             starts = np.cumsum([0] + [(len(m) - 1) // self.seq_len for m in maps])
             if starts[-1] == 0:
                 raise ValueError(f"source {source!r} ({split}) has fewer than seq_len + 1 = {self.seq_len + 1} tokens")
-            self._streams[source, split] = maps, starts
+            self._streams[source, split] = maps, starts, paths
         return self._streams[source, split]
 
     def _fetch(self, source, split, rows, out, at):
         """Copy rows of one source into out[at] (out: [B, T+1])."""
-        maps, starts = self._stream(source, split)
+        maps, starts, _ = self._stream(source, split)
         shard = np.searchsorted(starts, rows, side="right") - 1
         for i, s, r in zip(at.tolist(), shard.tolist(), rows.tolist()):
             a = (r - starts[s]) * self.seq_len
             out[i] = maps[s][a:a + self.seq_len + 1]
+
+    def _batch(self, buf, split, names, rows):
+        """(x, y, pos) of buf after one max over it: an id outside the vocabulary (a corrupt shard) is an error
+        naming its shard and offset, before it can reach the embedding. names, rows: each buf row's origin."""
+        if buf.max() >= self.n_vocab:
+            i, t = (int(v[0]) for v in np.nonzero(buf >= self.n_vocab))
+            _, starts, paths = self._stream(names[i], split)
+            s = int(np.searchsorted(starts, rows[i], side="right")) - 1
+            raise ValueError(f"{paths[s]}: token id {buf[i, t]} at offset {(rows[i] - starts[s]) * self.seq_len + t} "
+                             f"is outside the vocabulary ({self.n_vocab} ids): a corrupt shard, or another tokenizer's")
+        return _with_pos(buf, self.eos_id)
 
     def stage_at(self, step):
         return bisect.bisect_right(self._starts, step) - 1
@@ -1388,36 +1310,35 @@ class Loader:
 
     def locate(self, step, micro_step):
         """-> (source index [B], row [B]) of a micro-batch: the whole data order, without reading tokens."""
-        g = _sample_index(step, micro_step, self.micro_batch_size, self.accum, self.rank, self.world_size)
-        k = self.stage_at(step)
-        src, ordinal = _assign(self._levels[k], g - self._starts[k] * self.G)
-        draws = ordinal + self._offsets[k][src]
-        rows = np.empty_like(draws)
-        for s, name in enumerate(self.sources):
-            sel = src == s
-            if sel.any():
-                rows[sel] = _draw(draws[sel], self.rows[name], self._keys[s])
-        return src, rows
+        k, S = self.stage_at(step), len(self.sources)
+        j = _first_index(step, micro_step, self.micro_batch_size, self.accum, self.rank, self.world_size)
+        j -= self._starts[k] * self.G  # the micro-batch's first in-stage sample
+        lo, hi = _counts(self._levels[k], j, S), _counts(self._levels[k], j + self.micro_batch_size, S)
+        draws = [np.arange(a, b, dtype=np.int64) + off for a, b, off in zip(lo, hi, self._offsets[k])]
+        rows = [_draw(d, self.rows[name], key) for d, name, key in zip(draws, self.sources, self._keys)]
+        return np.repeat(np.arange(S), [len(d) for d in draws]), np.concatenate(rows)
 
     def get(self, step, micro_step):
         """-> (x, y, pos) int64 tensors [micro_batch_size, seq_len] of this rank's micro-step."""
         src, rows = self.locate(step, micro_step)
         buf = np.empty((self.micro_batch_size, self.seq_len + 1), dtype=np.int64)
-        for s, name in enumerate(self.sources):
+        for s in np.unique(src).tolist():
             sel = np.flatnonzero(src == s)
-            if len(sel):
-                self._fetch(name, self.split, rows[sel], buf, sel)
-        return _with_pos(buf, self.eos_id)
+            self._fetch(self.sources[s], self.split, rows[sel], buf, sel)
+        return self._batch(buf, self.split, [self.sources[s] for s in src], rows)
 
     def val_rows(self, source, n_rows):
         """n_rows rows evenly spaced over a source's val split (row floor(r * have / n_rows)), so a small
         eval covers every held-out file rather than the first few -> (x, y, pos) [n_rows, seq_len]."""
         have = int(self._stream(source, "val")[1][-1])
         if n_rows > have:
-            raise ValueError(f"source {source!r} has {have} val rows of {self.seq_len + 1} tokens; asked for {n_rows}")
+            raise ValueError(f"source {source!r} has {have} val rows of {self.seq_len + 1} tokens; asked for "
+                             f"{n_rows} (eval_rows must be at most {have})")
         buf = np.empty((n_rows, self.seq_len + 1), dtype=np.int64)
-        self._fetch(source, "val", np.arange(n_rows) * have // n_rows, buf, np.arange(n_rows))
-        return _with_pos(buf, self.eos_id)
+        rows = np.arange(n_rows) * have // n_rows
+        self._fetch(source, "val", rows, buf, np.arange(n_rows))
+        return self._batch(buf, "val", [source] * n_rows, rows)
+
 
 
 def pack_bfd(lengths, capacity):
@@ -1442,10 +1363,11 @@ def pack_bfd(lengths, capacity):
     return bins
 
 
+
+
 def _chat_xy(tok, messages, seq_len, where, n_prompt=0):
     """Render a conversation -> (x, y) int64 arrays: y[t] = ids[t+1] where that token is the model's to
-    generate (assistant content and its <|im_end|>) after the first n_prompt messages, else -100.
-    Truncated to seq_len tokens."""
+    generate after the first n_prompt messages, else -100. Truncated to seq_len tokens."""
     try:
         ids, mask = render_chat(tok, messages)
         # turns are encoded one by one, so the prompt's rendering is a prefix of the conversation's
@@ -1457,9 +1379,19 @@ def _chat_xy(tok, messages, seq_len, where, n_prompt=0):
     return ids[:-1][:seq_len], np.where(mask[1:], ids[1:], -100)[:seq_len]
 
 
+def _padded(tok, rows, T):
+    """[(x, y)] -> (x, y, pos) int64 arrays [len(rows), T]: each row from position 0, then padding (pad id,
+    y = -100, pos = -1, which nothing attends to or from)."""
+    x = np.full((len(rows), T), tok.pad_id, dtype=np.int64)
+    y, pos = np.full_like(x, -100), np.full_like(x, -1)
+    for r, (xs, ys) in enumerate(rows):
+        x[r, :len(xs)], y[r, :len(ys)], pos[r, :len(xs)] = xs, ys, np.arange(len(xs))
+    return x, y, pos
+
+
 class _Shuffled:
-    """The shared order of the post-training loaders: the global sample index (same formula as Loader)
-    drawn through per-epoch permutations of the n items."""
+    """The shared order of the post-training loaders: the global sample index (as in Loader) drawn through
+    per-epoch permutations of the n items."""
 
     def _setup(self, n, micro_batch_size, accum, seed, rank, world_size, path, kind):
         if n == 0:
@@ -1468,39 +1400,29 @@ class _Shuffled:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.n, self.micro_batch_size, self.accum = n, micro_batch_size, accum
         self.rank, self.world_size = rank, world_size
-        self._key = _stream_key(seed, kind)  # not the path: moving the file keeps the order
+        self._key = _stream_key(seed, kind)
 
     def indices(self, step, micro_step):
         """Item indices [micro_batch_size] of this rank's micro-step."""
-        g = _sample_index(step, micro_step, self.micro_batch_size, self.accum, self.rank, self.world_size)
-        return _draw(g, self.n, self._key)
+        g = _first_index(step, micro_step, self.micro_batch_size, self.accum, self.rank, self.world_size)
+        return _draw(g + np.arange(self.micro_batch_size, dtype=np.int64), self.n, self._key)
 
 
 class SFTLoader(_Shuffled):
-    """SFT conversations ({"messages": [...]} per line) packed best-fit-decreasing into rows of seq_len.
-
-    Each conversation keeps its own positions (0, 1, ...) and its own next-token targets, so no label or
-    position crosses documents; y = -100 except on assistant tokens; the tail of a row is padding
-    (pad id, y = -100, positions from 0 as a document of its own). Rows are built once in memory."""
+    """SFT conversations ({"messages": [...]} per line) packed best-fit-decreasing into rows of seq_len, each
+    with its own positions 0, 1, ... and targets (y = -100 but on assistant output), then padding (pos = -1)."""
 
     def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1):
         docs = [_chat_xy(tok, _field(path, no, obj, "messages", list), seq_len, f"{path}:{no}")
                 for no, obj in read_jsonl(path)]
-        bins = pack_bfd([len(x) for x, _ in docs], seq_len)
-        self.x = np.full((len(bins), seq_len), tok.pad_id, dtype=np.int64)
-        self.y = np.full((len(bins), seq_len), -100, dtype=np.int64)
-        self.pos = np.zeros((len(bins), seq_len), dtype=np.int64)
-        for r, items in enumerate(bins):
-            at = 0
-            for i in items:
-                x, y = docs[i]
-                self.x[r, at:at + len(x)], self.y[r, at:at + len(x)] = x, y
-                self.pos[r, at:at + len(x)] = np.arange(len(x))
-                at += len(x)
-            self.pos[r, at:] = np.arange(seq_len - at)
-        self.bins, self.n_docs = bins, len(docs)
-        self.fill = sum(len(x) for x, _ in docs) / max(1, self.x.size)  # fraction of row tokens that are not padding
-        self._setup(len(bins), micro_batch_size, accum, seed, rank, world_size, path, "sft")
+        self.bins = pack_bfd([len(x) for x, _ in docs], seq_len)
+        packed = [[np.concatenate(a) for a in zip(*(docs[i] for i in items))] for items in self.bins]
+        self.x, self.y, self.pos = _padded(tok, packed, seq_len)
+        for r, items in enumerate(self.bins):  # positions restart at every conversation of a row
+            starts = np.cumsum([0] + [len(docs[i][0]) for i in items])
+            for a, b in zip(starts, starts[1:]):
+                self.pos[r, a:b] = np.arange(b - a)
+        self._setup(len(self.bins), micro_batch_size, accum, seed, rank, world_size, path, "sft")
 
     def get(self, step, micro_step):
         """-> (x, y, pos) int64 tensors [micro_batch_size, seq_len]."""
@@ -1509,48 +1431,35 @@ class SFTLoader(_Shuffled):
 
 
 class PreferenceLoader(_Shuffled):
-    """Preference pairs ({"prompt": [...], "chosen": [assistant], "rejected": [assistant]} per line).
-
-    get() -> ((x, y, pos) chosen, (x, y, pos) rejected), each [micro_batch_size, T] with T the longest
-    side in the micro-batch: one conversation per row, y = -100 on the prompt (assistant turns in it
-    included) and on right padding, so the sum of -CE over y != -100 is the completion's log-probability."""
+    """Preference pairs ({"prompt": [...], "chosen": [assistant], "rejected": [assistant]} per line), one per row:
+    y = -100 on the prompt and on padding, so the sum of -CE over y != -100 is the completion's log-probability."""
 
     def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1):
-        self.pairs = []
+        self.pairs, self.tok = [], tok
         for no, obj in read_jsonl(path):
             prompt = _field(path, no, obj, "prompt", list)
             self.pairs.append(tuple(
                 _chat_xy(tok, prompt + _field(path, no, obj, side, list), seq_len, f"{path}:{no}", len(prompt))
                 for side in ("chosen", "rejected")))
-        self.pad_id = tok.pad_id
         self._setup(len(self.pairs), micro_batch_size, accum, seed, rank, world_size, path, "preference")
 
     def get(self, step, micro_step):
-        """-> ((x, y, pos) chosen, (x, y, pos) rejected), int64 tensors [micro_batch_size, T]."""
+        """-> ((x, y, pos) chosen, (x, y, pos) rejected), int64 tensors [micro_batch_size, T], T the longest side."""
         pairs = [self.pairs[i] for i in self.indices(step, micro_step).tolist()]
         T = max(len(x) for pair in pairs for x, _ in pair)
-        out = []
-        for side in (0, 1):
-            x = np.full((len(pairs), T), self.pad_id, dtype=np.int64)
-            y = np.full((len(pairs), T), -100, dtype=np.int64)
-            for r, pair in enumerate(pairs):
-                xs, ys = pair[side]
-                x[r, :len(xs)], y[r, :len(ys)] = xs, ys
-            pos = np.broadcast_to(np.arange(T), x.shape).copy()
-            out.append((torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(pos)))
-        return tuple(out)
+        return tuple(tuple(map(torch.from_numpy, _padded(self.tok, [p[side] for p in pairs], T))) for side in (0, 1))
 
 
 class PromptLoader(_Shuffled):
     """RL prompts ({"prompt": [...], "answer": "N"} per line) -> get() = (prompt ids rendered with the
     generation prompt, answers as strings); rewards compare extract_answer(completion) to the answer."""
 
-    def __init__(self, path, tok, micro_batch_size, accum=1, seed=0, rank=0, world_size=1, think=True):
+    def __init__(self, path, tok, micro_batch_size, accum=1, seed=0, rank=0, world_size=1, enable_thinking=True):
         self.prompts, self.answers = [], []
         for no, obj in read_jsonl(path):
             messages = _field(path, no, obj, "prompt", list)
             try:
-                self.prompts.append(render_chat(tok, messages, add_generation_prompt=True, think=think)[0])
+                self.prompts.append(render_chat(tok, messages, True, enable_thinking=enable_thinking)[0])
             except ValueError as e:
                 raise ValueError(f"{path}:{no}: {e}") from None
             self.answers.append(_field(path, no, obj, "answer", str))
@@ -1562,81 +1471,123 @@ class PromptLoader(_Shuffled):
         return [self.prompts[i] for i in idx], [self.answers[i] for i in idx]
 
 
+# ---------------------------------------------------------------------------------------------- metrics
+
+# Words for the playbook's tokenizer metrics: letter/digit runs, punctuation runs, and single Han / kana
+# characters (CJK writes no spaces; one character per word is the usual convention there).
+_CJK = r"\p{Han}\p{Hiragana}\p{Katakana}"
+_WORD = regex.compile(rf"[{_CJK}]|(?:(?![{_CJK}])[\p{{L}}\p{{M}}\p{{N}}])+|[^\s\p{{L}}\p{{M}}\p{{N}}]+")
+
+
+def tokenizer_metrics(tok, text):
+    """Fertility (tokens per word), continued words (the share of words overlapping >= 2 tokens of the
+    in-context encoding) and bytes per token -> dict(words, tokens, fertility, continued, bytes_per_token)"""
+    ids = tok.encode(text)
+    ends = np.cumsum(tok.token_bytes()[ids])               # byte offset where each token ends
+    starts = np.concatenate([[0], ends[:-1]])
+    cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    char_start = np.concatenate([[0], np.cumsum(1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000))])
+    spans = np.array([m.span() for m in _WORD.finditer(text)], dtype=np.int64).reshape(-1, 2)
+    s, e = char_start[spans[:, 0]], char_start[spans[:, 1]]  # word byte spans [s, e)
+    per_word = np.searchsorted(starts, e, "left") - np.searchsorted(ends, s, "right")
+    n_words = max(len(spans), 1)
+    return {"words": len(spans), "tokens": len(ids), "fertility": len(ids) / n_words,
+            "continued": float((per_word >= 2).sum()) / n_words,
+            "bytes_per_token": len(text.encode("utf-8")) / max(len(ids), 1)}
+
+
 # ------------------------------------------------------------------------------------------------ bench
 
-def _rss_mib():
-    """{VmRSS, RssAnon, RssFile} of this process in MiB (Linux /proc). RssFile counts memmapped shard pages,
-    which the kernel may drop at will; RssAnon is what would grow if the loader kept state per step."""
-    with open("/proc/self/status") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
-
-
-def bench_loader(seq_len=2048, micro_batch_size=8, mb_per_source=16, n_batches=3000, total_steps=1_000_000,
-                 index_stride=100):
-    """Loader batch-assembly throughput on three synthetic sources with the SmolLM3 3-stage curriculum, and
-    memory before/after drawing the indices of every index_stride-th step across total_steps steps."""
+def bench_loader(seq_len=2048, micro_batch_size=8, mb_per_source=16, n_batches=3000, total_steps=1_000_000):
+    """prepare and Loader throughput on three synthetic sources with the SmolLM3 3-stage curriculum, and the
+    anonymous memory (Linux RssAnon: what would grow if the loader kept state per step) over 10,000 steps."""
+    def rss_anon():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("RssAnon"))
     with tempfile.TemporaryDirectory() as d:
-        tok = Tokenizer.byte_level()
-        tok.save(os.path.join(d, "tokenizer.txt"))
-        rng = np.random.default_rng(0)
+        tok, rng, t0 = Tokenizer.byte_level(), np.random.default_rng(0), time.perf_counter()
         for source in ("web", "code", "math"):
             letters = rng.integers(97, 123, size=mb_per_source << 20, dtype=np.uint8)
             letters[rng.random(len(letters)) < 0.15] = 32
             text, cuts = letters.tobytes().decode(), np.cumsum(rng.geometric(1 / 3000, size=len(letters) // 1000))
             cuts = [0, *cuts[cuts < len(text)].tolist(), len(text)]
-            path = os.path.join(d, f"{source}.jsonl")
-            with open(path, "w") as f:
+            with open(os.path.join(d, f"{source}.jsonl"), "w") as f:
                 f.writelines(json.dumps({"text": text[a:b]}) + "\n" for a, b in zip(cuts, cuts[1:]) if b > a)
-            prepare([path], d, tok, source)
+            prepare([os.path.join(d, f"{source}.jsonl")], d, tok, source)
+        print(f"prepare: 3 x {mb_per_source} MB of synthetic text in {time.perf_counter() - t0:.1f} s")
         third = total_steps // 3
         cfg = DataConfig(data_dir=d, seq_len=seq_len, mixture={"web": 0.85, "code": 0.12, "math": 0.03},
                          stages=[[third, {"web": 0.75, "code": 0.15, "math": 0.10}],
                                  [2 * third, {"web": 0.63, "code": 0.24, "math": 0.13}]])
-        loader = Loader(cfg, load_tokenizer(cfg), micro_batch_size, accum=1, seed=0)
+        loader = Loader(cfg, tok, micro_batch_size, accum=1, seed=0)
         steps = np.random.default_rng(1).integers(0, total_steps, size=n_batches).tolist()
-        for step in steps[:100]:
+        for step in steps[:100]:  # warm the page cache
             loader.get(step, 0)
         t0 = time.perf_counter()
         for step in steps:
             loader.get(step, 0)
         dt = time.perf_counter() - t0
-        print(f"loader: {n_batches * micro_batch_size * seq_len / dt / 1e6:.1f}M tokens/s of batch assembly "
-              f"({dt / n_batches * 1e6:.0f} us per {micro_batch_size}x{seq_len} micro-batch, "
-              f"random steps in [0, {total_steps:,}))")
-        before = _rss_mib()
-        t0 = time.perf_counter()
-        for step in range(0, total_steps, index_stride):
+        print(f"loader: {n_batches * micro_batch_size * seq_len / dt / 1e6:.1f}M tokens/s ({dt / n_batches * 1e6:.0f} "
+              f"us per {micro_batch_size}x{seq_len} micro-batch, random steps in [0, {total_steps:,}))")
+        before, t0 = rss_anon(), time.perf_counter()
+        for step in range(0, total_steps, 100):
             loader.locate(step, 0)
-        dt = time.perf_counter() - t0
-        after = _rss_mib()
-        memory = ", ".join(f"{k} {before[k]:.1f} -> {after[k]:.1f} MiB" for k in before)
-        print(f"indices of {total_steps // index_stride:,} steps spread over {total_steps:,} in {dt:.1f} s: {memory}")
-        for step in (0, total_steps - 1, 10 * total_steps):
-            t0 = time.perf_counter()
-            for _ in range(200):
-                loader.get(step, 0)
-            print(f"  get() at step {step:>11,}: {(time.perf_counter() - t0) / 200 * 1e6:.0f} us")
+        print(f"indices of {total_steps // 100:,} steps spread over {total_steps:,} in "
+              f"{time.perf_counter() - t0:.1f} s: RssAnon {before:.1f} -> {rss_anon():.1f} MiB")
+
+
+def bench_tokenizer():
+    """Time train_bpe on the first ~10 MB of this interpreter's standard library (the default corpus' code)."""
+    texts, size = [], 0
+    for path in stdlib_files()[0]:
+        if size >= 10 << 20:
+            break
+        texts += iter_documents(path)
+        size += len(texts[-1].encode("utf-8"))
+    t0 = time.perf_counter()
+    tok = train_bpe(texts, 16384)
+    dt, n = time.perf_counter() - t0, sum(map(len, tok.encode_batch(texts)))
+    print(f"train_bpe: 16384 vocab on {size / 1e6:.1f} MB ({len(texts)} files) in {dt:.1f} s; "
+          f"{size / n:.2f} bytes/token")
 
 # -------------------------------------------------------------------------------------- command line
 
 
 def _prepare_main(argv):
-    p = argparse.ArgumentParser(prog="python data.py prepare",
-                                description="Tokenize text files into token shards + manifest.json (see the docstring)")
+    p = argparse.ArgumentParser(prog="python data.py prepare", description="Tokenize text files into token shards")
     p.add_argument("files", nargs="+", help=".txt/.md/.py (a document each), .jsonl (one per line), .parquet (per row)")
     p.add_argument("--out", required=True, help="dataset directory (shards + manifest.json)")
-    p.add_argument("--tokenizer", required=True, help="our tokenizer file, a tokenizer.json, or a folder holding one")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer.json, or a folder holding one")
     p.add_argument("--source", default="web", help="source name, as the mixture weights name it (default: web)")
     p.add_argument("--split", default="train", choices=SPLITS)
     p.add_argument("--field", default="text", help=".jsonl text field / .parquet column (default: text)")
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: every core)")
     p.add_argument("--shard_mb", type=int, default=256, help="text files are grouped into shards of about this size")
     a = p.parse_args(argv)
-    tok = load_any_tokenizer(a.tokenizer)
+    tok = Tokenizer.load(a.tokenizer)
     entry = prepare(a.files, a.out, tok, a.source, a.split, a.field, a.shard_mb << 20, a.workers)
     print(f"{a.source}/{a.split}: {entry['documents']:,} documents, {entry['tokens']:,} tokens, "
           f"{len(entry['shards'])} shards in {a.out}")
+
+
+def _tokenizer_eval_main(argv):
+    p = argparse.ArgumentParser(prog="python data.py tokenizer-eval", description="Tokenizer metrics per file, "
+                                "side by side (one file per language, say)")
+    p.add_argument("tokenizers", nargs=2, metavar="TOK", help="a tokenizer.json, or a folder holding one")
+    p.add_argument("files", nargs="+", metavar="FILE", help=".txt/.md/.py, .jsonl or .parquet (documents joined)")
+    p.add_argument("--field", default="text", help=".jsonl text field / .parquet column (default: text)")
+    a = p.parse_args(argv)
+    missing = [f for f in a.files if not os.path.isfile(f)]
+    if missing:
+        raise ValueError(f"text file not found: {missing[0]}")
+    toks = [Tokenizer.load(t) for t in a.tokenizers]
+    print(f"A = {a.tokenizers[0]} ({toks[0].n_vocab} ids)\nB = {a.tokenizers[1]} ({toks[1].n_vocab} ids)")
+    print(f"{'file':<24}{'words':>9}{'fertility A':>13}{'B':>7}{'continued A':>13}{'B':>7}{'bytes/tok A':>13}{'B':>7}")
+    for path in a.files:
+        text = "\n\n".join(iter_documents(path, a.field))
+        m, n = (tokenizer_metrics(t, text) for t in toks)
+        print(f"{os.path.basename(path)[:23]:<24}{m['words']:>9}{m['fertility']:>13.3f}{n['fertility']:>7.3f}"
+              f"{m['continued']:>12.1%}{n['continued']:>8.1%}{m['bytes_per_token']:>13.2f}{n['bytes_per_token']:>7.2f}")
 
 
 def _default_main(argv):
@@ -1651,13 +1602,17 @@ def _bench_main(argv):
     bench_tokenizer()
 
 
-COMMANDS = {"default": _default_main, "prepare": _prepare_main, "tokenizer-eval": tokenizer_eval_main,
+COMMANDS = {"default": _default_main, "prepare": _prepare_main, "tokenizer-eval": _tokenizer_eval_main,
             "bench": _bench_main}
 
 
 def main(argv):
-    if not argv or argv[0] not in COMMANDS:
-        raise SystemExit(f"usage: python data.py {{{','.join(COMMANDS)}}} ...  (see the module docstring)")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__, file=sys.stdout if argv else sys.stderr)
+        raise SystemExit(0 if argv else 2)
+    if argv[0] not in COMMANDS:
+        raise SystemExit(f"python data.py: unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)} "
+                         "(-h for usage)")
     try:
         COMMANDS[argv[0]](argv[1:])
     except ValueError as e:
@@ -1666,4 +1621,3 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-

@@ -372,7 +372,7 @@ def save_checkpoint(run_dir, model, opts, state, keep, tok=None):
     os.makedirs(os.path.join(tmp, "trainer"))
     atomic_write(os.path.join(tmp, TRAINER_TENSORS), lambda p: save_file(tensors, p))
     if tok is not None:
-        atomic_write(os.path.join(tmp, "tokenizer.json"), tok.save_hf)
+        atomic_write(os.path.join(tmp, "tokenizer.json"), tok.save)
     # Checksums catch a file truncated or corrupted after the save (resume then falls back to an older
     # checkpoint); hashing costs ~1 s per GB, seconds beside the minutes between checkpoints.
     state["files"] = {os.path.relpath(os.path.join(d, f), tmp): file_digest(os.path.join(d, f))

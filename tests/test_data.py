@@ -48,7 +48,7 @@ def mix_dir(tmp_path_factory, byte_tok):
     """Three sources whose documents use disjoint letters (a-f, g-m, n-t), so a row's source can be read off
     its tokens; ~300 rows of 33 tokens each."""
     root = tmp_path_factory.mktemp("mix")
-    byte_tok.save(str(root / "tokenizer.txt"))
+    byte_tok.save(str(root / "tokenizer.json"))
     rng = np.random.default_rng(0)
     for source, letters in (("a", "abcdef"), ("b", "ghijklm"), ("c", "nopqrst")):
         docs = ["".join(rng.choice(list(letters), size=rng.integers(1, 60))) for _ in range(400)]
@@ -131,6 +131,38 @@ def test_mixture_within_one_percent_over_10k_rows(mix_dir):
             assert abs(src.count(s) / len(src) - w / sum(weights.values())) < 0.01, (weights, s)
 
 
+def test_mixture_counts_stay_within_the_number_of_sources():
+    """The exact claim of the loader's comment: for all n <= 100,000, |count_k(n) - n*w_k| < number of sources."""
+    n = np.arange(100_001, dtype=np.int64)
+    for weights in ({"a": 0.7, "b": 0.2, "c": 0.1}, {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}, {"a": 0.85, "b": 0.15},
+                    {"a": 0.63, "b": 0.24, "c": 0.13, "d": 1e-4}, {"a": 0.001, "b": 0.999}, {"a": 1.0}):
+        names = sorted(weights)
+        counts = data._counts(data._levels(weights, names), n, len(names))
+        assert (sum(counts) == n).all()
+        for k, name in enumerate(names):
+            w = weights[name] / sum(weights.values())
+            assert np.abs(counts[k] - n * w).max() < len(names), (weights, name)
+            assert (np.diff(counts[k]) >= 0).all() and (np.diff(counts[k]) <= 1).all()  # one sample at a time
+
+
+def test_ids_outside_the_vocabulary_name_the_shard_and_offset(tmp_path, byte_tok):
+    byte_tok.save(str(tmp_path / "tokenizer.json"))
+    stream = np.full(200, 97)
+    stream[150] = byte_tok.n_vocab + 5  # a corrupt id: it must not reach the embedding
+    os.makedirs(tmp_path / "s")
+    n_tok, _ = data.write_shard(str(tmp_path / "s" / "train_00000.bin"), [(stream, 1)], byte_tok.hash, 2)
+    shard = {"path": "s/train_00000.bin", "tokens": n_tok, "documents": 1}
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "version": 1, "tokenizer_hash": byte_tok.hash, "n_vocab": byte_tok.n_vocab, "sources": {"s": {
+            split: {"files": [], "documents": 1, "tokens": n_tok, "shards": [shard]} for split in ("train", "val")}}}))
+    loader = Loader(*TOKD(data_dir=str(tmp_path), seq_len=16, mixture={"s": 1.0}), 12, 1, 0)
+    with pytest.raises(ValueError, match=rf"s/train_00000.bin: token id {byte_tok.n_vocab + 5} at offset 150 is "
+                                         rf"outside the vocabulary \({byte_tok.n_vocab} ids\)"):
+        loader.get(0, 0)  # 12 of the 12 rows: the one holding offset 150 among them
+    with pytest.raises(ValueError, match="at offset 150 is outside the vocabulary"):
+        loader.val_rows("s", 12)
+
+
 def test_stages_switch_at_their_start_step(mix_dir):
     G = 8
     cfg = DataConfig(data_dir=mix_dir, seq_len=16, mixture={"a": 1.0},
@@ -156,7 +188,7 @@ def test_stages_switch_at_their_start_step(mix_dir):
 
 
 def test_pos_restarts_at_every_document_start(tmp_path, byte_tok):
-    byte_tok.save(str(tmp_path / "tokenizer.txt"))
+    byte_tok.save(str(tmp_path / "tokenizer.json"))
     eos, T = byte_tok.eos_id, 16
     lengths = [3, 1, 40, 16, 15, 2, 1, 1, 30, 5]  # with its EOT, each document is length + 1 tokens
     stream, doc_starts = [], []
@@ -183,7 +215,8 @@ def test_pos_restarts_at_every_document_start(tmp_path, byte_tok):
     x3, y3, _ = loader.val_rows("s", 3)  # fewer rows: evenly spaced over the split
     for r in range(3):
         assert torch.equal(x3[r], x[r * n_rows // 3]) and torch.equal(y3[r], y[r * n_rows // 3])
-    with pytest.raises(ValueError, match=f"source 's' has {n_rows} val rows of 17 tokens; asked for {n_rows + 1}"):
+    with pytest.raises(ValueError, match=f"source 's' has {n_rows} val rows of 17 tokens; asked for {n_rows + 1} "
+                                         rf"\(eval_rows must be at most {n_rows}\)"):
         loader.val_rows("s", n_rows + 1)
 
 
@@ -232,7 +265,7 @@ def test_bad_inputs_are_clear_errors_and_leave_no_shard(tmp_path, byte_tok):
     def fails(files, match, **kw):
         with pytest.raises(ValueError, match=match):
             data.prepare(files, out, byte_tok, "web", workers=1, **kw)
-        assert _leftovers(tmp_path) == []
+        assert _leftovers(tmp_path) == [] and not os.path.exists(out)  # no shard, no empty directory
 
     fails([str(tmp_path / "missing.jsonl")], "input file not found: .*missing.jsonl")
     (tmp_path / "empty.txt").write_text("")
@@ -242,7 +275,10 @@ def test_bad_inputs_are_clear_errors_and_leave_no_shard(tmp_path, byte_tok):
     bad.write_text('{"text": "fine"}\n\n{"text": "broken\n{"text": "never read"}\n')
     fails([str(bad)], re.escape(f"{bad}:3: malformed JSON line"))
     fails([_write_jsonl(tmp_path / "nofield.jsonl", [{"text": "ok"}, {"content": "x"}])],
-          r"nofield.jsonl:2: expected field 'text' of type str, got NoneType")
+          r"nofield.jsonl:2: missing field 'text' \(choose another with --field\)")
+    fails([_write_jsonl(tmp_path / "int.jsonl", [{"text": 3}])], r"int.jsonl:1: expected field 'text' of type str, got int")
+    (tmp_path / "latin1.txt").write_bytes("line one\ncaf\u00e9\n".encode("latin-1"))
+    fails([str(tmp_path / "latin1.txt")], r"latin1.txt:2: not UTF-8 text \(invalid continuation byte at byte 12\)")
     (tmp_path / "a.csv").write_text("x")
     fails([str(tmp_path / "a.csv")], "unsupported input type")
     (tmp_path / "t.parquet").write_bytes(b"PAR1")
@@ -254,7 +290,7 @@ def test_bad_inputs_are_clear_errors_and_leave_no_shard(tmp_path, byte_tok):
     many = [{"text": "y" * 5000} for _ in range(100)] + ["not an object"]
     with pytest.raises(ValueError, match=r"late.jsonl:101: expected a JSON object"):
         data.prepare([_write_jsonl(tmp_path / "late.jsonl", many)], out, byte_tok, "web", workers=2)
-    assert _leftovers(tmp_path) == [] and multiprocessing.active_children() == []  # the pool is gone too
+    assert _leftovers(tmp_path) == [] and multiprocessing.active_children() == [] and not os.path.exists(out)  # pool gone
 
 
 def test_shard_checks_tokenizer_and_size(tmp_path, mix_dir, byte_tok):
@@ -263,9 +299,9 @@ def test_shard_checks_tokenizer_and_size(tmp_path, mix_dir, byte_tok):
     with pytest.raises(ValueError, match=f"val_00000.bin: shard was written with tokenizer {byte_tok.hash}, "
                                          f"but the tokenizer in use is {other.hash}"):
         data.open_shard(src, other.hash)
-    other.save(str(tmp_path / "other.txt"))
+    other.save(str(tmp_path / "other.json"))
     with pytest.raises(ValueError, match="dataset was tokenized with"):
-        Loader(*TOKD(data_dir=mix_dir, tokenizer=str(tmp_path / "other.txt"), mixture={"a": 1.0}), 1, 1, 0)
+        Loader(*TOKD(data_dir=mix_dir, tokenizer=str(tmp_path / "other.json"), mixture={"a": 1.0}), 1, 1, 0)
     blob = open(src, "rb").read()
     cut = tmp_path / "cut.bin"
     cut.write_bytes(blob[:-3])
@@ -277,6 +313,24 @@ def test_shard_checks_tokenizer_and_size(tmp_path, mix_dir, byte_tok):
     cut.write_bytes(b"X" * len(blob))
     with pytest.raises(ValueError, match="cut.bin: not a nanosmol token shard"):
         data.open_shard(str(cut), byte_tok.hash)
+
+
+def test_command_line_usage_and_input_errors(tmp_path, capsys, byte_tok):
+    for argv, code in (([], 2), (["-h"], 0), (["--help"], 0)):
+        with pytest.raises(SystemExit) as e:
+            data.main(argv)
+        assert e.value.code == code and "python data.py prepare" in "".join(capsys.readouterr())
+    byte_tok.save(str(tmp_path / "tok.json"))
+    (tmp_path / "latin1.txt").write_bytes(b"fine\nstill fine\ncaf\xe9\n")
+    missing = _write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"body": "b"}])
+    for path, want in ((str(tmp_path / "latin1.txt"), "latin1.txt:3: not UTF-8 text"),
+                       (missing, "d.jsonl:2: missing field 'text' (choose another with --field)")):
+        with pytest.raises(SystemExit) as e:
+            data.main(["tokenizer-eval", str(tmp_path / "tok.json"), str(tmp_path / "tok.json"), path])
+        assert want in e.value.code and e.value.code.count("\n") == 0
+    body = _write_jsonl(tmp_path / "b.jsonl", [{"body": "one two"}, {"body": "three"}])
+    data.main(["tokenizer-eval", str(tmp_path / "tok.json"), str(tmp_path / "tok.json"), body, "--field", "body"])
+    assert capsys.readouterr().out.splitlines()[-1].split()[:2] == ["b.jsonl", "3"]
 
 
 # ------------------------------------------------------------------------------------ post-training
@@ -311,7 +365,7 @@ def test_sft_packing_positions_and_masks(tmp_path, byte_tok):
     convs = _conversations()
     path = _write_jsonl(tmp_path / "sft.jsonl", convs)
     full = [data.render_chat(byte_tok, c["messages"])[0] for c in convs]
-    T = 260
+    T = 1640  # byte-level lengths 1347, 283, 1347, 232: two rows of two conversations
     sft = data.SFTLoader(path, byte_tok, T, micro_batch_size=2)
     assert sft.bins == data.pack_bfd([len(ids) - 1 for ids in full], T)
     for r, items in enumerate(sft.bins):
@@ -329,7 +383,7 @@ def test_sft_packing_positions_and_masks(tmp_path, byte_tok):
             assert targets == "".join(answers), targets  # exactly the assistant turns and their <|im_end|>
             at += n
         assert (sft.y[r, at:] == -100).all() and (sft.x[r, at:] == byte_tok.pad_id).all()
-        assert sft.pos[r, at:].tolist() == list(range(T - at))
+        assert (sft.pos[r, at:] == -1).all()  # padding: pos -1, which nothing attends to or from
     assert any(len(items) > 1 for items in sft.bins)
     x, y, pos = sft.get(0, 0)
     r0, r1 = sft.indices(0, 0).tolist()
@@ -343,28 +397,31 @@ def test_preference_and_prompt_batches(tmp_path, byte_tok):
     rows = [{"prompt": [{"role": "user", "content": f"Compute {a} + 1."}],
              "chosen": [{"role": "assistant", "content": f"The answer is {a + 1}."}],
              "rejected": [{"role": "assistant", "content": f"The answer is {a + 2}!!"}]} for a in range(6)]
-    pref = data.PreferenceLoader(_write_jsonl(tmp_path / "p.jsonl", rows), byte_tok, 512, micro_batch_size=3)
+    pref = data.PreferenceLoader(_write_jsonl(tmp_path / "p.jsonl", rows), byte_tok, 2048, micro_batch_size=3)
     (xc, yc, pc), (xr, yr, pr) = pref.get(0, 0)
-    assert xc.shape == xr.shape and torch.equal(pc[0], torch.arange(xc.shape[1]))
+    assert xc.shape == xr.shape
     for i, k in enumerate(pref.indices(0, 0).tolist()):
         for x, y, reply in ((xc, yc, f"The answer is {k + 1}."), (xr, yr, f"The answer is {k + 2}!!")):
             assert byte_tok.decode(y[i][y[i] != -100].tolist()) == reply + "<|im_end|>"
             ids = data.render_chat(byte_tok, rows[k]["prompt"] + [{"role": "assistant", "content": reply}])[0]
             assert x[i, :len(ids) - 1].tolist() == ids[:-1]
             assert (x[i, len(ids) - 1:] == byte_tok.pad_id).all()
+            pos = (pc if x is xc else pr)[i]
+            assert pos.tolist() == list(range(len(ids) - 1)) + [-1] * (x.shape[1] - len(ids) + 1)
     # a multi-turn prompt: its own assistant turn is context, so only the final reply is the completion
     history = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"}]
     multi = [{**r, "prompt": history + r["prompt"]} for r in rows[:1]]
-    multi_loader = data.PreferenceLoader(_write_jsonl(tmp_path / "m.jsonl", multi), byte_tok, 512, 1)
+    multi_loader = data.PreferenceLoader(_write_jsonl(tmp_path / "m.jsonl", multi), byte_tok, 2048, 1)
     (_, yc, _), (_, yr, _) = multi_loader.get(0, 0)
     assert byte_tok.decode(yc[0][yc[0] != -100].tolist()) == "The answer is 1.<|im_end|>"
     assert byte_tok.decode(yr[0][yr[0] != -100].tolist()) == "The answer is 2!!<|im_end|>"
     rl = [{"prompt": [{"role": "user", "content": f"Compute {a} * 2."}], "answer": str(2 * a)} for a in range(5)]
-    prompts = data.PromptLoader(_write_jsonl(tmp_path / "rl.jsonl", rl), byte_tok, micro_batch_size=2, think=False)
+    prompts = data.PromptLoader(_write_jsonl(tmp_path / "rl.jsonl", rl), byte_tok, micro_batch_size=2,
+                                enable_thinking=False)
     ids, answers = prompts.get(1, 0)
     for p, ans in zip(ids, answers):
         k = int(ans) // 2
-        assert p == data.render_chat(byte_tok, rl[k]["prompt"], add_generation_prompt=True, think=False)[0]
+        assert p == data.render_chat(byte_tok, rl[k]["prompt"], add_generation_prompt=True, enable_thinking=False)[0]
     with pytest.raises(ValueError, match=r"rl2.jsonl:1: expected field 'answer' of type str"):
         data.PromptLoader(_write_jsonl(tmp_path / "rl2.jsonl", [{"prompt": [], "answer": 3}]), byte_tok, 1)
     with pytest.raises(ValueError, match="file not found: .*nope.jsonl"):

@@ -1,12 +1,13 @@
 """data.py's tokenizer section against independent oracles: a naive recount-everything BPE, hand-derived
-merges and ids, the Hugging Face `tokenizers` library (test-only dependency) on exported files and on a
-Llama-3-layout file made by transformers' own tiktoken converter, and hand-written chat strings."""
+merges and ids, the Hugging Face `tokenizers` library (test-only dependency) on saved files, on a file of its
+own BpeTrainer and on a Llama-3-layout file made by transformers' own tiktoken converter, and chat strings
+rendered once from SmolLM3's released template with jinja2."""
 import base64
 import collections
+import datetime
 import itertools
 import json
 import random
-import re
 
 import pytest
 import tokenizers
@@ -129,17 +130,16 @@ def test_roundtrip_unicode_and_bytes(tok):
         assert tok.enc.decode_bytes(ids) == raw and tok.decode(ids) == raw.decode("utf-8", "replace")
 
 
-def test_save_load(tok, tmp_path):
-    path = tmp_path / "tok.txt"
+def test_save_load_and_canonical_hash(tok, tmp_path):
+    path = tmp_path / "tokenizer.json"
     tok.save(path)
-    back = Tokenizer.load(path)
+    back = Tokenizer.load(tmp_path)  # a folder holding a tokenizer.json
     assert back.hash == tok.hash and back.ranks == tok.ranks and back.encode(MIXED) == tok.encode(MIXED)
     assert Tokenizer.byte_level().hash != tok.hash
-    lines = path.read_text().splitlines()
-    lines[20] = "not base64!! 5"
-    path.write_text("\n".join(lines))
-    with pytest.raises(ValueError, match=re.escape(f"{path}:21: expected")):
-        Tokenizer.load(path)
+    doc = json.loads(path.read_text())  # the same content, formatted and ordered otherwise: the same hash
+    doc["model"]["vocab"] = dict(reversed(doc["model"]["vocab"].items()))
+    path.write_text(json.dumps(doc, indent=2, ensure_ascii=True))
+    assert Tokenizer.load(path).hash == tok.hash
 
 
 # ---- HF tokenizer.json ----------------------------------------------------------------------------------
@@ -150,10 +150,10 @@ HF_TEXTS = [MIXED, "   leading spaces\n\n\n\ttabs\r\n\r\n", "1234567890 12 345,6
 
 def test_export_matches_hf_library_and_reimports(tok, tmp_path):
     path = str(tmp_path / "tokenizer.json")
-    tok.save_hf(path)
+    tok.save(path)
     hf = tokenizers.Tokenizer.from_file(path)
     assert hf.get_vocab_size() == tok.n_vocab
-    back = Tokenizer.from_hf(path)
+    back = Tokenizer.load(path)
     assert back.hash == tok.hash
     for text in HF_TEXTS:
         ids = tok.encode(text)
@@ -169,7 +169,7 @@ def test_hf_agreement_on_unseen_source(tmp_path):
     cut = len(texts) * 3 // 4
     t = train_bpe(texts[:cut], 3000)
     path = str(tmp_path / "tokenizer.json")
-    t.save_hf(path)
+    t.save(path)
     hf = tokenizers.Tokenizer.from_file(path)
     unseen = texts[cut:]
     assert [e.ids for e in hf.encode_batch(unseen, add_special_tokens=False)] == t.encode_batch(unseen)
@@ -208,7 +208,7 @@ def test_hand_written_tokenizer_json(tmp_path):
     expected = [259, 32, 258, 32, 256, ord("y"), 260]
     for as_lists in (False, True):
         path = write(tmp_path, tiny_hf(as_lists))
-        t = Tokenizer.from_hf(path)
+        t = Tokenizer.load(path)
         assert t.encode("hello hell hey h") == expected
         assert tokenizers.Tokenizer.from_file(path).encode("hello hell hey h").ids == expected
         assert t.eos_id == 262 and t.n_vocab == 268
@@ -221,7 +221,7 @@ def test_llama3_layout_made_by_the_transformers_converter(tmp_path):
     give the converter's ids, and render_chat (tags as text) must equal HF on the rendered string."""
     from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode
     chats = [CONV, [{**m, "content": m["content"].split("</think>\n")[-1]} for m in CONV]]  # /think, /no_think
-    rendered = [render_chat_text(c, add_generation_prompt=True, think=k) for c, k in zip(chats, (True, False))]
+    rendered = [render_chat_text(c, add_generation_prompt=True, enable_thinking=k) for c, k in zip(chats, (True, False))]
     base = train_bpe(corpus() + rendered * 20, 900)  # learns chunks like ">\n\n" across the tag texts
     ranks = {bytes([b]): i for i, b in enumerate(bytes_to_unicode())}
     assert ranks[b"!"] == 0 and ranks[b"a"] != ord("a")
@@ -233,7 +233,7 @@ def test_llama3_layout_made_by_the_transformers_converter(tmp_path):
         names[slot] = name
     path = str(tmp_path / "tokenizer.json")
     TikTokenConverter(vocab_file=str(tmp_path / "r.tiktoken"), extra_special_tokens=names).converted().save(path)
-    hf, ours, n = tokenizers.Tokenizer.from_file(path), Tokenizer.from_hf(path), len(ranks)
+    hf, ours, n = tokenizers.Tokenizer.from_file(path), Tokenizer.load(path), len(ranks)
     assert ours.n_vocab == hf.get_vocab_size() == n + 256
     ids = (ours.bos_id, ours.eos_id, ours.pad_id, ours.im_start_id, ours.im_end_id, ours.think_id)
     assert ids == (n, n + 1, n + 4, n + 11, n + 12, None)
@@ -241,18 +241,54 @@ def test_llama3_layout_made_by_the_transformers_converter(tmp_path):
         assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids
     for c, k, text in zip(chats, (True, False), rendered):
         want = hf.encode(text, add_special_tokens=False).ids
-        assert render_chat(ours, c, add_generation_prompt=True, think=k)[0] == want
+        assert render_chat(ours, c, add_generation_prompt=True, enable_thinking=k)[0] == want
+
+
+def bpe_trainer_file(path, texts, vocab_size, special_tokens=()):
+    """A tokenizer.json of `tokenizers`' own BpeTrainer on Llama-3's pre-tokenizer; our specials added after."""
+    pre = tokenizers.pre_tokenizers
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+    hf.pre_tokenizer = pre.Sequence([pre.Split(tokenizers.Regex(data.LLAMA3_PATTERN), "isolated"),
+                                     pre.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = tokenizers.decoders.ByteLevel()
+    hf.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(special_tokens), initial_alphabet=pre.ByteLevel.alphabet(),
+        show_progress=False))
+    hf.add_special_tokens(list(data.SPECIALS.values()))
+    hf.save(str(path))
+    return hf
+
+
+def test_bpe_trainer_file_loads_and_encodes_as_tokenizers_does(tmp_path):
+    """ignore_merges false, and merges listing only the training merges, not every split of a token: it
+    loads, and tiktoken's ids equal the library's on unseen text."""
+    texts = stdlib_texts(300_000)
+    hf = bpe_trainer_file(tmp_path / "tokenizer.json", texts[:len(texts) // 2] + [MIXED], 1500)
+    model = json.loads((tmp_path / "tokenizer.json").read_text())["model"]
+    listed = {tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]}
+    unlisted = [(t[:i], t[i:]) for t in model["vocab"] for i in range(1, len(t))
+                if t[:i] in model["vocab"] and t[i:] in model["vocab"] and (t[:i], t[i:]) not in listed]
+    assert model["ignore_merges"] is False and len(unlisted) > 100
+    ours = Tokenizer.load(str(tmp_path / "tokenizer.json"))
+    assert ours.n_vocab == hf.get_vocab_size() and ours.eos_id == hf.token_to_id("<|end_of_text|>")
+    for text in HF_TEXTS + texts[len(texts) // 2:]:
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids
+    # the trainer's own special tokens come first (ids 0, 1): tiktoken needs them after the regular ids
+    bpe_trainer_file(tmp_path / "first.json", [MIXED], 400, ["<|pad|>", "<|unk|>"])
+    with pytest.raises(ValueError, match=r"first.json: regular token ids must be exactly 0..397, with the special tokens after them; "
+                                         r"outside that range: \[398, 399\]"):
+        Tokenizer.load(str(tmp_path / "first.json"))
 
 
 def test_tokenizer_json_without_chat_or_think_tokens(tmp_path):
     """A plain Llama-3.2 file has no <|im_start|>; SmolLM3-like files may lack <think>: both load."""
-    t = Tokenizer.from_hf(write(tmp_path, tiny_hf(drop=("<think>", "</think>"))))
+    t = Tokenizer.load(write(tmp_path, tiny_hf(drop=("<think>", "</think>"))))
     assert t.think_id is None and t.im_start_id == 263
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>\nx\n</think>\nhello"}]
     ids, _ = render_chat(t, msgs)
     assert t.decode(ids) == render_chat_text(msgs)  # the tags came out as text
     assert t.encode("<think>")[0] in ids            # ... encoded as ordinary BPE tokens
-    t = Tokenizer.from_hf(write(tmp_path, tiny_hf(drop=("<|im_start|>", "<|im_end|>"))))
+    t = Tokenizer.load(write(tmp_path, tiny_hf(drop=("<|im_start|>", "<|im_end|>"))))
     assert t.im_end_id is None and t.eos_id == 262
     with pytest.raises(ValueError, match="no <\\|im_start\\|>/<\\|im_end\\|> tokens"):
         render_chat(t, msgs)
@@ -262,7 +298,7 @@ def test_bad_tokenizer_json(tmp_path):
     def bad(doc, match):
         path = write(tmp_path, doc, "bad.json")
         with pytest.raises(ValueError, match=match) as e:
-            Tokenizer.from_hf(path)
+            Tokenizer.load(path)
         assert path in str(e.value)
 
     bad("{not json", "not a JSON tokenizer file")
@@ -271,7 +307,8 @@ def test_bad_tokenizer_json(tmp_path):
     bad(doc, "model.type == 'BPE'")
     doc = tiny_hf()
     doc["model"]["ignore_merges"] = False
-    bad(doc, "model.ignore_merges == true")
+    doc["model"]["merges"].remove("hell o")
+    bad(doc, r"model.merges turn the token 'hello' \(id 259\) into \['hell', 'o'\], but tiktoken takes")
     doc = tiny_hf()
     doc["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": True}
     bad(doc, "expected pre_tokenizer Sequence")
@@ -296,7 +333,7 @@ def test_bad_tokenizer_json(tmp_path):
     doc["added_tokens"][-1]["id"] = 300  # a gap after the others
     bad(doc, r"special token ids must be exactly 261..267, right after .* outside that range: \[300\]")
     with pytest.raises(ValueError, match="tokenizer file not found"):
-        data.load_any_tokenizer(str(tmp_path / "missing.json"))
+        Tokenizer.load(str(tmp_path / "missing.json"))
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------
@@ -308,13 +345,13 @@ def test_metrics_hand_computed(tmp_path, capsys):
                                                      "bytes_per_token": 1.0}
     m = data.tokenizer_metrics(byte, "日本")
     assert (m["words"], m["tokens"], m["fertility"], m["continued"]) == (2, 6, 3.0, 1.0)
-    tiny = Tokenizer.from_hf(write(tmp_path, tiny_hf()))
+    tiny = Tokenizer.load(write(tmp_path, tiny_hf()))
     # "hello hell, hey": [hello][Ġ][hell][,][Ġ][he][y]; words hello, hell, ",", hey -> only "hey" continues.
     m = data.tokenizer_metrics(tiny, "hello hell, hey")
     assert (m["words"], m["tokens"], m["fertility"], m["continued"]) == (4, 7, 1.75, 0.25)
-    byte.save(tmp_path / "byte.txt")
+    byte.save(tmp_path / "byte.json")
     (tmp_path / "en.txt").write_text("hello hell, hey", encoding="utf-8")
-    data.tokenizer_eval_main([str(tmp_path / "tokenizer.json"), str(tmp_path / "byte.txt"), str(tmp_path / "en.txt")])
+    data.main(["tokenizer-eval", str(tmp_path / "tokenizer.json"), str(tmp_path / "byte.json"), str(tmp_path / "en.txt")])
     row = capsys.readouterr().out.splitlines()[-1].split()
     assert row == ["en.txt", "4", "1.750", "3.750", "25.0%", "75.0%", "2.14", "1.00"]
 
@@ -326,41 +363,92 @@ CONV = [{"role": "user", "content": "What is 2+2?"},
         {"role": "tool", "content": "{\"result\": 4}"},
         {"role": "user", "content": "Thanks"},
         {"role": "assistant", "content": "You're welcome."}]
+DAY = datetime.date(2026, 3, 7)
+TOOL = {"name": "get_weather", "parameters": {"city": "string"}}
 
 
-def test_chat_strings_think_default():
-    assert render_chat_text(CONV, add_generation_prompt=True) == (
-        "<|im_start|>system\nReasoning Mode: /think<|im_end|>\n"
-        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
-        "<|im_start|>assistant\n<think>\n2+2 is 4.\n</think>\nIt is 4.<|im_end|>\n"
-        "<|im_start|>tool\n{\"result\": 4}<|im_end|>\n"
-        "<|im_start|>user\nThanks<|im_end|>\n"
-        "<|im_start|>assistant\nYou're welcome.<|im_end|>\n"
-        "<|im_start|>assistant\n")
+def meta(mode, instructions):
+    """The system turn's opening, as SmolLM3's template writes it on DAY."""
+    return ("<|im_start|>system\n## Metadata\n\nKnowledge Cutoff Date: June 2025\nToday Date: 07 March 2026\n"
+            f"Reasoning Mode: {mode}\n\n## Custom Instructions\n\n{instructions}\n\n")
 
 
-def test_chat_strings_no_think_and_overrides():
-    conv = [{"role": "system", "content": "You are terse. /no_think"},
-            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
-    want = ("<|im_start|>system\nReasoning Mode: /no_think\n\nYou are terse.<|im_end|>\n"
-            "<|im_start|>user\nHi<|im_end|>\n"
-            "<|im_start|>assistant\n<think>\n\n</think>\nHello.<|im_end|>\n"
-            "<|im_start|>assistant\n<think>\n\n</think>\n")
-    assert render_chat_text(conv, add_generation_prompt=True) == want
-    assert render_chat_text(conv, add_generation_prompt=True, think=True) == want  # the system flag wins
-    # think=False is only the default: a /think flag in the system text overrides it, and is stripped.
-    conv2 = [{"role": "system", "content": "/think Be careful."}, {"role": "user", "content": "Hi"}]
-    assert render_chat_text(conv2, add_generation_prompt=True, think=False) == (
-        "<|im_start|>system\nReasoning Mode: /think\n\nBe careful.<|im_end|>\n"
-        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
-    assert render_chat_text(conv2[1:], think=False) == (
-        "<|im_start|>system\nReasoning Mode: /no_think<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n")
+# Rendered once from the released SmolLM3 template (jinja2, trim_blocks + lstrip_blocks, strftime_now = DAY).
+CHAT_CASES = {
+    "system flags": (
+        [{"role": "system", "content": "You are terse. /no_think"}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello."}], dict(add_generation_prompt=True, enable_thinking=True),
+        meta("/no_think", "You are terse.") + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        "<think>\n\n</think>\nHello.<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n"),
+    "tools": (
+        [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "Weather in Paris?"},
+         {"role": "assistant", "content": "<tool_call>\n{\"name\": \"get_weather\"}\n</tool_call>"},
+         {"role": "tool", "content": "{\"temp\": 21}"}],
+        dict(add_generation_prompt=True, xml_tools=[TOOL], python_tools=["def add(a, b): ..."]),
+        meta("/think", "Use tools.") + "### Tools\n\nYou may call one or more functions to assist with the "
+        "user query.\nYou are provided with function signatures within <tools></tools> XML tags:\n\n<tools>\n"
+        "{'name': 'get_weather', 'parameters': {'city': 'string'}}\n</tools>\n\nFor each function call, return a "
+        "json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+        "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>When you send a message "
+        "containing Python code between '<code>' and '</code>' tags, it will be executed in a stateful Jupyter "
+        "notebook environment, and you will then be given the output to continued reasoning in an agentic loop."
+        "\n\nYou can use the following tools in your python code like regular functions:\n<tools>\ndef add(a, b): "
+        "...\n</tools>\n\nThe state persists between code executions: so variables that you define in one step "
+        "are still available thereafter.\n\n<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        "<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\"}\n</tool_call><|im_end|>\n"
+        "<|im_start|>user\n{\"temp\": 21}<|im_end|>\n<|im_start|>assistant\n"),
+    "multi-turn": (
+        [{"role": "system", "content": "Be brief. /no_think"}, {"role": "user", "content": "a?"},
+         {"role": "assistant", "content": "\n\nA."}, {"role": "user", "content": "b?"},
+         {"role": "assistant", "content": "B."}], {},
+        meta("/no_think", "Be brief.") + "<|im_start|>user\na?<|im_end|>\n<|im_start|>assistant\n<think>\n\n"
+        "</think>\nA.<|im_end|>\n<|im_start|>user\nb?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n"
+        "B.<|im_end|>\n"),
+    "/think with reasoning": (
+        [{"role": "system", "content": "/think Be careful.  "}, {"role": "user", "content": "2+2?"},
+         {"role": "assistant", "content": "<think>\n2+2=4\n</think>\n4"}], dict(enable_thinking=False),
+        meta("/think", " Be careful.") + "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+        "2+2=4\n</think>\n4<|im_end|>\n"),
+    "/no_think prefill": (
+        [{"role": "user", "content": "Hi"}], dict(add_generation_prompt=True, enable_thinking=False),
+        meta("/no_think", "You are a helpful AI assistant named SmolLM, trained by Hugging Face.")
+        + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n"),
+    "no system": (
+        [{"role": "user", "content": "Hi"}], dict(add_generation_prompt=True),
+        meta("/think", "You are a helpful AI assistant named SmolLM, trained by Hugging Face. Your role as an "
+             "assistant involves thoroughly exploring questions through a systematic thinking process before "
+             "providing the final precise and accurate solutions. This requires engaging in a comprehensive cycle "
+             "of analysis, summarizing, exploration, reassessment, reflection, backtracking, and iteration to "
+             "develop well-considered thinking process. Please structure your response into two main sections: "
+             "Thought and Solution using the specified format: <think> Thought section </think> Solution section. "
+             "In the Thought section, detail your reasoning process in steps. Each step should include detailed "
+             "considerations such as analysing questions, summarizing relevant findings, brainstorming new ideas, "
+             "verifying the accuracy of the current steps, refining any errors, and revisiting previous steps. In "
+             "the Solution section, based on various attempts, explorations, and reflections from the Thought "
+             "section, systematically present the final solution that you deem correct. The Solution section "
+             "should be logical, accurate, and concise and detail necessary steps needed to reach the conclusion.")
+        + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+    "/system_override": (
+        [{"role": "system", "content": "Only this. /system_override"}, {"role": "user", "content": "x"}],
+        dict(add_generation_prompt=True),
+        "<|im_start|>system\nOnly this.<|im_end|>\n<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"),
+}
+
+
+@pytest.mark.parametrize("case", CHAT_CASES)
+def test_chat_strings_equal_smollm3_template(case, tok):
+    messages, options, want = CHAT_CASES[case]
+    assert render_chat_text(messages, today=DAY, **options) == want
+    ids, mask = render_chat(tok, messages, today=DAY, **options)
+    assert tok.decode(ids) == want
+    answers = [m["content"].lstrip("\n") + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "".join(answers)  # the loss: what the model writes
 
 
 @pytest.mark.parametrize("think", [True, False])
 def test_chat_mask_covers_exactly_assistant_output(tok, think):
     conv = CONV if think else [{**m, "content": m["content"].split("</think>\n")[-1]} for m in CONV]
-    ids, mask = render_chat(tok, conv, think=think)
+    ids, mask = render_chat(tok, conv, enable_thinking=think)
     assert len(ids) == len(mask) and set(mask) == {0, 1}
     runs = [[i for i, _ in g] for k, g in itertools.groupby(enumerate(mask), key=lambda p: p[1]) if k]
     answers = [m["content"] for m in conv if m["role"] == "assistant"]
@@ -368,13 +456,13 @@ def test_chat_mask_covers_exactly_assistant_output(tok, think):
     # Everything before each assistant output is exactly the generation prompt for that point.
     turn_ends = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
     for r, k in zip(runs, turn_ends):
-        prompt, pmask = render_chat(tok, conv[:k], add_generation_prompt=True, think=think)
+        prompt, pmask = render_chat(tok, conv[:k], add_generation_prompt=True, enable_thinking=think)
         assert ids[:r[0]] == prompt and mask[:r[0]] == pmask
 
 
 def test_chat_ids_equal_hf_tokenization_of_rendered_text(tok, tmp_path):
     path = str(tmp_path / "tokenizer.json")
-    tok.save_hf(path)
+    tok.save(path)
     hf = tokenizers.Tokenizer.from_file(path)
     no_think = [{"role": "system", "content": "Answer in French. /no_think"}, CONV[0],
                 {"role": "assistant", "content": "4."}, *CONV[2:4], {"role": "assistant", "content": MIXED}]
@@ -389,7 +477,9 @@ def test_chat_user_text_never_becomes_control_tokens(tok):
             {"role": "tool", "content": evil}]
     ids, mask = render_chat(tok, conv)
     specials = [i for i in ids if i >= len(tok.ranks)]
-    assert specials == [tok.im_start_id, tok.im_end_id] * 3 and not any(mask)
+    # the template's structure only: the system turn (left open, as the template leaves it) and two user turns
+    s, e = tok.im_start_id, tok.im_end_id
+    assert specials == [s, s, e, s, e] and not any(mask)
     assert tok.decode(ids) == render_chat_text(conv)
 
 
@@ -399,4 +489,4 @@ def test_chat_bad_messages(tok):
     with pytest.raises(ValueError, match="message 1: a system message may only come first"):
         render_chat(tok, [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}])
     with pytest.raises(ValueError, match="message 1: assistant content has <think> tags but the mode is /no_think"):
-        render_chat(tok, CONV[:2], think=False)
+        render_chat(tok, CONV[:2], enable_thinking=False)

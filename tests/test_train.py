@@ -49,7 +49,7 @@ def corpus(tmp_path_factory):
     """Data keys of a two-source corpus ('prose', 'sums') in byte-level tokens, train and val splits."""
     root = tmp_path_factory.mktemp("corpus")
     tok = data.Tokenizer.byte_level()                        # 263 ids: 256 bytes + 7 specials
-    tok.save(str(root / "tokenizer.txt"))
+    tok.save(str(root / "tokenizer.json"))
     words = "the cat sat on a mat and then ran to see the dog by the red door".split()
     prose = [" ".join(words[(7 * i + j) % len(words)] for j in range(5 + i % 11)) + "." for i in range(400)]
     sums = [f"{a} + {b} = {a + b}" for a in range(20) for b in range(20)]
@@ -58,7 +58,7 @@ def corpus(tmp_path_factory):
             path = root / f"{source}_{split}.jsonl"
             path.write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
             data.prepare([str(path)], str(root), tok, source, split, workers=1)
-    return {"data_dir": str(root), "dataset": str(root), "tokenizer": str(root / "tokenizer.txt"),
+    return {"data_dir": str(root), "dataset": str(root), "tokenizer": str(root / "tokenizer.json"),
             "mixture": {"prose": 0.5, "sums": 0.5}}
 
 
