@@ -596,7 +596,7 @@ def our_name(name):
     return f"{OUR_NAMES[module]}.{param}"
 
 
-def _fsync(path):
+def fsync(path):
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -609,9 +609,9 @@ def atomic_write(path, write):
     and renamed over `path`; then the directory is fsynced so that the rename itself is on disk."""
     tmp = f"{path}.tmp"
     write(tmp)
-    _fsync(tmp)
+    fsync(tmp)
     os.replace(tmp, path)
-    _fsync(os.path.dirname(path) or ".")
+    fsync(os.path.dirname(path) or ".")
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
