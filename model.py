@@ -353,7 +353,7 @@ class Model(nn.Module):
 
     # ---- generation (gpt-fast's shape: prefill, then one decode step per token) ---------------------
     def prefill(self, x, pos, cache):
-        """Prompts x [B, P] at positions pos (-1 = left padding) into an empty cache -> last column's logits [B, V]."""
+        """Prompts x [B, P] at pos (-1 = left padding) into an empty cache -> the last column's logits [B, V]."""
         h = self.hidden(x, pos, self.sdpa_mask(pos), cache)
         return (h[:, -1] @ self.head_weight.t()).float()
 
@@ -465,7 +465,8 @@ class Model(nn.Module):
                         raise ValueError(f"{path}/{f}: tensor {k!r} is also in {source[k]}")
                     (name, shape), t = expected[k], sf.get_tensor(k)
                     if t.shape != shape:
-                        raise ValueError(f"{path}/{f}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+                        raise ValueError(f"{path}/{f}: tensor {k!r} has shape {tuple(t.shape)}, "
+                                         f"expected {tuple(shape)}")
                     state[name], source[k] = t, f
         missing = sorted(set(expected) - set(source))
         if missing:

@@ -581,8 +581,9 @@ class Logger:
         if self.master:   # loss.svg: train loss of accepted steps and held-out loss per source
             records = read_log(self.path)
             evals = [r for r in records if r["kind"] == "eval"]
-            series = [("train", [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and not r["skipped"]])]
-            series += [(f"val {s}", [(r["step"], r["val_loss"][s]) for r in evals]) for s in evals[-1]["val_loss"]]
+            train_pts = [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and not r["skipped"]]
+            series = [("train", train_pts)] + [(f"val {s}", [(r["step"], r["val_loss"][s]) for r in evals])
+                                               for s in evals[-1]["val_loss"]]
             plot_curves(os.path.join(os.path.dirname(self.path), "loss.svg"), series)
 
 
