@@ -21,6 +21,7 @@ Sections:
     KVCache, Model              forward and loss, accounting, generation, HF checkpoints
     HF names, atomic_write, sample, summary, main
 """
+import functools
 import json
 import math
 import os
@@ -280,11 +281,9 @@ class Model(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if not self.tok_emb.weight.is_meta:  # meta (summary, from_pretrained) has no values to draw
-            self.apply(self._init)
-
-    def _init(self, m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(m.weight, mean=0.0, std=cfg.init_std)
 
     @property
     def head_weight(self):
@@ -330,11 +329,9 @@ class Model(nn.Module):
         B, T, C = h.shape
         h, yf = h.reshape(B * T, C), y.reshape(B * T)
         n = cfg.loss_chunk
-        parts = []
-        for i in range(0, B * T, n):
-            args = (h[i:i + n], self.head_weight, yf[i:i + n], cfg.z_loss)
-            parts.append(checkpoint(_chunk_ce, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_ce(*args))
-        per_token = torch.cat(parts).view(B, T)
+        ce = functools.partial(checkpoint, _chunk_ce, use_reentrant=False) if torch.is_grad_enabled() else _chunk_ce
+        per_token = torch.cat([ce(h[i:i + n], self.head_weight, yf[i:i + n], cfg.z_loss)
+                               for i in range(0, B * T, n)]).view(B, T)
         if reduction == "none":
             return None, per_token
         return None, per_token.sum() / (1 if reduction == "sum" else (y != -100).sum().clamp(min=1))
@@ -356,8 +353,7 @@ class Model(nn.Module):
 
     # ---- generation (gpt-fast's shape: prefill, then one decode step per token) ---------------------
     def prefill(self, x, pos, cache):
-        """Run prompts x [B, P] at positions pos (-1 = left padding) into an empty cache -> logits [B, V]
-        of the last column."""
+        """Prompts x [B, P] at pos (-1 = left padding) into an empty cache -> the last column's logits [B, V]."""
         h = self.hidden(x, pos, self.sdpa_mask(pos), cache)
         return (h[:, -1] @ self.head_weight.t()).float()
 
@@ -445,14 +441,13 @@ class Model(nn.Module):
         cfg = cls.config_from_hf(os.path.join(path, "config.json"), **overrides)
         with torch.device("meta"):
             model = cls(cfg)
-        expected = {hf_name(k): v for k, v in model.state_dict().items()}
+        expected = {hf_name(k): (k, v.shape) for k, v in model.state_dict().items()}  # HF name -> ours, shape
         # transformers' order of preference: one model.safetensors, else the shards an index names
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(os.path.join(path, "model.safetensors")):
             files = ["model.safetensors"]
         elif os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
+            weight_map = json.loads(pathlib.Path(index).read_text()).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index}: expected a 'weight_map' of tensor name -> shard file")
             files = sorted(set(weight_map.values()))
@@ -468,10 +463,11 @@ class Model(nn.Module):
                         raise ValueError(f"{path}/{f}: unexpected tensor {k!r}")
                     if k in source:
                         raise ValueError(f"{path}/{f}: tensor {k!r} is also in {source[k]}")
-                    t = sf.get_tensor(k)
-                    if t.shape != expected[k].shape:
-                        raise ValueError(f"{path}/{f}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
-                    state[our_name(k)], source[k] = t, f
+                    (name, shape), t = expected[k], sf.get_tensor(k)
+                    if t.shape != shape:
+                        raise ValueError(f"{path}/{f}: tensor {k!r} has shape {tuple(t.shape)}, "
+                                         f"expected {tuple(shape)}")
+                    state[name], source[k] = t, f
         missing = sorted(set(expected) - set(source))
         if missing:
             raise ValueError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
@@ -490,9 +486,7 @@ class Model(nn.Module):
                 raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
         hints = typing.get_type_hints(ModelConfig)
 
-        def get(key, tp, default=None):
-            """hf[key] of type tp, an error naming the key otherwise; default when absent or null (HF writes
-            null for unset values)."""
+        def get(key, tp, default=None):  # hf[key] of type tp, default when absent or null (HF's unset)
             return default if hf.get(key) is None else check_type(hf[key], tp, f"{path}: {key}")
         smol = hf.get("model_type") == "smollm3"
         if not smol and hf.get("model_type") != "llama":
@@ -500,11 +494,10 @@ class Model(nn.Module):
         for k in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]:
             if hf.get(k) is None:
                 raise ValueError(f"{path}: missing key {k!r}")
-        unsupported = [k for k, ok in [("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")]
-                       if hf.get(k, ok) != ok]
+        unsupported = [f"{k}={hf[k]!r}" for k, ok in [("attention_bias", False), ("mlp_bias", False),
+                                                      ("hidden_act", "silu")] if hf.get(k, ok) != ok]
         if unsupported:
-            raise ValueError(f"{path}: {', '.join(f'{k}={hf[k]!r}' for k in unsupported)} is not supported "
-                             "(no biases, SiLU)")
+            raise ValueError(f"{path}: {', '.join(unsupported)} is not supported (no biases, SiLU)")
         kw = {k: get(hf_key, hints[k]) for k, hf_key in HF_KEYS.items() if hf.get(hf_key) is not None}
         # absent: the defaults of transformers' config classes
         kw = {"n_kv_heads": kw["n_heads"], "max_position_embeddings": 32768, "tie_embeddings": smol, **kw}
@@ -575,7 +568,6 @@ HF_NAMES = {"tok_emb": "model.embed_tokens", "norm": "model.norm", "lm_head": "l
             "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
             "attn.o": "self_attn.o_proj", "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm",
             "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}
-OUR_NAMES = {v: k for k, v in HF_NAMES.items()}
 
 
 def hf_name(name):
@@ -587,16 +579,7 @@ def hf_name(name):
     return f"{HF_NAMES[module]}.{param}"
 
 
-def our_name(name):
-    """Inverse of hf_name; an unknown name raises KeyError (callers check names first)."""
-    module, param = name.rsplit(".", 1)
-    if module.startswith("model.layers."):
-        _, _, i, rest = module.split(".", 3)
-        return f"layers.{i}.{OUR_NAMES[rest]}.{param}"
-    return f"{OUR_NAMES[module]}.{param}"
-
-
-def _fsync(path):
+def fsync(path):
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -609,9 +592,9 @@ def atomic_write(path, write):
     and renamed over `path`; then the directory is fsynced so that the rename itself is on disk."""
     tmp = f"{path}.tmp"
     write(tmp)
-    _fsync(tmp)
+    fsync(tmp)
     os.replace(tmp, path)
-    _fsync(os.path.dirname(path) or ".")
+    fsync(os.path.dirname(path) or ".")
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -626,8 +609,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))  # drop, back in vocabulary order
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 

@@ -18,7 +18,7 @@ Sections
   setup           setup_device, find_start, start_run (run.json history)
   logging         Logger (log.jsonl, tqdm, tokens/s, MFU), read_log
   evaluation      evaluate (held-out loss and bits per byte per source)
-  plot            plot_curves, plot_run (loss.svg)
+  plot            plot_curves (loss.svg)
   the loop        train, write_samples, main
 """
 import collections
@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from config import load, pick
 from data import DataConfig, Loader, load_tokenizer, prepare_default
-from model import Model, ModelConfig, atomic_write
+from model import Model, ModelConfig, atomic_write, fsync
 
 # Dense bf16 tensor-core peaks (vendor data sheets; the sheets' larger numbers assume 2:4 sparsity), matched in
 # this order against torch.cuda.get_device_name(): the PCIe and NVL cards before the SXM parts they contain.
@@ -112,44 +112,38 @@ def dist_env():
 
 def check_config(mc, dc, tc, world_size=1):
     """Raise one ValueError listing every inconsistency between the model, data and train settings."""
-    errors = []
-
-    def need(ok, msg):
-        if not ok:
-            errors.append(msg)
-
-    for key in ("batch_size", "micro_batch_size", "max_steps", "eval_interval", "eval_rows", "ckpt_interval",
-                "keep_ckpts", "log_interval", "muon_ns_steps"):
-        need(getattr(tc, key) > 0, f"{key}={getattr(tc, key)} must be > 0")
-    for key in ("warmup_steps", "max_skips", "sample_tokens"):
-        need(getattr(tc, key) >= 0, f"{key}={getattr(tc, key)} must be >= 0")
-    rows = tc.micro_batch_size * world_size
-    need(tc.micro_batch_size <= 0 or tc.batch_size % rows == 0,
-         f"batch_size={tc.batch_size} must be a multiple of micro_batch_size*world_size = "
-         f"{tc.micro_batch_size}*{world_size}")
-    need(dc.seq_len <= mc.max_position_embeddings,
-         f"seq_len={dc.seq_len} exceeds max_position_embeddings={mc.max_position_embeddings}")
     longest = max((len(p.encode()) for p in tc.sample_prompts), default=0)  # bytes >= tokens
-    need(longest + tc.sample_tokens <= mc.max_position_embeddings,
+    decay = round(tc.decay_frac * tc.max_steps)
+    checks = [(getattr(tc, k) > 0, f"{k}={getattr(tc, k)} must be > 0")
+              for k in ("batch_size", "micro_batch_size", "max_steps", "eval_interval", "eval_rows", "ckpt_interval",
+                        "keep_ckpts", "log_interval", "muon_ns_steps")]
+    checks += [(getattr(tc, k) >= 0, f"{k}={getattr(tc, k)} must be >= 0")
+               for k in ("warmup_steps", "max_skips", "sample_tokens")]
+    checks += [(getattr(tc, k) in allowed, f"{k}={getattr(tc, k)!r} must be one of {allowed}")
+               for k, allowed in (("schedule", ["cosine", "wsd"]), ("decay_shape", ["1-sqrt", "linear"]),
+                                  ("optimizer", ["adamw", "muon"]), ("dtype", ["bfloat16", "float32"]))]
+    checks += [
+        (tc.micro_batch_size <= 0 or tc.batch_size % (tc.micro_batch_size * world_size) == 0,
+         f"batch_size={tc.batch_size} must be a multiple of micro_batch_size*world_size = "
+         f"{tc.micro_batch_size}*{world_size}"),
+        (dc.seq_len <= mc.max_position_embeddings,
+         f"seq_len={dc.seq_len} exceeds max_position_embeddings={mc.max_position_embeddings}"),
+        (longest + tc.sample_tokens <= mc.max_position_embeddings,
          f"sample prompts ({longest} bytes) + sample_tokens={tc.sample_tokens} exceed "
-         f"max_position_embeddings={mc.max_position_embeddings}")
-    for key, allowed in (("schedule", ["cosine", "wsd"]), ("decay_shape", ["1-sqrt", "linear"]),
-                         ("optimizer", ["adamw", "muon"]), ("dtype", ["bfloat16", "float32"])):
-        need(getattr(tc, key) in allowed, f"{key}={getattr(tc, key)!r} must be one of {allowed}")
-    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", tc.device),
-         f"device={tc.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    need(tc.lr > 0 and 0 <= tc.min_lr <= tc.lr, f"need 0 <= min_lr={tc.min_lr} <= lr={tc.lr} and lr > 0")
-    need(0 <= tc.decay_frac <= 1, f"decay_frac={tc.decay_frac} must be in [0, 1]")
-    if tc.schedule == "wsd":
-        decay = round(tc.decay_frac * tc.max_steps)
-        need(tc.warmup_steps + decay <= tc.max_steps,
-             f"warmup_steps={tc.warmup_steps} + decay steps {decay} (decay_frac*max_steps) "
-             f"exceed max_steps={tc.max_steps}")
-    else:
-        need(tc.warmup_steps < tc.max_steps, f"warmup_steps={tc.warmup_steps} must be < max_steps={tc.max_steps}")
-    need(tc.spike_factor == 0 or tc.spike_factor > 1, f"spike_factor={tc.spike_factor} must be 0 (off) or > 1")
-    need(tc.grad_clip >= 0 and tc.weight_decay >= 0, "grad_clip and weight_decay must be >= 0")
-    need(0 <= tc.beta1 < 1 and 0 <= tc.beta2 < 1 and tc.eps > 0, "need 0 <= beta1, beta2 < 1 and eps > 0")
+         f"max_position_embeddings={mc.max_position_embeddings}"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", tc.device),
+         f"device={tc.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        (tc.lr > 0 and 0 <= tc.min_lr <= tc.lr, f"need 0 <= min_lr={tc.min_lr} <= lr={tc.lr} and lr > 0"),
+        (0 <= tc.decay_frac <= 1, f"decay_frac={tc.decay_frac} must be in [0, 1]"),
+        (tc.schedule != "wsd" or tc.warmup_steps + decay <= tc.max_steps,
+         f"warmup_steps={tc.warmup_steps} + decay steps {decay} (decay_frac*max_steps) "
+         f"exceed max_steps={tc.max_steps}"),
+        (tc.schedule == "wsd" or tc.warmup_steps < tc.max_steps,
+         f"warmup_steps={tc.warmup_steps} must be < max_steps={tc.max_steps}"),
+        (tc.spike_factor == 0 or tc.spike_factor > 1, f"spike_factor={tc.spike_factor} must be 0 (off) or > 1"),
+        (tc.grad_clip >= 0 and tc.weight_decay >= 0, "grad_clip and weight_decay must be >= 0"),
+        (0 <= tc.beta1 < 1 and 0 <= tc.beta2 < 1 and tc.eps > 0, "need 0 <= beta1, beta2 < 1 and eps > 0")]
+    errors = [msg for ok, msg in checks if not ok]
     if errors:
         raise ValueError("config: " + "; ".join(errors))
 
@@ -159,8 +153,7 @@ CONFIGS = (ModelConfig, DataConfig, TrainConfig)
 
 
 def resolve(ns):
-    """The three dataclasses of a loaded namespace, checked together: (ModelConfig, DataConfig, TrainConfig).
-    ModelConfig checks its own fields (heads divisible by KV heads, even head_dim, ...) as it is built."""
+    """(ModelConfig, DataConfig, TrainConfig) of a namespace, checked together (ModelConfig also checks itself)."""
     mc, dc, tc = (cls(**pick(ns, cls)) for cls in CONFIGS)
     check_config(mc, dc, tc, dist_env()[1])
     return mc, dc, tc
@@ -187,11 +180,9 @@ def get_lr(step, tc):
 
 def newton_schulz(g, steps):
     """Approximately orthogonalise a matrix: U S V^T -> U f(S) V^T with f(s) ~ 1 on the singular values.
-
     Quintic iteration X <- aX + b(XX^T)X + c(XX^T)^2 X on X = G/||G||_F (so every singular value is <= 1);
     modded-nanogpt's coefficients trade exact convergence for a steep slope at 0, so 5 steps push all values
-    into ~[0.7, 1.2]. Runs in bf16 on GPU (the iteration tolerates it, and it is the cost of Muon).
-    """
+    into ~[0.7, 1.2]. Runs in bf16 on GPU (the iteration tolerates it, and it is the cost of Muon)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
     tall = x.size(0) > x.size(1)
@@ -339,12 +330,10 @@ class Step:
 TRAINER_STATE, TRAINER_TENSORS = os.path.join("trainer", "state.json"), os.path.join("trainer", "state.safetensors")
 
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _named_state(opt):
+    """An optimizer's state_dict and its (index, parameter name) pairs: the state is saved by name, not index."""
+    sd = opt.state_dict()
+    return sd, [(idx, pname) for g in sd["param_groups"] for idx, pname in zip(g["params"], g["param_names"])]
 
 
 def file_digest(path):
@@ -353,22 +342,20 @@ def file_digest(path):
 
 
 def save_checkpoint(run_dir, model, opts, state, keep, tok=None):
-    """Write run_dir/ckpt_{step:06d}, point `latest` at it, keep the newest `keep`; returns its path.
-
-    Every file is fsynced and renamed into a temporary directory (model.atomic_write), which is renamed into
-    place before `latest` is replaced, so after a kill or a power loss `latest` names a complete checkpoint."""
+    """Write run_dir/ckpt_{step:06d}, point `latest` at it, keep the newest `keep`; returns its path. Every file
+    is written atomically into a temporary directory, renamed into place before `latest` is replaced, so after
+    a kill or a power loss `latest` names a complete checkpoint."""
     state = {**state, "optimizers": [type(opt).__name__ for opt in opts]}
     name = f"ckpt_{state['step']:06d}"
     final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, f".tmp_{name}")
     shutil.rmtree(tmp, ignore_errors=True)                     # leftover of a crash mid-write
     model.save_pretrained(tmp)
-    tensors = {f"rng/{k}": v for k, v in rng_state().items()}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    tensors = {"rng/torch": torch.get_rng_state(), **{f"rng/cuda{i}": s for i, s in enumerate(cuda)}}
     for opt in opts:
-        sd = opt.state_dict()
-        for group in sd["param_groups"]:
-            for idx, pname in zip(group["params"], group["param_names"]):
-                for key, value in sd["state"].get(idx, {}).items():
-                    tensors[f"optim/{pname}/{key}"] = value.detach().cpu().contiguous()
+        sd, names = _named_state(opt)
+        tensors.update({f"optim/{pname}/{key}": value.detach().cpu().contiguous()
+                        for idx, pname in names for key, value in sd["state"].get(idx, {}).items()})
     os.makedirs(os.path.join(tmp, "trainer"))
     atomic_write(os.path.join(tmp, TRAINER_TENSORS), lambda p: save_file(tensors, p))
     if tok is not None:
@@ -386,7 +373,7 @@ def save_checkpoint(run_dir, model, opts, state, keep, tok=None):
     if os.path.exists(final):                                  # one `latest` never named, or a corrupt one
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(run_dir)                                        # the rename is on disk before `latest` moves
+    fsync(run_dir)                                             # the rename is on disk before `latest` moves
     atomic_write(os.path.join(run_dir, "latest"), lambda p: Path(p).write_text(name + "\n"))
     # by step, not by name: ckpt_1000000 sorts before ckpt_999999 as a string
     old = sorted((d for d in os.listdir(run_dir) if d.startswith("ckpt_") and d != name), key=lambda d: int(d[5:]))
@@ -451,30 +438,17 @@ def load_checkpoint(path, model, opts):
             pname, slot = key[len("optim/"):].rsplit("/", 1)
             per_param.setdefault(pname, {})[slot] = value
     for opt in opts:
-        sd = opt.state_dict()
-        for group in sd["param_groups"]:
-            for idx, pname in zip(group["params"], group["param_names"]):
-                if pname in per_param:
-                    sd["state"][idx] = per_param.pop(pname)
+        sd, names = _named_state(opt)
+        sd["state"].update({idx: per_param.pop(pname) for idx, pname in names if pname in per_param})
         opt.load_state_dict(sd)
     if per_param:
         raise ValueError(f"{path}: optimizer state for parameters this model lacks: {sorted(per_param)[:5]}")
-    set_rng_state({k[len("rng/"):]: v for k, v in tensors.items() if k.startswith("rng/")})
+    torch.set_rng_state(tensors["rng/torch"])
+    # the GPUs this machine has, of those saved (a resume may run on fewer)
+    cuda = [tensors[f"rng/cuda{i}"] for i in range(torch.cuda.device_count()) if f"rng/cuda{i}" in tensors]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
     return state
-
-
-def rng_state():
-    states = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return states
-
-
-def set_rng_state(states):
-    torch.set_rng_state(states["torch"])
-    cuda = [states[f"cuda{i}"] for i in range(len(states) - 1)]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
 
 
 def check_architecture(path, mc, key):
@@ -604,17 +578,20 @@ class Logger:
         self.write({"kind": "eval", "step": done, "val_loss": val_loss, "val_bpb": val_bpb})
         self.say(f"step {done}: val loss " + ", ".join(f"{s} {v:.4f}" for s, v in val_loss.items())
                  + " | bpb " + ", ".join(f"{s} {v:.4f}" for s, v in val_bpb.items()))
-        if self.master:
-            plot_run(os.path.join(os.path.dirname(self.path), "loss.svg"), read_log(self.path))
+        if self.master:   # loss.svg: train loss of accepted steps and held-out loss per source
+            records = read_log(self.path)
+            evals = [r for r in records if r["kind"] == "eval"]
+            train_pts = [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and not r["skipped"]]
+            series = [("train", train_pts)] + [(f"val {s}", [(r["step"], r["val_loss"][s]) for r in evals])
+                                               for s in evals[-1]["val_loss"]]
+            plot_curves(os.path.join(os.path.dirname(self.path), "loss.svg"), series)
 
 
 def read_log(path, upto_step=None):
     """Records of log.jsonl (a torn last line from a kill is dropped), optionally those with step <= upto_step."""
     if not os.path.isfile(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    records = []
+    lines, records = Path(path).read_text(encoding="utf-8").splitlines(), []
     for i, line in enumerate(lines):
         try:
             records.append(json.loads(line))
@@ -669,11 +646,9 @@ def _ticks(lo, hi, n=6):
 
 
 def plot_curves(path, series, width=800, height=480, xlabel="step", ylabel="loss", max_points=2000):
-    """Line plot of `series` = [(label, [(x, y), ...]), ...] with a grid, round ticks and a legend, as SVG.
-
-    SVG is text (no plotting package) and opens in any web browser. A series longer than `max_points` is
-    drawn through every k-th point, counted back from its last point, so the curve still ends where the run is.
-    """
+    """Line plot of `series` = [(label, [(x, y), ...]), ...] as SVG (text: no plotting package, opens in any
+    browser). A series longer than `max_points` is drawn through every k-th point, counted back from its
+    last, so the curve still ends where the run is."""
     points = [p for _, pts in series for p in pts]
     if not points:
         return
@@ -703,30 +678,17 @@ def plot_curves(path, series, width=800, height=480, xlabel="step", ylabel="loss
                    f'<text x="{left - 6}" y="{py(v) + 4:.1f}" text-anchor="end">{v:.{d}f}</text>')
     svg.append(f'<path d="M{left},{top}V{bottom}H{right}" fill="none" stroke="black"/>'
                f'<text x="{(left + right) / 2}" y="{height - 8}" text-anchor="middle">{html.escape(xlabel)}</text>'
-               f'<text x="{left}" y="{top - 10}">{html.escape(ylabel)}</text>'
-               f'<rect x="{right - 170}" y="{top + 4}" width="166" height="{16 * len(series) + 8}" fill="white"/>')
+               f'<text x="{left}" y="{top - 10}">{html.escape(ylabel)}</text>')
     for k, (label, pts) in enumerate(series):
         color, pts = _COLORS[k % len(_COLORS)], sorted(pts)
         pts = pts[::-math.ceil(len(pts) / max_points)][::-1] if pts else pts
         svg.append(f'<polyline points="{" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)}" fill="none" '
-                   f'stroke="{color}" stroke-width="{1.5 if k else 1}" clip-path="url(#area)"/>')
-        if len(pts) < 50:                                          # sparse series (evals) get point markers
-            svg += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}" clip-path="url(#area)"/>'
-                    for x, y in pts]
-        ly = top + 16 + 16 * k                                     # legend, top right
-        svg.append(f'<line x1="{right - 162}" y1="{ly}" x2="{right - 142}" y2="{ly}" stroke="{color}" stroke-width="2"/>'
-                   f'<text x="{right - 136}" y="{ly + 4}">{html.escape(label)}</text>')
+                   f'stroke="{color}" stroke-width="1.5" clip-path="url(#area)"/>'
+                   # the legend: each label in its curve's colour, top right
+                   f'<text x="{right - 8}" y="{top + 16 * (k + 1)}" text-anchor="end" fill="{color}">'
+                   f'{html.escape(label)}</text>')
     text = "\n".join(svg + ["</svg>\n"])
     atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
-
-
-def plot_run(path, records):
-    """loss.svg of a run: train loss of accepted steps and held-out loss per source."""
-    train_pts = [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and not r["skipped"]]
-    evals = [r for r in records if r["kind"] == "eval"]
-    series = [("train", train_pts)] + [(f"val {s}", [(r["step"], r["val_loss"][s]) for r in evals])
-                                       for s in (evals[-1]["val_loss"] if evals else {})]
-    plot_curves(path, series)
 
 
 # ---------------------------------------------------------------- the loop
@@ -766,8 +728,8 @@ def train(ns):
         saved = load_checkpoint(ckpt, model, opts)
         start = saved["step"]
         guard.load_state_dict(saved["guard"])
-        changed = {k: (saved["config"].get(k), v) for k, v in config.items() if saved["config"].get(k) != v}
-        changed.pop("resume", None)
+        changed = {k: (saved["config"].get(k), v) for k, v in config.items()
+                   if saved["config"].get(k) != v and k != "resume"}
         if master:
             print(f"resuming from {ckpt} at step {start}" + (f"; config changes: {changed}" if changed else ""))
     elif init:

@@ -9,10 +9,10 @@ Each entry point names the dataclasses it reads; their fields are the known keys
     ns = load(sys.argv[1:], ModelConfig, DataConfig, TrainConfig, prog="python train.py")
     mc = ModelConfig(**pick(ns, ModelConfig))
 
-Unknown keys and values of the wrong type (checked element by element) are one-line ValueErrors naming
-the file:line or the override. With `prog`, no arguments or -h/--help print the keys and exit.
-"""
+Unknown keys and wrong types (checked element by element) are one-line ValueErrors naming the file:line or
+the override. With `prog`, -h/--help prints the keys and exits 0, and no arguments print them and exit 2."""
 import ast
+import contextlib
 import dataclasses
 import operator
 import os
@@ -57,10 +57,9 @@ def parse_file(path, _seen=()):
         raise ValueError(f"config file not found: {path}")
     if os.path.realpath(path) in _seen:
         raise ValueError(f"{path}: `base` chain loops back to this file")
-    with open(path, encoding="utf-8") as f:
-        src = f.read()
     try:
-        tree = ast.parse(src, filename=path)
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=path)
     except SyntaxError as e:
         raise ValueError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
     out = {}
@@ -81,10 +80,8 @@ def parse_file(path, _seen=()):
 
 
 def schema(*classes):
-    """{key: (type, default, owner)} over the named config dataclasses.
-
-    Two of them may share a key (a post-training `lr` beside pretraining's) only with one type: the one
-    value then feeds both."""
+    """{key: (type, default, owner)} over the named config dataclasses. Two of them may share a key (a
+    post-training `lr` beside pretraining's) only with one type: the one value then feeds both."""
     fields = {}
     for cls in classes:
         hints = typing.get_type_hints(cls)
@@ -99,12 +96,10 @@ def schema(*classes):
 
 def usage(prog, fields):
     """The command line, then one line per key: `--name=default  (type)`, grouped by dataclass."""
-    lines, owner = [f"usage: {prog} CONFIG_FILE [--key=value ...]"], None
-    for key, (tp, default, cls) in fields.items():
-        if cls != owner:
-            lines.append(f"{cls}:")
-            owner = cls
-        lines.append(f"  --{key}={default!r}  ({_name(tp)})")
+    lines = [f"usage: {prog} CONFIG_FILE [--key=value ...]"]
+    for cls in dict.fromkeys(owner for _, _, owner in fields.values()):
+        lines += [f"{cls}:"] + [f"  --{key}={default!r}  ({_name(tp)})"
+                                for key, (tp, default, owner) in fields.items() if owner == cls]
     return "\n".join(lines)
 
 
@@ -113,36 +108,22 @@ def check_type(value, tp, where):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         for a in args:
-            try:
+            with contextlib.suppress(ValueError):
                 return check_type(value, a, where)
-            except ValueError:
-                pass
-        raise ValueError(f"{where}: expected {_name(tp)}, got {type(value).__name__} {value!r}")
-    if tp is type(None):
-        if value is None:
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp in (str, bool):
-        if isinstance(value, tp):
-            return value
-    elif origin in (list, tuple) or tp in (list, tuple):
-        if isinstance(value, (list, tuple)):
-            if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[int, str]: one type per slot
-                if len(args) != len(value):
-                    raise ValueError(f"{where}: expected {len(args)} items, got {len(value)}: {value!r}")
-                return [check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
-            return [check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
-    elif origin is dict or tp is dict:
-        if isinstance(value, dict):
-            return {check_type(k, args[0], f"{where} key"): check_type(v, args[1], f"{where}[{k!r}]")
-                    for k, v in value.items()} if args else value
-    elif tp is typing.Any:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is typing.Any or tp is type(None) and value is None or tp in (str, bool) and isinstance(value, tp):
         return value
+    if tp is int and number and isinstance(value, int) or tp is float and number:
+        return tp(value)
+    if (origin in (list, tuple) or tp in (list, tuple)) and isinstance(value, (list, tuple)):
+        if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[int, str]: one type per slot
+            if len(args) != len(value):
+                raise ValueError(f"{where}: expected {len(args)} items, got {len(value)}: {value!r}")
+            return [check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        return [check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if (origin is dict or tp is dict) and isinstance(value, dict):
+        return {check_type(k, args[0], f"{where} key"): check_type(v, args[1], f"{where}[{k!r}]")
+                for k, v in value.items()} if args else value
     raise ValueError(f"{where}: expected {_name(tp)}, got {type(value).__name__} {value!r}")
 
 
@@ -160,12 +141,9 @@ def _name(tp):
 
 
 def load(argv, *classes, prog=None, strict=True):
-    """Parse `[CONFIG_FILE] [--key=value ...]` into a SimpleNamespace of every key of `classes`.
-
-    Keys absent from the file and overrides take their dataclass default. With `prog` (a command line),
-    -h/--help prints the keys and exits 0, and no arguments print them and exit 2. `strict=False` skips
-    file keys the named classes do not own (`python model.py` reads a training config's model keys).
-    """
+    """Parse `[CONFIG_FILE] [--key=value ...]` into a SimpleNamespace of every key of `classes`, absent keys at
+    their default; `prog`: see above. `strict=False` skips file keys the named classes do not own
+    (`python model.py` reads a training config's model keys)."""
     fields = schema(*classes)
     if prog is not None and (not argv or any(a in ("-h", "--help") for a in argv)):
         print(usage(prog, fields), file=sys.stdout if argv else sys.stderr)
@@ -176,12 +154,11 @@ def load(argv, *classes, prog=None, strict=True):
             if "=" not in arg:
                 raise ValueError(f"override {arg!r}: expected --key=value")
             key, raw = arg[2:].split("=", 1)
-            where = f"override --{key}"
             try:
                 val = ast.literal_eval(raw)
             except (ValueError, SyntaxError):
                 val = raw  # bare words are strings: --out_dir=out/x
-            values[key], raws[key] = (val, where), raw
+            values[key], raws[key] = (val, f"override --{key}"), raw
         elif "=" in arg and not os.path.isfile(arg):
             raise ValueError(f"{arg!r}: overrides start with two dashes (did you mean --{arg}?)")
         elif config_file is not None or raws:
@@ -195,17 +172,16 @@ def load(argv, *classes, prog=None, strict=True):
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ValueError(f"{where}: unknown config key {key!r}{hint}")
         tp, where_key = fields[key][0], f"{where}: key {key!r}"
-        if where.startswith("override") and not isinstance(val, str):
-            try:
-                val = check_type(val, tp, where_key)
-            except ValueError:
-                if not _accepts_str(tp):
-                    raise
-                val = raws[key]  # --out_dir=2024 or --init_from=1e3 is the text as typed
-        values[key] = (check_type(val, tp, where_key), where)
-    ns = {k: v[1] for k, v in fields.items()}
-    ns.update({k: v[0] for k, v in values.items()})
-    return types.SimpleNamespace(**ns)
+        try:
+            val = check_type(val, tp, where_key)
+        except ValueError:
+            # an override (they come after the file): --out_dir=2024 or --init_from=1e3 is the text as typed
+            if key not in raws or not _accepts_str(tp):
+                raise
+            val = raws[key]
+        values[key] = (val, where)
+    ns = {k: default for k, (_, default, _) in fields.items()}
+    return types.SimpleNamespace(**ns | {k: val for k, (val, _) in values.items()})
 
 
 def pick(ns, cls):
