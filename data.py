@@ -33,6 +33,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import pathlib
 import random
 import struct
 import sys
@@ -49,6 +50,7 @@ import torch
 from tqdm import tqdm
 
 from config import load
+from model import atomic_write
 
 # ------------------------------------------------------------------------------------- tokenizer
 
@@ -67,10 +69,8 @@ SPECIALS = {"bos_id": "<|begin_of_text|>", "eos_id": "<|end_of_text|>", "im_star
 
 
 class Tokenizer:
-    """Byte-level BPE in a tiktoken.Encoding plus named special-token ids.
-
-    ranks: {token bytes: rank}, ranks exactly 0..N-1 (rank = merge priority, as tiktoken wants); specials:
-    {name: id} with ids N..V-1. encode() adds no BOS and never yields a special id."""
+    """Byte-level BPE in a tiktoken.Encoding. ranks: {token bytes: rank 0..N-1} (rank = merge priority, as
+    tiktoken wants); specials: {name: id N..V-1}. encode() adds no BOS and never yields a special id."""
 
     def __init__(self, ranks, specials, pattern=LLAMA3_PATTERN):
         n = len(ranks)
@@ -99,7 +99,7 @@ class Tokenizer:
 
     @classmethod
     def byte_level(cls):
-        """The 256 single bytes (rank = byte value), no merges, then our specials: handy for tests."""
+        """The 256 single bytes, no merges, then our specials (tests, bench)."""
         return cls({bytes([i]): i for i in range(256)}, {s: 256 + i for i, s in enumerate(SPECIALS.values())})
 
     def encode(self, text):
@@ -113,36 +113,32 @@ class Tokenizer:
         return self.enc.decode(ids, errors="replace")
 
     def token_bytes(self):
-        """[n_vocab] int64: UTF-8 byte length of each token, 0 for specials (bits-per-byte denominators)."""
+        """[n_vocab] int64: byte length of each token, 0 for specials (bits-per-byte denominators)."""
         out = np.zeros(self.n_vocab, dtype=np.int64)
-        for b, r in self.ranks.items():
-            out[r] = len(b)
+        out[list(self.ranks.values())] = [len(b) for b in self.ranks]
         return out
 
     def save(self, path):
-        """Write a tokenizer.json in Llama-3's layout, which HF `tokenizers` encodes to our exact ids: tiktoken
-        merges any two adjacent parts that form a token, at that token's rank, so every split of a token into two
-        tokens is listed, sorted by the rank of the token it makes; ignore_merges mirrors tiktoken's whole-chunk
-        lookup. No post-processor: like encode(), HF then adds no BOS."""
+        """Write a tokenizer.json in Llama-3's layout, which HF `tokenizers` encodes to our exact ids. No
+        post-processor: like encode(), HF then adds no BOS."""
+        # tiktoken merges any two adjacent parts that form a token, at that token's rank: so every split of a
+        # token into two tokens is listed, sorted by the rank of the token it makes, and ignore_merges mirrors
+        # tiktoken's whole-chunk lookup.
         merges = []
         for t, _ in sorted(self.ranks.items(), key=_by_id):
             splits = [(t[:i], t[i:]) for i in range(1, len(t)) if t[:i] in self.ranks and t[i:] in self.ranks]
             merges += [[_bytes_to_str(a), _bytes_to_str(b)] for a, b in sorted(splits, key=lambda s: self.ranks[s[0]])]
         byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
-        doc = {"version": "1.0", "truncation": None, "padding": None,
-               "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                                 "normalized": False, "special": True}
-                                for s, i in sorted(self.specials.items(), key=_by_id)],
-               "normalizer": None,
-               "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                   {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
-                   byte_level]},
-               "post_processor": None, "decoder": byte_level,
-               "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                         "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                         "ignore_merges": True, "merges": merges,
-                         "vocab": {_bytes_to_str(t): r for t, r in sorted(self.ranks.items(), key=_by_id)}}}
-        _atomic_write(path, json.dumps(doc, ensure_ascii=False))
+        added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                  "special": True} for s, i in sorted(self.specials.items(), key=_by_id)]
+        split = {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False}
+        model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                 "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                 "merges": merges, "vocab": {_bytes_to_str(t): r for t, r in sorted(self.ranks.items(), key=_by_id)}}
+        doc = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+               "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, byte_level]},
+               "post_processor": None, "decoder": byte_level, "model": model}
+        _write_text(path, json.dumps(doc, ensure_ascii=False))
 
     @classmethod
     def load(cls, path):
@@ -272,11 +268,11 @@ def _check_merges(ranks, merges_raw, ignore_merges, fail):
     # into that one token, no unlisted split ever fires, and tiktoken's whole-chunk lookup agrees as well.
     for t in ranks:
         parts = [bytes([c]) for c in t]
-        while len(parts) > 1:
-            k = min(range(len(parts) - 1), key=lambda k: (ranks.get(parts[k] + parts[k + 1], len(ranks))
-                                                          if (parts[k], parts[k + 1]) in listed else len(ranks)))
-            if (parts[k], parts[k + 1]) not in listed:
+        while True:
+            pairs = [k for k in range(len(parts) - 1) if (parts[k], parts[k + 1]) in listed]
+            if not pairs:
                 break
+            k = min(pairs, key=lambda k: ranks[parts[k] + parts[k + 1]])
             parts[k:k + 2] = [parts[k] + parts[k + 1]]
         if parts != [t]:
             fail(f"model.merges turn the token {_bytes_to_str(t)!r} (id {ranks[t]}) into "
@@ -284,11 +280,8 @@ def _check_merges(ranks, merges_raw, ignore_merges, fail):
                  "(ignore_merges false)")
 
 
-def _atomic_write(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _write_text(path, text):
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _n_cpus():
@@ -793,7 +786,7 @@ def prepare(files, out_dir, tok, source, split="train", field="text", shard_byte
                 os.rmdir(d)
         raise
     manifest["sources"].setdefault(source, {})[split] = entry
-    _atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    _write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return entry
 
 
@@ -1081,7 +1074,7 @@ def prepare_default(data_dir, vocab_size):
     if not all(os.path.isfile(p) for p in paths.values()):
         for name, rows in default_sets().items():
             if not os.path.isfile(paths[name]):
-                _atomic_write(paths[name], "".join(json.dumps(r) + "\n" for r in rows))
+                _write_text(paths[name], "".join(json.dumps(r) + "\n" for r in rows))
     code_train, code_val = stdlib_files()
     tok_path = os.path.join(data_dir, "tokenizer.json")
     if os.path.isfile(tok_path):
