@@ -562,11 +562,11 @@ SPLITS = ("train", "val")
 
 
 def shard_dtype(n_vocab):
-    return np.dtype(np.uint16) if n_vocab <= 1 << 16 else np.dtype(np.uint32)
+    return np.dtype(np.uint16 if n_vocab <= 1 << 16 else np.uint32)
 
 
 def read_shard_header(path):
-    """-> (itemsize, n_tokens, n_docs, tokenizer hash, inputs digest) after checking magic and file size."""
+    """-> (itemsize, n_tokens, n_docs, tokenizer hash, inputs digest), magic and file size checked."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -591,17 +591,15 @@ def open_shard(path, tok_hash):
     itemsize, n_tokens, _, h, _ = read_shard_header(path)
     if h != tok_hash:
         raise ValueError(f"{path}: shard was written with tokenizer {h}, but the tokenizer in use is {tok_hash}")
-    return np.memmap(path, dtype=np.uint16 if itemsize == 2 else np.uint32, mode="r",
-                     offset=_HEADER.size, shape=(n_tokens,))
+    return np.memmap(path, dtype=f"<u{itemsize}", mode="r", offset=_HEADER.size, shape=(n_tokens,))
 
 
 def write_shard(path, chunks, tok_hash, itemsize, digest=bytes(32)):
-    """Write (tokens, n_docs) chunks as one shard -> (n_tokens, n_docs).
-
-    Written to a temporary name, header last, then renamed: a failure at any point leaves no file at path."""
+    """Write (tokens, n_docs) chunks as one shard -> (n_tokens, n_docs). Written to a temporary name, header
+    last, then renamed: a failure at any point leaves no file at path."""
     if len(tok_hash.encode()) > 64:
         raise ValueError(f"tokenizer hash {tok_hash!r} is longer than the 64 bytes a shard header holds")
-    dtype = np.uint16 if itemsize == 2 else np.uint32
+    dtype = f"<u{itemsize}"
     tmp = f"{path}.tmp{os.getpid()}"
     n_tokens = n_docs = 0
     try:
@@ -662,7 +660,6 @@ def _parquet_texts(path, field):
 def iter_documents(path, field="text"):
     """Yield the documents of one input file: a .txt/.md/.py file is one document, a .jsonl line or a
     .parquet row is one (its `field`). Empty documents are skipped; a file with none is an error."""
-    n = 0
     if path.endswith(TEXT_SUFFIXES):
         with open(path, "rb") as f:
             raw = f.read()
@@ -677,11 +674,11 @@ def iter_documents(path, field="text"):
         texts = _parquet_texts(path, field)
     else:
         raise ValueError(f"{path}: unsupported input type (expected {', '.join(TEXT_SUFFIXES)}, .jsonl or .parquet)")
-    for text in texts:
-        if text:
-            n += 1
-            yield text
-    if n == 0:
+    n_docs = 0
+    for text in filter(None, texts):
+        n_docs += 1
+        yield text
+    if n_docs == 0:
         raise ValueError(f"{path}: empty file (no documents)")
 
 
@@ -697,7 +694,7 @@ def _field(path, no, obj, key, kind, hint=""):
 # ---------------------------------------------------------------------------------- corpus preparation
 
 def _encode_docs(texts):
-    """Encode a batch of documents -> (one array of ids, each document followed by EOT; n_docs) (a pool task)."""
+    """A pool task: documents -> (their ids in one array, each followed by EOT; n_docs)."""
     tok, dtype = _WORKER_TOK, shard_dtype(_WORKER_TOK.n_vocab)
     return np.concatenate([np.array(tok.encode(t) + [tok.eos_id], dtype=dtype) for t in texts]), len(texts)
 
@@ -718,21 +715,17 @@ def _documents(files, field, bar):
 def _plan_shards(files, shard_bytes):
     """Group input files into shards: consecutive text files until shard_bytes; each .jsonl/.parquet alone.
     Depends on names and sizes only, so a re-run finds the same shards without reading any input."""
-    units, group, size = [], [], 0
+    units, size = [], shard_bytes  # size: bytes in the last text group (shard_bytes: no group open)
     for path in files:
         if not path.endswith(TEXT_SUFFIXES):
-            if group:
-                units.append(group)
-                group, size = [], 0
             units.append([path])
+            size = shard_bytes
             continue
-        group.append(path)
-        size += os.path.getsize(path)
         if size >= shard_bytes:
-            units.append(group)
-            group, size = [], 0
-    if group:
-        units.append(group)
+            units.append([])
+            size = 0
+        units[-1].append(path)
+        size += os.path.getsize(path)
     return units
 
 
