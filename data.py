@@ -1048,15 +1048,6 @@ def default_sets(sizes=DEFAULT_SIZES):
     }
 
 
-
-def _bpe_sample(code_files, math_jsonl, math_docs=8_000):
-    """The tokenizer's training text (~3.5 MB): every fifth code file and the first math documents."""
-    for path in code_files[::5]:
-        yield from iter_documents(path)
-    for _, obj in itertools.islice(read_jsonl(math_jsonl), math_docs):
-        yield obj["text"]
-
-
 def prepare_default(data_dir, vocab_size):
     """Build the embedded default corpus in data_dir: the generated .jsonl sets (DEFAULT_SIZES), a BPE
     tokenizer.json of vocab_size ids trained on a sample, and the train/val shards of sources "code" and
@@ -1075,7 +1066,10 @@ def prepare_default(data_dir, vocab_size):
         if tok.n_vocab != vocab_size:
             raise ValueError(f"{tok_path} has {tok.n_vocab} ids but vocab_size is {vocab_size}; use another data_dir")
     else:
-        tok = train_bpe(_bpe_sample(code_train, paths["math_train"]), vocab_size)
+        # the tokenizer's training text (~3.5 MB): every fifth code file and the first 8,000 math documents
+        code = (text for path in code_train[::5] for text in iter_documents(path))
+        math = (obj["text"] for _, obj in itertools.islice(read_jsonl(paths["math_train"]), 8_000))
+        tok = train_bpe(itertools.chain(code, math), vocab_size)
         tok.save(tok_path)
     for source, split, files in (("code", "train", code_train), ("code", "val", code_val),
                                  ("math", "train", [paths["math_train"]]), ("math", "val", [paths["math_val"]])):
@@ -1113,8 +1107,7 @@ def _key(*parts):
 
 
 def _stream_key(seed, name):
-    # not a path: moving the data keeps the order
-    return _key(seed, *name.encode())
+    return _key(seed, *name.encode())  # a source name, not a path: moving the data keeps the order
 
 
 def permute(i, n, key):
@@ -1160,7 +1153,7 @@ def _first_index(step, micro_step, micro_batch_size, accum, rank, world_size):
 
 
 def _with_pos(buf, eos_id):
-    """[B, T+1] ids -> (x, y, pos) int64 tensors [B, T]; pos restarts at 0 at the row start and after every EOT."""
+    """[B, T+1] ids -> (x, y, pos) int64 tensors [B, T]; pos restarts at 0 at each row start and after each EOT."""
     x, y = np.ascontiguousarray(buf[:, :-1]), np.ascontiguousarray(buf[:, 1:])
     start = np.empty(x.shape, dtype=bool)
     start[:, 0], start[:, 1:] = True, x[:, :-1] == eos_id
@@ -1351,15 +1344,24 @@ def pack_bfd(lengths, capacity):
 
 
 
-def _chat_xy(tok, messages, seq_len, where, n_prompt=0):
+def _rows(path, fields, render):
+    """render(*fields of each line) for the lines of a .jsonl file; a ValueError names path:line."""
+    out = []
+    for no, obj in read_jsonl(path):
+        values = [_field(path, no, obj, key, kind) for key, kind in fields]
+        try:
+            out.append(render(*values))
+        except ValueError as e:
+            raise ValueError(f"{path}:{no}: {e}") from None
+    return out
+
+
+def _chat_xy(tok, messages, seq_len, n_prompt=0):
     """Render a conversation -> (x, y) int64 arrays: y[t] = ids[t+1] where that token is the model's to
     generate after the first n_prompt messages, else -100. Truncated to seq_len tokens."""
-    try:
-        ids, mask = render_chat(tok, messages)
-        # turns are encoded one by one, so the prompt's rendering is a prefix of the conversation's
-        prompt_len = len(render_chat(tok, messages[:n_prompt])[0]) if n_prompt else 0
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    ids, mask = render_chat(tok, messages)
+    # turns are encoded one by one, so the prompt's rendering is a prefix of the conversation's
+    prompt_len = len(render_chat(tok, messages[:n_prompt])[0]) if n_prompt else 0
     ids, mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
     mask[:prompt_len] = False
     return ids[:-1][:seq_len], np.where(mask[1:], ids[1:], -100)[:seq_len]
@@ -1399,8 +1401,7 @@ class SFTLoader(_Shuffled):
     with its own positions 0, 1, ... and targets (y = -100 but on assistant output), then padding (pos = -1)."""
 
     def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1):
-        docs = [_chat_xy(tok, _field(path, no, obj, "messages", list), seq_len, f"{path}:{no}")
-                for no, obj in read_jsonl(path)]
+        docs = _rows(path, [("messages", list)], lambda messages: _chat_xy(tok, messages, seq_len))
         self.bins = pack_bfd([len(x) for x, _ in docs], seq_len)
         packed = [[np.concatenate(a) for a in zip(*(docs[i] for i in items))] for items in self.bins]
         self.x, self.y, self.pos = _padded(tok, packed, seq_len)
@@ -1421,12 +1422,9 @@ class PreferenceLoader(_Shuffled):
     y = -100 on the prompt and on padding, so the sum of -CE over y != -100 is the completion's log-probability."""
 
     def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1):
-        self.pairs, self.tok = [], tok
-        for no, obj in read_jsonl(path):
-            prompt = _field(path, no, obj, "prompt", list)
-            self.pairs.append(tuple(
-                _chat_xy(tok, prompt + _field(path, no, obj, side, list), seq_len, f"{path}:{no}", len(prompt))
-                for side in ("chosen", "rejected")))
+        self.tok = tok
+        self.pairs = _rows(path, [("prompt", list), ("chosen", list), ("rejected", list)],
+                           lambda prompt, *sides: [_chat_xy(tok, prompt + side, seq_len, len(prompt)) for side in sides])
         self._setup(len(self.pairs), micro_batch_size, accum, seed, rank, world_size, path, "preference")
 
     def get(self, step, micro_step):
@@ -1441,14 +1439,9 @@ class PromptLoader(_Shuffled):
     generation prompt, answers as strings); rewards compare extract_answer(completion) to the answer."""
 
     def __init__(self, path, tok, micro_batch_size, accum=1, seed=0, rank=0, world_size=1, enable_thinking=True):
-        self.prompts, self.answers = [], []
-        for no, obj in read_jsonl(path):
-            messages = _field(path, no, obj, "prompt", list)
-            try:
-                self.prompts.append(render_chat(tok, messages, True, enable_thinking=enable_thinking)[0])
-            except ValueError as e:
-                raise ValueError(f"{path}:{no}: {e}") from None
-            self.answers.append(_field(path, no, obj, "answer", str))
+        rows = _rows(path, [("prompt", list), ("answer", str)], lambda prompt, answer: (
+            render_chat(tok, prompt, True, enable_thinking=enable_thinking)[0], answer))
+        self.prompts, self.answers = [ids for ids, _ in rows], [answer for _, answer in rows]
         self._setup(len(self.prompts), micro_batch_size, accum, seed, rank, world_size, path, "rl")
 
     def get(self, step, micro_step):
