@@ -31,7 +31,6 @@ import hashlib
 import heapq
 import itertools
 import json
-import multiprocessing
 import os
 import pathlib
 import random
@@ -289,64 +288,15 @@ def _n_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _batches(texts, chars):
-    """Group an iterable of strings into lists of about `chars` characters."""
-    batch, size = [], 0
-    for t in texts:
-        batch.append(t)
-        size += len(t)
-        if size >= chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-# Encoding and chunk counting run on a process pool. Measured on 2 cores (load < 1.7): `bench`'s 3 x 16 MB
-# prepare in 5.2-9.6 s with a pool of 2, 10.7 s in one process on tiktoken's threads (tiktoken holds the GIL:
-# 1, 2 and 4 threads all encode 8 MB in 1.4-1.5 s), so the pool stays; chunk counting 1.9 s vs 3.2 s.
-_WORKER_TOK = None  # an encoding worker's tokenizer (set in each process by _set_worker_tok)
-
-
-def _set_worker_tok(tok):
-    global _WORKER_TOK
-    _WORKER_TOK = tok
-
-
-def _map_batches(fn, batches, workers, tok=None):
-    """fn(batch) for each batch, results in order, on a pool of `workers` processes holding tok when there are
-    two or more batches; at most two batches per worker in flight (Pool.imap would read a 100 GB file into
-    memory ahead of the workers). The pool ends when the generator does."""
-    _set_worker_tok(tok)
-    batches = iter(batches)
-    head = list(itertools.islice(batches, 2))
-    if workers < 2 or len(head) < 2:
-        yield from map(fn, itertools.chain(head, batches))
-        return
-    with multiprocessing.Pool(workers, _set_worker_tok, (tok,)) as pool:
-        pending = collections.deque()
-        for batch in itertools.chain(head, batches):
-            pending.append(pool.apply_async(fn, (batch,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
-def _count_chunks(texts):
-    """Counter of pre-token chunks over a list of texts (a pool task)."""
+# Encoding and chunk counting run in this process. Measured on 2 cores (load 6): a 16 MB prepare in 4.2-5.3 s
+# here vs 3.6-5.3 s on a pool of 2 processes, and chunk counting 5.6 s here vs 10-12 s on the pool (pickling
+# the Counters back costs more than the second core gains); tiktoken's threads were slower still.
+def _chunk_counts(texts):
+    """Counter of pre-token chunks over an iterable of texts."""
     pattern, counts = regex.compile(LLAMA3_PATTERN), collections.Counter()
     for t in texts:
         counts.update(pattern.findall(t))
     return counts
-
-
-def _chunk_counts(texts, batch_chars=2 << 20):
-    """Count unique chunks over batches of ~2M characters on every core."""
-    total = collections.Counter()
-    for counts in _map_batches(_count_chunks, _batches(texts, batch_chars), _n_cpus()):
-        total.update(counts)
-    return total
 
 
 def train_bpe(texts, vocab_size):
@@ -693,12 +643,6 @@ def _field(path, no, obj, key, kind, hint=""):
 
 # ---------------------------------------------------------------------------------- corpus preparation
 
-def _encode_docs(texts):
-    """A pool task: documents -> (their ids in one array, each followed by EOT; n_docs)."""
-    tok, dtype = _WORKER_TOK, shard_dtype(_WORKER_TOK.n_vocab)
-    return np.concatenate([np.array(tok.encode(t) + [tok.eos_id], dtype=dtype) for t in texts]), len(texts)
-
-
 def _documents(files, field, bar):
     """The documents of files in order. The byte progress bar moves by each document's length (in
     characters, capped at the file's size) and settles at the file's size when the file is done."""
@@ -747,11 +691,11 @@ def read_manifest(root):
             raise ValueError(f"{path}: malformed manifest ({e})") from None
 
 
-def prepare(files, out_dir, tok, source, split="train", field="text", shard_bytes=1 << 28, workers=None):
+def prepare(files, out_dir, tok, source, split="train", field="text", shard_bytes=1 << 28):
     """Tokenize input files into shards out_dir/<source>/<split>_NNNNN.bin and record them in
     out_dir/manifest.json -> the manifest entry of (source, split). Text files are grouped into ~shard_bytes
     shards, each .jsonl/.parquet file is one; shards whose header matches (tokenizer hash, input
-    names/sizes/mtimes) are kept, not re-encoded. `workers`: encoding processes (default: every core)."""
+    names/sizes/mtimes) are kept, not re-encoded."""
     if not regex.fullmatch(r"[A-Za-z0-9_.-]+", source):
         raise ValueError(f"source name {source!r}: use letters, digits, '_', '-' or '.'")
     if split not in SPLITS:
@@ -772,7 +716,7 @@ def prepare(files, out_dir, tok, source, split="train", field="text", shard_byte
     new_dirs = [d for d in (out_dir, os.path.join(out_dir, source)) if not os.path.isdir(d)]
     os.makedirs(os.path.join(out_dir, source), exist_ok=True)
     try:
-        entry = _prepare_shards(files, out_dir, tok, source, split, field, shard_bytes, workers or _n_cpus())
+        entry = _prepare_shards(files, out_dir, tok, source, split, field, shard_bytes)
     except BaseException:
         for d in reversed(new_dirs):  # a failed first run leaves no empty directories behind
             with contextlib.suppress(OSError):
@@ -783,7 +727,7 @@ def prepare(files, out_dir, tok, source, split="train", field="text", shard_byte
     return entry
 
 
-def _prepare_shards(files, out_dir, tok, source, split, field, shard_bytes, workers):
+def _prepare_shards(files, out_dir, tok, source, split, field, shard_bytes):
     itemsize = shard_dtype(tok.n_vocab).itemsize
     plan = []  # (relative path, input files, digest, (n_tokens, n_docs) if already complete else None)
     for i, unit in enumerate(_plan_shards(files, shard_bytes)):
@@ -798,10 +742,9 @@ def _prepare_shards(files, out_dir, tok, source, split, field, shard_bytes, work
     shards = []
     with tqdm(total=todo, unit="B", unit_scale=True, desc=f"{source}/{split}", disable=not todo) as bar:
         for name, unit, digest, done in plan:
-            if done is None:  # batches of ~256k characters; closing() ends the pool on any error
-                batches = _batches(_documents(unit, field, bar), 1 << 18)
-                with contextlib.closing(_map_batches(_encode_docs, batches, workers, tok)) as chunks:
-                    done = write_shard(os.path.join(out_dir, name), chunks, tok.hash, itemsize, digest)
+            if done is None:  # each document followed by the end-of-text token
+                chunks = ((tok.encode(text) + [tok.eos_id], 1) for text in _documents(unit, field, bar))
+                done = write_shard(os.path.join(out_dir, name), chunks, tok.hash, itemsize, digest)
             shards.append({"path": name, "tokens": done[0], "documents": done[1]})
     return {"files": [os.path.abspath(f) for f in files], "documents": sum(s["documents"] for s in shards),
             "tokens": sum(s["tokens"] for s in shards), "tokenizer_hash": tok.hash, "shards": shards}
@@ -1540,11 +1483,10 @@ def _prepare_main(argv):
     p.add_argument("--source", default="web", help="source name, as the mixture weights name it (default: web)")
     p.add_argument("--split", default="train", choices=SPLITS)
     p.add_argument("--field", default="text", help=".jsonl text field / .parquet column (default: text)")
-    p.add_argument("--workers", type=int, default=None, help="encoding processes (default: every core)")
     p.add_argument("--shard_mb", type=int, default=256, help="text files are grouped into shards of about this size")
     a = p.parse_args(argv)
     tok = Tokenizer.load(a.tokenizer)
-    entry = prepare(a.files, a.out, tok, a.source, a.split, a.field, a.shard_mb << 20, a.workers)
+    entry = prepare(a.files, a.out, tok, a.source, a.split, a.field, a.shard_mb << 20)
     print(f"{a.source}/{a.split}: {entry['documents']:,} documents, {entry['tokens']:,} tokens, "
           f"{len(entry['shards'])} shards in {a.out}")
 
