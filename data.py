@@ -300,11 +300,9 @@ def _chunk_counts(texts):
 
 
 def train_bpe(texts, vocab_size):
-    """Train byte-level BPE on an iterable of strings -> Tokenizer with exactly vocab_size ids (specials included).
-
-    Chunks (LLAMA3_PATTERN) are counted once; each merge then touches only the chunks that contain its
-    pair (an index pair -> chunk ids) and updates pair counts by difference, with a lazy max-heap. The pair
-    to merge is the most frequent; ties go to the smallest (left id, right id), so training is deterministic."""
+    """Byte-level BPE on an iterable of strings -> Tokenizer of exactly vocab_size ids (specials included).
+    Each merge touches only the chunks holding its pair and updates pair counts by difference (a lazy
+    max-heap); the most frequent pair wins, ties the smallest (left id, right id), so it is deterministic."""
     n_merges = vocab_size - 256 - len(SPECIALS)
     if n_merges < 0:
         raise ValueError(f"vocab_size must be >= {256 + len(SPECIALS)} (256 bytes + specials), got {vocab_size}")
@@ -1054,13 +1052,11 @@ def _stream_key(seed, name):
 
 
 def permute(i, n, key):
-    """A bijection of [0, n), keyed by a 64-bit int, applied to the integer array i (any shape).
-
-    A 4-round Feistel network permutes [0, 2^b), the smallest power of two >= n: each round maps the state
-    (left: wl bits, right: wr bits) to (right, left ^ F(right)), invertible whatever F is, with F = the top
-    wl bits of _mix(right ^ round key). A value that lands at or past n goes through again (cycle walking)
-    until it is inside [0, n), which keeps the map a bijection of [0, n); the domain is < 2n, so on average
-    fewer than two passes. Memory O(len(i)), never O(n)."""
+    """A bijection of [0, n), keyed by a 64-bit int, applied to the integer array i (any shape); memory
+    O(len(i)), never O(n)."""
+    # A 4-round Feistel network permutes [0, 2^b), b the bits of n - 1: each round maps (left, right) to
+    # (right, left ^ F(right)), invertible whatever F is. A value at or past n goes through again (cycle
+    # walking) until inside [0, n), still a bijection; the domain is < 2n, so fewer than two passes on average.
     shape, i = np.shape(i), np.asarray(i, dtype=np.uint64).reshape(-1)
     b, keys = (n - 1).bit_length(), [np.uint64(_key(key, r)) for r in range(4)]
 
@@ -1155,13 +1151,10 @@ def _counts(levels, n, n_sources):
 
 
 class Loader:
-    """Pretraining batches: fixed rows of seq_len + 1 tokens cut from each source's shards, read by memmap.
-
-    Row r of a source is tokens [r*T, r*T + T + 1) of its concatenated shards (T = seq_len; rows do not
-    cross shards), so each token is a target once per epoch. A micro-batch's stage is set by its step; it
-    takes count_k(end) - count_k(start) rows of source k (its in-stage sample range), drawn on from where
-    that source stopped (earlier stages included) through its epoch permutations (_draw, keyed by seed and
-    source), rows grouped by source. `pos` restarts at 0 at each row start and after each end-of-text."""
+    """Pretraining batches of rows cut from each source's shards: row r is tokens [r*T, r*T + T + 1) (T =
+    seq_len; rows do not cross shards), so each token is a target once per epoch. A micro-batch takes
+    count_k(end) - count_k(start) rows of source k (its in-stage sample range), drawn on from where that
+    source stopped through its epoch permutations, rows grouped by source."""
 
     def __init__(self, cfg, tok, micro_batch_size, accum, seed, dp_rank=0, dp_size=1):
         if not 0 <= dp_rank < dp_size:
@@ -1262,7 +1255,6 @@ class Loader:
         return self._batch(buf, "val", [source] * n_rows, rows)
 
 
-
 def pack_bfd(lengths, capacity):
     """Best-fit-decreasing bin packing -> bins (lists of item indices, in placement order). Longest item
     first (ties: lower index); each goes to the open bin with the least room that still fits it (ties:
@@ -1283,8 +1275,6 @@ def pack_bfd(lengths, capacity):
         if free:
             bisect.insort(room, (free, b))
     return bins
-
-
 
 
 def _rows(path, fields, render):
