@@ -288,9 +288,9 @@ def _n_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-# Encoding and chunk counting run in this process. Measured on 2 cores (load 6): a 16 MB prepare in 4.2-5.3 s
-# here vs 3.6-5.3 s on a pool of 2 processes, and chunk counting 5.6 s here vs 10-12 s on the pool (pickling
-# the Counters back costs more than the second core gains); tiktoken's threads were slower still.
+# Encoding and chunk counting run in this process: a pool of 2 processes gained nothing measurable on 2 cores
+# (`bench`, old vs new back to back, load 3-4: prepare 14.5/13.8 s vs 15.2/10.6 s, train_bpe 9.5/15.4 s vs
+# 13.6/9.0 s; pickling Counters back from the pool costs what the second core gains), nor did tiktoken's threads.
 def _chunk_counts(texts):
     """Counter of pre-token chunks over an iterable of texts."""
     pattern, counts = regex.compile(LLAMA3_PATTERN), collections.Counter()
