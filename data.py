@@ -509,10 +509,6 @@ TEXT_SUFFIXES = (".txt", ".md", ".py")  # one file = one document
 SPLITS = ("train", "val")
 
 
-def shard_dtype(n_vocab):
-    return np.dtype(np.uint16 if n_vocab <= 1 << 16 else np.uint32)
-
-
 def read_shard_header(path):
     """-> (itemsize, n_tokens, n_docs, tokenizer hash, inputs digest), magic and file size checked."""
     try:
@@ -726,7 +722,7 @@ def prepare(files, out_dir, tok, source, split="train", field="text", shard_byte
 
 
 def _prepare_shards(files, out_dir, tok, source, split, field, shard_bytes):
-    itemsize = shard_dtype(tok.n_vocab).itemsize
+    itemsize = 2 if tok.n_vocab <= 1 << 16 else 4  # uint16 ids while they fit
     plan = []  # (relative path, input files, digest, (n_tokens, n_docs) if already complete else None)
     for i, unit in enumerate(_plan_shards(files, shard_bytes)):
         name, digest = f"{source}/{split}_{i:05d}.bin", _inputs_digest(unit, field, tok.hash)
@@ -1047,10 +1043,6 @@ def _key(*parts):
     return int(h[0])
 
 
-def _stream_key(seed, name):
-    return _key(seed, *name.encode())  # a source name, not a path: moving the data keeps the order
-
-
 def permute(i, n, key):
     """A bijection of [0, n), keyed by a 64-bit int, applied to the integer array i (any shape); memory
     O(len(i)), never O(n)."""
@@ -1171,7 +1163,7 @@ class Loader:
         self.sources = sorted({s for _, weights in self.schedule for s, w in weights.items() if w > 0})
         self._streams = {}
         self.rows = {s: int(self._stream(s, "train")[1][-1]) for s in self.sources}  # rows per epoch of each source
-        self._keys = [_stream_key(seed, s) for s in self.sources]
+        self._keys = [_key(seed, *s.encode()) for s in self.sources]  # a name, not a path: data may move
         self._starts = [start for start, _ in self.schedule]
         self._levels = [_levels(weights, self.sources) for _, weights in self.schedule]
         self._offsets, drawn = [], [0] * len(self.sources)  # per stage: each source's draws before it
@@ -1321,7 +1313,7 @@ class _Shuffled:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.n, self.micro_batch_size, self.accum = n, micro_batch_size, accum
         self.rank, self.world_size = rank, world_size
-        self._key = _stream_key(seed, kind)
+        self._key = _key(seed, *kind.encode())
 
     def indices(self, step, micro_step):
         """Item indices [micro_batch_size] of this rank's micro-step."""
