@@ -128,12 +128,13 @@ class Tokenizer:
             splits = [(t[:i], t[i:]) for i in range(1, len(t)) if t[:i] in self.ranks and t[i:] in self.ranks]
             merges += [[_bytes_to_str(a), _bytes_to_str(b)] for a, b in sorted(splits, key=lambda s: self.ranks[s[0]])]
         byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
-        added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-                  "special": True} for s, i in sorted(self.specials.items(), key=_by_id)]
+        added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": True} for s, i in sorted(self.specials.items(), key=_by_id)]
         split = {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False}
         model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                 "merges": merges, "vocab": {_bytes_to_str(t): r for t, r in sorted(self.ranks.items(), key=_by_id)}}
+                 "merges": merges,
+                 "vocab": {_bytes_to_str(t): r for t, r in sorted(self.ranks.items(), key=_by_id)}}
         doc = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
                "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, byte_level]},
                "post_processor": None, "decoder": byte_level, "model": model}
@@ -1348,8 +1349,9 @@ class PreferenceLoader(_Shuffled):
 
     def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1):
         self.tok = tok
-        self.pairs = _rows(path, [("prompt", list), ("chosen", list), ("rejected", list)],
-                           lambda prompt, *sides: [_chat_xy(tok, prompt + side, seq_len, len(prompt)) for side in sides])
+        sides = [("prompt", list), ("chosen", list), ("rejected", list)]
+        self.pairs = _rows(path, sides, lambda prompt, *replies: [
+            _chat_xy(tok, prompt + reply, seq_len, len(prompt)) for reply in replies])
         self._setup(len(self.pairs), micro_batch_size, accum, seed, rank, world_size, path, "preference")
 
     def get(self, step, micro_step):
