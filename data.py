@@ -31,8 +31,8 @@ import hashlib
 import heapq
 import itertools
 import json
-import multiprocessing
 import os
+import pathlib
 import random
 import struct
 import sys
@@ -49,6 +49,7 @@ import torch
 from tqdm import tqdm
 
 from config import load
+from model import atomic_write
 
 # ------------------------------------------------------------------------------------- tokenizer
 
@@ -67,10 +68,8 @@ SPECIALS = {"bos_id": "<|begin_of_text|>", "eos_id": "<|end_of_text|>", "im_star
 
 
 class Tokenizer:
-    """Byte-level BPE in a tiktoken.Encoding plus named special-token ids.
-
-    ranks: {token bytes: rank}, ranks exactly 0..N-1 (rank = merge priority, as tiktoken wants); specials:
-    {name: id} with ids N..V-1. encode() adds no BOS and never yields a special id."""
+    """Byte-level BPE in a tiktoken.Encoding. ranks: {token bytes: rank 0..N-1} (rank = merge priority, as
+    tiktoken wants); specials: {name: id N..V-1}. encode() adds no BOS and never yields a special id."""
 
     def __init__(self, ranks, specials, pattern=LLAMA3_PATTERN):
         n = len(ranks)
@@ -99,7 +98,7 @@ class Tokenizer:
 
     @classmethod
     def byte_level(cls):
-        """The 256 single bytes (rank = byte value), no merges, then our specials: handy for tests."""
+        """The 256 single bytes, no merges, then our specials (tests, bench)."""
         return cls({bytes([i]): i for i in range(256)}, {s: 256 + i for i, s in enumerate(SPECIALS.values())})
 
     def encode(self, text):
@@ -113,36 +112,33 @@ class Tokenizer:
         return self.enc.decode(ids, errors="replace")
 
     def token_bytes(self):
-        """[n_vocab] int64: UTF-8 byte length of each token, 0 for specials (bits-per-byte denominators)."""
+        """[n_vocab] int64: byte length of each token, 0 for specials (bits-per-byte denominators)."""
         out = np.zeros(self.n_vocab, dtype=np.int64)
-        for b, r in self.ranks.items():
-            out[r] = len(b)
+        out[list(self.ranks.values())] = [len(b) for b in self.ranks]
         return out
 
     def save(self, path):
-        """Write a tokenizer.json in Llama-3's layout, which HF `tokenizers` encodes to our exact ids: tiktoken
-        merges any two adjacent parts that form a token, at that token's rank, so every split of a token into two
-        tokens is listed, sorted by the rank of the token it makes; ignore_merges mirrors tiktoken's whole-chunk
-        lookup. No post-processor: like encode(), HF then adds no BOS."""
+        """Write a tokenizer.json in Llama-3's layout, which HF `tokenizers` encodes to our exact ids. No
+        post-processor: like encode(), HF then adds no BOS."""
+        # tiktoken merges any two adjacent parts that form a token, at that token's rank: so every split of a
+        # token into two tokens is listed, sorted by the rank of the token it makes, and ignore_merges mirrors
+        # tiktoken's whole-chunk lookup.
         merges = []
         for t, _ in sorted(self.ranks.items(), key=_by_id):
             splits = [(t[:i], t[i:]) for i in range(1, len(t)) if t[:i] in self.ranks and t[i:] in self.ranks]
             merges += [[_bytes_to_str(a), _bytes_to_str(b)] for a, b in sorted(splits, key=lambda s: self.ranks[s[0]])]
         byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
-        doc = {"version": "1.0", "truncation": None, "padding": None,
-               "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                                 "normalized": False, "special": True}
-                                for s, i in sorted(self.specials.items(), key=_by_id)],
-               "normalizer": None,
-               "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                   {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
-                   byte_level]},
-               "post_processor": None, "decoder": byte_level,
-               "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                         "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                         "ignore_merges": True, "merges": merges,
-                         "vocab": {_bytes_to_str(t): r for t, r in sorted(self.ranks.items(), key=_by_id)}}}
-        _atomic_write(path, json.dumps(doc, ensure_ascii=False))
+        added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": True} for s, i in sorted(self.specials.items(), key=_by_id)]
+        split = {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False}
+        model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                 "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                 "merges": merges,
+                 "vocab": {_bytes_to_str(t): r for t, r in sorted(self.ranks.items(), key=_by_id)}}
+        doc = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+               "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, byte_level]},
+               "post_processor": None, "decoder": byte_level, "model": model}
+        _write_text(path, json.dumps(doc, ensure_ascii=False))
 
     @classmethod
     def load(cls, path):
@@ -272,11 +268,11 @@ def _check_merges(ranks, merges_raw, ignore_merges, fail):
     # into that one token, no unlisted split ever fires, and tiktoken's whole-chunk lookup agrees as well.
     for t in ranks:
         parts = [bytes([c]) for c in t]
-        while len(parts) > 1:
-            k = min(range(len(parts) - 1), key=lambda k: (ranks.get(parts[k] + parts[k + 1], len(ranks))
-                                                          if (parts[k], parts[k + 1]) in listed else len(ranks)))
-            if (parts[k], parts[k + 1]) not in listed:
+        while True:
+            pairs = [k for k in range(len(parts) - 1) if (parts[k], parts[k + 1]) in listed]
+            if not pairs:
                 break
+            k = min(pairs, key=lambda k: ranks[parts[k] + parts[k + 1]])
             parts[k:k + 2] = [parts[k] + parts[k + 1]]
         if parts != [t]:
             fail(f"model.merges turn the token {_bytes_to_str(t)!r} (id {ranks[t]}) into "
@@ -284,11 +280,8 @@ def _check_merges(ranks, merges_raw, ignore_merges, fail):
                  "(ignore_merges false)")
 
 
-def _atomic_write(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _write_text(path, text):
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _n_cpus():
@@ -296,72 +289,21 @@ def _n_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _batches(texts, chars):
-    """Group an iterable of strings into lists of about `chars` characters."""
-    batch, size = [], 0
-    for t in texts:
-        batch.append(t)
-        size += len(t)
-        if size >= chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-# Encoding and chunk counting run on a process pool. Measured on 2 cores (load < 1.7): `bench`'s 3 x 16 MB
-# prepare in 5.2-9.6 s with a pool of 2, 10.7 s in one process on tiktoken's threads (tiktoken holds the GIL:
-# 1, 2 and 4 threads all encode 8 MB in 1.4-1.5 s), so the pool stays; chunk counting 1.9 s vs 3.2 s.
-_WORKER_TOK = None  # an encoding worker's tokenizer (set in each process by _set_worker_tok)
-
-
-def _set_worker_tok(tok):
-    global _WORKER_TOK
-    _WORKER_TOK = tok
-
-
-def _map_batches(fn, batches, workers, tok=None):
-    """fn(batch) for each batch, results in order, on a pool of `workers` processes holding tok when there are
-    two or more batches; at most two batches per worker in flight (Pool.imap would read a 100 GB file into
-    memory ahead of the workers). The pool ends when the generator does."""
-    _set_worker_tok(tok)
-    batches = iter(batches)
-    head = list(itertools.islice(batches, 2))
-    if workers < 2 or len(head) < 2:
-        yield from map(fn, itertools.chain(head, batches))
-        return
-    with multiprocessing.Pool(workers, _set_worker_tok, (tok,)) as pool:
-        pending = collections.deque()
-        for batch in itertools.chain(head, batches):
-            pending.append(pool.apply_async(fn, (batch,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
-def _count_chunks(texts):
-    """Counter of pre-token chunks over a list of texts (a pool task)."""
+# Encoding and chunk counting run in this process: a pool of 2 processes gained nothing measurable on 2 cores
+# (`bench`, old vs new back to back, load 3-4: prepare 14.5/13.8 s vs 15.2/10.6 s, train_bpe 9.5/15.4 s vs
+# 13.6/9.0 s; pickling Counters back from the pool costs what the second core gains), nor did tiktoken's threads.
+def _chunk_counts(texts):
+    """Counter of pre-token chunks over an iterable of texts."""
     pattern, counts = regex.compile(LLAMA3_PATTERN), collections.Counter()
     for t in texts:
         counts.update(pattern.findall(t))
     return counts
 
 
-def _chunk_counts(texts, batch_chars=2 << 20):
-    """Count unique chunks over batches of ~2M characters on every core."""
-    total = collections.Counter()
-    for counts in _map_batches(_count_chunks, _batches(texts, batch_chars), _n_cpus()):
-        total.update(counts)
-    return total
-
-
 def train_bpe(texts, vocab_size):
-    """Train byte-level BPE on an iterable of strings -> Tokenizer with exactly vocab_size ids (specials included).
-
-    Chunks (LLAMA3_PATTERN) are counted once; each merge then touches only the chunks that contain its
-    pair (an index pair -> chunk ids) and updates pair counts by difference, with a lazy max-heap. The pair
-    to merge is the most frequent; ties go to the smallest (left id, right id), so training is deterministic."""
+    """Byte-level BPE on an iterable of strings -> Tokenizer of exactly vocab_size ids (specials included).
+    Each merge touches only the chunks holding its pair and updates pair counts by difference (a lazy
+    max-heap); the most frequent pair wins, ties the smallest (left id, right id), so it is deterministic."""
     n_merges = vocab_size - 256 - len(SPECIALS)
     if n_merges < 0:
         raise ValueError(f"vocab_size must be >= {256 + len(SPECIALS)} (256 bytes + specials), got {vocab_size}")
@@ -568,12 +510,8 @@ TEXT_SUFFIXES = (".txt", ".md", ".py")  # one file = one document
 SPLITS = ("train", "val")
 
 
-def shard_dtype(n_vocab):
-    return np.dtype(np.uint16) if n_vocab <= 1 << 16 else np.dtype(np.uint32)
-
-
 def read_shard_header(path):
-    """-> (itemsize, n_tokens, n_docs, tokenizer hash, inputs digest) after checking magic and file size."""
+    """-> (itemsize, n_tokens, n_docs, tokenizer hash, inputs digest), magic and file size checked."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -598,17 +536,15 @@ def open_shard(path, tok_hash):
     itemsize, n_tokens, _, h, _ = read_shard_header(path)
     if h != tok_hash:
         raise ValueError(f"{path}: shard was written with tokenizer {h}, but the tokenizer in use is {tok_hash}")
-    return np.memmap(path, dtype=np.uint16 if itemsize == 2 else np.uint32, mode="r",
-                     offset=_HEADER.size, shape=(n_tokens,))
+    return np.memmap(path, dtype=f"<u{itemsize}", mode="r", offset=_HEADER.size, shape=(n_tokens,))
 
 
 def write_shard(path, chunks, tok_hash, itemsize, digest=bytes(32)):
-    """Write (tokens, n_docs) chunks as one shard -> (n_tokens, n_docs).
-
-    Written to a temporary name, header last, then renamed: a failure at any point leaves no file at path."""
+    """Write (tokens, n_docs) chunks as one shard -> (n_tokens, n_docs). Written to a temporary name, header
+    last, then renamed: a failure at any point leaves no file at path."""
     if len(tok_hash.encode()) > 64:
         raise ValueError(f"tokenizer hash {tok_hash!r} is longer than the 64 bytes a shard header holds")
-    dtype = np.uint16 if itemsize == 2 else np.uint32
+    dtype = f"<u{itemsize}"
     tmp = f"{path}.tmp{os.getpid()}"
     n_tokens = n_docs = 0
     try:
@@ -669,7 +605,6 @@ def _parquet_texts(path, field):
 def iter_documents(path, field="text"):
     """Yield the documents of one input file: a .txt/.md/.py file is one document, a .jsonl line or a
     .parquet row is one (its `field`). Empty documents are skipped; a file with none is an error."""
-    n = 0
     if path.endswith(TEXT_SUFFIXES):
         with open(path, "rb") as f:
             raw = f.read()
@@ -684,11 +619,11 @@ def iter_documents(path, field="text"):
         texts = _parquet_texts(path, field)
     else:
         raise ValueError(f"{path}: unsupported input type (expected {', '.join(TEXT_SUFFIXES)}, .jsonl or .parquet)")
-    for text in texts:
-        if text:
-            n += 1
-            yield text
-    if n == 0:
+    n_docs = 0
+    for text in filter(None, texts):
+        n_docs += 1
+        yield text
+    if n_docs == 0:
         raise ValueError(f"{path}: empty file (no documents)")
 
 
@@ -702,12 +637,6 @@ def _field(path, no, obj, key, kind, hint=""):
 
 
 # ---------------------------------------------------------------------------------- corpus preparation
-
-def _encode_docs(texts):
-    """Encode a batch of documents -> (one array of ids, each document followed by EOT; n_docs) (a pool task)."""
-    tok, dtype = _WORKER_TOK, shard_dtype(_WORKER_TOK.n_vocab)
-    return np.concatenate([np.array(tok.encode(t) + [tok.eos_id], dtype=dtype) for t in texts]), len(texts)
-
 
 def _documents(files, field, bar):
     """The documents of files in order. The byte progress bar moves by each document's length (in
@@ -725,21 +654,17 @@ def _documents(files, field, bar):
 def _plan_shards(files, shard_bytes):
     """Group input files into shards: consecutive text files until shard_bytes; each .jsonl/.parquet alone.
     Depends on names and sizes only, so a re-run finds the same shards without reading any input."""
-    units, group, size = [], [], 0
+    units, size = [], shard_bytes  # size: bytes in the last text group (shard_bytes: no group open)
     for path in files:
         if not path.endswith(TEXT_SUFFIXES):
-            if group:
-                units.append(group)
-                group, size = [], 0
             units.append([path])
+            size = shard_bytes
             continue
-        group.append(path)
-        size += os.path.getsize(path)
         if size >= shard_bytes:
-            units.append(group)
-            group, size = [], 0
-    if group:
-        units.append(group)
+            units.append([])
+            size = 0
+        units[-1].append(path)
+        size += os.path.getsize(path)
     return units
 
 
@@ -761,11 +686,11 @@ def read_manifest(root):
             raise ValueError(f"{path}: malformed manifest ({e})") from None
 
 
-def prepare(files, out_dir, tok, source, split="train", field="text", shard_bytes=1 << 28, workers=None):
+def prepare(files, out_dir, tok, source, split="train", field="text", shard_bytes=1 << 28):
     """Tokenize input files into shards out_dir/<source>/<split>_NNNNN.bin and record them in
     out_dir/manifest.json -> the manifest entry of (source, split). Text files are grouped into ~shard_bytes
     shards, each .jsonl/.parquet file is one; shards whose header matches (tokenizer hash, input
-    names/sizes/mtimes) are kept, not re-encoded. `workers`: encoding processes (default: every core)."""
+    names/sizes/mtimes) are kept, not re-encoded."""
     if not regex.fullmatch(r"[A-Za-z0-9_.-]+", source):
         raise ValueError(f"source name {source!r}: use letters, digits, '_', '-' or '.'")
     if split not in SPLITS:
@@ -786,19 +711,19 @@ def prepare(files, out_dir, tok, source, split="train", field="text", shard_byte
     new_dirs = [d for d in (out_dir, os.path.join(out_dir, source)) if not os.path.isdir(d)]
     os.makedirs(os.path.join(out_dir, source), exist_ok=True)
     try:
-        entry = _prepare_shards(files, out_dir, tok, source, split, field, shard_bytes, workers or _n_cpus())
+        entry = _prepare_shards(files, out_dir, tok, source, split, field, shard_bytes)
     except BaseException:
         for d in reversed(new_dirs):  # a failed first run leaves no empty directories behind
             with contextlib.suppress(OSError):
                 os.rmdir(d)
         raise
     manifest["sources"].setdefault(source, {})[split] = entry
-    _atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    _write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return entry
 
 
-def _prepare_shards(files, out_dir, tok, source, split, field, shard_bytes, workers):
-    itemsize = shard_dtype(tok.n_vocab).itemsize
+def _prepare_shards(files, out_dir, tok, source, split, field, shard_bytes):
+    itemsize = 2 if tok.n_vocab <= 1 << 16 else 4  # uint16 ids while they fit
     plan = []  # (relative path, input files, digest, (n_tokens, n_docs) if already complete else None)
     for i, unit in enumerate(_plan_shards(files, shard_bytes)):
         name, digest = f"{source}/{split}_{i:05d}.bin", _inputs_digest(unit, field, tok.hash)
@@ -812,10 +737,9 @@ def _prepare_shards(files, out_dir, tok, source, split, field, shard_bytes, work
     shards = []
     with tqdm(total=todo, unit="B", unit_scale=True, desc=f"{source}/{split}", disable=not todo) as bar:
         for name, unit, digest, done in plan:
-            if done is None:  # batches of ~256k characters; closing() ends the pool on any error
-                batches = _batches(_documents(unit, field, bar), 1 << 18)
-                with contextlib.closing(_map_batches(_encode_docs, batches, workers, tok)) as chunks:
-                    done = write_shard(os.path.join(out_dir, name), chunks, tok.hash, itemsize, digest)
+            if done is None:  # each document followed by the end-of-text token
+                chunks = ((tok.encode(text) + [tok.eos_id], 1) for text in _documents(unit, field, bar))
+                done = write_shard(os.path.join(out_dir, name), chunks, tok.hash, itemsize, digest)
             shards.append({"path": name, "tokens": done[0], "documents": done[1]})
     return {"files": [os.path.abspath(f) for f in files], "documents": sum(s["documents"] for s in shards),
             "tokens": sum(s["tokens"] for s in shards), "tokenizer_hash": tok.hash, "shards": shards}
@@ -1062,15 +986,6 @@ def default_sets(sizes=DEFAULT_SIZES):
     }
 
 
-
-def _bpe_sample(code_files, math_jsonl, math_docs=8_000):
-    """The tokenizer's training text (~3.5 MB): every fifth code file and the first math documents."""
-    for path in code_files[::5]:
-        yield from iter_documents(path)
-    for _, obj in itertools.islice(read_jsonl(math_jsonl), math_docs):
-        yield obj["text"]
-
-
 def prepare_default(data_dir, vocab_size):
     """Build the embedded default corpus in data_dir: the generated .jsonl sets (DEFAULT_SIZES), a BPE
     tokenizer.json of vocab_size ids trained on a sample, and the train/val shards of sources "code" and
@@ -1081,7 +996,7 @@ def prepare_default(data_dir, vocab_size):
     if not all(os.path.isfile(p) for p in paths.values()):
         for name, rows in default_sets().items():
             if not os.path.isfile(paths[name]):
-                _atomic_write(paths[name], "".join(json.dumps(r) + "\n" for r in rows))
+                _write_text(paths[name], "".join(json.dumps(r) + "\n" for r in rows))
     code_train, code_val = stdlib_files()
     tok_path = os.path.join(data_dir, "tokenizer.json")
     if os.path.isfile(tok_path):
@@ -1089,7 +1004,10 @@ def prepare_default(data_dir, vocab_size):
         if tok.n_vocab != vocab_size:
             raise ValueError(f"{tok_path} has {tok.n_vocab} ids but vocab_size is {vocab_size}; use another data_dir")
     else:
-        tok = train_bpe(_bpe_sample(code_train, paths["math_train"]), vocab_size)
+        # the tokenizer's training text (~3.5 MB): every fifth code file and the first 8,000 math documents
+        code = (text for path in code_train[::5] for text in iter_documents(path))
+        math = (obj["text"] for _, obj in itertools.islice(read_jsonl(paths["math_train"]), 8_000))
+        tok = train_bpe(itertools.chain(code, math), vocab_size)
         tok.save(tok_path)
     for source, split, files in (("code", "train", code_train), ("code", "val", code_val),
                                  ("math", "train", [paths["math_train"]]), ("math", "val", [paths["math_val"]])):
@@ -1126,19 +1044,12 @@ def _key(*parts):
     return int(h[0])
 
 
-def _stream_key(seed, name):
-    # not a path: moving the data keeps the order
-    return _key(seed, *name.encode())
-
-
 def permute(i, n, key):
-    """A bijection of [0, n), keyed by a 64-bit int, applied to the integer array i (any shape).
-
-    A 4-round Feistel network permutes [0, 2^b), the smallest power of two >= n: each round maps the state
-    (left: wl bits, right: wr bits) to (right, left ^ F(right)), invertible whatever F is, with F = the top
-    wl bits of _mix(right ^ round key). A value that lands at or past n goes through again (cycle walking)
-    until it is inside [0, n), which keeps the map a bijection of [0, n); the domain is < 2n, so on average
-    fewer than two passes. Memory O(len(i)), never O(n)."""
+    """A bijection of [0, n), keyed by a 64-bit int, applied to the integer array i (any shape); memory
+    O(len(i)), never O(n)."""
+    # A 4-round Feistel network permutes [0, 2^b), b the bits of n - 1: each round maps (left, right) to
+    # (right, left ^ F(right)), invertible whatever F is. A value at or past n goes through again (cycle
+    # walking) until inside [0, n), still a bijection; the domain is < 2n, so fewer than two passes on average.
     shape, i = np.shape(i), np.asarray(i, dtype=np.uint64).reshape(-1)
     b, keys = (n - 1).bit_length(), [np.uint64(_key(key, r)) for r in range(4)]
 
@@ -1174,7 +1085,7 @@ def _first_index(step, micro_step, micro_batch_size, accum, rank, world_size):
 
 
 def _with_pos(buf, eos_id):
-    """[B, T+1] ids -> (x, y, pos) int64 tensors [B, T]; pos restarts at 0 at the row start and after every EOT."""
+    """[B, T+1] ids -> (x, y, pos) int64 tensors [B, T]; pos restarts at 0 at each row start and after each EOT."""
     x, y = np.ascontiguousarray(buf[:, :-1]), np.ascontiguousarray(buf[:, 1:])
     start = np.empty(x.shape, dtype=bool)
     start[:, 0], start[:, 1:] = True, x[:, :-1] == eos_id
@@ -1233,13 +1144,10 @@ def _counts(levels, n, n_sources):
 
 
 class Loader:
-    """Pretraining batches: fixed rows of seq_len + 1 tokens cut from each source's shards, read by memmap.
-
-    Row r of a source is tokens [r*T, r*T + T + 1) of its concatenated shards (T = seq_len; rows do not
-    cross shards), so each token is a target once per epoch. A micro-batch's stage is set by its step; it
-    takes count_k(end) - count_k(start) rows of source k (its in-stage sample range), drawn on from where
-    that source stopped (earlier stages included) through its epoch permutations (_draw, keyed by seed and
-    source), rows grouped by source. `pos` restarts at 0 at each row start and after each end-of-text."""
+    """Pretraining batches of rows cut from each source's shards: row r is tokens [r*T, r*T + T + 1) (T =
+    seq_len; rows do not cross shards), so each token is a target once per epoch. A micro-batch takes
+    count_k(end) - count_k(start) rows of source k (its in-stage sample range), drawn on from where that
+    source stopped through its epoch permutations, rows grouped by source."""
 
     def __init__(self, cfg, tok, micro_batch_size, accum, seed, dp_rank=0, dp_size=1):
         if not 0 <= dp_rank < dp_size:
@@ -1256,7 +1164,7 @@ class Loader:
         self.sources = sorted({s for _, weights in self.schedule for s, w in weights.items() if w > 0})
         self._streams = {}
         self.rows = {s: int(self._stream(s, "train")[1][-1]) for s in self.sources}  # rows per epoch of each source
-        self._keys = [_stream_key(seed, s) for s in self.sources]
+        self._keys = [_key(seed, *s.encode()) for s in self.sources]  # a name, not a path: data may move
         self._starts = [start for start, _ in self.schedule]
         self._levels = [_levels(weights, self.sources) for _, weights in self.schedule]
         self._offsets, drawn = [], [0] * len(self.sources)  # per stage: each source's draws before it
@@ -1340,7 +1248,6 @@ class Loader:
         return self._batch(buf, "val", [source] * n_rows, rows)
 
 
-
 def pack_bfd(lengths, capacity):
     """Best-fit-decreasing bin packing -> bins (lists of item indices, in placement order). Longest item
     first (ties: lower index); each goes to the open bin with the least room that still fits it (ties:
@@ -1363,17 +1270,24 @@ def pack_bfd(lengths, capacity):
     return bins
 
 
+def _rows(path, fields, render):
+    """render(*fields of each line) for the lines of a .jsonl file; a ValueError names path:line."""
+    out = []
+    for no, obj in read_jsonl(path):
+        values = [_field(path, no, obj, key, kind) for key, kind in fields]
+        try:
+            out.append(render(*values))
+        except ValueError as e:
+            raise ValueError(f"{path}:{no}: {e}") from None
+    return out
 
 
-def _chat_xy(tok, messages, seq_len, where, n_prompt=0):
+def _chat_xy(tok, messages, seq_len, n_prompt=0):
     """Render a conversation -> (x, y) int64 arrays: y[t] = ids[t+1] where that token is the model's to
     generate after the first n_prompt messages, else -100. Truncated to seq_len tokens."""
-    try:
-        ids, mask = render_chat(tok, messages)
-        # turns are encoded one by one, so the prompt's rendering is a prefix of the conversation's
-        prompt_len = len(render_chat(tok, messages[:n_prompt])[0]) if n_prompt else 0
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+    ids, mask = render_chat(tok, messages)
+    # turns are encoded one by one, so the prompt's rendering is a prefix of the conversation's
+    prompt_len = len(render_chat(tok, messages[:n_prompt])[0]) if n_prompt else 0
     ids, mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
     mask[:prompt_len] = False
     return ids[:-1][:seq_len], np.where(mask[1:], ids[1:], -100)[:seq_len]
@@ -1400,7 +1314,7 @@ class _Shuffled:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.n, self.micro_batch_size, self.accum = n, micro_batch_size, accum
         self.rank, self.world_size = rank, world_size
-        self._key = _stream_key(seed, kind)
+        self._key = _key(seed, *kind.encode())
 
     def indices(self, step, micro_step):
         """Item indices [micro_batch_size] of this rank's micro-step."""
@@ -1413,8 +1327,7 @@ class SFTLoader(_Shuffled):
     with its own positions 0, 1, ... and targets (y = -100 but on assistant output), then padding (pos = -1)."""
 
     def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1):
-        docs = [_chat_xy(tok, _field(path, no, obj, "messages", list), seq_len, f"{path}:{no}")
-                for no, obj in read_jsonl(path)]
+        docs = _rows(path, [("messages", list)], lambda messages: _chat_xy(tok, messages, seq_len))
         self.bins = pack_bfd([len(x) for x, _ in docs], seq_len)
         packed = [[np.concatenate(a) for a in zip(*(docs[i] for i in items))] for items in self.bins]
         self.x, self.y, self.pos = _padded(tok, packed, seq_len)
@@ -1435,12 +1348,10 @@ class PreferenceLoader(_Shuffled):
     y = -100 on the prompt and on padding, so the sum of -CE over y != -100 is the completion's log-probability."""
 
     def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1):
-        self.pairs, self.tok = [], tok
-        for no, obj in read_jsonl(path):
-            prompt = _field(path, no, obj, "prompt", list)
-            self.pairs.append(tuple(
-                _chat_xy(tok, prompt + _field(path, no, obj, side, list), seq_len, f"{path}:{no}", len(prompt))
-                for side in ("chosen", "rejected")))
+        self.tok = tok
+        sides = [("prompt", list), ("chosen", list), ("rejected", list)]
+        self.pairs = _rows(path, sides, lambda prompt, *replies: [
+            _chat_xy(tok, prompt + reply, seq_len, len(prompt)) for reply in replies])
         self._setup(len(self.pairs), micro_batch_size, accum, seed, rank, world_size, path, "preference")
 
     def get(self, step, micro_step):
@@ -1455,14 +1366,9 @@ class PromptLoader(_Shuffled):
     generation prompt, answers as strings); rewards compare extract_answer(completion) to the answer."""
 
     def __init__(self, path, tok, micro_batch_size, accum=1, seed=0, rank=0, world_size=1, enable_thinking=True):
-        self.prompts, self.answers = [], []
-        for no, obj in read_jsonl(path):
-            messages = _field(path, no, obj, "prompt", list)
-            try:
-                self.prompts.append(render_chat(tok, messages, True, enable_thinking=enable_thinking)[0])
-            except ValueError as e:
-                raise ValueError(f"{path}:{no}: {e}") from None
-            self.answers.append(_field(path, no, obj, "answer", str))
+        rows = _rows(path, [("prompt", list), ("answer", str)], lambda prompt, answer: (
+            render_chat(tok, prompt, True, enable_thinking=enable_thinking)[0], answer))
+        self.prompts, self.answers = [ids for ids, _ in rows], [answer for _, answer in rows]
         self._setup(len(self.prompts), micro_batch_size, accum, seed, rank, world_size, path, "rl")
 
     def get(self, step, micro_step):
@@ -1561,11 +1467,10 @@ def _prepare_main(argv):
     p.add_argument("--source", default="web", help="source name, as the mixture weights name it (default: web)")
     p.add_argument("--split", default="train", choices=SPLITS)
     p.add_argument("--field", default="text", help=".jsonl text field / .parquet column (default: text)")
-    p.add_argument("--workers", type=int, default=None, help="encoding processes (default: every core)")
     p.add_argument("--shard_mb", type=int, default=256, help="text files are grouped into shards of about this size")
     a = p.parse_args(argv)
     tok = Tokenizer.load(a.tokenizer)
-    entry = prepare(a.files, a.out, tok, a.source, a.split, a.field, a.shard_mb << 20, a.workers)
+    entry = prepare(a.files, a.out, tok, a.source, a.split, a.field, a.shard_mb << 20)
     print(f"{a.source}/{a.split}: {entry['documents']:,} documents, {entry['tokens']:,} tokens, "
           f"{len(entry['shards'])} shards in {a.out}")
 

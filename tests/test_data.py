@@ -53,9 +53,9 @@ def mix_dir(tmp_path_factory, byte_tok):
     for source, letters in (("a", "abcdef"), ("b", "ghijklm"), ("c", "nopqrst")):
         docs = ["".join(rng.choice(list(letters), size=rng.integers(1, 60))) for _ in range(400)]
         data.prepare([_write_jsonl(root / f"{source}.jsonl", [{"text": d} for d in docs])], str(root), byte_tok,
-                     source, workers=1)
+                     source)
         data.prepare([_write_jsonl(root / f"{source}_val.jsonl", [{"text": d} for d in docs[:50]])], str(root),
-                     byte_tok, source, split="val", workers=1)
+                     byte_tok, source, split="val")
     return str(root)
 
 
@@ -231,17 +231,17 @@ def test_prepare_writes_exact_streams_in_parallel_and_skips_done_shards(tmp_path
     for d in docs:
         want += tok.encode(d) + [tok.eos_id]
     out1, out2 = tmp_path / "o1", tmp_path / "o2"
-    entry = data.prepare(files, str(out1), tok, "web", field="body", workers=1)
-    data.prepare(files, str(out2), tok, "web", field="body", workers=2)
+    entry = data.prepare(files, str(out1), tok, "web", field="body")
+    data.prepare(files, str(out2), tok, "web", field="body")
     got = np.concatenate([data.open_shard(str(out1 / s["path"]), tok.hash) for s in entry["shards"]])
     assert got.dtype == np.uint16 and got.tolist() == want
     assert entry["documents"] == 301 and entry["tokens"] == len(want)
     for s in entry["shards"]:
-        assert (out1 / s["path"]).read_bytes() == (out2 / s["path"]).read_bytes()  # 2 workers == 1 worker
+        assert (out1 / s["path"]).read_bytes() == (out2 / s["path"]).read_bytes()  # deterministic
     manifest = json.loads((out1 / "manifest.json").read_text())
     assert manifest["tokenizer_hash"] == tok.hash and manifest["sources"]["web"]["train"]["tokens"] == len(want)
     stamps = {s["path"]: os.stat(out1 / s["path"]).st_mtime_ns for s in entry["shards"]}
-    assert data.prepare(files, str(out1), tok, "web", field="body", workers=1) == entry
+    assert data.prepare(files, str(out1), tok, "web", field="body") == entry
     assert stamps == {s["path"]: os.stat(out1 / s["path"]).st_mtime_ns for s in entry["shards"]}  # skipped
     assert _leftovers(out1) == sorted(s["path"] for s in entry["shards"])
 
@@ -253,8 +253,7 @@ def test_prepare_uses_uint32_past_65536_ids(tmp_path):
     tok = Tokenizer(ranks, {s: len(ranks) + i for i, s in enumerate(data.SPECIALS.values())})
     assert tok.n_vocab > 1 << 16
     text = "zz zy yz " * 10  # pairs of high bytes: ranks above 65,535
-    entry = data.prepare([_write_jsonl(tmp_path / "t.jsonl", [{"text": text}])], str(tmp_path / "o"), tok, "s",
-                         workers=1)
+    entry = data.prepare([_write_jsonl(tmp_path / "t.jsonl", [{"text": text}])], str(tmp_path / "o"), tok, "s")
     got = data.open_shard(str(tmp_path / "o" / entry["shards"][0]["path"]), tok.hash)
     assert got.dtype == np.uint32 and got.tolist() == tok.encode(text) + [tok.eos_id] and got.max() > 65_535
 
@@ -264,7 +263,7 @@ def test_bad_inputs_are_clear_errors_and_leave_no_shard(tmp_path, byte_tok):
 
     def fails(files, match, **kw):
         with pytest.raises(ValueError, match=match):
-            data.prepare(files, out, byte_tok, "web", workers=1, **kw)
+            data.prepare(files, out, byte_tok, "web", **kw)
         assert _leftovers(tmp_path) == [] and not os.path.exists(out)  # no shard, no empty directory
 
     fails([str(tmp_path / "missing.jsonl")], "input file not found: .*missing.jsonl")
@@ -289,8 +288,8 @@ def test_bad_inputs_are_clear_errors_and_leave_no_shard(tmp_path, byte_tok):
     # a failure after several batches were encoded: the half-written shard is removed, no .bin appears
     many = [{"text": "y" * 5000} for _ in range(100)] + ["not an object"]
     with pytest.raises(ValueError, match=r"late.jsonl:101: expected a JSON object"):
-        data.prepare([_write_jsonl(tmp_path / "late.jsonl", many)], out, byte_tok, "web", workers=2)
-    assert _leftovers(tmp_path) == [] and multiprocessing.active_children() == [] and not os.path.exists(out)  # pool gone
+        data.prepare([_write_jsonl(tmp_path / "late.jsonl", many)], out, byte_tok, "web")
+    assert _leftovers(tmp_path) == [] and multiprocessing.active_children() == [] and not os.path.exists(out)
 
 
 def test_shard_checks_tokenizer_and_size(tmp_path, mix_dir, byte_tok):

@@ -94,11 +94,14 @@ def test_hand_checked_merges():
         train_bpe(["ab"], 100)
 
 
-def test_parallel_chunk_counting_equals_serial(monkeypatch):
+def test_chunk_counting_and_the_cpu_count_fallback(monkeypatch):
     texts = corpus()
-    assert data._chunk_counts(texts, batch_chars=1000) == data._count_chunks(texts)
+    split = tokenizers.pre_tokenizers.Split(tokenizers.Regex(data.LLAMA3_PATTERN), "isolated")  # the oracle
+    want = collections.Counter(c for t in texts for c, _ in split.pre_tokenize_str(t))
+    assert data._chunk_counts(iter(texts)) == want
     monkeypatch.delattr(data.os, "sched_getaffinity", raising=False)  # macOS and Windows have no affinity mask
-    assert data._chunk_counts(texts, batch_chars=1000) == data._count_chunks(texts)
+    tok = Tokenizer.byte_level()
+    assert data._n_cpus() >= 1 and tok.encode_batch(texts[:3]) == [tok.encode(t) for t in texts[:3]]
 
 
 def test_vocab_layout_and_specials(tok):

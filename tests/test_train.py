@@ -57,7 +57,7 @@ def corpus(tmp_path_factory):
         for split, part in (("train", docs[:-40]), ("val", docs[-40:])):
             path = root / f"{source}_{split}.jsonl"
             path.write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
-            data.prepare([str(path)], str(root), tok, source, split, workers=1)
+            data.prepare([str(path)], str(root), tok, source, split)
     return {"data_dir": str(root), "dataset": str(root), "tokenizer": str(root / "tokenizer.json"),
             "mixture": {"prose": 0.5, "sums": 0.5}}
 
