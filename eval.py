@@ -4,27 +4,33 @@ generative exact match through the one answer checker, and tokenizer metrics.
     python eval.py out/tiny/ckpt_000500 --tasks=math_mc,math_mc:mcf,math --chat=False  # embedded test sets
     python eval.py CKPT --tasks=gsm8k,hellaswag,arc_easy:mcf --data_dir=evaldata --shots=5 --limit=500
     python eval.py CKPT --tasks= --bpb=notes.txt,data/web/val_000000.bin   # bits per byte of files / shards
+    python eval.py signal out/run_a out/run_b ... --tasks=math_mc  # which tasks are usable for ablations
     python eval.py tokenizer TOK_A TOK_B FILE... [--field text]  # fertility / continued words, side by side
 
 CHECKPOINT is any directory in transformers' SmolLM3 layout holding its tokenizer.json (ours carry one).
 Benchmark files, one JSON object a line in their public formats, are read from --data_dir under the file
 names in TASKS; a task name with ":mcf" is scored in the lettered multiple-choice formulation. The table
-gives each task's metrics and its rate in questions per second.
+gives each task's metrics and its rate, n/s (n: questions; for a bpb file, the tokens scored).
 
 Sections:
   loss             evaluate (held-out loss and bpb per source; train.py calls it), file_rows
   answers          strip_think, extract_answer, check_answer (post-training's reward calls check_answer)
   generative       gsm8k_rows, exact_match: chat template, batched model.generate, greedy or avg@k
   multiple choice  parsers of the public formats, pairs (CF / MCF prompts, k-shot), model_scorer, mc_metrics
+  signal           spearman, kendall_tau, signal (monotonicity, noise, above random, consistency)
   tokenizer        tokenizer_metrics (fertility, continued words, bytes per token), its command
-  command line     EvalConfig, TASKS, run, main
+  command line     EvalConfig, TASKS, run, random_baseline, main
 """
 import argparse
+import collections
 import datetime
 import functools
+import itertools
+import json
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -265,7 +271,8 @@ def model_scorer(model, tok, batch_size=16):
         for qi, q in enumerate(questions):
             for ctx in dict.fromkeys(c for c, _ in q):
                 idx = [k for k, (c, _) in enumerate(q) if c == ctx]
-                rows.append((qi, idx, tok.encode(ctx), [tok.encode(q[k][1]) for k in idx]))
+                # an empty context is one EOT: what the model saw before every document it was trained on
+                rows.append((qi, idx, tok.encode(ctx) or [tok.eos_id], [tok.encode(q[k][1]) for k in idx]))
         out = [[0.0] * len(q) for q in questions]
         rows.sort(key=lambda r: -(len(r[2]) + sum(map(len, r[3]))))  # similar lengths share a batch
         for i in range(0, len(rows), batch_size):
@@ -296,7 +303,10 @@ def _score_rows(model, rows, out):
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     tree = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])      # [B, query, key]
     # every query also sees itself: SDPA gives NaN for a row with nothing to attend to (padding)
-    mask = (causal & tree & real[:, None, :] & real[:, :, None]) | torch.eye(T, dtype=torch.bool)
+    mask = causal & tree & real[:, None, :] & real[:, :, None]
+    if model.cfg.sliding_window is not None:   # the window counts positions, as in a context + continuation row
+        mask &= pos[:, :, None] - pos[:, None, :] < model.cfg.sliding_window
+    mask |= torch.eye(T, dtype=torch.bool)
     h = model.hidden(x.to(dev), pos.to(dev), mask[:, None].to(dev)).flatten(0, 1)[torch.tensor(preds, device=dev)]
     logp = torch.log_softmax((h @ model.head_weight.t()).float(), -1)
     lp = logp.gather(1, torch.tensor(targets, device=dev)[:, None])[:, 0].double().tolist()
@@ -322,6 +332,70 @@ PARSERS = {"hellaswag": _hellaswag, "arc": _arc, "mmlu": _mmlu, "piqa": _piqa, "
 def read_task(path, parser):
     """Parsed rows of a benchmark jsonl (a malformed line is a ValueError naming path:line and the field)."""
     return [parser(path, no, obj) for no, obj in read_jsonl(path)]
+
+
+# -------------------------------------------------------------------------------------------- signal
+# The playbook's criteria for an ablation eval: its score rises with training (monotonicity), differs little
+# between seeds (noise), sits above chance, and orders runs the same way at every step (consistency).
+
+def _ranks(v):
+    """Ranks 1..n of the values v, ties sharing their average rank."""
+    order, ranks = sorted(range(len(v)), key=v.__getitem__), [0.0] * len(v)
+    i = 0
+    while i < len(v):
+        j = i
+        while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+            j += 1
+        for k in order[i:j + 1]:
+            ranks[k] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x, y):
+    """Spearman's rho: Pearson's correlation of the ranks; nan when either side is constant."""
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    den = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return cov / den if den else math.nan
+
+
+def kendall_tau(x, y):
+    """Kendall's tau-b: (concordant - discordant pairs) / sqrt((pairs - tied in x) (pairs - tied in y))."""
+    conc = disc = tied_x = tied_y = 0
+    for i, j in itertools.combinations(range(len(x)), 2):
+        s = (x[i] > x[j]) - (x[i] < x[j]), (y[i] > y[j]) - (y[i] < y[j])
+        tied_x, tied_y = tied_x + (s[0] == 0), tied_y + (s[1] == 0)
+        conc, disc = conc + (s[0] * s[1] > 0), disc + (s[0] * s[1] < 0)
+    n0 = len(x) * (len(x) - 1) // 2
+    den = math.sqrt((n0 - tied_x) * (n0 - tied_y))
+    return (conc - disc) / den if den else math.nan
+
+
+def _mean(values):
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def signal(table, baseline):
+    """One task's signal over {config: {seed: {step: score}}} (runs that differ only in seed share a config):
+    monotonicity (mean Spearman of score vs step per run), noise (mean std across seeds at a step), distance of
+    the final scores above the random baseline, consistency (mean Kendall tau between the configs' seed-averaged
+    rankings at consecutive steps). Usable for ablations (our thresholds): monotonicity >= 0.5, final scores more
+    than 2 noise above random, consistency >= 0.5 where there are two or more configs."""
+    runs = [by_step for seeds in table.values() for by_step in seeds.values()]
+    mono = _mean([spearman(sorted(r), [r[s] for s in sorted(r)]) for r in runs if len(r) > 1])
+    noise = _mean([statistics.stdev([r[s] for r in seeds.values()]) for seeds in table.values()
+                   for s in set.intersection(*map(set, seeds.values())) if len(seeds) > 1])
+    above = _mean([r[max(r)] - baseline for r in runs])
+    mean = {c: {s: statistics.mean(r[s] for r in seeds.values()) for s in set.intersection(*map(set, seeds.values()))}
+            for c, seeds in table.items()}
+    steps = sorted(set.intersection(*map(set, mean.values())))
+    cons = _mean([kendall_tau([m[a] for m in mean.values()], [m[b] for m in mean.values()])
+                  for a, b in zip(steps, steps[1:])]) if len(mean) > 1 else math.nan
+    usable = mono >= 0.5 and above > 2 * (0 if math.isnan(noise) else noise) and (math.isnan(cons) or cons >= 0.5)
+    return {"monotonicity": mono, "noise": noise, "above_random": above, "consistency": cons, "usable": usable}
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
@@ -441,6 +515,39 @@ def run(checkpoint, cfg):
     return results
 
 
+def random_baseline(name, data_dir):
+    """The score of guessing: the mean of 1 / choices over a multiple-choice task's questions; 0 when generative."""
+    if TASKS[name][0] == "gsm8k":
+        return 0.0
+    return statistics.mean(1 / len(r["choices"]) for r in task_rows(name, data_dir))
+
+
+def _signal_main(argv):
+    """python eval.py signal RUN_DIR... [--key=value ...]: every checkpoint of every run on cfg's tasks."""
+    from train import TRAINER_STATE  # here, not at the top: train.py imports this file
+    cfg = EvalConfig(**vars(load([a for a in argv if a.startswith("--")], EvalConfig)))
+    cfg.bpb = ""
+    tables = collections.defaultdict(dict)                # task -> config -> seed -> {step: score}
+    for run_dir in (a for a in argv if not a.startswith("--")):
+        ckpts = sorted((d for d in os.listdir(run_dir) if d.startswith("ckpt_")), key=lambda d: int(d[5:]))
+        if not ckpts:
+            raise ValueError(f"{run_dir}: no checkpoints (ckpt_*)")
+        for d in ckpts:
+            with open(os.path.join(run_dir, d, TRAINER_STATE)) as f:
+                config = json.load(f)["config"]
+            # runs that differ only in their seed (and where they write) are seeds of one configuration
+            key = json.dumps({k: v for k, v in config.items() if k not in ("seed", "out_dir", "resume")}, sort_keys=True)
+            for name, _, metrics, _ in run(os.path.join(run_dir, d), cfg):
+                score = metrics.get("acc_norm", next(iter(metrics.values())))
+                tables[name].setdefault(key, {}).setdefault(config["seed"], {})[int(d[5:])] = score
+    print(f"{'task':<24}{'random':>8}{'monotonic':>11}{'noise':>8}{'above':>8}{'consistent':>12}  usable")
+    for name, table in tables.items():
+        base = random_baseline(name.partition(":")[0], cfg.data_dir)
+        s = signal(table, base)
+        print(f"{name[:23]:<24}{base:>8.3f}{s['monotonicity']:>11.3f}"
+              f"{s['noise']:>8.3f}{s['above_random']:>8.3f}{s['consistency']:>12.3f}  {'yes' if s['usable'] else 'no'}")
+
+
 def main(argv):
     if not argv or argv[0] in ("-h", "--help"):
         keys = usage("", schema(EvalConfig)).split("\n", 1)[1]
@@ -448,14 +555,14 @@ def main(argv):
               file=sys.stdout if argv else sys.stderr)
         raise SystemExit(0 if argv else 2)
     try:
-        if argv[0] == "tokenizer":
-            return _tokenizer_main(argv[1:])
+        if argv[0] in ("tokenizer", "signal"):
+            return (_tokenizer_main if argv[0] == "tokenizer" else _signal_main)(argv[1:])
         if not os.path.isdir(argv[0]):
             raise ValueError(f"checkpoint directory not found: {argv[0]}")
         results = run(argv[0], EvalConfig(**vars(load(argv[1:], EvalConfig))))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"{'task':<24}{'n':>7}  {'metrics':<48}{'questions/s':>12}")
+    print(f"{'task':<24}{'n':>7}  {'metrics':<48}{'n/s':>12}")
     for name, n, metrics, dt in results:
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         print(f"{name[:23]:<24}{n:>7}  {shown:<48}{n / max(dt, 1e-9):>12.1f}")

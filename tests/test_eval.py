@@ -3,8 +3,8 @@ hand-written strings, scores of a stub scorer with known log-probs computed by h
 a small fixture, and per-choice log-likelihoods from transformers' SmolLM3ForCausalLM."""
 import json
 import math
+import statistics
 
-import numpy as np
 import pytest
 import torch
 
@@ -219,11 +219,12 @@ def test_k_shot_prompt_exactly():
 
 # ---- the model scorer against transformers ------------------------------------------------------------------
 
-def test_per_choice_loglik_matches_transformers(tmp_path):
+@pytest.mark.parametrize("window", [None, 6])
+def test_per_choice_loglik_matches_transformers(tmp_path, window):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     tok = Tokenizer.byte_level()
-    model = Model(ModelConfig(**MODEL)).eval()
+    model = Model(ModelConfig(**MODEL, sliding_window=window)).eval()
     model.save_pretrained(tmp_path)
     theirs = transformers.SmolLM3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     _, wino = FORMATS["winogrande"]
@@ -239,6 +240,54 @@ def test_per_choice_loglik_matches_transformers(tmp_path):
                 logp = torch.log_softmax(theirs(input_ids=torch.tensor([c + a])).logits[0].double(), -1)
             want = sum(logp[len(c) - 1 + i, t].item() for i, t in enumerate(a))
             assert s == pytest.approx(want, abs=1e-4)          # fp32 sums of up to ~10 log-probs
+
+
+# ---- signal analysis ---------------------------------------------------------------------------------------
+
+def test_rank_correlations_on_hand_computed_values():
+    # rho = 1 - 6 sum d^2 / (n (n^2 - 1)) = 1 - 6 * 2 / 60; tau: 5 concordant, 1 discordant pair of 6
+    assert ev.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert ev.kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
+    # ties: x ranks 1, 2.5, 2.5, 4 and y 1, 2, 3.5, 3.5, centred (-1.5, 0, 0, 1.5) and (-1.5, -0.5, 1, 1):
+    # sum of products 2.25 + 1.5 = 3.75, squared norms 4.5 and 4.5
+    assert ev.spearman([1, 2, 2, 3], [1, 2, 3, 3]) == pytest.approx(3.75 / 4.5)
+    # tau-b: 4 concordant, 0 discordant, one pair tied in x, one in y: 4 / sqrt(5 * 5)
+    assert ev.kendall_tau([1, 2, 2, 3], [1, 2, 3, 3]) == pytest.approx(0.8)
+    assert ev.kendall_tau([3, 2, 1], [1, 2, 3]) == -1.0 and math.isnan(ev.spearman([1, 1], [1, 2]))
+
+
+def test_signal_on_a_synthetic_score_table():
+    # two configs x two seeds x three steps; config b beats a at every step
+    table = {"a": {0: {1: 0.30, 2: 0.40, 3: 0.50}, 1: {1: 0.32, 2: 0.38, 3: 0.52}},
+             "b": {0: {1: 0.40, 2: 0.50, 3: 0.60}, 1: {1: 0.42, 2: 0.48, 3: 0.62}}}
+    s = ev.signal(table, baseline=0.25)
+    noise = statistics.mean([statistics.stdev(p) for p in ((0.30, 0.32), (0.40, 0.38), (0.50, 0.52))] * 2)
+    assert s["monotonicity"] == 1.0 and s["consistency"] == 1.0 and s["usable"]
+    assert s["noise"] == pytest.approx(noise) and s["above_random"] == pytest.approx((0.5 + 0.52 + 0.6 + 0.62) / 4 - 0.25)
+    # scores that fall with training, and configs swapping places: unusable
+    flipped = {"a": {0: {1: 0.5, 2: 0.3}}, "b": {0: {1: 0.4, 2: 0.45}}}
+    s = ev.signal(flipped, baseline=0.25)
+    assert s["monotonicity"] == 0.0 and s["consistency"] == -1.0 and math.isnan(s["noise"]) and not s["usable"]
+
+
+def test_signal_command_groups_seeds(tmp_path, capsys):
+    tok, scores = Tokenizer.byte_level(), {}
+    for run, seed in (("r0", 0), ("r1", 1)):
+        for step in (1, 2):
+            ckpt = tmp_path / run / f"ckpt_{step:06d}"
+            torch.manual_seed(10 * seed + step)
+            Model(ModelConfig(**MODEL)).save_pretrained(ckpt)
+            tok.save(str(ckpt / "tokenizer.json"))
+            (ckpt / "trainer").mkdir()
+            (ckpt / "trainer" / "state.json").write_text(json.dumps({"config": {"seed": seed, "out_dir": run, "lr": 1}}))
+            cfg = ev.EvalConfig(tasks="math_mc", limit=8)
+            scores[(seed, step)] = ev.run(str(ckpt), cfg)[0][2]["acc_norm"]
+    ev.main(["signal", str(tmp_path / "r0"), str(tmp_path / "r1"), "--tasks=math_mc", "--limit=8"])
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    want = ev.signal({"one": {s: {1: scores[(s, 1)], 2: scores[(s, 2)]} for s in (0, 1)}}, ev.random_baseline("math_mc", ""))
+    assert row[0] == "math_mc" and float(row[1]) == pytest.approx(0.25, abs=1e-3)
+    assert [float(v) for v in row[3:5]] == pytest.approx([want["noise"], want["above_random"]], abs=1e-3)
+    assert row[5] == "nan" and row[6] == ("yes" if want["usable"] else "no")    # one configuration: no ranking
 
 
 # ---- command line ------------------------------------------------------------------------------------------
@@ -258,7 +307,7 @@ def test_command_line_table_and_usage(tmp_path, capsys):
     ev.main([str(tmp_path / "ckpt"), "--tasks=piqa,piqa:mcf,math_mc,gsm8k", f"--data_dir={tmp_path / 'bench'}",
              "--limit=2", "--chat=False", "--max_new_tokens=4", f"--bpb={tmp_path / 't.txt'}"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["task", "n", "metrics", "questions/s"]
+    assert lines[0].split() == ["task", "n", "metrics", "n/s"]
     assert [ln.split()[:2] for ln in lines[1:]] == [["t.txt", "9"], ["piqa", "2"], ["piqa:mcf", "2"],
                                                    ["math_mc", "2"], ["gsm8k", "1"]]
     assert lines[1].split()[2::2][:2] == ["loss", "bpb"] and lines[2].split()[2::2][:3] == ["acc", "acc_norm", "acc_token"]
