@@ -5,6 +5,7 @@ generative exact match through the one answer checker, and tokenizer metrics.
     python eval.py CKPT --tasks=gsm8k,hellaswag,arc_easy:mcf --data_dir=evaldata --shots=5 --limit=500
     python eval.py CKPT --tasks= --bpb=notes.txt,data/web/val_000000.bin   # bits per byte of files / shards
     python eval.py signal out/run_a out/run_b ... --tasks=math_mc  # which tasks are usable for ablations
+    python eval.py report out/run_a out/run_b --out=report     # report.md + plots: loss, scores vs tokens
     python eval.py tokenizer TOK_A TOK_B FILE... [--field text]  # fertility / continued words, side by side
 
 CHECKPOINT is any directory in transformers' SmolLM3 layout holding its tokenizer.json (ours carry one).
@@ -19,7 +20,7 @@ Sections:
   multiple choice  parsers of the public formats, pairs (CF / MCF prompts, k-shot), model_scorer, mc_metrics
   signal           spearman, kendall_tau, signal (monotonicity, noise, above random, consistency)
   tokenizer        tokenizer_metrics (fertility, continued words, bytes per token), its command
-  command line     EvalConfig, TASKS, run, random_baseline, main
+  command line     EvalConfig, TASKS, run, random_baseline, signal / report commands (train.py's plots), main
 """
 import argparse
 import collections
@@ -29,6 +30,7 @@ import itertools
 import json
 import math
 import os
+import pathlib
 import random
 import statistics
 import sys
@@ -43,7 +45,7 @@ import torch
 from config import load, schema, usage
 from data import (Tokenizer, _field, _with_pos, default_sets, iter_documents, open_shard, read_jsonl,
                   render_chat)
-from model import Model
+from model import Model, atomic_write
 
 # ---------------------------------------------------------------------------------------------- loss
 # Bits per byte: sum of CE nats / (ln 2 x UTF-8 bytes of the target tokens), so runs with different tokenizers
@@ -302,11 +304,11 @@ def _score_rows(model, rows, out):
     real = pos >= 0
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     tree = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])      # [B, query, key]
-    # every query also sees itself: SDPA gives NaN for a row with nothing to attend to (padding)
     mask = causal & tree & real[:, None, :] & real[:, :, None]
     if model.cfg.sliding_window is not None:   # the window counts positions, as in a context + continuation row
         mask &= pos[:, :, None] - pos[:, None, :] < model.cfg.sliding_window
-    mask |= torch.eye(T, dtype=torch.bool)
+    mask |= torch.eye(T, dtype=torch.bool)     # SDPA gives NaN for a padding query that sees nothing
+
     h = model.hidden(x.to(dev), pos.to(dev), mask[:, None].to(dev)).flatten(0, 1)[torch.tensor(preds, device=dev)]
     logp = torch.log_softmax((h @ model.head_weight.t()).float(), -1)
     lp = logp.gather(1, torch.tensor(targets, device=dev)[:, None])[:, 0].double().tolist()
@@ -459,6 +461,7 @@ class EvalConfig:
     temperature: float = 0.0     # generative: 0 = greedy
     max_new_tokens: int = 256
     seq_len: int = 1024          # bpb: tokens per row
+    out: str = "report"          # report: the folder for report.md and its plots
 
 
 # name -> (parser, file in data_dir); None: data.py's embedded set. gsm8k and math are generative.
@@ -529,23 +532,82 @@ def _signal_main(argv):
     cfg.bpb = ""
     tables = collections.defaultdict(dict)                # task -> config -> seed -> {step: score}
     for run_dir in (a for a in argv if not a.startswith("--")):
-        ckpts = sorted((d for d in os.listdir(run_dir) if d.startswith("ckpt_")), key=lambda d: int(d[5:]))
-        if not ckpts:
-            raise ValueError(f"{run_dir}: no checkpoints (ckpt_*)")
-        for d in ckpts:
-            with open(os.path.join(run_dir, d, TRAINER_STATE)) as f:
-                config = json.load(f)["config"]
+        for path in _checkpoints(run_dir):
+            with open(os.path.join(path, TRAINER_STATE)) as f:
+                state = json.load(f)
+            config = state["config"]
             # runs that differ only in their seed (and where they write) are seeds of one configuration
             key = json.dumps({k: v for k, v in config.items() if k not in ("seed", "out_dir", "resume")}, sort_keys=True)
-            for name, _, metrics, _ in run(os.path.join(run_dir, d), cfg):
-                score = metrics.get("acc_norm", next(iter(metrics.values())))
-                tables[name].setdefault(key, {}).setdefault(config["seed"], {})[int(d[5:])] = score
+            for name, _, metrics, _ in run(path, cfg):
+                tables[name].setdefault(key, {}).setdefault(config["seed"], {})[state["step"]] = _main_metric(metrics)
     print(f"{'task':<24}{'random':>8}{'monotonic':>11}{'noise':>8}{'above':>8}{'consistent':>12}  usable")
     for name, table in tables.items():
         base = random_baseline(name.partition(":")[0], cfg.data_dir)
         s = signal(table, base)
         print(f"{name[:23]:<24}{base:>8.3f}{s['monotonicity']:>11.3f}"
               f"{s['noise']:>8.3f}{s['above_random']:>8.3f}{s['consistency']:>12.3f}  {'yes' if s['usable'] else 'no'}")
+
+
+def _main_metric(metrics):
+    return metrics.get("acc_norm", next(iter(metrics.values())))
+
+
+def _checkpoints(run_dir):
+    ckpts = sorted((d for d in os.listdir(run_dir) if d.startswith("ckpt_")), key=lambda d: int(d[5:]))
+    if not ckpts:
+        raise ValueError(f"{run_dir}: no checkpoints (ckpt_*)")
+    return [os.path.join(run_dir, d) for d in ckpts]
+
+
+def report(run_dirs, cfg, out):
+    """Write out/report.md (per run: config, parameters, tokens, throughput, every checkpoint's evals) and SVG
+    plots with every run on one plot: loss.svg (train loss) and one per task (score vs tokens)."""
+    import train  # here, not at the top: train.py imports this file
+    os.makedirs(out, exist_ok=True)
+    md, losses, curves = ["# nanosmol report", ""], [], collections.defaultdict(list)
+    for run_dir in run_dirs:
+        name = os.path.basename(os.path.normpath(run_dir))
+        log = train.read_log(os.path.join(run_dir, "log.jsonl"))
+        steps, bpb = [r for r in log if r["kind"] == "train"], {r["step"]: r["val_bpb"]["all"] for r in log
+                                                                 if r["kind"] == "eval"}
+        table = []
+        for path in _checkpoints(run_dir):
+            with open(os.path.join(path, train.TRAINER_STATE)) as f:
+                state = json.load(f)
+            results = run(path, cfg)
+            table.append((state["step"], state["tokens"], [(t, _main_metric(m)) for t, _, m, _ in results]))
+            for task, score in table[-1][2]:
+                curves[task].append((name, state["tokens"], score))
+        with torch.device("meta"):
+            model = Model(Model.config_from_hf(os.path.join(path, "config.json")))
+        md += [f"## {name}", "", f"- parameters: {model.num_params():,} ({model.num_params(non_embedding=True):,} "
+               f"non-embedding)", f"- tokens: {state['tokens']:,} in {state['step']:,} steps",
+               f"- throughput: {steps[-1]['tok_per_s']:,.0f} tokens/s" if steps else "- throughput: not logged",
+               f"- config: `{json.dumps(state['config'], sort_keys=True)}`", "",
+               "| step | tokens | val bpb | " + " | ".join(t for t, _ in table[0][2]) + " |",
+               "|---" * (3 + len(table[0][2])) + "|"]
+        md += [f"| {step:,} | {tokens:,} | " + (f"{bpb[step]:.4f}" if step in bpb else "-") + " | "
+               + " | ".join(f"{s:.4f}" for _, s in scores) + " |" for step, tokens, scores in table]
+        md.append("")
+        losses.append((name, [(r["step"], r["loss"]) for r in steps if not r["skipped"]]))
+    train.plot_curves(os.path.join(out, "loss.svg"), losses)
+    md += ["## plots", "", "![train loss](loss.svg)", ""]
+    for task, points in curves.items():
+        runs = dict.fromkeys(r for r, _, _ in points)
+        file = regex.sub(r"[^\w.-]", "_", task) + ".svg"
+        train.plot_curves(os.path.join(out, file), [(r, [(t, s) for q, t, s in points if q == r]) for r in runs],
+                          xlabel="tokens", ylabel=task)
+        md += [f"![{task}]({file})", ""]
+    text = "\n".join(md)
+    atomic_write(os.path.join(out, "report.md"), lambda p: pathlib.Path(p).write_text(text, encoding="utf-8"))
+
+
+def _report_main(argv):
+    """python eval.py report RUN_DIR... [--key=value ...]: the report card of runs in cfg.out."""
+    cfg = EvalConfig(**vars(load([a for a in argv if a.startswith("--")], EvalConfig)))
+    cfg.bpb = ""
+    report([a for a in argv if not a.startswith("--")], cfg, cfg.out)
+    print(f"wrote {os.path.join(cfg.out, 'report.md')}")
 
 
 def main(argv):
@@ -555,8 +617,9 @@ def main(argv):
               file=sys.stdout if argv else sys.stderr)
         raise SystemExit(0 if argv else 2)
     try:
-        if argv[0] in ("tokenizer", "signal"):
-            return (_tokenizer_main if argv[0] == "tokenizer" else _signal_main)(argv[1:])
+        commands = {"tokenizer": _tokenizer_main, "signal": _signal_main, "report": _report_main}
+        if argv[0] in commands:
+            return commands[argv[0]](argv[1:])
         if not os.path.isdir(argv[0]):
             raise ValueError(f"checkpoint directory not found: {argv[0]}")
         results = run(argv[0], EvalConfig(**vars(load(argv[1:], EvalConfig))))

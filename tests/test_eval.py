@@ -4,6 +4,7 @@ a small fixture, and per-choice log-likelihoods from transformers' SmolLM3ForCau
 import json
 import math
 import statistics
+import xml.etree.ElementTree as ET
 
 import pytest
 import torch
@@ -279,7 +280,8 @@ def test_signal_command_groups_seeds(tmp_path, capsys):
             Model(ModelConfig(**MODEL)).save_pretrained(ckpt)
             tok.save(str(ckpt / "tokenizer.json"))
             (ckpt / "trainer").mkdir()
-            (ckpt / "trainer" / "state.json").write_text(json.dumps({"config": {"seed": seed, "out_dir": run, "lr": 1}}))
+            (ckpt / "trainer" / "state.json").write_text(json.dumps({"step": step, "tokens": 64 * step,
+                                                                    "config": {"seed": seed, "out_dir": run, "lr": 1}}))
             cfg = ev.EvalConfig(tasks="math_mc", limit=8)
             scores[(seed, step)] = ev.run(str(ckpt), cfg)[0][2]["acc_norm"]
     ev.main(["signal", str(tmp_path / "r0"), str(tmp_path / "r1"), "--tasks=math_mc", "--limit=8"])
@@ -288,6 +290,36 @@ def test_signal_command_groups_seeds(tmp_path, capsys):
     assert row[0] == "math_mc" and float(row[1]) == pytest.approx(0.25, abs=1e-3)
     assert [float(v) for v in row[3:5]] == pytest.approx([want["noise"], want["above_random"]], abs=1e-3)
     assert row[5] == "nan" and row[6] == ("yes" if want["usable"] else "no")    # one configuration: no ranking
+
+
+def test_report_card_and_plots(tmp_path, capsys):
+    tok, runs = Tokenizer.byte_level(), {}
+    for run, lr in (("a", 1e-3), ("b", 2e-3)):
+        log = []
+        for step in (2, 4):
+            ckpt = tmp_path / run / f"ckpt_{step:06d}"
+            torch.manual_seed(step + (run == "b"))
+            Model(ModelConfig(**MODEL)).save_pretrained(ckpt)
+            tok.save(str(ckpt / "tokenizer.json"))
+            (ckpt / "trainer").mkdir()
+            (ckpt / "trainer" / "state.json").write_text(json.dumps({"step": step, "tokens": 128 * step,
+                                                                    "config": {"seed": 0, "lr": lr}}))
+            log += [{"kind": "train", "step": s, "loss": 5.0 - s / 10, "skipped": False, "tok_per_s": 1000.0 + s}
+                    for s in (step - 1, step)]
+        log.append({"kind": "eval", "step": 4, "val_loss": {"all": 3.0}, "val_bpb": {"all": 1.25}})
+        (tmp_path / run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        runs[run] = [ev.run(str(tmp_path / run / f"ckpt_{s:06d}"), ev.EvalConfig(tasks="math_mc", limit=4))[0][2]
+                     for s in (2, 4)]
+    out = tmp_path / "rep"
+    ev.main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--tasks=math_mc", "--limit=4", f"--out={out}"])
+    md = (out / "report.md").read_text()
+    n = Model(ModelConfig(**MODEL)).num_params()
+    assert f"- parameters: {n:,}" in md and "- tokens: 512 in 4 steps" in md and "- throughput: 1,004 tokens/s" in md
+    assert f"| 2 | 256 | - | {runs['a'][0]['acc_norm']:.4f} |" in md
+    assert f"| 4 | 512 | 1.2500 | {runs['b'][1]['acc_norm']:.4f} |" in md
+    for svg, n_lines in (("loss.svg", 2), ("math_mc.svg", 2)):
+        root = ET.parse(out / svg).getroot()
+        assert len(root.findall("{http://www.w3.org/2000/svg}polyline")) == n_lines and f"]({svg})" in md
 
 
 # ---- command line ------------------------------------------------------------------------------------------
