@@ -197,7 +197,8 @@ def _arc(path, no, o):
     if isinstance(o.get("question"), dict):
         q = o["question"]
         stem, raw = _field(path, no, q, "stem", str), _field(path, no, q, "choices", list)
-        texts, labels = [_field(path, no, c, "text", str) for c in raw], [_field(path, no, c, "label", str) for c in raw]
+        texts = [_field(path, no, c, "text", str) for c in raw]
+        labels = [_field(path, no, c, "label", str) for c in raw]
     else:
         stem = _field(path, no, o, "question_stem" if "question_stem" in o else "question", str)
         raw = _field(path, no, o, "choices", dict)
@@ -319,7 +320,8 @@ def _score_rows(model, rows, out):
 def mc_metrics(tok, questions, scores, golds):
     """acc (argmax of the summed log-prob), acc_norm (of log-prob per character of the continuation, as
     lighteval does) and acc_token (per token) over questions [[(context, continuation)] per choice]."""
-    norms = {"acc": lambda c: 1, "acc_norm": lambda c: max(len(c), 1), "acc_token": lambda c: max(len(tok.encode(c)), 1)}
+    norms = {"acc": lambda c: 1, "acc_norm": lambda c: max(len(c), 1),
+             "acc_token": lambda c: max(len(tok.encode(c)), 1)}
     hits = dict.fromkeys(norms, 0)
     for q, s, gold in zip(questions, scores, golds):
         for name, size in norms.items():
@@ -462,6 +464,7 @@ class EvalConfig:
     max_new_tokens: int = 256
     seq_len: int = 1024          # bpb: tokens per row
     out: str = "report"          # report: the folder for report.md and its plots
+    device: str = "auto"         # auto: cuda when there is one, else cpu
 
 
 # name -> (parser, file in data_dir); None: data.py's embedded set. gsm8k and math are generative.
@@ -490,14 +493,17 @@ def task_rows(name, data_dir):
 
 def run(checkpoint, cfg):
     """Evaluate a checkpoint directory on cfg's tasks and bpb files -> [(name, n, {metric: value}, seconds)]."""
-    model = Model.from_pretrained(checkpoint, attn_impl="sdpa").float().eval()  # the tree mask needs SDPA
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    # fp32 weights (the KV cache takes their dtype); the tree mask needs SDPA
+    model = Model.from_pretrained(checkpoint, attn_impl="sdpa").float().to(device).eval()
     tok = Tokenizer.load(checkpoint)
     results = []
     for path in filter(None, cfg.bpb.split(",")):
         t0 = time.perf_counter()
         x, y, pos = file_rows(path, tok, min(cfg.seq_len, model.cfg.max_position_embeddings))
-        loss, bpb = evaluate(model, {path: (x, y, pos)}, torch.from_numpy(tok.token_bytes()), cfg.batch_size,
-                             torch.autocast("cpu", enabled=False), model.tok_emb.weight.device)
+        token_bytes = torch.from_numpy(tok.token_bytes()).to(device)
+        loss, bpb = evaluate(model, {path: (x, y, pos)}, token_bytes, cfg.batch_size,
+                             torch.autocast("cpu", enabled=False), torch.device(device))
         results.append((os.path.basename(path), int((y != -100).sum()), {"loss": loss[path], "bpb": bpb[path]},
                         time.perf_counter() - t0))
     score = model_scorer(model, tok, cfg.batch_size)
@@ -537,7 +543,8 @@ def _signal_main(argv):
                 state = json.load(f)
             config = state["config"]
             # runs that differ only in their seed (and where they write) are seeds of one configuration
-            key = json.dumps({k: v for k, v in config.items() if k not in ("seed", "out_dir", "resume")}, sort_keys=True)
+            key = json.dumps({k: v for k, v in config.items() if k not in ("seed", "out_dir", "resume")},
+                             sort_keys=True)
             for name, _, metrics, _ in run(path, cfg):
                 tables[name].setdefault(key, {}).setdefault(config["seed"], {})[state["step"]] = _main_metric(metrics)
     print(f"{'task':<24}{'random':>8}{'monotonic':>11}{'noise':>8}{'above':>8}{'consistent':>12}  usable")

@@ -132,9 +132,11 @@ FORMATS = {
     "winogrande": ({"sentence": "Tom gave Ann a gift because _ was kind.", "option1": "Tom", "option2": "Ann",
                     "answer": "1"},
                    {"stem": "Tom gave Ann a gift because _ was kind.", "choices": ["Tom", "Ann"], "gold": 0,
-                    "ctxs": ["Tom gave Ann a gift because Tom", "Tom gave Ann a gift because Ann"], "cont": " was kind."}),
+                    "ctxs": ["Tom gave Ann a gift because Tom", "Tom gave Ann a gift because Ann"],
+                    "cont": " was kind."}),
     "math_mc": ({"question": "Compute 1 + 1.", "choices": ["3", "2"], "label": 1},
-                {"stem": "Compute 1 + 1.", "choices": ["3", "2"], "gold": 1, "ctx": "Question: Compute 1 + 1.\nAnswer:"}),
+                {"stem": "Compute 1 + 1.", "choices": ["3", "2"], "gold": 1,
+                 "ctx": "Question: Compute 1 + 1.\nAnswer:"}),
 }
 
 
@@ -152,11 +154,13 @@ def test_each_format_parses_and_names_a_missing_field(tmp_path, fmt):
 
 def test_arc_flat_forms_and_numeric_labels(tmp_path):
     want = {"stem": "Sky?", "choices": ["blue", "red", "green"], "gold": 2, "ctx": "Question: Sky?\nAnswer:"}
-    rows = [{"question": "Sky?", "choices": {"text": ["blue", "red", "green"], "label": ["1", "2", "3"]}, "answerKey": "3"},
+    rows = [{"question": "Sky?", "choices": {"text": ["blue", "red", "green"], "label": ["1", "2", "3"]},
+             "answerKey": "3"},
             {"question_stem": "Sky?", "choices": {"text": ["blue", "red", "green"], "label": ["A", "B", "C"]},
              "answerKey": "C"},                                                     # OpenBookQA's HF form
             {"question": {"stem": "Sky?", "choices": [{"text": t, "label": str(i + 1)}
-                                                      for i, t in enumerate(["blue", "red", "green"])]}, "answerKey": "3"}]
+                                                      for i, t in enumerate(["blue", "red", "green"])]},
+             "answerKey": "3"}]
     assert ev.read_task(jsonl(tmp_path / "arc.jsonl", rows), ev._arc) == [want] * 3
     bad = [{**rows[0], "answerKey": "D"}]
     with pytest.raises(ValueError, match=r"arc.jsonl:1: answerKey 'D' is not one of the labels \['1', '2', '3'\]"):
@@ -198,7 +202,8 @@ def test_mcf_scores_the_letter():
 def test_winogrande_partial_scoring():
     _, row = FORMATS["winogrande"]
     qs = ev.with_shots([row], mcf=False, k=0, seed=0)
-    assert qs == [[("Tom gave Ann a gift because Tom", " was kind."), ("Tom gave Ann a gift because Ann", " was kind.")]]
+    assert qs == [[("Tom gave Ann a gift because Tom", " was kind."),
+                   ("Tom gave Ann a gift because Ann", " was kind.")]]
     # the same continuation, likelier after "Tom": -0.1 per char vs -0.2 -> option 1 (gold 0)
     scores = stub_scorer(lambda c, ch: -0.1 if c.endswith("Tom") else -0.2)(qs)
     assert scores[0][0] == pytest.approx(-1.0) and scores[0][1] == pytest.approx(-2.0)
@@ -264,7 +269,8 @@ def test_signal_on_a_synthetic_score_table():
     s = ev.signal(table, baseline=0.25)
     noise = statistics.mean([statistics.stdev(p) for p in ((0.30, 0.32), (0.40, 0.38), (0.50, 0.52))] * 2)
     assert s["monotonicity"] == 1.0 and s["consistency"] == 1.0 and s["usable"]
-    assert s["noise"] == pytest.approx(noise) and s["above_random"] == pytest.approx((0.5 + 0.52 + 0.6 + 0.62) / 4 - 0.25)
+    assert s["noise"] == pytest.approx(noise)
+    assert s["above_random"] == pytest.approx((0.5 + 0.52 + 0.6 + 0.62) / 4 - 0.25)
     # scores that fall with training, and configs swapping places: unusable
     flipped = {"a": {0: {1: 0.5, 2: 0.3}}, "b": {0: {1: 0.4, 2: 0.45}}}
     s = ev.signal(flipped, baseline=0.25)
@@ -286,7 +292,8 @@ def test_signal_command_groups_seeds(tmp_path, capsys):
             scores[(seed, step)] = ev.run(str(ckpt), cfg)[0][2]["acc_norm"]
     ev.main(["signal", str(tmp_path / "r0"), str(tmp_path / "r1"), "--tasks=math_mc", "--limit=8"])
     row = capsys.readouterr().out.splitlines()[-1].split()
-    want = ev.signal({"one": {s: {1: scores[(s, 1)], 2: scores[(s, 2)]} for s in (0, 1)}}, ev.random_baseline("math_mc", ""))
+    table = {"one": {s: {1: scores[(s, 1)], 2: scores[(s, 2)]} for s in (0, 1)}}
+    want = ev.signal(table, ev.random_baseline("math_mc", ""))
     assert row[0] == "math_mc" and float(row[1]) == pytest.approx(0.25, abs=1e-3)
     assert [float(v) for v in row[3:5]] == pytest.approx([want["noise"], want["above_random"]], abs=1e-3)
     assert row[5] == "nan" and row[6] == ("yes" if want["usable"] else "no")    # one configuration: no ranking
@@ -342,7 +349,8 @@ def test_command_line_table_and_usage(tmp_path, capsys):
     assert lines[0].split() == ["task", "n", "metrics", "n/s"]
     assert [ln.split()[:2] for ln in lines[1:]] == [["t.txt", "9"], ["piqa", "2"], ["piqa:mcf", "2"],
                                                    ["math_mc", "2"], ["gsm8k", "1"]]
-    assert lines[1].split()[2::2][:2] == ["loss", "bpb"] and lines[2].split()[2::2][:3] == ["acc", "acc_norm", "acc_token"]
+    assert lines[1].split()[2::2][:2] == ["loss", "bpb"]
+    assert lines[2].split()[2::2][:3] == ["acc", "acc_norm", "acc_token"]
     for argv, want in (([str(tmp_path / "nope")], "checkpoint directory not found"),
                        ([str(tmp_path / "ckpt"), "--tasks=nosuch"], "unknown task 'nosuch'"),
                        ([str(tmp_path / "ckpt"), "--tasks=hellaswag", f"--data_dir={tmp_path}"], "hellaswag.jsonl")):
