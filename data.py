@@ -3,7 +3,6 @@
     python data.py default config/tiny.py          # embedded corpus + tokenizer.json for a config (~5 s)
     python data.py prepare --out data/web --tokenizer data/default/tokenizer.json --source web a.jsonl b.parquet
     python data.py prepare --out data/web --tokenizer data/default/tokenizer.json --source web --split val v.jsonl
-    python data.py tokenizer-eval TOK_A TOK_B FILE... [--field text]   # fertility / continued words
     python data.py bench                           # loader throughput + memory, tokenizer training time
 
 Train on a prepared directory with `--dataset=data/web --tokenizer=PATH --mixture="{'web': 1.0}"`. Under
@@ -17,7 +16,6 @@ Sections:
   default corpus  this Python's stdlib as "code", generated math with worked solutions, post-training sets
   loaders         Loader: a pure function of (seed, sample index) over a staged mixture; SFT / preference /
                   prompt loaders for post-training (padding: pos = -1, y = -100)
-  metrics         fertility / continued words, answer extraction
   bench, command line
 """
 import argparse
@@ -49,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from config import load
-from model import atomic_write
+from model import ModelConfig, atomic_write
 
 # ------------------------------------------------------------------------------------- tokenizer
 
@@ -883,7 +881,6 @@ def _boxes(rng):
 MATH_KINDS = {"chain": _chain, "product": _product, "quotient": _quotient, "precedence": _precedence,
               "shopping": _shopping, "sharing": _sharing, "travel": _travel, "savings": _savings,
               "chairs": _chairs, "ages": _ages, "boxes": _boxes}
-_ANSWER_RE = regex.compile(r"(?:The answer is|####)\s*(-?[\d,]*\d(?:\.\d+)?)")
 
 
 def math_problems(seed, n, exclude=frozenset(), unique=False):
@@ -902,12 +899,6 @@ def math_problems(seed, n, exclude=frozenset(), unique=False):
 def math_text(question, lines, answer):
     """A pretraining document: the problem, a worked solution (one equation per line), the answer."""
     return f"Problem: {question}\nSolution:\n" + "\n".join(lines) + f"\nThe answer is {answer}."
-
-
-def extract_answer(text):
-    """The final answer stated in text ('The answer is N', or GSM8K's '#### N'; the last one wins), or None."""
-    found = _ANSWER_RE.findall(text)
-    return found[-1].replace(",", "") if found else None
 
 
 # (c) post-training sets, in the conversational formats TRL uses. SFT: {"messages": [...]}, half /think
@@ -1363,7 +1354,7 @@ class PreferenceLoader(_Shuffled):
 
 class PromptLoader(_Shuffled):
     """RL prompts ({"prompt": [...], "answer": "N"} per line) -> get() = (prompt ids rendered with the
-    generation prompt, answers as strings); rewards compare extract_answer(completion) to the answer."""
+    generation prompt, answers as strings); rewards call eval.check_answer(completion, answer)."""
 
     def __init__(self, path, tok, micro_batch_size, accum=1, seed=0, rank=0, world_size=1, enable_thinking=True):
         rows = _rows(path, [("prompt", list), ("answer", str)], lambda prompt, answer: (
@@ -1375,31 +1366,6 @@ class PromptLoader(_Shuffled):
         """-> (prompts: list of id lists, answers: list of str), micro_batch_size of each."""
         idx = self.indices(step, micro_step).tolist()
         return [self.prompts[i] for i in idx], [self.answers[i] for i in idx]
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-
-# Words for the playbook's tokenizer metrics: letter/digit runs, punctuation runs, and single Han / kana
-# characters (CJK writes no spaces; one character per word is the usual convention there).
-_CJK = r"\p{Han}\p{Hiragana}\p{Katakana}"
-_WORD = regex.compile(rf"[{_CJK}]|(?:(?![{_CJK}])[\p{{L}}\p{{M}}\p{{N}}])+|[^\s\p{{L}}\p{{M}}\p{{N}}]+")
-
-
-def tokenizer_metrics(tok, text):
-    """Fertility (tokens per word), continued words (the share of words overlapping >= 2 tokens of the
-    in-context encoding) and bytes per token -> dict(words, tokens, fertility, continued, bytes_per_token)"""
-    ids = tok.encode(text)
-    ends = np.cumsum(tok.token_bytes()[ids])               # byte offset where each token ends
-    starts = np.concatenate([[0], ends[:-1]])
-    cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    char_start = np.concatenate([[0], np.cumsum(1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000))])
-    spans = np.array([m.span() for m in _WORD.finditer(text)], dtype=np.int64).reshape(-1, 2)
-    s, e = char_start[spans[:, 0]], char_start[spans[:, 1]]  # word byte spans [s, e)
-    per_word = np.searchsorted(starts, e, "left") - np.searchsorted(ends, s, "right")
-    n_words = max(len(spans), 1)
-    return {"words": len(spans), "tokens": len(ids), "fertility": len(ids) / n_words,
-            "continued": float((per_word >= 2).sum()) / n_words,
-            "bytes_per_token": len(text.encode("utf-8")) / max(len(ids), 1)}
 
 
 # ------------------------------------------------------------------------------------------------ bench
@@ -1475,29 +1441,9 @@ def _prepare_main(argv):
           f"{len(entry['shards'])} shards in {a.out}")
 
 
-def _tokenizer_eval_main(argv):
-    p = argparse.ArgumentParser(prog="python data.py tokenizer-eval", description="Tokenizer metrics per file, "
-                                "side by side (one file per language, say)")
-    p.add_argument("tokenizers", nargs=2, metavar="TOK", help="a tokenizer.json, or a folder holding one")
-    p.add_argument("files", nargs="+", metavar="FILE", help=".txt/.md/.py, .jsonl or .parquet (documents joined)")
-    p.add_argument("--field", default="text", help=".jsonl text field / .parquet column (default: text)")
-    a = p.parse_args(argv)
-    missing = [f for f in a.files if not os.path.isfile(f)]
-    if missing:
-        raise ValueError(f"text file not found: {missing[0]}")
-    toks = [Tokenizer.load(t) for t in a.tokenizers]
-    print(f"A = {a.tokenizers[0]} ({toks[0].n_vocab} ids)\nB = {a.tokenizers[1]} ({toks[1].n_vocab} ids)")
-    print(f"{'file':<24}{'words':>9}{'fertility A':>13}{'B':>7}{'continued A':>13}{'B':>7}{'bytes/tok A':>13}{'B':>7}")
-    for path in a.files:
-        text = "\n\n".join(iter_documents(path, a.field))
-        m, n = (tokenizer_metrics(t, text) for t in toks)
-        print(f"{os.path.basename(path)[:23]:<24}{m['words']:>9}{m['fertility']:>13.3f}{n['fertility']:>7.3f}"
-              f"{m['continued']:>12.1%}{n['continued']:>8.1%}{m['bytes_per_token']:>13.2f}{n['bytes_per_token']:>7.2f}")
-
-
 def _default_main(argv):
-    ns = load(argv, DataConfig, prog="python data.py default", strict=False)
-    prepare_default(ns.data_dir, ns.vocab_size)
+    ns = load(argv, DataConfig, ModelConfig, prog="python data.py default", strict=False)
+    prepare_default(ns.data_dir, ns.vocab_size)     # the BPE vocabulary is the model's
 
 
 def _bench_main(argv):
@@ -1507,8 +1453,7 @@ def _bench_main(argv):
     bench_tokenizer()
 
 
-COMMANDS = {"default": _default_main, "prepare": _prepare_main, "tokenizer-eval": _tokenizer_eval_main,
-            "bench": _bench_main}
+COMMANDS = {"default": _default_main, "prepare": _prepare_main, "bench": _bench_main}
 
 
 def main(argv):

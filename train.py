@@ -17,7 +17,6 @@ Sections
   checkpoints     save_checkpoint, checkpoint_problem, latest_checkpoint, load_checkpoint, check_architecture
   setup           setup_device, find_start, start_run (run.json history)
   logging         Logger (log.jsonl, tqdm, tokens/s, MFU), read_log
-  evaluation      evaluate (held-out loss and bits per byte per source)
   plot            plot_curves (loss.svg)
   the loop        train, write_samples, main
 """
@@ -45,6 +44,7 @@ from tqdm import tqdm
 
 from config import load, pick
 from data import DataConfig, Loader, load_tokenizer, prepare_default
+from eval import evaluate
 from model import Model, ModelConfig, atomic_write, fsync
 
 # Dense bf16 tensor-core peaks (vendor data sheets; the sheets' larger numbers assume 2:4 sparsity), matched in
@@ -603,32 +603,6 @@ def read_log(path, upto_step=None):
 
 def _json_float(v):
     return v if math.isfinite(v) else str(v)  # JSON has no NaN/inf; keep them readable
-
-
-# ---------------------------------------------------------------- evaluation
-# Bits per byte: sum of CE nats / (ln 2 x UTF-8 bytes of the target tokens), so runs with different tokenizers
-# compare; on fixed held-out rows (Loader.val_rows), so every eval of a run sees the same text.
-
-@torch.no_grad()
-def evaluate(model, val_sets, token_bytes, micro_batch_size, autocast, device):
-    """Held-out loss (nats/token) and bits per byte per source, plus pooled over all sources ("all")."""
-    model.eval()
-    loss, bpb, totals = {}, {}, [0.0, 0, 0]
-    for source, (x, y, pos) in val_sets.items():
-        nats, nbytes, ntok = 0.0, 0, 0
-        for i in range(0, len(x), micro_batch_size):
-            xb, yb, pb = (t[i:i + micro_batch_size].to(device) for t in (x, y, pos))
-            with autocast:
-                _, ce = model(xb, yb, pb, reduction="none")    # [b, T], 0 where yb == -100
-            keep = yb != -100
-            nats += ce.double()[keep].sum().item()
-            nbytes += token_bytes[yb[keep]].sum().item()
-            ntok += keep.sum().item()
-        loss[source], bpb[source] = nats / max(ntok, 1), nats / (math.log(2) * max(nbytes, 1))
-        totals = [totals[0] + nats, totals[1] + nbytes, totals[2] + ntok]
-    loss["all"], bpb["all"] = totals[0] / max(totals[2], 1), totals[0] / (math.log(2) * max(totals[1], 1))
-    model.train()
-    return loss, bpb
 
 
 # ---------------------------------------------------------------- loss-curve plot

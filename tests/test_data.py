@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import data
+import eval as ev
 from data import DataConfig, Loader, Tokenizer
 
 
@@ -314,22 +315,19 @@ def test_shard_checks_tokenizer_and_size(tmp_path, mix_dir, byte_tok):
         data.open_shard(str(cut), byte_tok.hash)
 
 
-def test_command_line_usage_and_input_errors(tmp_path, capsys, byte_tok):
+def test_command_line_usage(capsys):
     for argv, code in (([], 2), (["-h"], 0), (["--help"], 0)):
         with pytest.raises(SystemExit) as e:
             data.main(argv)
         assert e.value.code == code and "python data.py prepare" in "".join(capsys.readouterr())
-    byte_tok.save(str(tmp_path / "tok.json"))
-    (tmp_path / "latin1.txt").write_bytes(b"fine\nstill fine\ncaf\xe9\n")
-    missing = _write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"body": "b"}])
-    for path, want in ((str(tmp_path / "latin1.txt"), "latin1.txt:3: not UTF-8 text"),
-                       (missing, "d.jsonl:2: missing field 'text' (choose another with --field)")):
-        with pytest.raises(SystemExit) as e:
-            data.main(["tokenizer-eval", str(tmp_path / "tok.json"), str(tmp_path / "tok.json"), path])
-        assert want in e.value.code and e.value.code.count("\n") == 0
-    body = _write_jsonl(tmp_path / "b.jsonl", [{"body": "one two"}, {"body": "three"}])
-    data.main(["tokenizer-eval", str(tmp_path / "tok.json"), str(tmp_path / "tok.json"), body, "--field", "body"])
-    assert capsys.readouterr().out.splitlines()[-1].split()[:2] == ["b.jsonl", "3"]
+
+
+def test_default_command_reads_the_data_dir_and_the_models_vocab_size(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(data, "prepare_default", lambda *args: calls.append(args))
+    tiny = os.path.join(os.path.dirname(__file__), "..", "config", "tiny.py")
+    data.main(["default", tiny, f"--data_dir={tmp_path}", "--vocab_size=300"])
+    assert calls == [(str(tmp_path), 300)]
 
 
 # ------------------------------------------------------------------------------------ post-training
@@ -467,7 +465,7 @@ def test_generated_math_answers_verify():
     for row in sets["math_train"] + sets["math_val"]:
         m = re.fullmatch(r"Problem: (.*)\nSolution:\n(.*)\nThe answer is (\d+)\.", row["text"], re.S)
         _check_solution(m.group(1), m.group(2).split("\n"), int(m.group(3)))
-        assert data.extract_answer(row["text"]) == m.group(3)
+        assert ev.extract_answer(row["text"]) == m.group(3)
     for row in sets["math_test"]:
         lines = row["solution"].split("\n")
         _check_solution(row["question"], lines[:-1], int(row["answer"]))
@@ -477,7 +475,7 @@ def test_generated_math_answers_verify():
         msgs = row["messages"]
         assert msgs[0]["role"] == "system" and msgs[0]["content"].endswith(("/think", "/no_think"))
         for q, a in zip(msgs[1::2], msgs[2::2]):
-            ans = data.extract_answer(a["content"])
+            ans = ev.extract_answer(a["content"])
             if msgs[0]["content"].endswith("/think"):
                 steps = re.fullmatch(r"<think>\n(.*)\n</think>\nThe answer is \d+\.", a["content"], re.S).group(1)
                 _check_solution(q["content"], steps.split("\n"), int(ans))
@@ -487,7 +485,7 @@ def test_generated_math_answers_verify():
     assert 0.4 < think / len(sets["sft_train"] + sets["sft_val"]) < 0.6
     for row in sets["pref_train"]:
         q, chosen, rejected = row["prompt"][-1]["content"], row["chosen"][0]["content"], row["rejected"][0]["content"]
-        good, bad = data.extract_answer(chosen), data.extract_answer(rejected)
+        good, bad = ev.extract_answer(chosen), ev.extract_answer(rejected)
         assert good != bad
         if "<think>" in chosen:
             _check_solution(q, chosen.split("\n")[1:-2], int(good))

@@ -339,26 +339,6 @@ def test_bad_tokenizer_json(tmp_path):
         Tokenizer.load(str(tmp_path / "missing.json"))
 
 
-# ---- metrics ---------------------------------------------------------------------------------------------
-
-def test_metrics_hand_computed(tmp_path, capsys):
-    byte = Tokenizer.byte_level()
-    # 2 words, 5 byte tokens; each word spans 2 tokens.  CJK: one word per character, 3 bytes each.
-    assert data.tokenizer_metrics(byte, "ab cd") == {"words": 2, "tokens": 5, "fertility": 2.5, "continued": 1.0,
-                                                     "bytes_per_token": 1.0}
-    m = data.tokenizer_metrics(byte, "日本")
-    assert (m["words"], m["tokens"], m["fertility"], m["continued"]) == (2, 6, 3.0, 1.0)
-    tiny = Tokenizer.load(write(tmp_path, tiny_hf()))
-    # "hello hell, hey": [hello][Ġ][hell][,][Ġ][he][y]; words hello, hell, ",", hey -> only "hey" continues.
-    m = data.tokenizer_metrics(tiny, "hello hell, hey")
-    assert (m["words"], m["tokens"], m["fertility"], m["continued"]) == (4, 7, 1.75, 0.25)
-    byte.save(tmp_path / "byte.json")
-    (tmp_path / "en.txt").write_text("hello hell, hey", encoding="utf-8")
-    data.main(["tokenizer-eval", str(tmp_path / "tokenizer.json"), str(tmp_path / "byte.json"), str(tmp_path / "en.txt")])
-    row = capsys.readouterr().out.splitlines()[-1].split()
-    assert row == ["en.txt", "4", "1.750", "3.750", "25.0%", "75.0%", "2.14", "1.00"]
-
-
 # ---- chat template ----------------------------------------------------------------------------------------
 
 CONV = [{"role": "user", "content": "What is 2+2?"},

@@ -24,6 +24,7 @@ import data
 import train
 from config import load, pick
 from data import DataConfig, Loader
+from eval import evaluate
 from model import Model, ModelConfig
 from train import TrainConfig
 
@@ -485,7 +486,7 @@ def test_evaluate_bits_per_byte_against_cross_entropy(corpus):
     loader = Loader(dc, data.load_tokenizer(dc), 4, 1, 0)
     val_sets = {s: loader.val_rows(s, 6) for s in ("prose", "sums")}
     token_bytes = torch.tensor([1] * 256 + [0] * 7)                    # byte-level: one byte per id, specials none
-    loss, bpb = train.evaluate(model, val_sets, token_bytes, 4, contextlib.nullcontext(), torch.device("cpu"))
+    loss, bpb = evaluate(model, val_sets, token_bytes, 4, contextlib.nullcontext(), torch.device("cpu"))
     nats, nbytes, ntok = {}, {}, {}
     for s, (x, y, pos) in val_sets.items():
         with torch.no_grad():
