@@ -386,11 +386,14 @@ def checkpoint_problem(path):
     """Why checkpoint `path` cannot be resumed from (a file missing, truncated or corrupt), or None."""
     try:
         with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as f:
-            files = json.load(f)["files"]
+            state = json.load(f)
     except FileNotFoundError:
         return f"{TRAINER_STATE} is missing"
-    except (ValueError, KeyError, TypeError):              # JSONDecodeError and UnicodeDecodeError included
+    except ValueError:                                     # JSONDecodeError and UnicodeDecodeError included
         return f"{TRAINER_STATE} is truncated or corrupt"
+    files = state.get("files") if isinstance(state, dict) else None
+    if not isinstance(files, dict):
+        return f"{TRAINER_STATE} records no file checksums (an older nanosmol wrote it), so it cannot be verified"
     for rel, want in files.items():
         if not os.path.isfile(os.path.join(path, rel)):
             return f"{rel} is missing"

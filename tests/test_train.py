@@ -356,6 +356,15 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, corpus, 
         (0, None), (10, "ckpt_000010")]
 
 
+
+def test_checkpoint_without_checksums_is_named_as_such(tmp_path, finished_run):
+    ckpt = shutil.copytree(os.path.join(finished_run, "ckpt_000020"), tmp_path / "old")
+    state = json.loads((ckpt / "trainer" / "state.json").read_text())
+    del state["files"]                                         # what a checkpoint of an older nanosmol holds
+    (ckpt / "trainer" / "state.json").write_text(json.dumps(state))
+    assert train.checkpoint_problem(str(ckpt)) == ("trainer/state.json records no file checksums "
+                                                   "(an older nanosmol wrote it), so it cannot be verified")
+
 def test_no_intact_checkpoint_is_one_error(tmp_path, corpus):
     ns = make_ns(tmp_path, corpus, max_steps=2, warmup_steps=1, ckpt_interval=1)
     train.train(ns)
