@@ -185,9 +185,16 @@ def _qa(stem, choices, gold):
     return {"stem": stem, "choices": choices, "gold": gold, "ctx": f"Question: {stem}\nAnswer:"}
 
 
+def _wikihow(text):
+    """HellaSwag's WikiHow rows carry markup ("[header] Making tea [title] Boil water. [step] ..."): a title
+    ends a sentence and the other tags go, as the common eval harnesses clean them before scoring."""
+    text = regex.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
+    return text.replace("  ", " ").strip()
+
+
 def _hellaswag(path, no, o):
-    endings = _field(path, no, o, "endings", list)
-    ctx = f"{_field(path, no, o, 'ctx_a', str)} {_field(path, no, o, 'ctx_b', str).capitalize()}".strip()
+    endings = [_wikihow(e) for e in _field(path, no, o, "endings", list)]
+    ctx = _wikihow(f"{_field(path, no, o, 'ctx_a', str)} {_field(path, no, o, 'ctx_b', str).capitalize()}")
     return {"stem": ctx, "choices": endings, "gold": _index(path, no, o, "label", len(endings)), "ctx": ctx}
 
 

@@ -152,6 +152,13 @@ def test_each_format_parses_and_names_a_missing_field(tmp_path, fmt):
         ev.read_task(path, ev.PARSERS[fmt])
 
 
+def test_hellaswag_wikihow_markup_is_cleaned():
+    row = {"ctx_a": "[header] Making tea [title] Boil water.", "ctx_b": "", "label": 0,
+           "endings": ["[step] Pour it [substeps] slowly.", "Drink it."]}
+    q = ev._hellaswag("h.jsonl", 1, row)
+    assert q["ctx"] == "Making tea. Boil water." and q["choices"] == ["Pour it slowly.", "Drink it."]
+
+
 def test_arc_flat_forms_and_numeric_labels(tmp_path):
     want = {"stem": "Sky?", "choices": ["blue", "red", "green"], "gold": 2, "ctx": "Question: Sky?\nAnswer:"}
     rows = [{"question": "Sky?", "choices": {"text": ["blue", "red", "green"], "label": ["1", "2", "3"]},
