@@ -18,7 +18,8 @@ Sections
   setup           setup_device, find_start, start_run (run.json history)
   logging         Logger (log.jsonl, tqdm, tokens/s, MFU), read_log
   plot            plot_curves (loss.svg)
-  the loop        train, write_samples, main
+  the loop        train, write_samples
+  benchmark       bench (--bench=N: step time, tokens/s, MFU, peak memory), main
 """
 import collections
 import contextlib
@@ -31,6 +32,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -91,6 +93,7 @@ class TrainConfig:
     max_skips: int = 5                  # stop after more than this many skipped updates in a row
     dtype: str = "bfloat16"             # autocast dtype on GPU: "bfloat16" | "float32"; weights stay fp32
     compile: bool = False               # torch.compile the model for training
+    bench: int = 0                      # > 0: time this many steps on random rows and exit (no corpus, no files)
     init_from: str | None = None        # checkpoint, run or HF dir whose weights start a new run (not on resume)
     resume: bool = False                # continue from out_dir's latest checkpoint (fresh start if none)
     device: str = "auto"                # "auto" | "cpu" | "cuda" | "cuda:N"
@@ -118,7 +121,7 @@ def check_config(mc, dc, tc, world_size=1):
               for k in ("batch_size", "micro_batch_size", "max_steps", "eval_interval", "eval_rows", "ckpt_interval",
                         "keep_ckpts", "log_interval", "muon_ns_steps")]
     checks += [(getattr(tc, k) >= 0, f"{k}={getattr(tc, k)} must be >= 0")
-               for k in ("warmup_steps", "max_skips", "sample_tokens")]
+               for k in ("warmup_steps", "max_skips", "sample_tokens", "bench")]
     checks += [(getattr(tc, k) in allowed, f"{k}={getattr(tc, k)!r} must be one of {allowed}")
                for k, allowed in (("schedule", ["cosine", "wsd"]), ("decay_shape", ["1-sqrt", "linear"]),
                                   ("optimizer", ["adamw", "muon"]), ("dtype", ["bfloat16", "float32"]))]
@@ -513,9 +516,13 @@ def git_commit():
     return head.stdout.strip() + "-dirty" * bool(dirty) if head.returncode == 0 else "unknown"
 
 
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+
+
 def start_run(run_dir, config, device, start, ckpt):
     """Append this start (config, versions, device, commit) to run.json's history; a fresh run starts a new one."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    name = device_name(device)
     run = {"config": config, "python": platform.python_version(), "torch": torch.__version__, "device": name,
            "git_commit": git_commit(), "argv": sys.argv, "world_size": dist_env()[1],
            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "start_step": start, "resumed_from": ckpt}
@@ -781,10 +788,67 @@ def write_samples(model, tok, tc, run_dir, device):
     return samples
 
 
+# ---------------------------------------------------------------- benchmark
+
+# Untimed steps before the clock starts: the first runs the allocator's and (with compile) the compiler's
+# one-time work, the second the optimizer's lazily created state.
+BENCH_WARMUP = 2
+
+
+def bench(ns):
+    """`--bench=N`: N optimizer steps of the configured shape on random tokens (one document per row, so the
+    mask path is training's), timed after BENCH_WARMUP untimed ones; no corpus, tokenizer or file. Prints and
+    returns step time, tokens/s (per device), MFU where the peak is known, peak memory and the settings."""
+    mc, dc, tc = resolve(ns)
+    rank, world, local_rank = dist_env()
+    if world > 1:
+        raise ValueError(f"WORLD_SIZE={world}: --bench runs one process")
+    device, autocast = setup_device(tc, mc, local_rank)
+    torch.manual_seed(tc.seed)
+    model = Model(mc).to(device)
+    model.train()
+    update = Step(build_optimizers(model, tc, device), Guard(0.0), tc, autocast)
+    fwd = torch.compile(model) if tc.compile else model
+    accum, B, T = tc.batch_size // tc.micro_batch_size, tc.micro_batch_size, dc.seq_len
+    pos = torch.arange(T, device=device).expand(B, T)
+
+    def lm_loss(tokens):
+        return fwd(tokens[:, :-1], tokens[:, 1:], pos)[1]
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = 0.0
+    for step in range(BENCH_WARMUP + tc.bench):
+        batches = [torch.randint(mc.vocab_size, (B, T + 1), device=device) for _ in range(accum)]
+        t0 = time.perf_counter()
+        update(batches, lm_loss, get_lr(step, tc))            # ends in the step's host sync (loss, grad norm)
+        seconds += (time.perf_counter() - t0) * (step >= BENCH_WARMUP)
+    step_s, peak = seconds / tc.bench, peak_flops(device)
+    tok_s = tc.batch_size * T / step_s
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated(device)
+    else:                                                      # Linux reports the peak resident set in KiB
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = {"device": device_name(device), "steps": tc.bench, "step_s": step_s, "tok_per_s": tok_s,
+              "tok_per_s_per_device": tok_s / world, "mfu": model.flops_per_token(T) * tok_s / peak if peak else None,
+              "peak_memory_gb": memory / 1e9, "peak_memory_kind": "cuda max allocated" if device.type == "cuda"
+              else "peak RSS", "attn_impl": mc.attn_impl, "compile": tc.compile, "act_ckpt": mc.act_ckpt,
+              "autocast": "bf16" if device.type == "cuda" and tc.dtype == "bfloat16" else "off",
+              "tokens_per_step": tc.batch_size * T, "rows": f"{B} x {accum} accum x {T}"}
+    print(f"bench: {model.num_params():,} parameters on {result['device']}; {result['rows']} tokens/step; "
+          f"attn_impl={mc.attn_impl} compile={tc.compile} act_ckpt={mc.act_ckpt} autocast={result['autocast']}")
+    print(f"bench: {tc.bench} steps after {BENCH_WARMUP} warm-up: {1000 * step_s:.1f} ms/step, {tok_s:,.0f} tokens/s "
+          f"({tok_s / world:,.0f} per device), MFU "
+          + ("n/a" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%")
+          + f", peak memory {memory / 1e9:.2f} GB ({result['peak_memory_kind']})")
+    return result
+
+
 def main(argv):
     """Command line: bad input and a diverged run end in one line (exit 1); Ctrl-C in one line (exit 130)."""
     try:
-        train(load(argv, *CONFIGS, prog="python train.py"))
+        ns = load(argv, *CONFIGS, prog="python train.py")
+        (bench if ns.bench else train)(ns)
     except (ValueError, Diverged) as e:
         sys.exit(f"train.py: {e}")
     except KeyboardInterrupt as e:                             # 130 = 128 + SIGINT, what a shell reports

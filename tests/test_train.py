@@ -634,3 +634,24 @@ def test_shipped_configs_resolve_and_hold_their_numbers():
     for name, (ns, *_) in ablations.items():
         diff = {k for k, v in vars(ns).items() if v != base[k]}
         assert len(diff - {"out_dir"}) == 1 and ns.out_dir == f"out/{name}", (name, diff)
+
+
+# ---------------------------------------------------------------- --bench
+
+def test_bench_prints_its_numbers_and_writes_nothing(tmp_path, capsys):
+    """--bench=2 on random rows: every field printed, tokens/s = tokens per step / step time, no corpus built
+    (its data_dir stays absent), no run directory, nothing new in the working directory."""
+    keys = {**MODEL, **TRAIN, "dataset": "default", "data_dir": str(tmp_path / "data"), "out_dir": str(tmp_path / "run")}
+    cfg = write_config(tmp_path / "bench.py", **keys)
+    before = sorted(os.listdir(tmp_path)), sorted(os.listdir(os.getcwd()))
+    train.main([cfg, "--bench=2"])
+    out = capsys.readouterr().out
+    assert (sorted(os.listdir(tmp_path)), sorted(os.listdir(os.getcwd()))) == before
+    m = re.search(r"2 steps after 2 warm-up: ([\d.]+) ms/step, ([\d,]+) tokens/s \(([\d,]+) per device\), "
+                  r"MFU n/a, peak memory ([\d.]+) GB \(peak RSS\)", out)
+    assert m, out
+    tokens_per_step = TRAIN["batch_size"] * TRAIN["seq_len"]
+    ms, tok_s, per_device, gb = float(m[1]), *(int(g.replace(",", "")) for g in m.groups()[1:3]), float(m[4])
+    assert per_device == tok_s and gb > 0
+    assert tok_s == pytest.approx(tokens_per_step / (ms / 1000), rel=0.06, abs=1)  # ms is printed to 0.1
+    assert "4 x 2 accum x 32 tokens/step; attn_impl=sdpa compile=False act_ckpt=False autocast=off" in out
