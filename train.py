@@ -92,7 +92,7 @@ class TrainConfig:
     spike_factor: float = 3.0           # skip when loss > factor x running mean; 0 = off
     max_skips: int = 5                  # stop after more than this many skipped updates in a row
     dtype: str = "bfloat16"             # autocast dtype on GPU: "bfloat16" | "float32"; weights stay fp32
-    compile: bool = False               # torch.compile the model for training
+    compile: bool | None = None         # torch.compile the model for training; None: on CUDA, off on CPU
     bench: int = 0                      # > 0: time this many steps on random rows and exit (no corpus, no files)
     init_from: str | None = None        # checkpoint, run or HF dir whose weights start a new run (not on resume)
     resume: bool = False                # continue from out_dir's latest checkpoint (fresh start if none)
@@ -487,6 +487,11 @@ def setup_device(tc, mc, local_rank):
     return device, contextlib.nullcontext()
 
 
+def use_compile(tc, device):
+    # inductor's compile time (minutes on a CPU for a tiny model) pays off only on a GPU's long runs
+    return device.type == "cuda" if tc.compile is None else tc.compile
+
+
 def find_start(tc, mc):
     """(checkpoint to resume from, checkpoint to init_from): either or both None, architectures checked."""
     has_ckpt = os.path.isfile(os.path.join(tc.out_dir, "latest"))
@@ -735,7 +740,7 @@ def train(ns):
               + (f"{peak / 1e12:.0f} TFLOP/s (dense bf16)" if peak else "n/a on this device"))
     log = Logger(run_dir, start, tc, tokens_per_step, model.flops_per_token(dc.seq_len), peak, master)
     update = Step(opts, guard, tc, autocast)
-    fwd = torch.compile(model) if tc.compile else model       # eval and generate use the plain module
+    fwd = torch.compile(model) if use_compile(tc, device) else model  # eval and generate use the plain module
 
     def lm_loss(batch):
         x, y, pos = (t.to(device, non_blocking=True) for t in batch)
@@ -808,7 +813,8 @@ def bench(ns):
     model = Model(mc).to(device)
     model.train()
     update = Step(build_optimizers(model, tc, device), Guard(0.0), tc, autocast)
-    fwd = torch.compile(model) if tc.compile else model
+    compiled = use_compile(tc, device)
+    fwd = torch.compile(model) if compiled else model
     accum, B, T = tc.batch_size // tc.micro_batch_size, tc.micro_batch_size, dc.seq_len
     pos = torch.arange(T, device=device).expand(B, T)
 
@@ -832,11 +838,11 @@ def bench(ns):
     result = {"device": device_name(device), "steps": tc.bench, "step_s": step_s, "tok_per_s": tok_s,
               "tok_per_s_per_device": tok_s / world, "mfu": model.flops_per_token(T) * tok_s / peak if peak else None,
               "peak_memory_gb": memory / 1e9, "peak_memory_kind": "cuda max allocated" if device.type == "cuda"
-              else "peak RSS", "attn_impl": mc.attn_impl, "compile": tc.compile, "act_ckpt": mc.act_ckpt,
+              else "peak RSS", "attn_impl": mc.attn_impl, "compile": compiled, "act_ckpt": mc.act_ckpt,
               "autocast": "bf16" if device.type == "cuda" and tc.dtype == "bfloat16" else "off",
               "tokens_per_step": tc.batch_size * T, "rows": f"{B} x {accum} accum x {T}"}
     print(f"bench: {model.num_params():,} parameters on {result['device']}; {result['rows']} tokens/step; "
-          f"attn_impl={mc.attn_impl} compile={tc.compile} act_ckpt={mc.act_ckpt} autocast={result['autocast']}")
+          f"attn_impl={mc.attn_impl} compile={compiled} act_ckpt={mc.act_ckpt} autocast={result['autocast']}")
     print(f"bench: {tc.bench} steps after {BENCH_WARMUP} warm-up: {1000 * step_s:.1f} ms/step, {tok_s:,.0f} tokens/s "
           f"({tok_s / world:,.0f} per device), MFU "
           + ("n/a" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%")
