@@ -1,8 +1,9 @@
-"""Triton kernels for nanosmol, each with a plain PyTorch twin: FlashAttention-2 (forward + backward) with
-document masking, GQA and sliding windows; fused RMSNorm; fused linear + cross-entropy.
+"""Triton kernels for nanosmol with a plain PyTorch twin: FlashAttention-2 (forward + backward) with
+document masking, GQA and sliding windows. RMSNorm and the LM-head loss have no kernel of their own:
+torch.compile (on by default on CUDA) fuses model.RMSNorm in its own rounding order, so bf16 keeps
+transformers' bits, and model.py's chunked loss already bounds the logits' memory by loss_chunk.
 
     flash_attention(q, k, v, pos=None, window=None) -> o    q [B,T,H,D], k/v [B,T,Hkv,D]; twin attention_ref
-    rms_norm(x, weight, eps); linear_cross_entropy(h, W, y, ...)  twins rms_norm_ref, linear_cross_entropy_ref
 
 Run:
     python -m pytest -q tests/test_kernels.py   # CPU: every kernel vs its float64 twin (Triton interpreter)
@@ -11,7 +12,7 @@ Run:
     python kernels.py --compile sm_90           # CPU: compile the attention kernels for an H100
 
 Sections: helpers · attention twin · attention kernels (forward, backward) · attention host side and
-custom ops · RMSNorm · linear cross-entropy · --compile · --bench · main.
+custom ops · --compile · --bench · main.
 
 Attention masks as model.doc_causal_mask (padding, pos < 0, gets output and gradients exactly 0, never
 NaN) at a cost ~ sum of L^2 over documents of length L, not T^2: see _attn_lo.
@@ -39,11 +40,11 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _check_device(t, what, matmul=True):
+def _check_device(t, what):
     """Triton runs on CUDA, or on CPU under the interpreter; say so plainly otherwise."""
     if t.device.type == "cpu" and _interpreting():
         # the interpreter returns garbage (errors ~1e8) from a bfloat16 tl.dot: refuse it
-        if matmul and t.dtype == torch.bfloat16:
+        if t.dtype == torch.bfloat16:
             raise ValueError(f"kernels.{what}: the Triton interpreter miscomputes bfloat16 matmuls; use "
                              f"float16 or float32 under TRITON_INTERPRET=1")
         return
@@ -427,272 +428,6 @@ def flash_attention(q, k, v, pos=None, window=None, tma=None):
     pos = torch.arange(T, device=q.device).expand(B, T) if pos is None else pos.to(q.device)
     lo = _attn_lo(pos, window)
     return _attn_fwd_op(q, k, v, lo, _tma_ok(q.device) if tma is None else tma)[0]
-
-
-# ---- RMSNorm -------------------------------------------------------------------------------------------
-
-def rms_norm_ref(x, weight, eps):
-    """y = x / sqrt(mean(x^2) + eps) * weight, computed in at least float32, returned in x's dtype."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(xf.dtype)
-    return y.to(x.dtype)
-
-
-@triton.jit
-def _rms_fwd(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    keep = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=keep, other=0.0).to(tl.float32)
-    w = tl.load(W + cols, mask=keep, other=0.0).to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
-    tl.store(Y + row * stride_y + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=keep)
-    tl.store(RSTD + row, rstd)
-
-
-@triton.jit
-def _rms_bwd(X, W, DY, DX, DW_PART, RSTD, stride_x, stride_dy, stride_dx, n_rows, n_cols, rows_per_prog,
-             BLOCK: tl.constexpr):
-    # dx = rstd * (w*dy - xhat * mean(w*dy*xhat)),  dw = sum_rows dy * xhat  (xhat = x * rstd)
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    keep = cols < n_cols
-    w = tl.load(W + cols, mask=keep, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK], dtype=tl.float32)
-    row0 = pid.to(tl.int64) * rows_per_prog
-    for r in range(row0, tl.minimum(row0 + rows_per_prog, n_rows)):
-        x = tl.load(X + r * stride_x + cols, mask=keep, other=0.0).to(tl.float32)
-        dy = tl.load(DY + r * stride_dy + cols, mask=keep, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + r)
-        xhat = x * rstd
-        wdy = w * dy
-        dx = (wdy - xhat * (tl.sum(wdy * xhat, 0) / n_cols)) * rstd
-        tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=keep)
-        dw += dy * xhat
-    tl.store(DW_PART + pid * n_cols + cols, dw, mask=keep)
-
-
-def _n_programs(n, per_sm, device):
-    """Enough programs to fill the GPU (a handful under the interpreter), at most n."""
-    if _interpreting():
-        return max(1, min(n, 4))
-    return max(1, min(n, per_sm * torch.cuda.get_device_properties(device).multi_processor_count))
-
-
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        n_rows, n_cols = x2.shape
-        y = torch.empty(n_rows, n_cols, device=x.device, dtype=x.dtype)
-        rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
-        block = triton.next_power_of_2(n_cols)
-        with _on_device(x):
-            _rms_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps, BLOCK=block,
-                                num_warps=min(16, max(1, block // 256)))
-        ctx.save_for_backward(x2, weight, rstd)
-        return y.view(shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
-        n_rows, n_cols = x2.shape
-        dy2 = dy.reshape(n_rows, n_cols)
-        if dy2.stride(-1) != 1:
-            dy2 = dy2.contiguous()
-        dx = torch.empty_like(x2)
-        progs = _n_programs(n_rows, 4, x2.device)
-        dw_part = torch.empty(progs, n_cols, device=x2.device, dtype=torch.float32)
-        block = triton.next_power_of_2(n_cols)
-        _rms_bwd[(progs,)](x2, weight, dy2, dx, dw_part, rstd, x2.stride(0), dy2.stride(0), dx.stride(0),
-                           n_rows, n_cols, triton.cdiv(n_rows, progs), BLOCK=block,
-                           num_warps=min(16, max(1, block // 256)))
-        return dx.view(dy.shape), dw_part.sum(0).to(weight.dtype), None
-
-
-def rms_norm(x, weight, eps):
-    """RMSNorm over the last dim of x [..., D] with weight [D]; autograd-capable."""
-    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
-        raise ValueError(f"kernels.rms_norm: weight must be [D] with D = x.shape[-1] = {x.shape[-1]}, "
-                         f"got {tuple(weight.shape)}")
-    if x.shape[-1] > 65536:
-        raise ValueError(f"kernels.rms_norm: rows longer than 65536 are not supported, got {x.shape[-1]}")
-    _check_device(x, "rms_norm", matmul=False)
-    return _RMSNorm.apply(x, weight, float(eps))
-
-
-# ---- Fused linear + cross-entropy ----------------------------------------------------------------------
-
-def linear_cross_entropy_ref(h, W, y, ignore_index=-100, z_loss=0.0, reduction="mean"):
-    """Same contract as linear_cross_entropy, computed in float64 with full logits."""
-    logits = h.double() @ W.double().t()                             # [N, V]
-    keep = y != ignore_index
-    lse = torch.logsumexp(logits, dim=-1)
-    target = logits.gather(1, torch.where(keep, y, 0)[:, None])[:, 0]
-    loss = torch.where(keep, lse - target + z_loss * lse * lse, 0.0)
-    return {"none": loss, "sum": loss.sum(), "mean": loss.sum() / keep.sum().clamp(min=1)}[reduction]
-
-
-@triton.jit
-def _logits_tile(Hm, Wm, rows, cols, N, V, D, stride_h, stride_w,
-                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_V] tile of h @ W^T."""
-    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
-    ks = tl.arange(0, BLOCK_K)
-    for k0 in range(0, D, BLOCK_K):
-        kk = k0 + ks
-        a = tl.load(Hm + rows[:, None].to(tl.int64) * stride_h + kk[None, :],
-                    mask=(rows[:, None] < N) & (kk[None, :] < D), other=0.0)
-        w = tl.load(Wm + cols[:, None].to(tl.int64) * stride_w + kk[None, :],
-                    mask=(cols[:, None] < V) & (kk[None, :] < D), other=0.0)
-        acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
-def _lce_fwd(Hm, Wm, Y, M_PART, S_PART, T_PART, N, V, D, stride_h, stride_w, v_per_split,
-             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """Per (row block, vocab split): running max, sum of exp and target logit over the split."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    split = tl.program_id(1)
-    y = tl.load(Y + rows, mask=rows < N, other=-1)
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    s = tl.zeros([BLOCK_M], dtype=tl.float32)
-    tgt = tl.zeros([BLOCK_M], dtype=tl.float32)
-    v_start = split * v_per_split
-    for v0 in range(v_start, tl.minimum(v_start + v_per_split, V), BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        z = _logits_tile(Hm, Wm, rows, cols, N, V, D, stride_h, stride_w, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
-        z = tl.where(cols[None, :] < V, z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, 1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
-        m = m_new
-        tgt += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
-    out = split * N + rows
-    tl.store(M_PART + out, m, mask=rows < N)
-    tl.store(S_PART + out, s, mask=rows < N)
-    tl.store(T_PART + out, tgt, mask=rows < N)
-
-
-@triton.jit
-def _lce_grad(Hm, Wm, Y, LSE, COEF, G, N, V, D, v0, width, stride_h, stride_w, stride_g, z_loss,
-              BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """G[:, c] = coef * (softmax * (1 + 2 z_loss lse) - onehot(y)) for the vocab chunk [v0, v0+width)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cc = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)        # column within the chunk
-    cols = v0 + cc
-    z = _logits_tile(Hm, Wm, rows, cols, N, V, D, stride_h, stride_w, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
-    in_rows = rows < N
-    y = tl.load(Y + rows, mask=in_rows, other=-1)
-    lse = tl.load(LSE + rows, mask=in_rows, other=0.0)
-    coef = tl.load(COEF + rows, mask=in_rows, other=0.0)
-    p = tl.exp(z - lse[:, None])
-    g = p * (1.0 + 2.0 * z_loss * lse)[:, None] - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
-    g = g * coef[:, None]
-    tl.store(G + rows[:, None].to(tl.int64) * stride_g + cc[None, :], g.to(G.dtype.element_ty),
-             mask=in_rows[:, None] & (cc[None, :] < width))
-
-
-def _lce_config():
-    """(BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages): a standard Hopper matmul tile."""
-    return (16, 32, 16, 4, 1) if _interpreting() else (128, 128, 64, 8, 3)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, W, y, ignore_index, z_loss, reduction, chunk):
-        N, D = h.shape
-        V = W.shape[0]
-        BM, BV, BK, warps, stages = _lce_config()
-        precision = "ieee" if h.dtype == torch.float32 else "tf32"   # tf32 is ignored for 16-bit inputs
-        idx = (y != ignore_index).nonzero()[:, 0]                    # rows that carry a target
-        hv, yv = h.index_select(0, idx).contiguous(), y.index_select(0, idx).contiguous()
-        n = hv.shape[0]
-        lse = torch.zeros(n, device=h.device, dtype=torch.float32)
-        tgt = torch.zeros_like(lse)
-        if n > 0:
-            row_blocks = triton.cdiv(n, BM)
-            splits = max(1, min(triton.cdiv(V, BV), triton.cdiv(_n_programs(10**9, 4, h.device), row_blocks)))
-            v_per_split = triton.cdiv(triton.cdiv(V, splits), BV) * BV
-            splits = triton.cdiv(V, v_per_split)
-            part = torch.empty(3, splits, n, device=h.device, dtype=torch.float32)
-            with _on_device(h):
-                _lce_fwd[(row_blocks, splits)](hv, W, yv, part[0], part[1], part[2], n, V, D, hv.stride(0),
-                                               W.stride(0), v_per_split, BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK,
-                                               PRECISION=precision, num_warps=warps, num_stages=stages)
-            m = part[0].max(0).values
-            lse = m + torch.log((part[1] * torch.exp(part[0] - m)).sum(0))
-            tgt = part[2].sum(0)
-        loss_v = lse - tgt + z_loss * lse * lse
-        ctx.save_for_backward(h, W, idx, yv, lse)
-        ctx.args = (z_loss, reduction, chunk, precision, N)
-        if reduction == "none":
-            return torch.zeros(N, device=h.device, dtype=torch.float32).index_copy_(0, idx, loss_v)
-        total = loss_v.sum()
-        return total if reduction == "sum" else total / max(n, 1)
-
-    @staticmethod
-    def backward(ctx, dloss):
-        h, W, idx, yv, lse = ctx.saved_tensors
-        z_loss, reduction, chunk, precision, N = ctx.args
-        n = idx.shape[0]
-        V, D = W.shape
-        dh = torch.zeros(N, D, device=h.device, dtype=torch.float32)
-        dW = torch.zeros_like(W)
-        want_dh, want_dW = ctx.needs_input_grad[:2]
-        if n == 0:
-            return dh.to(h.dtype), dW, None, None, None, None, None
-        if reduction == "none":
-            coef = dloss.float().index_select(0, idx).contiguous()
-        else:
-            coef = (dloss.float() / (n if reduction == "mean" else 1)).expand(n).contiguous()
-        BM, BV, BK, warps, stages = _lce_config()
-        hv = h.index_select(0, idx).contiguous()
-        # vocab chunk: at most ~64M gradient entries in flight, a multiple of the tile width
-        c = chunk or max(BV, (1 << 26) // n // BV * BV)
-        g = torch.empty(n, min(c, V), device=h.device, dtype=h.dtype)
-        dhv = torch.zeros(n, D, device=h.device, dtype=torch.float32)
-        for v0 in range(0, V, c):
-            width = min(c, V - v0)
-            gc = g[:, :width]
-            _lce_grad[(triton.cdiv(n, BM), triton.cdiv(width, BV))](
-                hv, W, yv, lse, coef, gc, n, V, D, v0, width, hv.stride(0), W.stride(0), gc.stride(0), z_loss,
-                BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=BK, PRECISION=precision, num_warps=warps, num_stages=stages)
-            if want_dh:
-                dhv += (gc @ W[v0:v0 + width]).float()
-            if want_dW:
-                torch.mm(gc.t(), hv, out=dW[v0:v0 + width])
-        dh.index_copy_(0, idx, dhv)
-        return dh.to(h.dtype) if want_dh else None, dW if want_dW else None, None, None, None, None, None
-
-
-def linear_cross_entropy(h, W, y, ignore_index=-100, z_loss=0.0, reduction="mean", chunk_size=None):
-    """Cross-entropy of logits h @ W^T against y without materialising the logits; autograd-capable.
-
-    h [N, D], W [V, D], y [N] int (ignore_index rows count for nothing). Per token:
-    lse - logit[y] + z_loss * lse^2. reduction "mean" (over kept tokens; 0 when none is kept), "sum",
-    or "none" ([N] float32, 0 at ignored rows). chunk_size: vocab columns per backward chunk. The
-    matmuls run in h's dtype (W is cast to it), or in the autocast dtype under torch.autocast."""
-    if h.dim() != 2 or W.dim() != 2 or h.shape[1] != W.shape[1] or y.shape != (h.shape[0],):
-        raise ValueError(f"kernels.linear_cross_entropy: expected h [N,D], W [V,D], y [N], got "
-                         f"{tuple(h.shape)}, {tuple(W.shape)}, {tuple(y.shape)}")
-    h, W = _autocast(h, W)
-    if reduction not in ("mean", "sum", "none") or (chunk_size is not None and chunk_size < 1):
-        raise ValueError(f"kernels.linear_cross_entropy: reduction must be 'mean', 'sum' or 'none' and chunk_size "
-                         f"None or >= 1, got reduction={reduction!r}, chunk_size={chunk_size!r}")
-    if h.dtype not in _TL_DTYPE or y.dtype.is_floating_point:
-        raise ValueError(f"kernels.linear_cross_entropy: h must be float16/bfloat16/float32 and y "
-                         f"integer, got {h.dtype}, {y.dtype}")
-    bad = (y != ignore_index) & ((y < 0) | (y >= W.shape[0]))
-    if bad.any():
-        raise ValueError(f"kernels.linear_cross_entropy: targets must be in [0, {W.shape[0]}) or "
-                         f"{ignore_index}, got {y[bad][0].item()}")
-    _check_device(h, "linear_cross_entropy")
-    W = W.to(h.dtype).contiguous()          # autograd casts the gradient back to W's dtype
-    return _LinearCrossEntropy.apply(h, W, y, ignore_index, float(z_loss), reduction, chunk_size)
 
 
 # ---- GPU compilation without a GPU: python kernels.py --compile sm_90 ----------------------------------
