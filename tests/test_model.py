@@ -681,3 +681,11 @@ def test_triton_attention_through_the_model_equals_sdpa():
     torch.testing.assert_close(loss_t, loss_s, atol=1e-5, rtol=1e-4)
     for n in grads_s:
         torch.testing.assert_close(grads_t[n], grads_s[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_decode_benchmark_tokens_equal_transformers(hf, capsys):
+    """python model.py --bench's comparison: greedy tokens of ours and transformers' generate, batch 1 and 3."""
+    M.bench_decode(small_cfg(), prompt_len=5, new_tokens=12, batches=(1, 3))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines[1:]] == ["batch 1", "batch 3"]
+    assert all(line.endswith("tokens identical") for line in lines[1:]), lines
