@@ -1,0 +1,163 @@
+"""parallel.py against single-process oracles: 2 CPU processes on gloo (spawned), fp32. Each worker builds the
+same-seed model, runs the parallel version on its share of the batch and compares with the single-process
+run on the whole batch (and with torch's own DistributedDataParallel)."""
+import contextlib
+import json
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import parallel
+import train
+from model import Model, ModelConfig
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, nope_interval=2)
+
+
+def _worker(rank, world, tp, path, checks):
+    """Run every check on one process group (a spawn costs seconds); each check's failure is recorded by name
+    (a failing rank may leave the other in a collective, which the group's timeout then ends)."""
+    torch.set_num_threads(1)
+    grid = parallel.init(tp=tp, timeout_s=30, init_method=f"file://{path}/rdzv", rank=rank, world=world)
+    models, errors = [], {}
+    for check in checks:
+        try:
+            models += CHECKS[check](grid)
+        except Exception:
+            errors[check] = traceback.format_exc()
+    parallel.shutdown(*models)
+    with open(f"{path}/rank{rank}.json", "w") as f:
+        json.dump(errors, f)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """{check: error traceback} over both ranks, from one 2-process run of every check."""
+    path = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(2, 1, str(path), sorted(CHECKS)), nprocs=2, join=True)
+    errors = {}
+    for r in range(2):
+        errors.update(json.loads((path / f"rank{r}.json").read_text()))
+    return errors
+
+
+def batch(step, rows=4, T=16):
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randint(0, CFG.vocab_size, (rows, T + 1), generator=g)
+    return x[:, :-1], x[:, 1:]
+
+
+def model(seed=0, cfg=CFG):
+    torch.manual_seed(seed)
+    return Model(cfg)
+
+
+def close(a, b, what, atol=1e-6):
+    # after optimizer steps atol=1e-5: Adam divides by sqrt(v), so last-bit grad differences move weights more
+    assert torch.allclose(a, b, rtol=1e-4, atol=atol), f"{what}: max diff {(a - b).abs().max():.3g}"
+
+
+# ---------------------------------------------------------------- DDP
+
+def _ddp_grads(grid):
+    r, n = grid.dp_rank, grid.dp
+    x, y = batch(0)
+    mine = slice(r * 2, r * 2 + 2)
+    ref = model(0)
+    ref(x, y)[1].backward()
+    ours = parallel.DDP(model(seed=r), grid.dp_group, bucket_mb=0.01, first_bucket_mb=0.002)  # rank 1's own
+    assert len(ours.buckets) > 2                                                           # weights replaced
+    ours(x[mine], y[mine])[1].backward()
+    ours.finish()
+    theirs = torch.nn.parallel.DistributedDataParallel(model(0), process_group=grid.dp_group)
+    theirs(x[mine], y[mine])[1].backward()
+    for (name, p), q, t in zip(ref.named_parameters(), ours.module.parameters(), theirs.module.parameters()):
+        close(q.grad, p.grad, f"DDP grad {name} vs single process")
+        close(q.grad, t.grad, f"DDP grad {name} vs torch DDP")
+    return [ref, ours, theirs]
+
+
+def test_ddp_grads_equal_single_process_and_torch_ddp(two_ranks):
+    assert "ddp_grads" not in two_ranks, two_ranks["ddp_grads"]
+
+
+def _ddp_accum_and_steps(grid):
+    r = grid.dp_rank
+    calls = []
+    real = dist.all_reduce
+    dist.all_reduce = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    ref, ours = model(0), parallel.DDP(model(0), grid.dp_group, bucket_mb=0.01)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(ours.parameters(), lr=1e-2)
+    for step in range(3):
+        micro = [batch(10 * step + m) for m in range(3)]          # 3 accumulation micro-steps
+        for x, y in micro:
+            (ref(x, y)[1] / 3).backward()
+        for m, (x, y) in enumerate(micro):
+            sync = contextlib.nullcontext() if m == 2 else ours.no_sync()
+            with sync:
+                (ours(x[2 * r:2 * r + 2], y[2 * r:2 * r + 2])[1] / 3).backward()
+            if m < 2:
+                assert not calls, f"accumulation micro-step {m} sent {len(calls)} all-reduces"
+        assert len(calls) == len(ours.buckets), f"{len(calls)} all-reduces for {len(ours.buckets)} buckets"
+        calls.clear()
+        ours.finish()
+        for o in (ref_opt, opt):
+            o.step()
+            o.zero_grad()
+    dist.all_reduce = real
+    for (name, p), q in zip(ref.named_parameters(), ours.module.parameters()):
+        close(q, p, f"DDP after 3 accumulated steps: {name}", atol=1e-5)
+    return [ref, ours]
+
+
+def test_ddp_accumulation_sends_nothing_and_steps_equal_single_process(two_ranks):
+    assert "ddp_accum_and_steps" not in two_ranks, two_ranks["ddp_accum_and_steps"]
+
+
+# ---------------------------------------------------------------- ZeRO-1
+
+def _zero1_steps(grid):
+    r = grid.dp_rank
+    tc = train.TrainConfig(lr=1e-2, grad_clip=0.05, weight_decay=0.1, spike_factor=0.0)
+    cpu = torch.device("cpu")
+    runs = []
+    for sharded in (False, True):
+        m = model(0)
+        opt = train.build_optimizers(m, tc, cpu)[0]
+        assert len(opt.param_groups) == 2                         # decay and no-decay groups kept
+        zero = parallel.ZeRO1(opt, grid.dp_group) if sharded else None
+        step = train.Step([zero or opt], train.Guard(0.0), tc, contextlib.nullcontext(),
+                          **({"clip_grad_norm": zero.clip_grad_norm} if sharded else {}))
+        rows = slice(2 * r, 2 * r + 2) if sharded else slice(None)
+        norms = [step([batch(s)], lambda b: m(b[0][rows], b[1][rows])[1], tc.lr).grad_norm for s in range(4)]
+        runs.append((m, norms))
+    (ref, ref_norms), (ours, norms) = runs
+    assert ref_norms[0] > 10 * tc.grad_clip                      # clipping is active
+    assert norms == pytest.approx(ref_norms, rel=1e-4), "ZeRO-1 global grad norm"
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
+        close(q, p, f"ZeRO-1 after 4 clipped steps: {name}", atol=1e-5)
+    return [ref, ours]
+
+
+def test_zero1_steps_equal_adamw_with_clipping(two_ranks):
+    assert "zero1_steps" not in two_ranks, two_ranks["zero1_steps"]
+
+
+CHECKS = {"ddp_grads": _ddp_grads, "ddp_accum_and_steps": _ddp_accum_and_steps, "zero1_steps": _zero1_steps}
+
+
+# ---------------------------------------------------------------- layout
+
+@pytest.mark.parametrize("world, tp, over, msg", [
+    (3, 2, {}, "world size 3 is not divisible by tp=2"),
+    (4, 4, {"n_kv_heads": 2}, "n_kv_heads 2 is not divisible by tp=4"),
+    (2, 2, {"d_ff": 47}, "d_ff 47 is not divisible by tp=2"),
+    (2, 2, {"vocab_size": 63}, "vocab_size 63 is not divisible by tp=2")])
+def test_bad_layouts_named(world, tp, over, msg):
+    mc = ModelConfig(**{**vars(CFG), "head_dim": None, **over})
+    with pytest.raises(ValueError, match=f"^parallel layout: {msg}$"):
+        parallel.check_layout(world, tp, mc)
