@@ -3,7 +3,7 @@ overlaps its all-reduces with the backward, ZeRO-1 (AdamW state sharded over DP)
 parallelism with a vocab-parallel embedding, LM head and cross-entropy.
 
     torchrun --standalone --nproc_per_node=2 <script>       # CPU: gloo; GPU: nccl, one process per GPU
-    grid = init(tp=2); model = tensor_parallel(model, grid.tp_group); model = DDP(model, grid.dp_group)
+    grid = init(tp=2); model = DDP(TPModel(Model(cfg), grid.tp_group), grid.dp_group)   # same seed everywhere
 
 Every process group is sliced from one Grid and passed explicitly; every collective runs under the process
 group's timeout, so a lost rank ends the others with an error instead of a hang. Tests: tests/test_parallel.py
@@ -15,11 +15,12 @@ Sections
   ZeRO-1          ZeRO1 (flat shards per param group: reduce-scatter, clip over shards, step, all-gather)
   TP comm ops     f (copy to TP region), g (reduce from TP region)
   TP layers       ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_ce
-  TP model        tensor_parallel (shard a same-seed single-process Model in place), TPLoss
+  TP model        TPModel (shards a same-seed single-process Model in place; vocab-parallel loss)
 """
 import contextlib
 import dataclasses
 import datetime
+import functools
 import os
 
 import torch
@@ -228,3 +229,144 @@ class ZeRO1:
     def zero_grad(self, set_to_none=True):
         self.opt.zero_grad(set_to_none=set_to_none)
         self.inner.zero_grad(set_to_none=set_to_none)
+
+
+# ---------------------------------------------------------------- TP comm ops (Megatron-LM, Shoeybi et al. 2019)
+
+class f(torch.autograd.Function):
+    """Megatron's f, entering a TP region: forward identity, backward all-reduce (sum) over the TP group
+    (each rank's partial gradient of the replicated input comes from its own slice of the weights)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _summed(grad, ctx.group), None
+
+
+def _summed(t, group):
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t
+
+
+class g(torch.autograd.Function):
+    """Megatron's g, leaving a TP region: forward all-reduce (sum) of the ranks' partial results, backward
+    identity (the replicated output's gradient is already whole on every rank)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _summed(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+# ---------------------------------------------------------------- TP layers
+# Each takes the full single-process module and keeps this rank's exact slice of it: the TP-seed contract
+# (shards of one weight are slices of one same-seed draw, never equal draws of one rank-local seed).
+
+def _slice(w, dim, group):
+    return nn.Parameter(w.detach().chunk(dist.get_world_size(group), dim)[dist.get_rank(group)].clone())
+
+
+class ColumnParallelLinear(nn.Module):
+    """Output features split: y[:, this rank's slice] = f(x) @ W[slice].T."""
+
+    def __init__(self, full, group):
+        super().__init__()
+        self.group, self.weight = group, _slice(full.weight, 0, group)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(f.apply(x, self.group), self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split (the column-parallel layer's output): y = g(x_slice @ W[:, slice].T)."""
+
+    def __init__(self, full, group):
+        super().__init__()
+        self.group, self.weight = group, _slice(full.weight, 1, group)
+
+    def forward(self, x):
+        return g.apply(torch.nn.functional.linear(x, self.weight), self.group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows lo..lo+V/tp of the table: ids outside them give 0, and g sums the one rank that has each id."""
+
+    def __init__(self, full, group):
+        super().__init__()
+        self.group, self.weight = group, _slice(full.weight, 0, group)
+        self.lo = dist.get_rank(group) * self.weight.shape[0]
+
+    def forward(self, ids):
+        local = ids - self.lo
+        inside = (local >= 0) & (local < self.weight.shape[0])
+        e = torch.nn.functional.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+        return g.apply(e * inside[..., None], self.group)
+
+
+def vocab_parallel_ce(logits, y, lo, group, z_loss=0.0):
+    """Per-token cross-entropy (+ z_loss * lse^2) [N], 0 where y == -100, from this rank's logits [N, V/tp]
+    (vocabulary columns lo..lo+V/tp); full-vocabulary logits are never gathered: three all-reduces of [N]
+    (max, target logit, sum of exp) make the log-sum-exp."""
+    logits = logits.float()
+    m = logits.detach().max(-1).values                        # a shift only: lse does not depend on it
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    local = y - lo
+    inside = (local >= 0) & (local < logits.shape[1])
+    target = logits.gather(1, local.clamp(0, logits.shape[1] - 1)[:, None])[:, 0]
+    target = g.apply(torch.where(inside, target, 0.0), group)
+    lse = g.apply((logits - m[:, None]).exp().sum(-1), group).log() + m
+    loss = lse - target
+    if z_loss:
+        loss = loss + z_loss * lse.square()
+    return torch.where(y == -100, 0.0, loss)
+
+
+# ---------------------------------------------------------------- TP model
+
+class TPModel(nn.Module):
+    """A Model sharded in place over `group`: q/k/v/gate/up column-parallel, o/down row-parallel (each rank
+    runs n_heads/tp query heads and n_kv_heads/tp KV heads), embedding and LM head vocab-parallel. Norms
+    stay replicated. forward(x, y, pos) -> the mean loss via vocab_parallel_ce; forward(x, pos=pos) -> the
+    full logits (gathered: for evals, not the training loss). The LM head is not chunked (memory: [B*T, V/tp])."""
+
+    def __init__(self, model, group):
+        super().__init__()
+        cfg, n = model.cfg, dist.get_world_size(group)
+        check_layout(n, n, cfg)
+        self.model, self.group = model, group
+        local = dataclasses.replace(cfg, n_heads=cfg.n_heads // n, n_kv_heads=cfg.n_kv_heads // n)
+        for block in model.layers:
+            a, mlp = block.attn, block.mlp
+            a.cfg = local
+            if cfg.qk_norm:
+                # the qk-norm weights are shared by all heads, and each rank holds only its heads: the
+                # gradient of one backward is the sum over ranks (f's backward, on the parameter)
+                for w in (a.q_norm.weight, a.k_norm.weight):
+                    w.register_hook(functools.partial(_summed, group=group))
+            a.q, a.k, a.v = (ColumnParallelLinear(m, group) for m in (a.q, a.k, a.v))
+            a.o = RowParallelLinear(a.o, group)
+            mlp.gate, mlp.up = ColumnParallelLinear(mlp.gate, group), ColumnParallelLinear(mlp.up, group)
+            mlp.down = RowParallelLinear(mlp.down, group)
+        model.tok_emb = VocabParallelEmbedding(model.tok_emb, group)
+        if not cfg.tie_embeddings:                            # Model multiplies by its weight (head_weight)
+            model.lm_head = ColumnParallelLinear(model.lm_head, group)
+        # the final norm's output enters the vocab-parallel head: f there sums the ranks' gradients of it
+        model.norm.register_forward_hook(lambda module, args, out: f.apply(out, group))
+
+    def forward(self, x, y=None, pos=None):
+        logits = self.model(x, pos=pos)                       # [B, T, V/tp]: Model's head is the local slice
+        if y is None:
+            parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(self.group))]
+            dist.all_gather(parts, logits.contiguous(), group=self.group)
+            return torch.cat(parts, -1)
+        lo = dist.get_rank(self.group) * logits.shape[-1]
+        per_token = vocab_parallel_ce(logits.flatten(0, 1), y.flatten(), lo, self.group, self.model.cfg.z_loss)
+        return None, per_token.sum() / (y != -100).sum().clamp(min=1)

@@ -35,12 +35,14 @@ def _worker(rank, world, tp, path, checks):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    """{check: error traceback} over both ranks, from one 2-process run of every check."""
-    path = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(2, 1, str(path), sorted(CHECKS)), nprocs=2, join=True)
+    """{check: error traceback} over both ranks, from one 2-process run per layout (DP 2, then TP 2)."""
     errors = {}
-    for r in range(2):
-        errors.update(json.loads((path / f"rank{r}.json").read_text()))
+    for tp, checks in ((1, ["ddp_grads", "ddp_accum_and_steps", "zero1_steps"]),
+                       (2, ["tp_model", "tp_seed_contract", "vocab_parallel_ce"])):
+        path = tmp_path_factory.mktemp(f"tp{tp}")
+        mp.spawn(_worker, args=(2, tp, str(path), checks), nprocs=2, join=True)
+        for r in range(2):
+            errors.update(json.loads((path / f"rank{r}.json").read_text()))
     return errors
 
 
@@ -147,7 +149,72 @@ def test_zero1_steps_equal_adamw_with_clipping(two_ranks):
     assert "zero1_steps" not in two_ranks, two_ranks["zero1_steps"]
 
 
-CHECKS = {"ddp_grads": _ddp_grads, "ddp_accum_and_steps": _ddp_accum_and_steps, "zero1_steps": _zero1_steps}
+# ---------------------------------------------------------------- tensor parallel (the 2 ranks are one TP group)
+
+def slice_of(full, shard, r):
+    """Rank r's slice of `full` along the one dim where the shard is smaller (the whole tensor if none)."""
+    dims = [d for d in range(full.dim()) if full.shape[d] != shard.shape[d]]
+    return full.chunk(full.shape[dims[0]] // shard.shape[dims[0]], dims[0])[r] if dims else full
+
+
+def _tp_model(grid):
+    r, kept = grid.tp_rank, []
+    x, y = batch(1)
+    y = y.clone()
+    y[0, :3] = -100
+    pos = torch.cat([torch.arange(10), torch.arange(4), torch.full((2,), -1)]).repeat(4, 1)   # 2 docs, padding
+    for tie in (True, False):
+        cfg = ModelConfig(**{**vars(CFG), "head_dim": None, "tie_embeddings": tie, "z_loss": 1e-3, "qk_norm": True})
+        ref, tp = model(0, cfg), parallel.TPModel(model(0, cfg), grid.tp_group)
+        close(tp(x, pos=pos), ref(x, pos=pos), f"TP logits (tie={tie})")
+        loss, ref_loss = tp(x, y, pos)[1], ref(x, y, pos)[1]
+        close(loss, ref_loss, f"TP loss (tie={tie})")
+        loss.backward()
+        ref_loss.backward()
+        for (name, p), q in zip(ref.named_parameters(), tp.model.parameters()):
+            close(q.grad, slice_of(p.grad, q, r), f"TP grad {name} (tie={tie})")
+        kept += [ref, tp]
+    return kept
+
+
+def _tp_seed_contract(grid):
+    ref, tp = model(0), parallel.TPModel(model(0), grid.tp_group)
+    for (name, p), q in zip(ref.named_parameters(), tp.model.parameters()):
+        assert torch.equal(q, slice_of(p, q, grid.tp_rank)), f"{name}: shard is not the same-seed model's slice"
+        if q.shape != p.shape:                                # a split weight: the two shards differ
+            theirs = [torch.empty_like(q) for _ in range(2)]
+            dist.all_gather(theirs, q.detach().contiguous(), group=grid.tp_group)
+            assert not torch.equal(*theirs), f"{name}: both TP shards are equal"
+    return [ref, tp]
+
+
+def _vocab_parallel_ce(grid):
+    r = grid.tp_rank
+    g = torch.Generator().manual_seed(5)
+    logits = (3 * torch.randn(12, 64, generator=g)).requires_grad_()
+    y = torch.randint(0, 64, (12,), generator=g)
+    y[[1, 7]] = -100
+    z = 1e-2
+    ref = torch.nn.functional.cross_entropy(logits, y, ignore_index=-100, reduction="none")
+    ref = ref + torch.where(y == -100, 0.0, z * torch.logsumexp(logits, -1).square())
+    ref.sum().backward()
+    mine = logits.detach()[:, 32 * r:32 * (r + 1)].clone().requires_grad_()
+    ours = parallel.vocab_parallel_ce(mine, y, 32 * r, grid.tp_group, z_loss=z)
+    close(ours, ref.detach(), "vocab-parallel CE (+ z-loss) per token")
+    ours.sum().backward()
+    close(mine.grad, logits.grad[:, 32 * r:32 * (r + 1)], "vocab-parallel CE gradient")
+    return []
+
+
+CHECKS = {"ddp_grads": _ddp_grads, "ddp_accum_and_steps": _ddp_accum_and_steps, "zero1_steps": _zero1_steps,
+          "tp_model": _tp_model, "tp_seed_contract": _tp_seed_contract, "vocab_parallel_ce": _vocab_parallel_ce}
+
+
+@pytest.mark.parametrize("check", ["tp_model", "tp_seed_contract", "vocab_parallel_ce"])
+def test_tensor_parallel_equals_single_process(two_ranks, check):
+    """TP=2 logits, loss and every gradient equal TP=1 (tied and untied head, GQA, qk-norm, z-loss, padding,
+    ignored targets); vocab-parallel CE equals F.cross_entropy; shards are slices of the same-seed model."""
+    assert check not in two_ranks, two_ranks[check]
 
 
 # ---------------------------------------------------------------- layout
