@@ -158,6 +158,12 @@ class DDP(nn.Module):
         b.buf.div_(self.n)                                     # the mean, explicitly: gloo has no PREMUL_SUM
         b.work = dist.all_reduce(b.buf, group=self.group, async_op=True)
 
+    def mean(self, t):
+        """The DP mean of a small tensor (the step's loss, for the guard)."""
+        t = t / self.n
+        dist.all_reduce(t, group=self.group)
+        return t
+
     def finish(self):
         """Wait for every bucket (launching any whose params got no grad) and write the mean grads back."""
         for b in self.buckets[self.next:]:

@@ -3,6 +3,8 @@ same-seed model, runs the parallel version on its share of the batch and compare
 run on the whole batch (and with torch's own DistributedDataParallel)."""
 import contextlib
 import json
+import os
+import socket
 import traceback
 
 import pytest
@@ -13,6 +15,7 @@ import torch.multiprocessing as mp
 import parallel
 import train
 from model import Model, ModelConfig
+from test_train import corpus, make_ns, train_records  # noqa: F401 (corpus: the byte-level corpus fixture)
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, nope_interval=2)
 
@@ -215,6 +218,32 @@ def test_tensor_parallel_equals_single_process(two_ranks, check):
     """TP=2 logits, loss and every gradient equal TP=1 (tied and untied head, GQA, qk-norm, z-loss, padding,
     ignored targets); vocab-parallel CE equals F.cross_entropy; shards are slices of the same-seed model."""
     assert check not in two_ranks, two_ranks[check]
+
+
+# ---------------------------------------------------------------- train.py under torchrun's environment
+
+def _train_rank(rank, world, port, ns):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train.train(ns)
+
+
+def test_train_py_data_parallel_equals_one_process(tmp_path, corpus):
+    """8 rows a step as 1 process x 2 micro-batches of 4, and as 2 DP ranks x 1 of 4: the same rows, losses,
+    grad norms and final weights (train.py's loader, DDP, rank-0 logging and checkpoints)."""
+    over = dict(micro_batch_size=4, max_steps=3, warmup_steps=1, eval_interval=3, ckpt_interval=3)
+    one, two = make_ns(tmp_path, corpus, "one", **over), make_ns(tmp_path, corpus, "two", **over)
+    train.train(one)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_train_rank, args=(2, port, two), nprocs=2, join=True)
+    for a, b in zip(train_records(one.out_dir), train_records(two.out_dir), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    final = [Model.from_pretrained(os.path.join(ns.out_dir, "ckpt_000003")).state_dict() for ns in (one, two)]
+    for name, w in final[0].items():
+        close(final[1][name], w, f"final weight {name}", atol=1e-5)
 
 
 # ---------------------------------------------------------------- layout
