@@ -2,8 +2,13 @@
 overlaps its all-reduces with the backward, ZeRO-1 (AdamW state sharded over DP), and Megatron-style tensor
 parallelism with a vocab-parallel embedding, LM head and cross-entropy.
 
-    torchrun --standalone --nproc_per_node=2 <script>       # CPU: gloo; GPU: nccl, one process per GPU
-    grid = init(tp=2); model = DDP(TPModel(Model(cfg), grid.tp_group), grid.dp_group)   # same seed everywhere
+    torchrun --standalone --nproc_per_node=2 train.py config/tiny.py              # CPU (gloo): DP 2
+    torchrun --standalone --nproc_per_node=8 train.py config/smollm3_1b_ablation.py  # 8 GPUs (nccl): DP 8
+    grid = init(tp=2); model = TPModel(Model(cfg), grid.tp_group)   # library use: same seed on every rank
+    python -m pytest -q tests/test_parallel.py
+
+train.py uses the grid and DDP (data parallel over every rank); ZeRO1 and TPModel are tested here but not
+yet wired into train.py's loop.
 
 Every process group is sliced from one Grid and passed explicitly; every collective runs under the process
 group's timeout, so a lost rank ends the others with an error instead of a hang. Tests: tests/test_parallel.py
