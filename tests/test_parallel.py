@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import socket
+import time
 import traceback
 
 import pytest
@@ -244,6 +245,33 @@ def test_train_py_data_parallel_equals_one_process(tmp_path, corpus):
     final = [Model.from_pretrained(os.path.join(ns.out_dir, "ckpt_000003")).state_dict() for ns in (one, two)]
     for name, w in final[0].items():
         close(final[1][name], w, f"final weight {name}", atol=1e-5)
+
+
+# ---------------------------------------------------------------- a lost rank
+
+def _stall(rank, path):
+    grid = parallel.init(timeout_s=3, init_method=f"file://{path}/rdzv", rank=rank, world=2)
+    if grid.rank == 1:                                        # alive but never joins the collective
+        time.sleep(20)
+        os._exit(0)
+    t0 = time.perf_counter()
+    try:
+        dist.all_reduce(torch.ones(4))
+        outcome = "the all-reduce returned"
+    except RuntimeError as e:
+        outcome = f"{time.perf_counter() - t0:.1f} s: {e}"
+    with open(f"{path}/rank0.txt", "w") as f:
+        f.write(outcome)
+    os._exit(0)                                               # the group is broken: no clean shutdown exists
+
+
+def test_a_stalled_rank_ends_the_other_with_an_error_within_the_timeout(tmp_path):
+    ctx = mp.spawn(_stall, args=(str(tmp_path),), nprocs=2, join=False)
+    ctx.processes[0].join(30)
+    for p in ctx.processes:
+        p.kill()
+    outcome = (tmp_path / "rank0.txt").read_text()
+    assert " s: " in outcome and 2.5 < float(outcome.split(" s: ")[0]) < 10, f"rank 0 after the 3 s timeout: {outcome}"
 
 
 # ---------------------------------------------------------------- layout
