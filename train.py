@@ -3,7 +3,7 @@
     python train.py config/tiny.py                  # 2 CPU cores: default corpus, 500 steps, samples
     python train.py config/tiny.py --resume=True    # continue from the newest intact checkpoint
     python train.py config/smollm3_1b_ablation.py   # one GPU: bf16 autocast, fp32 master weights
-    torchrun --standalone --nproc_per_node=8 train.py config/smollm3.py   # once parallel.py wires DP/TP
+    torchrun --standalone --nproc_per_node=2 train.py config/tiny.py     # data parallel (parallel.py DDP)
 
 Steps count completed updates: the update at data position s is logged as step s+1, and a checkpoint at
 step s holds the state after s updates. The loader's order is a pure function of (seed, sample index), so
@@ -41,12 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from config import load, pick
 from data import DataConfig, Loader, load_tokenizer, prepare_default
 from eval import evaluate
+import parallel
 from model import Model, ModelConfig, atomic_write, fsync
 
 # Dense bf16 tensor-core peaks (vendor data sheets; the sheets' larger numbers assume 2:4 sparsity), matched in
@@ -296,24 +298,30 @@ class Step:
     """One optimizer update over a step's micro-batches: forward under `autocast`, backward of loss / accum (so the
     gradient is that of the mean micro-batch loss; pretraining rows have no ignored targets, so this is the
     per-token mean), clip, ask the guard, update or skip, zero the grads. posttrain.py supplies its own batches
-    and loss_fn; parallel.py passes wrapped optimizers and a `clip_grad_norm` that reduces over its shards."""
+    and loss_fn; parallel.py passes wrapped optimizers and a `clip_grad_norm` that reduces over its shards, and
+    its DDP as `ddp`: micro-steps but the last under no_sync, then finish (the mean grads) and the mean loss."""
 
-    def __init__(self, opts, guard, tc, autocast, clip_grad_norm=torch.nn.utils.clip_grad_norm_):
-        self.opts, self.guard, self.autocast, self.clip_grad_norm = opts, guard, autocast, clip_grad_norm
+    def __init__(self, opts, guard, tc, autocast, clip_grad_norm=torch.nn.utils.clip_grad_norm_, ddp=None):
+        self.opts, self.guard, self.autocast, self.clip_grad_norm, self.ddp = opts, guard, autocast, clip_grad_norm, ddp
         self.peak_lr, self.max_norm = tc.lr, tc.grad_clip if tc.grad_clip > 0 else math.inf
         self.params = [p for opt in opts for g in opt.param_groups for p in g["params"]]
 
     def __call__(self, batches, loss_fn, lr):
         set_lr(self.opts, lr, self.peak_lr)
         losses = []
-        for batch in batches:
+        for i, batch in enumerate(batches):
             with self.autocast:
                 loss = loss_fn(batch)
-            (loss / len(batches)).backward()     # backward outside autocast; weights and grads stay fp32
+            with self.ddp.no_sync() if self.ddp and i < len(batches) - 1 else contextlib.nullcontext():
+                (loss / len(batches)).backward() # backward outside autocast; weights and grads stay fp32
             losses.append(loss.detach())
+        loss = torch.stack(losses).mean()
+        if self.ddp:                             # every rank's guard must see the same loss and take the same path
+            self.ddp.finish()
+            loss = self.ddp.mean(loss)
         grad_norm = self.clip_grad_norm(self.params, self.max_norm)
         # The step's one host sync, loss and grad norm together: the guard needs both before it may step.
-        loss_v, norm_v = torch.stack([torch.stack(losses).mean(), grad_norm]).tolist()
+        loss_v, norm_v = torch.stack([loss, grad_norm]).tolist()
         mean = self.guard.mean()
         skipped = self.guard.check(loss_v, norm_v)
         if not skipped:
@@ -686,15 +694,15 @@ def train(ns):
     """Pretrain as configured by namespace `ns` (config.load); returns a summary dict of the finished run."""
     mc, dc, tc = resolve(ns)
     rank, world, local_rank = dist_env()
-    if world > 1:
-        raise ValueError(f"WORLD_SIZE={world}: multi-process training is wired in by parallel.py; "
-                         "this file runs one process")
     master, run_dir = rank == 0, tc.out_dir
     device, autocast = setup_device(tc, mc, local_rank)
+    grid = parallel.init() if world > 1 else None             # under torchrun: data parallel over every rank
     ckpt, init = find_start(tc, mc)                            # before the corpus: bad paths fail in seconds
 
-    if dc.dataset == "default":
+    if dc.dataset == "default" and master:
         prepare_default(dc.data_dir, mc.vocab_size)            # idempotent: builds tokenizer + shards once
+    if grid:
+        dist.barrier()                                         # the other ranks wait for rank 0's corpus
     tok = load_tokenizer(dc)
     if tok.n_vocab > mc.vocab_size:
         raise ValueError(f"tokenizer has {tok.n_vocab} ids but vocab_size={mc.vocab_size}")
@@ -739,7 +747,8 @@ def train(ns):
               f"x {world} ranks) x {dc.seq_len}; MFU peak: "
               + (f"{peak / 1e12:.0f} TFLOP/s (dense bf16)" if peak else "n/a on this device"))
     log = Logger(run_dir, start, tc, tokens_per_step, model.flops_per_token(dc.seq_len), peak, master)
-    update = Step(opts, guard, tc, autocast)
+    # DDP's hooks sit on the parameters (rank 0's, broadcast): the plain module runs, compiled or not
+    update = Step(opts, guard, tc, autocast, ddp=parallel.DDP(model, grid.dp_group) if grid else None)
     fwd = torch.compile(model) if use_compile(tc, device) else model  # eval and generate use the plain module
 
     def lm_loss(batch):
@@ -774,6 +783,8 @@ def train(ns):
 
     samples = write_samples(model, tok, tc, run_dir, device) if master else []
     last_eval = next((r for r in reversed(read_log(log.path)) if r["kind"] == "eval"), None)
+    if grid:
+        parallel.shutdown(model)
     return {"step": tc.max_steps, "run_dir": run_dir, "skips": guard.skips, "samples": samples,
             "val_loss": last_eval and last_eval["val_loss"], "val_bpb": last_eval and last_eval["val_bpb"]}
 
