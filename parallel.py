@@ -2,7 +2,7 @@
 overlaps its all-reduces with the backward, ZeRO-1 (AdamW state sharded over DP), and Megatron-style tensor
 parallelism with a vocab-parallel embedding, LM head and cross-entropy.
 
-    torchrun --standalone --nproc_per_node=2 train.py config/tiny.py              # CPU (gloo): DP 2
+    torchrun --standalone --nproc_per_node=2 train.py config/tiny.py --micro_batch_size=8   # CPU (gloo): DP 2
     torchrun --standalone --nproc_per_node=8 train.py config/smollm3_1b_ablation.py  # 8 GPUs (nccl): DP 8
     grid = init(tp=2); model = TPModel(Model(cfg), grid.tp_group)   # library use: same seed on every rank
     python -m pytest -q tests/test_parallel.py

@@ -3,7 +3,7 @@
     python train.py config/tiny.py                  # 2 CPU cores: default corpus, 500 steps, samples
     python train.py config/tiny.py --resume=True    # continue from the newest intact checkpoint
     python train.py config/smollm3_1b_ablation.py   # one GPU: bf16 autocast, fp32 master weights
-    torchrun --standalone --nproc_per_node=2 train.py config/tiny.py     # data parallel (parallel.py DDP)
+    torchrun --standalone --nproc_per_node=2 train.py config/tiny.py --micro_batch_size=8   # DP 2 (parallel.py)
 
 Steps count completed updates: the update at data position s is logged as step s+1, and a checkpoint at
 step s holds the state after s updates. The loader's order is a pure function of (seed, sample index), so
