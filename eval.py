@@ -217,7 +217,11 @@ def _arc(path, no, o):
 
 
 def _mmlu(path, no, o):
+    """MMLU: the HF form's answer is an index (0-3); other copies write the letter ("C")."""
     choices = _field(path, no, o, "choices", list)
+    letter = o.get("answer")
+    if isinstance(letter, str) and len(letter) == 1 and "A" <= letter <= chr(ord("A") + len(choices) - 1):
+        o = {**o, "answer": ord(letter) - ord("A")}
     return _qa(_field(path, no, o, "question", str), choices, _index(path, no, o, "answer", len(choices)))
 
 

@@ -152,6 +152,13 @@ def test_each_format_parses_and_names_a_missing_field(tmp_path, fmt):
         ev.read_task(path, ev.PARSERS[fmt])
 
 
+def test_mmlu_answer_as_index_or_letter():
+    row = {"question": "2 + 2?", "choices": ["3", "4", "5", "6"]}
+    assert [ev._mmlu("m.jsonl", 1, {**row, "answer": a})["gold"] for a in (1, "1", "B", "D")] == [1, 1, 1, 3]
+    with pytest.raises(ValueError, match=r"m.jsonl:1: field 'answer' is 'E', expected an index 0..3"):
+        ev._mmlu("m.jsonl", 1, {**row, "answer": "E"})
+
+
 def test_hellaswag_wikihow_markup_is_cleaned():
     row = {"ctx_a": "[header] Making tea [title] Boil water.", "ctx_b": "", "label": 0,
            "endings": ["[step] Pour it [substeps] slowly.", "Drink it."]}
