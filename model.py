@@ -1,7 +1,6 @@
 """model.py — the SmolLM3 decoder, with every architecture knob the Smol Training Playbook ablates.
 
     python model.py config/smollm3.py [--n_layers=4]  # architecture summary (meta device: no weights allocated)
-    python model.py --bench [CONFIG]            # greedy decode tokens/s vs transformers' generate (default tiny)
 
     model = Model(ModelConfig(...))
     logits = model(x, pos=pos)                  # x, pos [B, T] -> [B, T, V] fp32
@@ -19,7 +18,7 @@ Sections:
     doc_causal_mask             the one attention mask (kernels.py's PyTorch twin uses it too)
     Attention, MLP, Block       attn_impl "sdpa" (CPU, reference) or "triton" (kernels.py, GPU)
     KVCache, Model              forward and loss, accounting, generation, HF checkpoints
-    HF names, atomic_write, sample, summary, bench_decode (vs transformers' generate), main
+    HF names, atomic_write, sample, summary, main
 """
 import functools
 import json
@@ -28,7 +27,7 @@ import os
 import pathlib
 import sys
 import typing
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -631,48 +630,15 @@ def summary(cfg, seq_len=4096):
     return "\n".join(lines)
 
 
-def bench_decode(cfg, prompt_len=16, new_tokens=128, batches=(1, 8)):
-    """Greedy decoding tokens/s of Model.generate and of transformers' generate on the same random weights,
-    side by side; their tokens are compared. transformers is the peer, imported only here."""
-    import tempfile
-    import time
-    import transformers
-    torch.manual_seed(0)
-    ours = Model(replace(cfg, bos_id=None, eos_id=None, pad_id=None)).eval()  # no stop id: full length
-    with tempfile.TemporaryDirectory() as d:
-        ours.save_pretrained(d)
-        theirs = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    print(f"decode: {ours.num_params():,} parameters, fp32, {torch.get_num_threads()} threads, greedy, "
-          f"{prompt_len}-token prompts, {new_tokens} new tokens")
-    for b in batches:
-        prompts = torch.randint(cfg.vocab_size, (b, prompt_len))
-        t0 = time.perf_counter()
-        mine = ours.generate(prompts.tolist(), new_tokens)
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            peer = theirs.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                                   do_sample=False, eos_token_id=None, pad_token_id=0)[:, prompt_len:]
-        t2 = time.perf_counter()
-        same = torch.equal(torch.tensor(mine), peer)
-        print(f"batch {b}: ours {b * new_tokens / (t1 - t0):,.0f} tokens/s, transformers "
-              f"{b * new_tokens / (t2 - t1):,.0f} tokens/s, ratio {(t2 - t1) / (t1 - t0):.2f}x; "
-              f"tokens {'identical' if same else 'DIFFER'}")
-
-
 def main(argv):
-    """python model.py CONFIG [--key=value ...]: the summary; with --bench first, the decode benchmark."""
+    """python model.py CONFIG [--key=value ...]: the architecture summary."""
     from config import load, pick
-    decode = argv[:1] == ["--bench"]
-    argv = (argv[1:] or ["config/tiny.py"]) if decode else argv
     try:
         ns = load(argv, ModelConfig, prog="python model.py", strict=False)
         cfg = ModelConfig(**pick(ns, ModelConfig))
     except ValueError as e:
         sys.exit(f"error: {e}")
-    if decode:
-        bench_decode(cfg)
-    else:
-        print(summary(cfg, 4096))
+    print(summary(cfg, 4096))
 
 
 if __name__ == "__main__":

@@ -597,7 +597,7 @@ class Logger:
             self.say(f"step {done}: update skipped ({r.skipped}: loss {r.loss:.4g}, grad norm {r.grad_norm:.4g}, "
                      f"running mean {r.mean:.4g}); {guard.skips} skipped so far")
 
-    def eval(self, done, val_loss, val_bpb):
+    def held_out(self, done, val_loss, val_bpb):
         self.write({"kind": "eval", "step": done, "val_loss": val_loss, "val_bpb": val_bpb})
         self.say(f"step {done}: val loss " + ", ".join(f"{s} {v:.4f}" for s, v in val_loss.items())
                  + " | bpb " + ", ".join(f"{s} {v:.4f}" for s, v in val_bpb.items()))
@@ -769,7 +769,7 @@ def train(ns):
                                f"(max_skips={tc.max_skips}); last good checkpoint: "
                                f"{latest_checkpoint(run_dir) or 'none written yet'}")
             if done % tc.eval_interval == 0 or done == tc.max_steps:
-                log.eval(done, *evaluate(model, val_sets, token_bytes, tc.micro_batch_size, autocast, device))
+                log.held_out(done, *evaluate(model, val_sets, token_bytes, tc.micro_batch_size, autocast, device))
             if master and (done % tc.ckpt_interval == 0 or done == tc.max_steps):
                 state = {"step": done, "guard": guard.state_dict(), "config": config, "tokens": done * tokens_per_step}
                 save_checkpoint(run_dir, model, opts, state, tc.keep_ckpts, tok)

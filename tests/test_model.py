@@ -684,8 +684,9 @@ def test_triton_attention_through_the_model_equals_sdpa():
 
 
 def test_decode_benchmark_tokens_equal_transformers(hf, capsys):
-    """python model.py --bench's comparison: greedy tokens of ours and transformers' generate, batch 1 and 3."""
-    M.bench_decode(small_cfg(), prompt_len=5, new_tokens=12, batches=(1, 3))
+    """tests/bench_decode.py's comparison: greedy tokens of ours and transformers' generate, batch 1 and 3."""
+    from bench_decode import bench_decode
+    bench_decode(small_cfg(), prompt_len=5, new_tokens=12, batches=(1, 3))
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines[1:]] == ["batch 1", "batch 3"]
     assert all(line.endswith("tokens identical") for line in lines[1:]), lines
