@@ -4,7 +4,7 @@
 
     model = Model(ModelConfig(...))
     logits = model(x, pos=pos)                  # x, pos [B, T] -> [B, T, V] fp32
-    _, loss = model(x, y, pos)                  # chunked cross-entropy (+ z-loss); y = -100 is ignored
+    _, loss = model(x, y, pos)                  # cross-entropy (+ z-loss), chunked past loss_budget_mb; y = -100 ignored
     model.generate(prompts, max_new_tokens)     # KV cache: prefill, then decode_one_token per step
     Model.from_pretrained(dir) / model.save_pretrained(dir)    # transformers' SmolLM3 layout
 
@@ -57,7 +57,7 @@ class ModelConfig:
     z_loss: float = 0.0            # PaLM: adds z_loss * logsumexp(logits)^2 per token
     attn_impl: str = "sdpa"        # "sdpa" | "triton"
     init_std: float = 0.02
-    loss_chunk: int = 2048         # rows of the LM head + CE computed at once
+    loss_budget_mb: float = 1024.0  # fp32 logits the loss holds at once; more rows run in chunks (see forward)
     act_ckpt: bool = False         # recompute each layer in backward: ~1/3 more compute, activations of 1 layer
     # special ids, None = none; train.py takes them from the tokenizer, config.json records them
     bos_id: int | None = None
@@ -65,7 +65,7 @@ class ModelConfig:
     pad_id: int | None = None
 
     def __post_init__(self):
-        for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "loss_chunk", "max_position_embeddings"):
+        for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "loss_budget_mb", "max_position_embeddings"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"model config: {k} must be > 0, got {getattr(self, k)}")
         if self.head_dim is None:
@@ -262,14 +262,12 @@ class KVCache:
 
 def _chunk_ce(h, weight, y, z_loss):
     """Per-token cross-entropy (+ z-loss) for one chunk: h [N, C], y [N] -> [N] (0 where y == -100)."""
-    # under bf16 autocast the logits leave the matmul in bf16 (as in transformers); logsumexp runs in fp32
+    # under bf16 autocast the logits leave the matmul in bf16 (as in transformers); the softmax runs in fp32
     logits = (h @ weight.t()).float()
-    lse = torch.logsumexp(logits, dim=-1)
-    target = logits.gather(1, y.clamp(min=0)[:, None])[:, 0]
-    loss = lse - target
+    loss = F.cross_entropy(logits, y, ignore_index=-100, reduction="none")
     if z_loss:
-        loss = loss + z_loss * lse.square()
-    return torch.where(y == -100, 0.0, loss)
+        loss = loss + z_loss * torch.where(y == -100, 0.0, torch.logsumexp(logits, dim=-1).square())
+    return loss
 
 
 class Model(nn.Module):
@@ -325,12 +323,14 @@ class Model(nn.Module):
         h = self.hidden(x, pos, mask)
         if y is None:
             return (h @ self.head_weight.t()).float()
-        # the LM head and CE run over chunks of loss_chunk rows, each under activation checkpointing, so
-        # peak memory is one chunk's logits (4096 tokens at a 128k vocab would hold 2 GB of fp32 logits)
+        # Logits within loss_budget_mb: the LM head and CE in one pass. Beyond it, chunks of that size, each under
+        # activation checkpointing, so peak memory is one chunk's logits (4096 tokens at a 128k vocab would hold
+        # 2 GB of fp32 logits) at the price of a second LM-head matmul in backward.
         B, T, C = h.shape
         h, yf = h.reshape(B * T, C), y.reshape(B * T)
-        n = cfg.loss_chunk
-        ce = functools.partial(checkpoint, _chunk_ce, use_reentrant=False) if torch.is_grad_enabled() else _chunk_ce
+        n = max(1, int(cfg.loss_budget_mb * 2**20) // (4 * cfg.vocab_size))  # rows per chunk
+        chunked = n < B * T and torch.is_grad_enabled()
+        ce = functools.partial(checkpoint, _chunk_ce, use_reentrant=False) if chunked else _chunk_ce
         per_token = torch.cat([ce(h[i:i + n], self.head_weight, yf[i:i + n], cfg.z_loss)
                                for i in range(0, B * T, n)]).view(B, T)
         if reduction == "none":
