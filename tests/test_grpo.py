@@ -72,7 +72,7 @@ def test_clipped_ratio_loss_matches_a_direct_computation(agg, beta):
     adv = torch.randn(N, generator=g, dtype=torch.float64)
     lengths = torch.tensor([9, 1, 4, 7, 2, 5])
     mask = torch.arange(T)[None] < lengths[:, None]
-    gc = pt.GRPOConfig(eps_low=0.2, eps_high=0.28, beta=beta, loss_agg=agg, max_new_tokens=12)
+    gc = pt.GRPOConfig(eps_low=0.2, eps_high=0.28, kl_beta=beta, loss_agg=agg, max_new_tokens=12)
     per_token, clip = pt.grpo_token_loss(logp, old, adv, gc, ref)
     w = pt.token_weights(mask, agg, gc.max_new_tokens)
     want = _reference_loss(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), agg, 0.2, 0.28, 12,
@@ -192,13 +192,12 @@ def test_rollout_rows_groups_and_the_prefilled_no_think_prompt(tok):
         outs.extend(real_generate(batch, *args))
         return outs[-len(batch):]
     model.generate = generate
-    (x, y, pos), rewards, lengths, tok_s = pt.rollout(model, tok, prompts, ["5", "2"], gc,
-                                                      torch.Generator().manual_seed(0))
+    (x, y, pos), rewards, stats = pt.rollout(model, tok, prompts, ["5", "2"], gc, torch.Generator().manual_seed(0))
     assert [len(b) for b in seen] == [4, 2] and sum(seen, []) == [prompts[0]] * 3 + [prompts[1]] * 3
-    assert x.shape[0] == y.shape[0] == 6 and rewards.shape == lengths.shape == (6,) and tok_s > 0
+    assert x.shape[0] == y.shape[0] == 6 and rewards.shape == (6,) and stats["rollout_tok_per_s"] > 0
+    assert stats["completion_length"] == sum(map(len, outs)) / 6
     for r in range(6):
         p, o = prompts[r // 3], outs[r]
         n = len(p) + len(o) - 1
         assert x[r, :n].tolist() == p + o[:-1] and (pos[r, :n] == torch.arange(n)).all() and (pos[r, n:] == -1).all()
         assert y[r, len(p) - 1:n].tolist() == o and (y[r, :len(p) - 1] == -100).all() and (y[r, n:] == -100).all()
-        assert lengths[r] == len(o)
