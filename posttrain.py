@@ -591,6 +591,7 @@ class GRPOConfig:
     loss_agg: str = "dapo"          # "grpo" | "dapo" | "dr_grpo" (see token_weights)
     num_iterations: int = 1         # optimizer updates per rollout batch, each against the rollout's log-probs
     rollout_batch: int = 64         # completions per generate call (bounds the KV cache)
+    eval_questions: int = 64        # held-out math_test questions for greedy exact match at each eval; 0 = none
 
 
 def overlong_penalty(length, max_len, cache):
@@ -708,7 +709,7 @@ def grpo(ns):
                           enable_thinking=gc.enable_thinking)
     ref = load_model(run.init, run.pc, run.device, z_loss=0.0).eval().requires_grad_(False) if gc.kl_beta else None
     generator = torch.Generator(run.device)
-    held = task_rows("math", "")[:tc.eval_rows]               # eval.py's held-out arithmetic (math_test)
+    held = task_rows("math", "")[:gc.eval_questions] if gc.eval_questions else []   # eval.py's math_test
     buffer, stats = [], {}
 
     @torch.no_grad()
@@ -852,10 +853,10 @@ def merge(out, specs):
 class PipelineConfig:
     pipeline_dir: str = "out/pipeline"
     pretrain_steps: int = 120       # optimizer steps per stage (the stage configs' max_steps are for longer runs)
-    mid_steps: int = 40
-    sft_steps: int = 60
-    apo_steps: int = 30
-    grpo_steps: int = 20
+    mid_steps: int = 30
+    sft_steps: int = 50
+    apo_steps: int = 25
+    grpo_steps: int = 16
     eval_questions: int = 64        # held-out math_test questions per mode (/think, /no_think)
     eval_pairs: int = 100           # held-out pref_val pairs
     merge_weights: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.1])   # GRPO model, mid-training
@@ -940,19 +941,22 @@ def pipeline(argv):
         atomic_write(times_path, lambda p: Path(p).write_text(json.dumps(times, indent=1)))
 
     # the metrics this toy recipe targets are arithmetic, so pretraining reads the math source only
-    pre_ns = load(argv + [f"--out_dir={dirs['pretrain']}", f"--max_steps={pc.pretrain_steps}",
-                          "--mixture={'math': 1.0}", f"--eval_interval={pc.pretrain_steps}",
-                          f"--ckpt_interval={pc.pretrain_steps}", "--sample_tokens=0"],
-                  *train.CONFIGS, PipelineConfig)
+    def stage_ns(argv, classes, steps):   # the stage's config at the pipeline's step count (warmup at most half)
+        ns = load(argv + [f"--max_steps={steps}", f"--eval_interval={steps}", f"--ckpt_interval={steps}"], *classes)
+        ns.warmup_steps = min(ns.warmup_steps, steps // 2)
+        return ns
+
+    pre_ns = stage_ns(argv + [f"--out_dir={dirs['pretrain']}", "--mixture={'math': 1.0}", "--sample_tokens=0"],
+                      (*train.CONFIGS, PipelineConfig), pc.pretrain_steps)
     if not os.path.isfile(os.path.join(dirs["pretrain"], "latest")):
         timed("pretrain", lambda: train.train(pre_ns))
     for stage, (cfg_file, parent, method) in STAGES.items():
         if os.path.isfile(os.path.join(dirs[stage], "latest")):
             continue
-        steps = getattr(pc, f"{stage}_steps")
-        stage_argv = [cfg_file, f"--init_from={dirs[parent]}", f"--out_dir={dirs[stage]}", f"--max_steps={steps}",
-                      f"--eval_interval={steps}", f"--ckpt_interval={steps}", f"--data_dir={pre_ns.data_dir}"]
-        timed(stage, lambda: COMMANDS[method](load(stage_argv, *COMMAND_CONFIGS.get(method, CONFIGS))))
+        sns = stage_ns([cfg_file, f"--init_from={dirs[parent]}", f"--out_dir={dirs[stage]}",
+                        f"--data_dir={pre_ns.data_dir}"] + ["--eval_questions=0"] * (method == "grpo"),
+                       COMMAND_CONFIGS.get(method, CONFIGS), getattr(pc, f"{stage}_steps"))  # the table scores GRPO
+        timed(stage, lambda: COMMANDS[method](sns))
     if not os.path.isfile(os.path.join(dirs["merged"], "config.json")):
         w_grpo, w_mid = pc.merge_weights
         timed("merged", lambda: merge(dirs["merged"], [f"{dirs['grpo']}:{w_grpo}", f"{dirs['mid']}:{w_mid}"]))

@@ -201,3 +201,38 @@ def test_rollout_rows_groups_and_the_prefilled_no_think_prompt(tok):
         n = len(p) + len(o) - 1
         assert x[r, :n].tolist() == p + o[:-1] and (pos[r, :n] == torch.arange(n)).all() and (pos[r, n:] == -1).all()
         assert y[r, len(p) - 1:n].tolist() == o and (y[r, :len(p) - 1] == -100).all() and (y[r, n:] == -100).all()
+
+
+def test_grpo_runs_logs_and_resumes_exactly(tmp_path, tok):
+    """Two GRPO updates per rollout (num_iterations 2) in micro-batches: the log has the rollout numbers (the
+    second update of a rollout repeats them), and a run killed after step 2 and resumed ends with the weights
+    of the uninterrupted run."""
+    import json
+
+    import config
+    torch.manual_seed(0)
+    Model(ModelConfig(**MODEL, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)).save_pretrained(tmp_path / "init")
+    tok.save(str(tmp_path / "init" / "tokenizer.json"))
+    rl = [{"prompt": [{"role": "system", "content": "/system_override"}, {"role": "user", "content": f"{a} + {b}?"}],
+           "answer": str(a + b), "enable_thinking": a % 2 == 0} for a, b in [(1, 2), (3, 4), (2, 2), (5, 1)]]
+    (tmp_path / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rl))
+
+    def run(out, steps, resume=False):
+        argv = [f"--init_from={tmp_path / 'init'}", f"--out_dir={out}", f"--rl_data={tmp_path / 'rl.jsonl'}",
+                "--batch_size=8", "--micro_batch_size=4", "--group_size=4", "--max_new_tokens=8", "--overlong_cache=2",
+                f"--max_steps={steps}", "--num_iterations=2", "--ckpt_interval=2", "--eval_interval=100",
+                "--eval_questions=0", "--lr=1e-3", "--warmup_steps=0", "--seq_len=128", "--log_interval=1",
+                "--spike_factor=0.0", "--dtype=float32", "--device=cpu", f"--resume={resume}"]
+        pt.grpo(config.load(argv, *pt.COMMAND_CONFIGS["grpo"]))
+        return Model.from_pretrained(pt.checkpoint_dir(str(out), "test")).state_dict()
+
+    full = run(tmp_path / "a", 4)
+    log = [r for r in map(json.loads, (tmp_path / "a" / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    keys = ("reward_mean", "reward_std", "completion_length", "zero_std_groups", "correct", "rollout_tok_per_s")
+    assert all(k in r for r in log for k in keys + ("clip_frac",))
+    assert [log[0][k] for k in keys] == [log[1][k] for k in keys]          # one rollout, two updates
+    assert log[0]["clip_frac"] == 0.0                                      # the first update: ratio exactly 1
+    run(tmp_path / "b", 2)
+    resumed = run(tmp_path / "b", 4, resume=True)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
