@@ -575,8 +575,8 @@ def dpo(ns):
 class GRPOConfig:
     """GRPO's keys; TrainConfig's mean what they mean elsewhere, batch_size counting completions per step
     (prompts x group_size), max_steps optimizer updates."""
-    rl_data: str = "default"        # {"prompt": [messages], "answer": "N"} per line; "default": <data_dir>/rl_train.jsonl
-    enable_thinking: bool = True    # the dataset's mode; an example whose system turn says /think or /no_think wins
+    rl_data: str = "default"        # {"prompt", "answer"} lines (PromptLoader); "default": <data_dir>/rl_train.jsonl
+    enable_thinking: bool = True    # the dataset's mode (an example's own enable_thinking or system flag wins)
     group_size: int = 8             # G completions per prompt
     max_new_tokens: int = 256       # L_max, the generation budget
     overlong_cache: int = 64        # L_cache: DAPO's soft penalty ramps over the last L_cache tokens; 0 = off
@@ -681,7 +681,8 @@ def rollout(model, tok, prompts, answers, gc, generator):
             for p, o in zip(batch, outs)]
     lengths = [len(o) for o in outs]
     stats = {"completion_length": sum(lengths) / len(outs), "completion_length_max": max(lengths),
-             "correct": sum(check_answer(completion_text(tok, o), answers[i // g]) for i, o in enumerate(outs)) / len(outs),
+             "correct": sum(check_answer(completion_text(tok, o), answers[i // g])
+                            for i, o in enumerate(outs)) / len(outs),
              "rollout_tok_per_s": sum(lengths) / seconds}
     return tuple(map(torch.from_numpy, _padded(tok, rows, max(len(x) for x, _ in rows)))), torch.tensor(rewards), stats
 
@@ -695,10 +696,13 @@ def grpo(ns):
     # guard still skips a non-finite loss or gradient
     run.update.guard.spike_factor = 0.0
     tc, tok, mu, g = run.tc, run.tok, gc.num_iterations, gc.group_size
-    checks = [(gc.loss_agg in ("grpo", "dapo", "dr_grpo"), f"loss_agg={gc.loss_agg!r} must be 'grpo', 'dapo' or 'dr_grpo'"),
-              (g >= 2 and tc.batch_size % g == 0, f"batch_size={tc.batch_size} must be a multiple of group_size={g} >= 2"),
-              (0 <= gc.overlong_cache < gc.max_new_tokens, f"overlong_cache={gc.overlong_cache} must be in [0, max_new_tokens)"),
-              (gc.temperature > 0, f"temperature={gc.temperature} must be > 0 (a group of greedy samples is all the same)"),
+    checks = [(gc.loss_agg in ("grpo", "dapo", "dr_grpo"),
+               f"loss_agg={gc.loss_agg!r} must be 'grpo', 'dapo' or 'dr_grpo'"),
+              (g >= 2 and tc.batch_size % g == 0,
+               f"batch_size={tc.batch_size} must be a multiple of group_size={g} >= 2"),
+              (0 <= gc.overlong_cache < gc.max_new_tokens,
+               f"overlong_cache={gc.overlong_cache} must be in [0, max_new_tokens={gc.max_new_tokens})"),
+              (gc.temperature > 0, f"temperature={gc.temperature} must be > 0 (greedy samples of a group are all one)"),
               # a checkpoint then always falls on a rollout boundary, so a resumed run is the uninterrupted one
               (tc.ckpt_interval % mu == 0 and tc.max_steps % mu == 0,
                f"ckpt_interval={tc.ckpt_interval} and max_steps={tc.max_steps} must be multiples of num_iterations={mu}")]
@@ -713,10 +717,12 @@ def grpo(ns):
     buffer, stats = [], {}
 
     @torch.no_grad()
-    def scored(model, rows):
+    def scored(model, rows):   # under the loss's autocast: the first update's ratio is then exactly 1
         if model is None:
             return None
-        return torch.cat([token_logprobs(model, *(t.to(run.device) for t in r), gc.temperature).cpu() for r in rows])
+        with run.autocast:
+            return torch.cat([token_logprobs(model, *(t.to(run.device) for t in r), gc.temperature).float().cpu()
+                              for r in rows])
 
     def batches(step):
         if step % mu:                                        # the same rollout again, against its old log-probs
@@ -727,12 +733,11 @@ def grpo(ns):
         (x, y, pos), rewards, stats_ = rollout(run.model, tok, prompts, answers, gc, generator)
         adv = group_advantages(rewards, g, gc.scale_rewards)
         w = token_weights(y != -100, gc.loss_agg, gc.max_new_tokens)
-        mb = tc.micro_batch_size
-        rows = [tuple(t[i:i + mb] for t in (x, y, pos)) for i in range(0, len(x), mb)]
+        part = [slice(i, i + tc.micro_batch_size) for i in range(0, len(x), tc.micro_batch_size)]
+        rows = [(x[s], y[s], pos[s]) for s in part]
         old, ref_lp = scored(run.model if mu > 1 else None, rows), scored(ref, rows)
-        buffer[:] = [(*r, adv[i * mb:(i + 1) * mb], w[i * mb:(i + 1) * mb],
-                      None if old is None else old[i * mb:(i + 1) * mb], None if ref_lp is None else ref_lp[i * mb:(i + 1) * mb])
-                     for i, r in enumerate(rows)]
+        buffer[:] = [(*r, adv[s], w[s], None if old is None else old[s], None if ref_lp is None else ref_lp[s])
+                     for r, s in zip(rows, part)]
         spread = rewards.view(-1, g).std(1)
         stats.update(stats_, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
                      zero_std_groups=(spread == 0).float().mean().item(), clipped=0, tokens=0)
@@ -755,8 +760,8 @@ def grpo(ns):
 
     def held_out(done):
         if held:
-            em, _, form = exact_match(run.model, tok, held, True, gc.enable_thinking, max_new_tokens=gc.max_new_tokens,
-                                      batch_size=gc.rollout_batch)
+            em, _, form = exact_match(run.model, tok, held, True, gc.enable_thinking,
+                                      max_new_tokens=gc.max_new_tokens, batch_size=gc.rollout_batch)
             run.model.train()
             run.log.held_out(done, {}, extra={"exact_match": em, "format": form})
 

@@ -236,3 +236,22 @@ def test_grpo_runs_logs_and_resumes_exactly(tmp_path, tok):
     run(tmp_path / "b", 2)
     resumed = run(tmp_path / "b", 4, resume=True)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_pipeline_table_marks_each_stage_against_its_parent():
+    m = {"init": {"math_bpb": 3.0}, "pretrain": {"math_bpb": 1.0},
+         "mid": {"math_bpb": 1.1, "format_think": 0.5, "em_think": 0.1, "format_no_think": 0.2, "em_no_think": 0.0,
+                 "pref_acc": 0.5}}
+    m["sft"] = dict(m["mid"], format_think=0.9, em_think=0.1, format_no_think=0.8, em_no_think=0.05)
+    m["apo"] = dict(m["sft"], pref_acc=0.7)
+    m["grpo"] = dict(m["apo"], em_think=0.2)
+    m["merged"] = dict(m["grpo"], em_think=0.15)
+    evals = [{"val_loss": {"mid": 2.0}}, {"val_loss": {"mid": 1.5}}]
+    rows = {line.split(" | ")[0][2:]: line for line in pt.pipeline_table(m, {"sft": 12.4}, evals).splitlines()[2:]}
+    assert list(rows) == ["init", "pretrain", "mid", "sft", "apo", "grpo", "merged"]
+    assert "math_bpb 3.000 -> 1.000 improved" in rows["pretrain"] and "chat loss 2.000 -> 1.500 improved" in rows["mid"]
+    assert "| sft | 12 | 1.100 | 0.900 | 0.100 | 0.800 | 0.050 | 0.500 |" in rows["sft"]
+    assert "em_think 0.100 -> 0.100 **not improved**" in rows["sft"] and "format_think 0.500 -> 0.900 improved" in rows["sft"]
+    assert "pref_acc 0.500 -> 0.700 improved" in rows["apo"]
+    assert "em_think 0.100 -> 0.200 improved; em_no_think 0.050 -> 0.050 **not improved**" in rows["grpo"]
+    assert "em_think 0.200 -> 0.150 **not improved**" in rows["merged"]
