@@ -298,9 +298,9 @@ def load_model(path, pc, device, **overrides):
     return Model.from_pretrained(path, attn_impl=pc.attn_impl, act_ckpt=pc.act_ckpt, **overrides).float().to(device)
 
 
-def setup(ns, method, **overrides):
-    """Check the config, find the start (init_from, or out_dir's latest checkpoint with --resume=True), build the
-    model, optimizers, guard and Step, restore a resumed run. Writes nothing. `overrides`: ModelConfig fields."""
+def resolve(ns):
+    """(DataConfig, TrainConfig, PostConfig) of a namespace; post-training's own keys checked (the model's and the
+    loop's are checked by setup against the start checkpoint)."""
     dc, tc, pc = (cls(**pick(ns, cls)) for cls in CONFIGS)
     checks = [(pc.overlong in ("skip", "truncate"), f"overlong={pc.overlong!r} must be 'skip' or 'truncate'"),
               (pc.loss_type in LOSSES, f"loss_type={pc.loss_type!r} must be one of {sorted(LOSSES)}"),
@@ -310,6 +310,13 @@ def setup(ns, method, **overrides):
     errors = [msg for ok, msg in checks if not ok]
     if errors:
         raise ValueError("config: " + "; ".join(errors))
+    return dc, tc, pc
+
+
+def setup(ns, method, **overrides):
+    """Check the config, find the start (init_from, or out_dir's latest checkpoint with --resume=True), build the
+    model, optimizers, guard and Step, restore a resumed run. Writes nothing. `overrides`: ModelConfig fields."""
+    dc, tc, pc = resolve(ns)
     if train.dist_env()[1] > 1:
         raise ValueError(f"WORLD_SIZE={train.dist_env()[1]}: posttrain.py runs one process (no torchrun yet)")
     init = checkpoint_dir(tc.init_from, "init_from")
@@ -558,7 +565,7 @@ def dpo(ns):
             with run.autocast:
                 loss, s = pair_loss("val", items, *loaders["val"].rows(items), run.model)
             parts.append((len(items), loss.sum().item(), {k: v.item() * len(items) for k, v in s.items()}))
-        run.log.held_out(done, {"pref": sum(p[1] for p in parts) / n},
+        run.log.held_out(done, {pc.loss_type: sum(p[1] for p in parts) / n},
                          extra={f"val_{k}": sum(p[2][k] for p in parts) / n for k in parts[0][2]})
 
     counts = {k: loader.counts for k, loader in loaders.items()}
