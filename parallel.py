@@ -5,10 +5,15 @@ parallelism with a vocab-parallel embedding, LM head and cross-entropy.
     torchrun --standalone --nproc_per_node=2 train.py config/tiny.py --micro_batch_size=8   # CPU (gloo): DP 2
     torchrun --standalone --nproc_per_node=8 train.py config/smollm3_1b_ablation.py  # 8 GPUs (nccl): DP 8
     grid = init(tp=2); model = TPModel(Model(cfg), grid.tp_group)   # library use: same seed on every rank
-    python -m pytest -q tests/test_parallel.py
+    python parallel.py plan config/smollm3.py --gpus=384 --tp=2 [--gpu_mem=80GB --mfu=0.3]   # the layout's numbers
+    torchrun --standalone --nproc_per_node=8 parallel.py bench   # collectives' bus bandwidth, matmul TFLOP/s
+    python -m pytest -q tests/test_parallel.py tests/test_parallel_tools.py
 
 train.py uses the grid and DDP (data parallel over every rank); ZeRO1 and TPModel are tested here but not
 yet wired into train.py's loop.
+
+The planner predicts per-GPU memory, communication and step time for a layout from the model's own counts
+(Model.num_params, flops_per_token) and refuses one that does not fit; the bench measures what it assumes.
 
 Every process group is sliced from one Grid and passed explicitly; every collective runs under the process
 group's timeout, so a lost rank ends the others with an error instead of a hang. Tests: tests/test_parallel.py
@@ -21,6 +26,9 @@ Sections
   TP comm ops     f (copy to TP region), g (reduce from TP region)
   TP layers       ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_ce
   TP model        TPModel (shards a same-seed single-process Model in place; vocab-parallel loss)
+  planner         PlanConfig, layer_activation_bytes, tp_allreduce_bytes, plan, plan_report, check_fits
+  cluster bench   BenchConfig, bench (nccl-tests' algbw / busbw; bf16 matmul), bench_report
+  command line    main: plan | bench
 """
 import contextlib
 import dataclasses
@@ -33,6 +41,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from model import Model
 
 # ---------------------------------------------------------------- grid
 
@@ -407,7 +417,7 @@ def parse_bytes(text):
     raise ValueError(f"gpu_mem={text!r}: expected a size such as 80GB or 141GiB")
 
 
-def layer_activation_bytes(mc, tp=1):
+def layer_activation_bytes(mc, seq_len, tp=1):
     """Bytes one Block keeps for its backward per token under train.py's bf16 autocast (eager), counted the
     way Korthikanti et al. 2022 ("Reducing Activation Recomputation") count theirs, s*b*h*(34 + 5*a*s/h) per
     layer for GPT with 2-byte activations. For this block, h = d_model, q = n_heads*head_dim, kv =
@@ -418,12 +428,13 @@ def layer_activation_bytes(mc, tp=1):
       the o projection's input (a contiguous copy of the attention output)                  2q
       SwiGLU: gate and up outputs, silu(gate), their product (the down projection's input)  8f
       the padding mask                                                                      1
+      attn_impl "sdpa" only: its bf16 additive copy of the [B, 1, T, T] document mask        2T
     Flash attention (our Triton kernel, SDPA's fused kernels) keeps no scores: Korthikanti's 5*a*s^2*b term
-    is gone. Under TP the norms and the casts of their outputs stay whole; the rest is split over the ranks.
+    is gone. Under TP the norms, the casts of their outputs and the mask stay whole; the rest is split.
     tests/test_parallel_tools.py holds this equal to what autograd saves."""
     h, f, H = mc.d_model, mc.d_ff, mc.n_heads
     q, kv = mc.n_heads * mc.head_dim, mc.n_kv_heads * mc.head_dim
-    return 26 * h + 9 + (6 * q + 4 * kv + 4 * H + 8 * f) // tp
+    return 26 * h + 9 + 2 * seq_len * (mc.attn_impl == "sdpa") + (6 * q + 4 * kv + 4 * H + 8 * f) // tp
 
 
 def tp_allreduce_bytes(mc, tokens, tp, act_bytes=2, act_ckpt=False):
@@ -431,13 +442,14 @@ def tp_allreduce_bytes(mc, tokens, tp, act_bytes=2, act_ckpt=False):
     the embedding's g (fp32) and each layer's o and down g (autocast's act_bytes), the three [N] of
     vocab_parallel_ce; backward, the f of each column-parallel q, k, v, gate, up and of the final norm, whose
     inputs are the fp32 norm outputs, and the qk-norm weight grads. Activation checkpointing runs each layer's
-    forward again in the backward."""
+    forward again in the backward as far as its last saved tensor (torch's early stop): the o projection's g
+    again, the down projection's not."""
     if tp == 1:
         return 0
     h, L = mc.d_model, mc.n_layers
     fwd = tokens * h * 4 + L * 2 * tokens * h * act_bytes + 3 * tokens * 4
     bwd = (5 * L + 1) * tokens * h * 4 + (L * 2 * mc.head_dim * 4 if mc.qk_norm else 0)
-    return fwd + bwd + (L * 2 * tokens * h * act_bytes if act_ckpt else 0)
+    return fwd + bwd + (L * tokens * h * act_bytes if act_ckpt else 0)
 
 
 def plan(mc, seq_len, batch_size, micro_batch_size, pc, peak_flops, bf16=True):
@@ -449,13 +461,12 @@ def plan(mc, seq_len, batch_size, micro_batch_size, pc, peak_flops, bf16=True):
     if batch_size % (micro_batch_size * dp):
         raise ValueError(f"parallel plan: batch_size {batch_size} is not a multiple of micro_batch_size "
                          f"{micro_batch_size} x DP {dp}")
-    from model import Model                                   # here: model.py imports nothing of ours
     with torch.device("meta"):
         model = Model(mc)
     # norms (the 1-D parameters) are replicated over TP; every matrix is split tp ways
     P = sum(p.numel() // pc.tp if p.dim() == 2 else p.numel() for p in model.parameters())
     N, V = micro_batch_size * seq_len, mc.vocab_size          # tokens per micro-batch
-    layer = layer_activation_bytes(mc, pc.tp)
+    layer = layer_activation_bytes(mc, seq_len, pc.tp)
     # TP's vocab-parallel loss takes the whole [N, V/tp] logits (bf16, their fp32 copy, exp); one process
     # chunks them (loss_chunk rows at a time). Either way the final norm keeps 12h bytes per token.
     head = (N if pc.tp > 1 else min(N, mc.loss_chunk)) * V // pc.tp * 10 + N * 12 * mc.d_model
@@ -468,6 +479,7 @@ def plan(mc, seq_len, batch_size, micro_batch_size, pc, peak_flops, bf16=True):
            # checkpointing keeps each layer's fp32 input and recomputes one layer at a time in the backward
            "activations, act ckpt": mc.n_layers * N * 4 * mc.d_model + N * layer,
            "LM head + loss": head}
+    # an upper bound: the backward frees activations while it makes the grads, which the sum counts at once
     base = mem["weights (fp32)"] + mem["bf16 weight copies (autocast)"] + mem["grads (fp32)"] \
         + mem["DP buffer (fp32)"] + mem["LM head + loss"]
     totals = {(zero, ckpt): base + mem["optimizer, ZeRO-1" if zero else "optimizer (AdamW fp32 m, v)"]
@@ -482,7 +494,7 @@ def plan(mc, seq_len, batch_size, micro_batch_size, pc, peak_flops, bf16=True):
                 tok_s=tok_s, step_s=batch_size * seq_len / (tok_s * pc.gpus),
                 # ring collectives: each rank sends 2(n-1)/n of an all-reduce's bytes (nccl-tests' busbw)
                 dp_bus=2 * (dp - 1) / dp * 4 * P, tp_bus=2 * (pc.tp - 1) / pc.tp * tp_bytes, tp_calls=
-                ((2 * (1 + mc.act_ckpt) + 5 + 2 * mc.qk_norm) * mc.n_layers + 5) * (pc.tp > 1) * accum)
+                ((2 + mc.act_ckpt + 5 + 2 * mc.qk_norm) * mc.n_layers + 5) * (pc.tp > 1) * accum)
 
 
 def plan_report(p, pc, mc, seq_len, peak_flops):
@@ -501,15 +513,14 @@ def plan_report(p, pc, mc, seq_len, peak_flops):
               "bytes, layer_activation_bytes)",
               f"total per GPU, GB       no act ckpt   act ckpt    ({pc.gpu_mem} = {cap / 1e9:.2f} GB)"]
     for zero in (False, True):
-        cells = [gb(p["totals"][zero, c]) + (" ok  " if p["totals"][zero, c] <= cap else " OVER")
-                 for c in (False, True)]
-        lines.append(f"  {'ZeRO-1' if zero else 'DDP (no ZeRO)':20}" + "  ".join(cells))
+        cells = [f"{gb(p['totals'][zero, c])} {'ok' if p['totals'][zero, c] <= cap else 'OVER':4}" for c in (False, True)]
+        lines.append(f"  {'ZeRO-1' if zero else 'DDP (no ZeRO)':20}{'  '.join(cells)}".rstrip())
     dp_s, tp_s = p["dp_bus"] / (pc.dp_busbw * 1e9), p["tp_bus"] / (pc.tp_busbw * 1e9)
     lines += ["communication per GPU per step (ring: 2(n-1)/n of each all-reduce's bytes)",
               f"  DP   {p['dp_bus'] / 1e9:8.2f} GB   fp32 grads all-reduced (ZeRO-1: reduce-scatter + all-gather, "
               f"the same); {dp_s:.2f} s at {pc.dp_busbw:g} GB/s, overlapped with the backward",
-              f"  TP   {p['tp_bus'] / 1e9:8.2f} GB   {p['tp_calls']} activation all-reduces; {tp_s:.2f} s at "
-              f"{pc.tp_busbw:g} GB/s, on the critical path",
+              f"  TP   {p['tp_bus'] / 1e9:8.2f} GB   {p['tp_calls']} activation all-reduces (act_ckpt={mc.act_ckpt}); "
+              f"{tp_s:.2f} s at {pc.tp_busbw:g} GB/s, on the critical path",
               f"predicted at MFU {100 * pc.mfu:.0f}%: {p['tok_s']:,.0f} tokens/s per GPU, "
               f"{p['tok_s'] * pc.gpus / 1e6:.2f}M tokens/s in all, {p['step_s']:.2f} s per step"]
     return "\n".join(lines)
@@ -549,7 +560,7 @@ def _ops(count, n, r, device):
     total, owners = n * (n + 1) / 2, torch.arange(1, n + 1, device=device).repeat_interleave(count // n)
 
     runs = {"all_reduce": lambda: dist.all_reduce(full),
-            "all_gather": lambda: dist.all_gather_into_tensor(full, part),
+            "all_gather": lambda: dist.all_gather_single(full, part),
             "reduce_scatter": lambda: dist.reduce_scatter_single(part, full)}
 
     def wrong(op):
@@ -628,7 +639,7 @@ def main(argv):
     from config import load, pick
     from data import DataConfig
     from model import ModelConfig
-    from train import PEAK_FLOPS, TrainConfig
+    from train import PEAK_FLOPS, TrainConfig                 # here: train.py imports this file
     if not argv or argv[0] not in ("plan", "bench"):
         sys.exit("usage: python parallel.py plan CONFIG [--gpus=N --tp=N --gpu_mem=80GB --mfu=0.3 ...]\n"
                  "       torchrun --nproc_per_node=N parallel.py bench [--max_bytes=N --iters=N ...]")
@@ -656,8 +667,7 @@ def main(argv):
     rows, tflops = bench(bc, device)
     if dist.get_rank() == 0:
         print(bench_report(rows, tflops, bc, device))
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":
