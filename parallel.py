@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from model import Model
+from model import Model, RMSNorm
 
 # ---------------------------------------------------------------- grid
 
@@ -393,6 +393,109 @@ class TPModel(nn.Module):
         lo = dist.get_rank(self.group) * logits.shape[-1]
         per_token = vocab_parallel_ce(logits.flatten(0, 1), y.flatten(), lo, self.group, self.model.cfg.z_loss)
         return None, per_token.sum() / (y != -100).sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------- sequence parallelism (Korthikanti et al. 2022)
+# Between the TP regions (norms, residual adds, the embedding's output) each rank holds T/tp of the sequence
+# instead of all of it: the activations there shrink tp-fold, and each all-reduce becomes a reduce-scatter
+# into the sequence-parallel region plus an all-gather out of it (the same bytes on the wire).
+
+def _seq_gather(x, group):
+    """[B, T/tp, ...] on each rank -> [B, T, ...], the ranks' parts in rank order."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, 1)
+
+
+def _seq_reduce_scatter(x, group):
+    """[B, T, ...] partial sums on each rank -> this rank's [B, T/tp, ...] of the sum."""
+    n = dist.get_world_size(group)
+    out = x.new_empty((x.shape[1] // n, x.shape[0], *x.shape[2:]))
+    dist.reduce_scatter_single(out, x.transpose(0, 1).contiguous(), group=group)   # the sequence first
+    return out.transpose(0, 1)
+
+
+class gather_seq(torch.autograd.Function):
+    """Into a TP region from the sequence-parallel one (Korthikanti's g): forward all-gather along the
+    sequence, backward reduce-scatter (the ranks' partial gradients of the whole sequence, summed; ours kept)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_reduce_scatter(grad, ctx.group), None
+
+
+class scatter_seq(torch.autograd.Function):
+    """Out of a TP region into the sequence-parallel one (Korthikanti's g-bar): forward reduce-scatter of the
+    ranks' partial sums along the sequence, backward all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_reduce_scatter(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_gather(grad, ctx.group), None
+
+
+class _Local(nn.Module):
+    """A TP layer's weight shard (the same Parameter, the same name) without its f or g."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.weight = layer.weight
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight)
+
+
+class SeqParallelEmbedding(nn.Module):
+    """VocabParallelEmbedding's rows, its partial lookups reduce-scattered along the sequence (not all-reduced)."""
+
+    def __init__(self, vocab_parallel, group):
+        super().__init__()
+        self.group, self.weight, self.lo = group, vocab_parallel.weight, vocab_parallel.lo
+
+    def forward(self, ids):
+        if ids.shape[1] % dist.get_world_size(self.group):
+            raise ValueError(f"sequence parallel: sequence length {ids.shape[1]} is not divisible by "
+                             f"tp={dist.get_world_size(self.group)}")
+        local = ids - self.lo
+        inside = (local >= 0) & (local < self.weight.shape[0])
+        e = torch.nn.functional.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+        return scatter_seq.apply(e * inside[..., None], self.group)
+
+
+class SPModel(TPModel):
+    """TPModel with sequence parallelism: the residual stream is [B, T/tp, C] on each rank. Each norm runs on
+    the rank's tokens and gather_seq hands the whole sequence to the column-parallel layers (no f: the
+    gather's backward sums the ranks' gradients); the row-parallel o and down end in scatter_seq (no g).
+    A norm weight's gradient is partial over the sequence, so a hook sums it over the group. The parameters,
+    their names and values are TPModel's; forward(x, y, pos) as TPModel's."""
+
+    def __init__(self, model, group):
+        super().__init__(model, group)
+        gather = lambda module, args, out: gather_seq.apply(out, group)
+        scatter = lambda module, args, out: scatter_seq.apply(out, group)
+        # a fresh final norm on the same weight: TPModel's f hook on the old one is for unsplit sequences
+        norm, model.norm = model.norm, RMSNorm(model.cfg.d_model, model.cfg.rms_eps)
+        model.norm.weight = norm.weight
+        norms = [model.norm] + [n for block in model.layers for n in (block.attn_norm, block.mlp_norm)]
+        for n in norms:
+            n.register_forward_hook(gather)
+            n.weight.register_hook(functools.partial(_summed, group=group))
+        for block in model.layers:
+            a, mlp = block.attn, block.mlp
+            a.q, a.k, a.v, a.o = (_Local(m) for m in (a.q, a.k, a.v, a.o))
+            mlp.gate, mlp.up, mlp.down = (_Local(m) for m in (mlp.gate, mlp.up, mlp.down))
+            a.o.register_forward_hook(scatter)
+            mlp.down.register_forward_hook(scatter)
+        model.tok_emb = SeqParallelEmbedding(model.tok_emb, group)
 
 
 # ---------------------------------------------------------------- planner

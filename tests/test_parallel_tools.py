@@ -228,6 +228,45 @@ def _dtensor_embedding_and_loss(grid, out):
     return []
 
 
+def _sequence_parallel(grid, out):
+    """SPModel's logits, loss and every gradient equal one process's (tied and untied head, qk-norm, z-loss,
+    two documents and padding, with and without activation checkpointing); its activations cross the group
+    only as all-gathers and reduce-scatters, 2 + 4 per layer of each."""
+    r, kept = grid.tp_rank, []
+    x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(6))
+    y = x.roll(-1, 1)
+    y[0, :3] = -100
+    pos = docs(4, 16)
+    for tie, ckpt in ((True, False), (False, True)):
+        cfg = ModelConfig(**{**vars(WIDE), "tie_embeddings": tie, "z_loss": 1e-3, "qk_norm": True, "act_ckpt": ckpt})
+        ref, sp = model(0, cfg), parallel.SPModel(model(0, cfg), grid.tp_group)
+        close(sp(x, pos=pos), ref(x, pos=pos), f"SP logits (tie={tie}, act_ckpt={ckpt})")
+        calls, real = [], {k: getattr(dist, k) for k in ("all_reduce", "all_gather", "reduce_scatter_single")}
+        for k, fn in real.items():
+            setattr(dist, k, lambda t, *a, _k=k, _fn=fn, **kw: (calls.append((_k, t)), _fn(t, *a, **kw))[1])
+        try:
+            loss, ref_loss = sp(x, y, pos)[1], ref(x, y, pos)[1]
+            loss.backward()
+        finally:
+            for k, fn in real.items():
+                setattr(dist, k, fn)
+        ref_loss.backward()
+        close(loss, ref_loss, f"SP loss (tie={tie}, act_ckpt={ckpt})")
+        for (name, p), q in zip(ref.named_parameters(), sp.model.parameters()):
+            close(q.grad, shard(p.grad, q, r), f"SP grad {name} (tie={tie}, act_ckpt={ckpt})")
+        big = [k for k, t in calls if k == "all_reduce" and t.numel() >= 64 * 32 // 2]
+        assert not big, f"{len(big)} activation-sized all-reduces under sequence parallelism"
+        L = cfg.n_layers
+        counts = {k: sum(1 for c, _ in calls if c == k) for k in ("all_gather", "reduce_scatter_single")}
+        # forward: the embedding and o, down of each layer scatter; 2 norms a layer and the final one gather;
+        # backward: the conjugates; checkpointing re-runs each layer's forward up to its last saved tensor (both
+        # norms' gathers and o's scatter; not down's)
+        expect = {"all_gather": 2 * (2 * L + 1) + 2 * L * ckpt, "reduce_scatter_single": 2 * (2 * L + 1) + L * ckpt}
+        assert counts == expect, f"act_ckpt={ckpt}: {counts}, expected {expect}"
+        kept += [ref, sp]
+    return kept
+
+
 def _bench(grid, out):
     bc = parallel.BenchConfig(min_bytes=1024, max_bytes=8192, iters=3, warmup=1, matmul_n=32)
     rows, tflops = parallel.bench(bc, torch.device("cpu"))
@@ -237,10 +276,11 @@ def _bench(grid, out):
 
 
 CHECKS = {"tp_bytes": _tp_bytes, "dtensor_blocks": _dtensor_blocks,
-          "dtensor_embedding_and_loss": _dtensor_embedding_and_loss, "bench": _bench}
+          "dtensor_embedding_and_loss": _dtensor_embedding_and_loss, "sequence_parallel": _sequence_parallel,
+          "bench": _bench}
 
 
-@pytest.mark.parametrize("check", ["tp_bytes", "dtensor_blocks", "dtensor_embedding_and_loss"])
+@pytest.mark.parametrize("check", ["tp_bytes", "dtensor_blocks", "dtensor_embedding_and_loss", "sequence_parallel"])
 def test_tensor_parallel_against_torch_and_the_planner(two_ranks, check):
     assert check not in two_ranks["errors"], two_ranks["errors"][check]
 
