@@ -1,6 +1,6 @@
 """parallel.py — data and tensor parallelism on torch.distributed: one DP x TP rank grid, a bucketed DDP that
 overlaps its all-reduces with the backward, ZeRO-1 (AdamW state sharded over DP), and Megatron-style tensor
-parallelism with a vocab-parallel embedding, LM head and cross-entropy.
+parallelism with a vocab-parallel embedding, LM head and cross-entropy, optionally sequence-parallel.
 
     torchrun --standalone --nproc_per_node=2 train.py config/tiny.py --micro_batch_size=8   # CPU (gloo): DP 2
     torchrun --standalone --nproc_per_node=8 train.py config/smollm3_1b_ablation.py  # 8 GPUs (nccl): DP 8
@@ -26,7 +26,9 @@ Sections
   TP comm ops     f (copy to TP region), g (reduce from TP region)
   TP layers       ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_ce
   TP model        TPModel (shards a same-seed single-process Model in place; vocab-parallel loss)
-  planner         PlanConfig, layer_activation_bytes, tp_allreduce_bytes, plan, plan_report, check_fits
+  sequence par.   gather_seq, scatter_seq (Korthikanti's g, g-bar), SeqParallelEmbedding, SPModel
+  planner         PlanConfig, layer_activation_bytes, tp_allreduce_bytes, sp_comm_bytes, plan, plan_report,
+                  check_fits
   cluster bench   BenchConfig, bench (nccl-tests' algbw / busbw; bf16 matmul), bench_report
   command line    main: plan | bench
 """
@@ -509,6 +511,7 @@ class PlanConfig:
     mfu: float = 0.3                    # the predicted step time assumes this fraction of the peak
     tp_busbw: float = 360.0             # GB/s bus bandwidth inside a TP group (H100 NVLink, nccl-tests scale)
     dp_busbw: float = 40.0              # GB/s across nodes (8 x 400 Gb/s InfiniBand per node); measure: bench
+    sp: bool = False                    # sequence parallelism (SPModel) inside the TP group
 
 
 def parse_bytes(text):
@@ -520,7 +523,7 @@ def parse_bytes(text):
     raise ValueError(f"gpu_mem={text!r}: expected a size such as 80GB or 141GiB")
 
 
-def layer_activation_bytes(mc, seq_len, tp=1):
+def layer_activation_bytes(mc, seq_len, tp=1, sp=False):
     """Bytes one Block keeps for its backward per token under train.py's bf16 autocast (eager), counted the
     way Korthikanti et al. 2022 ("Reducing Activation Recomputation") count theirs, s*b*h*(34 + 5*a*s/h) per
     layer for GPT with 2-byte activations. For this block, h = d_model, q = n_heads*head_dim, kv =
@@ -533,11 +536,13 @@ def layer_activation_bytes(mc, seq_len, tp=1):
       the padding mask                                                                      1
       attn_impl "sdpa" only: its bf16 additive copy of the [B, 1, T, T] document mask        2T
     Flash attention (our Triton kernel, SDPA's fused kernels) keeps no scores: Korthikanti's 5*a*s^2*b term
-    is gone. Under TP the norms, the casts of their outputs and the mask stay whole; the rest is split.
-    tests/test_parallel_tools.py holds this equal to what autograd saves."""
+    is gone. Under TP the norms, the casts of their outputs and the masks stay whole; the rest is split.
+    Sequence parallelism (sp) splits the norms too. tests/test_parallel_tools.py holds this equal to what
+    autograd saves."""
     h, f, H = mc.d_model, mc.d_ff, mc.n_heads
     q, kv = mc.n_heads * mc.head_dim, mc.n_kv_heads * mc.head_dim
-    return 26 * h + 9 + 2 * seq_len * (mc.attn_impl == "sdpa") + (6 * q + 4 * kv + 4 * H + 8 * f) // tp
+    norms = (16 * h + 8) // (tp if sp else 1)
+    return norms + 10 * h + 1 + 2 * seq_len * (mc.attn_impl == "sdpa") + (6 * q + 4 * kv + 4 * H + 8 * f) // tp
 
 
 def tp_allreduce_bytes(mc, tokens, tp, act_bytes=2, act_ckpt=False):
@@ -555,6 +560,18 @@ def tp_allreduce_bytes(mc, tokens, tp, act_bytes=2, act_ckpt=False):
     return fwd + bwd + (L * tokens * h * act_bytes if act_ckpt else 0)
 
 
+def sp_comm_bytes(mc, tokens, act_bytes=2, act_ckpt=False):
+    """SPModel's traffic in one micro-batch's forward + backward: (bytes all-gathered or reduce-scattered, as
+    nccl-tests' S, the whole array; bytes all-reduced). Forward, the embedding's scatter (fp32), per layer
+    two norms' gathers (fp32) and the o and down scatters (act_bytes), the final norm's gather; backward,
+    each one's conjugate in the same dtype; checkpointing re-runs both gathers and o's scatter of each layer.
+    All-reduced: vocab_parallel_ce's three [N] and the grads of the norm (and qk-norm) weights."""
+    Nh, L = tokens * mc.d_model, mc.n_layers
+    moved = 2 * (8 * Nh + L * (8 + 2 * act_bytes) * Nh) + (L * (8 + act_bytes) * Nh if act_ckpt else 0)
+    reduced = 3 * tokens * 4 + (2 * L + 1) * mc.d_model * 4 + (L * 2 * mc.head_dim * 4 if mc.qk_norm else 0)
+    return moved, reduced
+
+
 def plan(mc, seq_len, batch_size, micro_batch_size, pc, peak_flops, bf16=True):
     """The numbers of one DP x TP layout (a dict; plan_report prints them). Memory counts what train.py holds
     per GPU: fp32 weights and grads, the fp32 DP communication buffer (DDP's buckets, or ZeRO-1's flat
@@ -569,7 +586,7 @@ def plan(mc, seq_len, batch_size, micro_batch_size, pc, peak_flops, bf16=True):
     # norms (the 1-D parameters) are replicated over TP; every matrix is split tp ways
     P = sum(p.numel() // pc.tp if p.dim() == 2 else p.numel() for p in model.parameters())
     N, V = micro_batch_size * seq_len, mc.vocab_size          # tokens per micro-batch
-    layer = layer_activation_bytes(mc, seq_len, pc.tp)
+    layer = layer_activation_bytes(mc, seq_len, pc.tp, pc.sp)
     # TP's vocab-parallel loss takes the whole [N, V/tp] logits (bf16, their fp32 copy, exp); one process
     # chunks them (loss_chunk rows at a time). Either way the final norm keeps 12h bytes per token.
     head = (N if pc.tp > 1 else min(N, mc.loss_chunk)) * V // pc.tp * 10 + N * 12 * mc.d_model
@@ -580,7 +597,7 @@ def plan(mc, seq_len, batch_size, micro_batch_size, pc, peak_flops, bf16=True):
            "optimizer, ZeRO-1": 16 * P / dp,
            "activations": mc.n_layers * N * layer,
            # checkpointing keeps each layer's fp32 input and recomputes one layer at a time in the backward
-           "activations, act ckpt": mc.n_layers * N * 4 * mc.d_model + N * layer,
+           "activations, act ckpt": mc.n_layers * N * 4 * mc.d_model // (pc.tp if pc.sp else 1) + N * layer,
            "LM head + loss": head}
     # an upper bound: the backward frees activations while it makes the grads, which the sum counts at once
     base = mem["weights (fp32)"] + mem["bf16 weight copies (autocast)"] + mem["grads (fp32)"] \
@@ -591,20 +608,26 @@ def plan(mc, seq_len, batch_size, micro_batch_size, pc, peak_flops, bf16=True):
     flops = model.flops_per_token(seq_len)
     tok_s = pc.mfu * peak_flops / flops                      # per GPU
     accum = batch_size // (micro_batch_size * dp)
-    tp_bytes = tp_allreduce_bytes(mc, N, pc.tp, 2 if bf16 else 4, mc.act_ckpt) * accum
+    t, a = pc.tp, 2 if bf16 else 4
+    if pc.sp and t > 1:                                      # ring all-gather / reduce-scatter: (n-1)/n of S
+        moved, reduced = sp_comm_bytes(mc, N, a, mc.act_ckpt)
+        tp_bus, tp_calls = ((t - 1) / t * moved + 2 * (t - 1) / t * reduced) * accum, \
+            (2 * (4 * mc.n_layers + 2) + 3 * mc.n_layers * mc.act_ckpt) * accum
+    else:
+        tp_bus = 2 * (t - 1) / t * tp_allreduce_bytes(mc, N, t, a, mc.act_ckpt) * accum
+        tp_calls = ((2 + mc.act_ckpt + 5 + 2 * mc.qk_norm) * mc.n_layers + 5) * (t > 1) * accum
     return dict(params=model.num_params(), params_per_gpu=P, dp=dp, tp=pc.tp, accum=accum, tokens_per_step=
                 batch_size * seq_len, micro_tokens=N, layer_bytes=layer, mem=mem, totals=totals, flops=flops,
                 tok_s=tok_s, step_s=batch_size * seq_len / (tok_s * pc.gpus),
                 # ring collectives: each rank sends 2(n-1)/n of an all-reduce's bytes (nccl-tests' busbw)
-                dp_bus=2 * (dp - 1) / dp * 4 * P, tp_bus=2 * (pc.tp - 1) / pc.tp * tp_bytes, tp_calls=
-                ((2 + mc.act_ckpt + 5 + 2 * mc.qk_norm) * mc.n_layers + 5) * (pc.tp > 1) * accum)
+                dp_bus=2 * (dp - 1) / dp * 4 * P, tp_bus=tp_bus, tp_calls=tp_calls)
 
 
 def plan_report(p, pc, mc, seq_len, peak_flops):
     """The plan as text, a fit mark on each of the four layouts (ZeRO-1 or not, act ckpt or not)."""
     cap, gb = parse_bytes(pc.gpu_mem), lambda b: f"{b / 1e9:8.2f}"
     m = p["mem"]
-    lines = [f"{pc.gpus} GPUs = DP {p['dp']} x TP {p['tp']}; {pc.gpu} (dense bf16 peak {peak_flops / 1e12:.0f} "
+    lines = [f"{pc.gpus} GPUs = DP {p['dp']} x TP {p['tp']}{' (+SP)' if pc.sp else ''}; {pc.gpu} (dense bf16 peak {peak_flops / 1e12:.0f} "
              f"TFLOP/s), {pc.gpu_mem} each",
              f"  parameters          {p['params']:,} ({p['params_per_gpu']:,} per GPU)",
              f"  tokens per step     {p['tokens_per_step']:,} = DP {p['dp']} x {p['accum']} accumulation x "
@@ -619,10 +642,11 @@ def plan_report(p, pc, mc, seq_len, peak_flops):
         cells = [f"{gb(p['totals'][zero, c])} {'ok' if p['totals'][zero, c] <= cap else 'OVER':4}" for c in (False, True)]
         lines.append(f"  {'ZeRO-1' if zero else 'DDP (no ZeRO)':20}{'  '.join(cells)}".rstrip())
     dp_s, tp_s = p["dp_bus"] / (pc.dp_busbw * 1e9), p["tp_bus"] / (pc.tp_busbw * 1e9)
-    lines += ["communication per GPU per step (ring: 2(n-1)/n of each all-reduce's bytes)",
+    lines += ["communication per GPU per step (ring: 2(n-1)/n of an all-reduce's bytes, (n-1)/n of an all-gather's)",
               f"  DP   {p['dp_bus'] / 1e9:8.2f} GB   fp32 grads all-reduced (ZeRO-1: reduce-scatter + all-gather, "
               f"the same); {dp_s:.2f} s at {pc.dp_busbw:g} GB/s, overlapped with the backward",
-              f"  TP   {p['tp_bus'] / 1e9:8.2f} GB   {p['tp_calls']} activation all-reduces (act_ckpt={mc.act_ckpt}); "
+              f"  TP   {p['tp_bus'] / 1e9:8.2f} GB   {p['tp_calls']} activation "
+              f"{'all-gathers and reduce-scatters' if pc.sp else 'all-reduces'} (act_ckpt={mc.act_ckpt}); "
               f"{tp_s:.2f} s at {pc.tp_busbw:g} GB/s, on the critical path",
               f"predicted at MFU {100 * pc.mfu:.0f}%: {p['tok_s']:,.0f} tokens/s per GPU, "
               f"{p['tok_s'] * pc.gpus / 1e6:.2f}M tokens/s in all, {p['step_s']:.2f} s per step"]

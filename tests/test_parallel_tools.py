@@ -1,4 +1,5 @@
-"""parallel.py's planner and bench, and its TP layers against torch's own DTensor tensor parallelism.
+"""parallel.py's planner and bench, its TP layers against torch's own DTensor tensor parallelism, and
+sequence parallelism (SPModel) against one process.
 
 The planner's activation bytes are held equal to what autograd saves (saved-tensor hooks, CPU bf16 autocast),
 its TP communication to the bytes TPModel all-reduces, its parameter and token counts to hand arithmetic.
@@ -38,10 +39,10 @@ def docs(B, T):
     return torch.cat([torch.arange(T - 6), torch.arange(4), torch.full((2,), -1)]).repeat(B, 1)
 
 
-def saved_bytes_per_token(block, cfg, dtype=torch.bfloat16):
+def saved_bytes_per_token(block, cfg, part=None):
     """Bytes a Block's forward keeps for backward per token of 16-token rows: the difference between 2 and 3
     rows (the weights and their bf16 copies cancel), the shared inputs (rope, pos, mask) left out; each storage
-    counted once."""
+    counted once. part=(r, n): the block takes tokens r*16/n..(r+1)*16/n of each row (sequence parallel)."""
     counts = []
     for B, T in ((2, 16), (3, 16)):
         pos = docs(B, T)
@@ -53,8 +54,8 @@ def saved_bytes_per_token(block, cfg, dtype=torch.bfloat16):
             if t.untyped_storage().data_ptr() not in shared:
                 seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
-        x = torch.randn(B, T, cfg.d_model, requires_grad=True)
-        with torch.autocast("cpu", dtype=dtype), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        x = torch.randn(B, T // (part[1] if part else 1), cfg.d_model, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             block(x, rope, pos, mask)
         counts.append((B * T, sum(seen.values())))
     (n1, b1), (n2, b2) = counts
@@ -231,7 +232,7 @@ def _dtensor_embedding_and_loss(grid, out):
 def _sequence_parallel(grid, out):
     """SPModel's logits, loss and every gradient equal one process's (tied and untied head, qk-norm, z-loss,
     two documents and padding, with and without activation checkpointing); its activations cross the group
-    only as all-gathers and reduce-scatters, 2 + 4 per layer of each."""
+    only as all-gathers and reduce-scatters, 2 + 4 per layer of each; traffic and saved bytes as planned."""
     r, kept = grid.tp_rank, []
     x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(6))
     y = x.roll(-1, 1)
@@ -243,7 +244,7 @@ def _sequence_parallel(grid, out):
         close(sp(x, pos=pos), ref(x, pos=pos), f"SP logits (tie={tie}, act_ckpt={ckpt})")
         calls, real = [], {k: getattr(dist, k) for k in ("all_reduce", "all_gather", "reduce_scatter_single")}
         for k, fn in real.items():
-            setattr(dist, k, lambda t, *a, _k=k, _fn=fn, **kw: (calls.append((_k, t)), _fn(t, *a, **kw))[1])
+            setattr(dist, k, lambda *a, _k=k, _fn=fn, **kw: (calls.append((_k, a)), _fn(*a, **kw))[1])
         try:
             loss, ref_loss = sp(x, y, pos)[1], ref(x, y, pos)[1]
             loss.backward()
@@ -254,8 +255,15 @@ def _sequence_parallel(grid, out):
         close(loss, ref_loss, f"SP loss (tie={tie}, act_ckpt={ckpt})")
         for (name, p), q in zip(ref.named_parameters(), sp.model.parameters()):
             close(q.grad, shard(p.grad, q, r), f"SP grad {name} (tie={tie}, act_ckpt={ckpt})")
-        big = [k for k, t in calls if k == "all_reduce" and t.numel() >= 64 * 32 // 2]
-        assert not big, f"{len(big)} activation-sized all-reduces under sequence parallelism"
+        size = lambda t: t.numel() * t.element_size()
+        # nccl-tests' S, the whole array: all_gather(parts, x)'s parts, reduce_scatter_single(out, x)'s x
+        moved = sum(sum(map(size, a[0])) if k == "all_gather" else size(a[1]) for k, a in calls if k != "all_reduce")
+        reduced = sum(size(a[0]) for k, a in calls if k == "all_reduce")
+        assert (moved, reduced) == parallel.sp_comm_bytes(cfg, 64, act_bytes=4, act_ckpt=ckpt), \
+            f"act_ckpt={ckpt}: {moved} bytes gathered or scattered, {reduced} all-reduced, planned " \
+            f"{parallel.sp_comm_bytes(cfg, 64, act_bytes=4, act_ckpt=ckpt)}"
+        p = parallel.plan(cfg, 16, 4, 4, parallel.PlanConfig(gpus=2, tp=2, sp=True), 1e12, bf16=False)
+        assert p["tp_bus"] == moved / 2 + reduced, "the ring's (n-1)/n and 2(n-1)/n at n = 2"
         L = cfg.n_layers
         counts = {k: sum(1 for c, _ in calls if c == k) for k in ("all_gather", "reduce_scatter_single")}
         # forward: the embedding and o, down of each layer scatter; 2 norms a layer and the final one gather;
@@ -263,8 +271,12 @@ def _sequence_parallel(grid, out):
         # norms' gathers and o's scatter; not down's)
         expect = {"all_gather": 2 * (2 * L + 1) + 2 * L * ckpt, "reduce_scatter_single": 2 * (2 * L + 1) + L * ckpt}
         assert counts == expect, f"act_ckpt={ckpt}: {counts}, expected {expect}"
+        assert sum(counts.values()) == p["tp_calls"]
         kept += [ref, sp]
-    return kept
+    sp = parallel.SPModel(model(0, WIDE), grid.tp_group)
+    for layer in sp.model.layers:
+        assert saved_bytes_per_token(layer, WIDE, (r, 2)) == parallel.layer_activation_bytes(WIDE, 16, tp=2, sp=True)
+    return kept + [sp]
 
 
 def _bench(grid, out):
