@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from model import Model, RMSNorm
+from model import Model, ModelConfig, RMSNorm
 
 # ---------------------------------------------------------------- grid
 
@@ -627,8 +627,8 @@ def plan_report(p, pc, mc, seq_len, peak_flops):
     """The plan as text, a fit mark on each of the four layouts (ZeRO-1 or not, act ckpt or not)."""
     cap, gb = parse_bytes(pc.gpu_mem), lambda b: f"{b / 1e9:8.2f}"
     m = p["mem"]
-    lines = [f"{pc.gpus} GPUs = DP {p['dp']} x TP {p['tp']}{' (+SP)' if pc.sp else ''}; {pc.gpu} (dense bf16 peak {peak_flops / 1e12:.0f} "
-             f"TFLOP/s), {pc.gpu_mem} each",
+    lines = [f"{pc.gpus} GPUs = DP {p['dp']} x TP {p['tp']}{' (+SP)' if pc.sp else ''}; {pc.gpu} (dense bf16 peak "
+             f"{peak_flops / 1e12:.0f} TFLOP/s), {pc.gpu_mem} each",
              f"  parameters          {p['params']:,} ({p['params_per_gpu']:,} per GPU)",
              f"  tokens per step     {p['tokens_per_step']:,} = DP {p['dp']} x {p['accum']} accumulation x "
              f"micro-batch {p['micro_tokens'] // seq_len} x {seq_len} tokens",
@@ -639,7 +639,8 @@ def plan_report(p, pc, mc, seq_len, peak_flops):
               "bytes, layer_activation_bytes)",
               f"total per GPU, GB       no act ckpt   act ckpt    ({pc.gpu_mem} = {cap / 1e9:.2f} GB)"]
     for zero in (False, True):
-        cells = [f"{gb(p['totals'][zero, c])} {'ok' if p['totals'][zero, c] <= cap else 'OVER':4}" for c in (False, True)]
+        cells = [f"{gb(p['totals'][zero, c])} {'ok' if p['totals'][zero, c] <= cap else 'OVER':4}"
+                 for c in (False, True)]
         lines.append(f"  {'ZeRO-1' if zero else 'DDP (no ZeRO)':20}{'  '.join(cells)}".rstrip())
     dp_s, tp_s = p["dp_bus"] / (pc.dp_busbw * 1e9), p["tp_bus"] / (pc.tp_busbw * 1e9)
     lines += ["communication per GPU per step (ring: 2(n-1)/n of an all-reduce's bytes, (n-1)/n of an all-gather's)",
@@ -765,7 +766,6 @@ def main(argv):
     """python parallel.py plan CONFIG [--key=value ...] | torchrun ... parallel.py bench [--key=value ...]"""
     from config import load, pick
     from data import DataConfig
-    from model import ModelConfig
     from train import PEAK_FLOPS, TrainConfig                 # here: train.py imports this file
     if not argv or argv[0] not in ("plan", "bench"):
         sys.exit("usage: python parallel.py plan CONFIG [--gpus=N --tp=N --gpu_mem=80GB --mfu=0.3 ...]\n"
@@ -774,7 +774,8 @@ def main(argv):
         if argv[0] == "plan":
             ns = load(argv[1:], ModelConfig, DataConfig, TrainConfig, PlanConfig, prog="python parallel.py plan",
                       strict=False)
-            mc, tc, pc = ModelConfig(**pick(ns, ModelConfig)), TrainConfig(**pick(ns, TrainConfig)), PlanConfig(**pick(ns, PlanConfig))
+            mc, tc = ModelConfig(**pick(ns, ModelConfig)), TrainConfig(**pick(ns, TrainConfig))
+            pc = PlanConfig(**pick(ns, PlanConfig))
             if pc.gpu not in PEAK_FLOPS:
                 raise ValueError(f"gpu={pc.gpu!r}: expected one of {', '.join(PEAK_FLOPS)} (train.PEAK_FLOPS)")
             p = plan(mc, ns.seq_len, tc.batch_size, tc.micro_batch_size, pc, PEAK_FLOPS[pc.gpu], tc.dtype == "bfloat16")
