@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, loss_parallel, parallelize_module
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel,
+                                               loss_parallel, parallelize_module)
 
 import parallel
 from model import Model, ModelConfig, rope_cos_sin
@@ -163,6 +164,19 @@ def _tp_bytes(grid, out):
     return kept + [tp]
 
 
+X0 = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(3))
+
+
+def both_blocks(m, x0):
+    """Model m's two blocks (RoPE, then NoPE) on x0, two documents and padding a row -> (output, input grad)."""
+    pos = docs(4, 16)
+    rope, mask = rope_cos_sin(pos, CFG), m.sdpa_mask(pos)
+    x = x0.clone().requires_grad_()
+    y = m.layers[1](m.layers[0](x, rope, pos, mask), rope, pos, mask)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()   # every output gets its own grad
+    return y, x.grad
+
+
 def _dtensor_blocks(grid, out):
     """Both blocks (RoPE and NoPE) of the same-seed model: ours (TPModel's Column/RowParallelLinear) and torch's
     parallelize_module plan give the same outputs, input grads and every weight's grad (as local shards)."""
@@ -175,15 +189,7 @@ def _dtensor_blocks(grid, out):
     for block in theirs.layers:
         block.attn.cfg = half
         parallelize_module(block, mesh, plan)
-    pos = docs(4, 16)
-    rope, mask = rope_cos_sin(pos, CFG), ref.sdpa_mask(pos)
-    x0 = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(3))
-    results = []
-    for m in (ref, ours, theirs):
-        x = x0.clone().requires_grad_()
-        y = m.layers[1](m.layers[0](x, rope, pos, mask), rope, pos, mask)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()   # every output gets its own grad
-        results.append((y, x.grad))
+    results = [both_blocks(m, X0) for m in (ref, ours, theirs)]
     for what, a, b, c in zip(("output", "input grad"), *results):
         close(b, a, f"ours vs one process: {what}")
         assert torch.equal(b, c), f"ours vs DTensor: {what}, max diff {(b - c).abs().max():.3g}"
@@ -193,6 +199,30 @@ def _dtensor_blocks(grid, out):
         assert torch.equal(q.grad, theirs_grad), \
             f"ours vs DTensor: grad {name}, max diff {(q.grad - theirs_grad).abs().max():.3g}"
     return [ref, ours, theirs]
+
+
+def _dtensor_sequence_parallel(grid, out):
+    """SPModel's blocks vs torch's sequence-parallel plan (SequenceParallel norms, inputs gathered by
+    PrepareModuleInput, row-parallel outputs scattered along the sequence) on this rank's half of the tokens:
+    the same outputs, input grads and weight grads (fp32 rounding: the two sum partial grads in other orders)."""
+    mesh, r = DeviceMesh.from_group(grid.tp_group, "cpu"), grid.tp_rank
+    ours, theirs = parallel.SPModel(model(0), grid.tp_group).model, model(0)
+    whole, split = (Replicate(), None, None, None, None), (Shard(1), None, None, None, None)   # Attention's 5 args
+    plan = {"attn_norm": SequenceParallel(), "mlp_norm": SequenceParallel(),
+            "attn": PrepareModuleInput(input_layouts=split, desired_input_layouts=whole),
+            "mlp": PrepareModuleInput(input_layouts=split[:1], desired_input_layouts=whole[:1]),
+            "attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
+            "attn.o": RowwiseParallel(output_layouts=Shard(1)), "mlp.gate": ColwiseParallel(),
+            "mlp.up": ColwiseParallel(), "mlp.down": RowwiseParallel(output_layouts=Shard(1))}
+    for block in theirs.layers:
+        block.attn.cfg = ours.layers[0].attn.cfg
+        parallelize_module(block, mesh, plan)
+    mine = X0[:, 8 * r:8 * (r + 1)]
+    for what, a, b in zip(("output", "input grad"), both_blocks(ours, mine), both_blocks(theirs, mine)):
+        close(a, b, f"SP vs DTensor: {what}")
+    for (name, q), t in zip(ours.layers.named_parameters(), theirs.layers.parameters()):
+        close(q.grad, shard(t.grad, q, r), f"SP vs DTensor: grad {name}")
+    return [ours, theirs]
 
 
 def _dtensor_embedding_and_loss(grid, out):
@@ -292,10 +322,11 @@ def _bench(grid, out):
 
 CHECKS = {"tp_bytes": _tp_bytes, "dtensor_blocks": _dtensor_blocks,
           "dtensor_embedding_and_loss": _dtensor_embedding_and_loss, "sequence_parallel": _sequence_parallel,
-          "bench": _bench}
+          "dtensor_sequence_parallel": _dtensor_sequence_parallel, "bench": _bench}
 
 
-@pytest.mark.parametrize("check", ["tp_bytes", "dtensor_blocks", "dtensor_embedding_and_loss", "sequence_parallel"])
+@pytest.mark.parametrize("check", ["tp_bytes", "dtensor_blocks", "dtensor_embedding_and_loss", "sequence_parallel",
+                                   "dtensor_sequence_parallel"])
 def test_tensor_parallel_against_torch_and_the_planner(two_ranks, check):
     assert check not in two_ranks["errors"], two_ranks["errors"][check]
 
