@@ -15,7 +15,7 @@ Sections:
   shards          128-byte header + uint16/uint32 ids; read_jsonl / iter_documents; prepare -> manifest.json
   default corpus  this Python's stdlib as "code", generated math with worked solutions, post-training sets
   loader          Loader: a pure function of (seed, sample index) over a staged mixture (SFT ones: posttrain.py)
-  bench, command line
+  command line    prepare, default, bench
 """
 import argparse
 import base64
@@ -364,6 +364,7 @@ def train_bpe(texts, vocab_size):
 # user into the control token, we never do).
 _ROLES = ("system", "user", "assistant", "tool")
 _THINK_TAGS = regex.compile(r"(<think>|</think>)")
+_CONTROL = regex.compile(r"(<\|im_start\|>|<\|im_end\|>|<think>|</think>)")
 _MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
            "November", "December")  # the template's strftime("%d %B %Y"), without the locale
 _DEFAULT_SYSTEM = {
@@ -396,8 +397,8 @@ _TOOLS = {
 
 
 def _template(text, loss=0):
-    """The template's own text: its <think> tags are control tokens."""
-    return [(p, k % 2 == 1, loss) for k, p in enumerate(_THINK_TAGS.split(text))]
+    """The template's own text: its <|im_start|>, <|im_end|> and <think> tags are control tokens."""
+    return [(p, k % 2 == 1, loss) for k, p in enumerate(_CONTROL.split(text))]
 
 
 def _chat_segments(messages, add_generation_prompt=False, enable_thinking=True, xml_tools=(), python_tools=(),
@@ -412,36 +413,35 @@ def _chat_segments(messages, add_generation_prompt=False, enable_thinking=True, 
     # a flag in the system text beats enable_thinking; the flags are cut out, trailing space trimmed
     mode = "/no_think" if "/no_think" in system else "/think" if "/think" in system or enable_thinking else "/no_think"
     custom = system.replace("/no_think", "").replace("/think", "").rstrip()
-    im_start, im_end, nl = ("<|im_start|>", True, 0), ("<|im_end|>", True, 0), ("\n", False, 0)
-    empty_think = _template("<think>\n\n</think>\n") if mode == "/no_think" else []
-    segs = [im_start, ("system\n", False, 0)]
+    assistant = "<|im_start|>assistant\n" + ("<think>\n\n</think>\n" if mode == "/no_think" else "")
     if "/system_override" in system:  # the user's text alone, no metadata
-        segs += [(custom.replace("/system_override", "").rstrip(), False, 0), im_end, nl]
+        segs = _template("<|im_start|>system\n") + [(custom.replace("/system_override", "").rstrip(), False, 0)]
+        segs += _template("<|im_end|>\n")
     else:
         today = today or datetime.date.today()
-        segs += [(f"## Metadata\n\nKnowledge Cutoff Date: {cutoff}\nToday Date: {today.day:02d} "
-                  f"{_MONTHS[today.month - 1]} {today.year}\nReasoning Mode: {mode}\n\n## Custom Instructions\n\n",
-                  False, 0)]
+        segs = _template(f"<|im_start|>system\n## Metadata\n\nKnowledge Cutoff Date: {cutoff}\nToday Date: "
+                         f"{today.day:02d} {_MONTHS[today.month - 1]} {today.year}\nReasoning Mode: {mode}\n\n"
+                         "## Custom Instructions\n\n")
         segs += [(custom + "\n\n", False, 0)] if custom else _template(_DEFAULT_SYSTEM[mode] + "\n\n")
         if xml_tools or python_tools:
-            segs.append(("### Tools\n\n", False, 0))
+            segs += _template("### Tools\n\n")
             for kind, tools in (("xml", xml_tools), ("python", python_tools)):
                 if tools:  # a tool is written as Python's str() of it, as jinja's `string` filter does
                     head, tail = _TOOLS[kind]
-                    segs += [(head, False, 0), ("".join(f"{t}\n" for t in tools), False, 0), (tail, False, 0)]
-            segs += [("\n\n", False, 0), im_end, nl]
+                    segs += _template(head) + [("".join(f"{t}\n" for t in tools), False, 0)] + _template(tail)
+            segs += _template("\n\n<|im_end|>\n")
         # without tools the template never closes the system turn: the first user turn follows directly
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
             parts = _THINK_TAGS.split(m["content"].lstrip("\n"))  # odd indices are the tags the model emits
             if mode == "/no_think" and len(parts) > 1:
                 raise ValueError(f"message {i}: assistant content has <think> tags but the mode is /no_think")
-            segs += [im_start, ("assistant\n", False, 0), *empty_think, *((p, k % 2 == 1, 1) for k, p in
-                     enumerate(parts)), ("<|im_end|>", True, 1), nl]
+            segs += _template(assistant) + [(p, k % 2 == 1, 1) for k, p in enumerate(parts)]
+            segs += _template("<|im_end|>", loss=1) + _template("\n")
         elif m["role"] != "system":  # a tool result is a user turn
-            segs += [im_start, ("user\n", False, 0), (m["content"], False, 0), im_end, nl]
+            segs += _template("<|im_start|>user\n") + [(m["content"], False, 0)] + _template("<|im_end|>\n")
     if add_generation_prompt:
-        segs += [im_start, ("assistant\n", False, 0), *empty_think]
+        segs += _template(assistant)
     return [s for s in segs if s[0]]
 
 
@@ -1209,11 +1209,37 @@ class Loader:
         return self._read("val", [source] * n_rows, np.arange(n_rows) * have // n_rows)
 
 
-# ------------------------------------------------------------------------------------------------ bench
+# ------------------------------------------------------------------------------------- command line
 
-def bench_loader(seq_len=2048, micro_batch_size=8, mb_per_source=16, n_batches=3000, total_steps=1_000_000):
-    """prepare and Loader throughput on three synthetic sources with the SmolLM3 3-stage curriculum, and the
-    anonymous memory (Linux RssAnon: what would grow if the loader kept state per step) over 10,000 steps."""
+def _prepare_main(argv):
+    p = argparse.ArgumentParser(prog="python data.py prepare", description="Tokenize text files into token shards")
+    p.add_argument("files", nargs="+", help=".txt/.md/.py (a document each), .jsonl (one per line), .parquet (per row)")
+    p.add_argument("--out", required=True, help="dataset directory (shards + manifest.json)")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer.json, or a folder holding one")
+    p.add_argument("--source", default="web", help="source name, as the mixture weights name it (default: web)")
+    p.add_argument("--split", default="train", choices=SPLITS)
+    p.add_argument("--field", default="text", help=".jsonl text field / .parquet column (default: text)")
+    p.add_argument("--shard_mb", type=int, default=256, help="text files are grouped into shards of about this size")
+    a = p.parse_args(argv)
+    tok = Tokenizer.load(a.tokenizer)
+    entry = prepare(a.files, a.out, tok, a.source, a.split, a.field, a.shard_mb << 20)
+    print(f"{a.source}/{a.split}: {entry['documents']:,} documents, {entry['tokens']:,} tokens, "
+          f"{len(entry['shards'])} shards in {a.out}")
+
+
+def _default_main(argv):
+    ns = load(argv, DataConfig, ModelConfig, prog="python data.py default", strict=False)
+    prepare_default(ns.data_dir, ns.vocab_size)     # the BPE vocabulary is the model's
+
+
+def _bench_main(argv):
+    """prepare and Loader throughput on three synthetic sources with the SmolLM3 3-stage curriculum, the
+    anonymous memory (Linux RssAnon: what would grow if the loader kept state per step) over 10,000 steps,
+    and train_bpe's time on the first ~10 MB of this interpreter's standard library (the default corpus' code)."""
+    if argv:
+        raise SystemExit("usage: python data.py bench")
+    seq_len, micro_batch_size, mb_per_source, n_batches, total_steps = 2048, 8, 16, 3000, 1_000_000
+
     def rss_anon():
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) / 1024 for line in f if line.startswith("RssAnon"))
@@ -1247,10 +1273,6 @@ def bench_loader(seq_len=2048, micro_batch_size=8, mb_per_source=16, n_batches=3
             loader.locate(step, 0)
         print(f"indices of {total_steps // 100:,} steps spread over {total_steps:,} in "
               f"{time.perf_counter() - t0:.1f} s: RssAnon {before:.1f} -> {rss_anon():.1f} MiB")
-
-
-def bench_tokenizer():
-    """Time train_bpe on the first ~10 MB of this interpreter's standard library (the default corpus' code)."""
     texts, size = [], 0
     for path in stdlib_files()[0]:
         if size >= 10 << 20:
@@ -1262,36 +1284,6 @@ def bench_tokenizer():
     dt, n = time.perf_counter() - t0, sum(map(len, tok.encode_batch(texts)))
     print(f"train_bpe: 16384 vocab on {size / 1e6:.1f} MB ({len(texts)} files) in {dt:.1f} s; "
           f"{size / n:.2f} bytes/token")
-
-# -------------------------------------------------------------------------------------- command line
-
-
-def _prepare_main(argv):
-    p = argparse.ArgumentParser(prog="python data.py prepare", description="Tokenize text files into token shards")
-    p.add_argument("files", nargs="+", help=".txt/.md/.py (a document each), .jsonl (one per line), .parquet (per row)")
-    p.add_argument("--out", required=True, help="dataset directory (shards + manifest.json)")
-    p.add_argument("--tokenizer", required=True, help="a tokenizer.json, or a folder holding one")
-    p.add_argument("--source", default="web", help="source name, as the mixture weights name it (default: web)")
-    p.add_argument("--split", default="train", choices=SPLITS)
-    p.add_argument("--field", default="text", help=".jsonl text field / .parquet column (default: text)")
-    p.add_argument("--shard_mb", type=int, default=256, help="text files are grouped into shards of about this size")
-    a = p.parse_args(argv)
-    tok = Tokenizer.load(a.tokenizer)
-    entry = prepare(a.files, a.out, tok, a.source, a.split, a.field, a.shard_mb << 20)
-    print(f"{a.source}/{a.split}: {entry['documents']:,} documents, {entry['tokens']:,} tokens, "
-          f"{len(entry['shards'])} shards in {a.out}")
-
-
-def _default_main(argv):
-    ns = load(argv, DataConfig, ModelConfig, prog="python data.py default", strict=False)
-    prepare_default(ns.data_dir, ns.vocab_size)     # the BPE vocabulary is the model's
-
-
-def _bench_main(argv):
-    if argv:
-        raise SystemExit("usage: python data.py bench")
-    bench_loader()
-    bench_tokenizer()
 
 
 COMMANDS = {"default": _default_main, "prepare": _prepare_main, "bench": _bench_main}
