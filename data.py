@@ -11,10 +11,10 @@ torchrun, build data once (rank 0, or before launching): the steps are idempoten
 Sections:
   tokenizer       byte-level BPE on tiktoken; tokenizer.json (ours and HF's) is the one file format; train_bpe
   chat template   SmolLM3's, exactly: render_chat_text (the string), render_chat (ids + loss mask)
-  config          DataConfig, load_tokenizer
   shards          128-byte header + uint16/uint32 ids; read_jsonl / iter_documents; prepare -> manifest.json
   default corpus  this Python's stdlib as "code", generated math with worked solutions, post-training sets
-  loader          Loader: a pure function of (seed, sample index) over a staged mixture (SFT ones: posttrain.py)
+  loader          DataConfig, load_tokenizer; Loader, a pure function of (seed, sample index) over a staged
+                  mixture (the SFT / preference / prompt loaders are in posttrain.py)
   command line    prepare, default, bench
 """
 import argparse
@@ -472,27 +472,6 @@ def render_chat(tok, messages, add_generation_prompt=False, **options):
     return ids, mask
 
 
-# ---------------------------------------------------------------------------------------------- config
-
-@dataclass
-class DataConfig:
-    """Pretraining data: where it lives, row length, and the per-source mixture over training steps."""
-    data_dir: str = "data/default"  # the embedded corpus, its tokenizer and the post-training sets live here
-    tokenizer: str = "default"       # "default": <data_dir>/tokenizer.json; else a tokenizer.json or its folder
-    dataset: str = "default"         # "default": the embedded corpus in data_dir; else a `data.py prepare` --out
-    seq_len: int = 1024
-    mixture: dict[str, float] = field(default_factory=lambda: {"code": 0.6, "math": 0.4})  # source -> weight
-    stages: list = field(default_factory=list)  # [[start_step, {source: weight}], ...], each replacing the last
-
-
-def load_tokenizer(cfg):
-    """cfg.tokenizer: "default" = <data_dir>/tokenizer.json, else a path for Tokenizer.load."""
-    path = os.path.join(cfg.data_dir, "tokenizer.json") if cfg.tokenizer == "default" else cfg.tokenizer
-    if cfg.tokenizer == "default" and not os.path.isfile(path):
-        raise ValueError(f"tokenizer not found: {path} (build the default corpus: `python data.py default CONFIG`)")
-    return Tokenizer.load(path)
-
-
 # ----------------------------------------------------------- token shards: input files, prepare, manifest
 
 # A shard is a 128-byte header then the token ids (uint16, or uint32 past 65,536 ids), every document
@@ -641,15 +620,12 @@ def _plan_shards(files, shard_bytes):
     Depends on names and sizes only, so a re-run finds the same shards without reading any input."""
     units, size = [], shard_bytes  # size: bytes in the last text group (shard_bytes: no group open)
     for path in files:
-        if not path.endswith(TEXT_SUFFIXES):
-            units.append([path])
-            size = shard_bytes
-            continue
-        if size >= shard_bytes:
+        text = path.endswith(TEXT_SUFFIXES)
+        if not text or size >= shard_bytes:  # a .jsonl/.parquet file closes the open group and is one alone
             units.append([])
-            size = 0
+            size = 0 if text else shard_bytes
         units[-1].append(path)
-        size += os.path.getsize(path)
+        size += os.path.getsize(path) if text else 0
     return units
 
 
@@ -988,7 +964,26 @@ def prepare_default(data_dir, vocab_size):
     print(f"default corpus ready in {data_dir} ({time.perf_counter() - t0:.1f} s)")
 
 
-# ---------------------------------------------------------------------------------------------- loaders
+# ----------------------------------------------------------------------------------------------- loader
+
+@dataclass
+class DataConfig:
+    """Pretraining data: where it lives, row length, and the per-source mixture over training steps."""
+    data_dir: str = "data/default"  # the embedded corpus, its tokenizer and the post-training sets live here
+    tokenizer: str = "default"       # "default": <data_dir>/tokenizer.json; else a tokenizer.json or its folder
+    dataset: str = "default"         # "default": the embedded corpus in data_dir; else a `data.py prepare` --out
+    seq_len: int = 1024
+    mixture: dict[str, float] = field(default_factory=lambda: {"code": 0.6, "math": 0.4})  # source -> weight
+    stages: list = field(default_factory=list)  # [[start_step, {source: weight}], ...], each replacing the last
+
+
+def load_tokenizer(cfg):
+    """cfg.tokenizer: "default" = <data_dir>/tokenizer.json, else a path for Tokenizer.load."""
+    path = os.path.join(cfg.data_dir, "tokenizer.json") if cfg.tokenizer == "default" else cfg.tokenizer
+    if cfg.tokenizer == "default" and not os.path.isfile(path):
+        raise ValueError(f"tokenizer not found: {path} (build the default corpus: `python data.py default CONFIG`)")
+    return Tokenizer.load(path)
+
 
 # Every loader maps a global sample index to a row as a pure function of (seed, index): nothing is
 # stored per step, so memory and time per batch do not grow with the step or the corpus (the playbook's
@@ -1078,11 +1073,9 @@ def _schedule(mixture, stages):
             raise ValueError(f"stages[{i}]: start step {stage[0]} must exceed the previous stage's {out[-1][0]}")
         out.append(tuple(stage))
     for start, weights in out:
-        where = f"mixture of the stage starting at step {start}"
-        if not weights or not all(isinstance(w, (int, float)) and w >= 0 for w in weights.values()):
-            raise ValueError(f"{where}: expected {{source: weight >= 0}}, got {weights!r}")
-        if sum(weights.values()) <= 0:
-            raise ValueError(f"{where}: weights sum to 0")
+        if not all(isinstance(w, (int, float)) and w >= 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"mixture of the stage starting at step {start}: expected {{source: weight >= 0}} with "
+                             f"a positive sum, got {weights!r}")
     return [(start, {s: w / sum(weights.values()) for s, w in weights.items()}) for start, weights in out]
 
 
