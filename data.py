@@ -574,8 +574,7 @@ def iter_documents(path, field="text"):
     """Yield the documents of one input file: a .txt/.md/.py file is one document, a .jsonl line or a
     .parquet row is one (its `field`). Empty documents are skipped; a file with none is an error."""
     if path.endswith(TEXT_SUFFIXES):
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = pathlib.Path(path).read_bytes()
         try:
             texts = [raw.decode("utf-8")]
         except UnicodeDecodeError as e:
@@ -1156,8 +1155,8 @@ class Loader:
         return self._streams[source, split]
 
     def _read(self, split, names, rows):
-        """(x, y, pos) [len(rows), seq_len] of a split's rows (names: each row's source). An id outside the
-        vocabulary (a corrupt shard) is an error naming its shard and offset before it can reach the embedding."""
+        """(x, y, pos) [len(rows), seq_len] of a split's rows (names: each row's source). One max per batch: an id
+        outside the vocabulary (a corrupt shard) is an error naming its shard and offset before the embedding."""
         buf, where = np.empty((len(rows), self.seq_len + 1), dtype=np.int64), []
         for i, (name, r) in enumerate(zip(names, rows.tolist())):
             maps, starts, paths = self._stream(name, split)
