@@ -1,16 +1,49 @@
-"""posttrain.py — SmolLM3 post-training: the post-training loaders (SFT packing, preference pairs, RL prompts).
+"""posttrain.py — SmolLM3 post-training on train.py's loop: mid-training, SFT, preference optimisation
+(DPO, IPO, APO-zero, APO-down) and linear merging of checkpoints.
 
-Sections:
-  loaders   SFTLoader (best-fit-decreasing packing, per-conversation positions, assistant-only targets),
-            PreferenceLoader (chosen/rejected rows, prompt masked), PromptLoader (generation prompts + answers);
-            padding is pos = -1, y = -100
+    python posttrain.py sft config/tiny_sft.py --init_from=out/tiny       # SFT: loss on assistant tokens
+    python posttrain.py mid config/tiny_mid.py --init_from=out/tiny       # mid-training: loss on every token
+    python posttrain.py dpo config/tiny_apo.py --init_from=out/tiny_sft   # loss_type dpo | ipo | apo_zero | apo_down
+    python posttrain.py sft config/tiny_sft.py --init_from=out/tiny --resume=True   # continue a killed run exactly
+    python posttrain.py merge out/tiny_final out/tiny_apo:0.9 out/tiny_mid:0.1     # 0.9 x APO + 0.1 x mid
+
+Every method starts from a checkpoint (init_from: a run directory, one of its checkpoints, or any HF
+SmolLM3-layout directory; the tokenizer is the one beside it) and runs train.run_loop, so optimizer groups,
+LR schedule, accumulation, clipping, the spike/NaN guard, atomic HF-layout checkpoints, exact resume, tqdm,
+log.jsonl and loss.svg are pretraining's own: a method supplies its batches and its loss. Conversations are
+jsonl lines {"messages": [{"role", "content"}, ...], "enable_thinking": optional bool} rendered with data.py's
+chat template; pairs are {"prompt", "chosen", "rejected"}, each a message list or a plain string. "default"
+data are the embedded sets of data_dir (sft_train/sft_val, pref_train/pref_val, written if missing);
+mid-training's default is the SFT conversations with every token in the loss. A conversation or pair longer
+than seq_len is skipped or truncated (overlong), and counted in log.jsonl's "data" line.
+
+Sections
+  loaders       pack_bfd, SFTLoader (packing, per-conversation positions), PreferenceLoader, PromptLoader
+  loop glue     PostConfig, setup (start checkpoint, model, optimizer, resume), fit (run.json, log, run_loop)
+  SFT and mid   sft_batches, sft_loss (the per-token mean over the whole step), token_mean_loss, sft
+  preference    LOSSES, pair_logps, reference log-probs (frozen copy or a table), dpo
+  merge         merge (weighted sum of HF-layout checkpoints, shapes and configs checked)
+  command line  main
 """
 import bisect
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from data import _draw, _field, _first_index, _key, read_jsonl, render_chat
+import train
+from config import load, pick
+from data import (_ROLES, DataConfig, Tokenizer, _draw, _field, _first_index, _key, default_sets, load_tokenizer,
+                  read_jsonl, render_chat)
+from model import Model, atomic_write
 
 # ---------------------------------------------------------------------------------------------- loaders
 
@@ -37,10 +70,12 @@ def pack_bfd(lengths, capacity):
 
 
 def _rows(path, fields, render):
-    """render(*fields of each line) for the lines of a .jsonl file; a ValueError names path:line."""
+    """render(*fields of each line) for the lines of a .jsonl file; a ValueError names path:line. A field given
+    as (key, kind, default) may be absent."""
     out = []
     for no, obj in read_jsonl(path):
-        values = [_field(path, no, obj, key, kind) for key, kind in fields]
+        values = [spec[2] if len(spec) == 3 and spec[0] not in obj else _field(path, no, obj, *spec[:2])
+                  for spec in fields]
         try:
             out.append(render(*values))
         except ValueError as e:
@@ -48,15 +83,50 @@ def _rows(path, fields, render):
     return out
 
 
-def _chat_xy(tok, messages, seq_len, n_prompt=0):
+def _messages(key, value):
+    """A message list or a string (a plain-text prompt or reply, no template); a bad message names its field."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ValueError(f"field {key!r}: expected a list of messages or a string, got {type(value).__name__}")
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("content"), str)):
+            raise ValueError(f"field {key!r}, message {i}: expected {{'role': ..., 'content': str}}, got {str(m)[:60]}")
+        if m.get("role") not in _ROLES:
+            raise ValueError(f"field {key!r}, message {i}: unknown role {m.get('role')!r} "
+                             f"(expected one of {', '.join(_ROLES)})")
+    return value
+
+
+def _chat_xy(tok, messages, n_prompt=0, all_tokens=False, enable_thinking=True):
     """Render a conversation -> (x, y) int64 arrays: y[t] = ids[t+1] where that token is the model's to
-    generate after the first n_prompt messages, else -100. Truncated to seq_len tokens."""
-    ids, mask = render_chat(tok, messages)
+    generate after the first n_prompt messages (every token with all_tokens), else -100. Not truncated."""
+    ids, mask = render_chat(tok, messages, enable_thinking=enable_thinking)
     # turns are encoded one by one, so the prompt's rendering is a prefix of the conversation's
-    prompt_len = len(render_chat(tok, messages[:n_prompt])[0]) if n_prompt else 0
-    ids, mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
+    prompt_len = len(render_chat(tok, messages[:n_prompt], enable_thinking=enable_thinking)[0]) if n_prompt else 0
+    ids, mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool) | all_tokens
     mask[:prompt_len] = False
-    return ids[:-1][:seq_len], np.where(mask[1:], ids[1:], -100)[:seq_len]
+    return ids[:-1], np.where(mask[1:], ids[1:], -100)
+
+
+def _text_xy(tok, prompt, reply):
+    """A plain-text pair side: prompt then reply then end-of-text, the loss on the reply and the end token."""
+    p, r = tok.encode(prompt), tok.encode(reply) + [tok.eos_id]
+    ids = np.asarray(p + r, dtype=np.int64)
+    return ids[:-1], np.concatenate([np.full(len(p) - 1, -100, dtype=np.int64), ids[len(p):]]) if p else ids[1:]
+
+
+def _fit(items, seq_len, overlong, path):
+    """Items (lists of (x, y), one per side) no longer than seq_len: a longer one is dropped (overlong "skip") or cut to
+    seq_len ("truncate") -> (kept items, {"examples": n, "skipped" or "truncated": count})."""
+    long = [max(len(x) for x, _ in item) > seq_len for item in items]
+    if overlong == "skip":
+        kept = [item for item, too_long in zip(items, long) if not too_long]
+    else:
+        kept = [[(x[:seq_len], y[:seq_len]) for x, y in item] for item in items]
+    if not kept:
+        raise ValueError(f"{path}: all {len(items)} examples are longer than seq_len={seq_len}")
+    return kept, {"examples": len(items), {"skip": "skipped", "truncate": "truncated"}[overlong]: sum(long)}
 
 
 def _padded(tok, rows, T):
@@ -89,11 +159,17 @@ class _Shuffled:
 
 
 class SFTLoader(_Shuffled):
-    """SFT conversations ({"messages": [...]} per line) packed best-fit-decreasing into rows of seq_len, each
-    with its own positions 0, 1, ... and targets (y = -100 but on assistant output), then padding (pos = -1)."""
+    """SFT conversations ({"messages": [...], "enable_thinking": bool} per line) packed best-fit-decreasing into
+    rows of seq_len, each with its own positions 0, 1, ... and targets (y = -100 but on assistant output, or on
+    every token with all_tokens), then padding (pos = -1). `counts`: examples read, skipped or truncated."""
 
-    def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1):
-        docs = _rows(path, [("messages", list)], lambda messages: _chat_xy(tok, messages, seq_len))
+    def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1, overlong="skip",
+                 all_tokens=False):
+        fields = [("messages", list), ("enable_thinking", bool, True)]
+        docs = _rows(path, fields, lambda messages, think: [
+            _chat_xy(tok, _messages("messages", messages), all_tokens=all_tokens, enable_thinking=think)])
+        docs, self.counts = _fit(docs, seq_len, overlong, path)
+        docs = [d for d, in docs]
         self.bins = pack_bfd([len(x) for x, _ in docs], seq_len)
         packed = [[np.concatenate(a) for a in zip(*(docs[i] for i in items))] for items in self.bins]
         self.x, self.y, self.pos = _padded(tok, packed, seq_len)
@@ -110,21 +186,34 @@ class SFTLoader(_Shuffled):
 
 
 class PreferenceLoader(_Shuffled):
-    """Preference pairs ({"prompt": [...], "chosen": [assistant], "rejected": [assistant]} per line), one per row:
-    y = -100 on the prompt and on padding, so the sum of -CE over y != -100 is the completion's log-probability."""
+    """Preference pairs ({"prompt", "chosen", "rejected"} per line, each a message list or a plain string; an
+    optional "enable_thinking"), one per row: y = -100 on the prompt and on padding, so the sum of -CE over
+    y != -100 is the completion's log-probability. `counts`: pairs read, skipped or truncated."""
 
-    def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1):
+    def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1, overlong="skip"):
         self.tok = tok
-        sides = [("prompt", list), ("chosen", list), ("rejected", list)]
-        self.pairs = _rows(path, sides, lambda prompt, *replies: [
-            _chat_xy(tok, prompt + reply, seq_len, len(prompt)) for reply in replies])
+
+        def render(prompt, chosen, rejected, think):
+            sides = {k: _messages(k, v) for k, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected))}
+            if len({type(v) for v in sides.values()}) > 1:
+                raise ValueError("prompt, chosen and rejected must all be message lists or all strings")
+            if isinstance(prompt, str):
+                return [_text_xy(tok, prompt, reply) for reply in (chosen, rejected)]
+            return [_chat_xy(tok, prompt + reply, len(prompt), enable_thinking=think) for reply in (chosen, rejected)]
+        fields = [("prompt", object), ("chosen", object), ("rejected", object), ("enable_thinking", bool, True)]
+        self.pairs, self.counts = _fit(_rows(path, fields, render), seq_len, overlong, path)
         self._setup(len(self.pairs), micro_batch_size, accum, seed, rank, world_size, path, "preference")
 
-    def get(self, step, micro_step):
-        """-> ((x, y, pos) chosen, (x, y, pos) rejected), int64 tensors [micro_batch_size, T], T the longest side."""
-        pairs = [self.pairs[i] for i in self.indices(step, micro_step).tolist()]
+    def rows(self, items):
+        """-> ((x, y, pos) chosen, (x, y, pos) rejected) of pairs `items`, int64 tensors [len(items), T], T the
+        longest side."""
+        pairs = [self.pairs[i] for i in items]
         T = max(len(x) for pair in pairs for x, _ in pair)
         return tuple(tuple(map(torch.from_numpy, _padded(self.tok, [p[side] for p in pairs], T))) for side in (0, 1))
+
+    def get(self, step, micro_step):
+        """-> rows(this micro-step's pairs)."""
+        return self.rows(self.indices(step, micro_step).tolist())
 
 
 class PromptLoader(_Shuffled):
@@ -142,3 +231,437 @@ class PromptLoader(_Shuffled):
         idx = self.indices(step, micro_step).tolist()
         return [self.prompts[i] for i in idx], [self.answers[i] for i in idx]
 
+
+
+# -------------------------------------------------------------------------------------------- loop glue
+
+@dataclass
+class PostConfig:
+    """What post-training adds to DataConfig (data_dir, tokenizer, seq_len) and TrainConfig (the loop's keys)."""
+    train_data: str = "default"     # .jsonl; "default": <data_dir>/sft_train.jsonl (sft, mid) or pref_train.jsonl (dpo)
+    val_data: str = "default"       # held-out .jsonl; "default": sft_val.jsonl or pref_val.jsonl; "" = none
+    overlong: str = "skip"          # a conversation or pair longer than seq_len: "skip" or "truncate" (both counted)
+    loss_type: str = "apo_zero"     # preference loss: "dpo" (sigmoid) | "ipo" | "apo_zero" | "apo_down"
+    beta: float = 0.1               # preference: reward scale beta (the strength of the pull to the reference)
+    ref_logps: str = "precompute"   # "precompute": reference log-probs once, to out_dir/ref_logps.safetensors;
+                                    # "frozen": a frozen copy of the start model scores every batch
+    attn_impl: str = "sdpa"         # how to run attention ("triton" on GPU); a checkpoint does not record it
+    act_ckpt: bool = False          # recompute each layer in backward (ModelConfig.act_ckpt)
+
+
+# The dataclasses whose fields a post-training config may set; TrainConfig's keys mean what they mean for
+# pretraining (lr, batch_size, max_steps, eval_interval, ckpt_interval, init_from, resume, ...).
+CONFIGS = (DataConfig, train.TrainConfig, PostConfig)
+
+
+@dataclass
+class Run:
+    """What setup() prepares for a method: configs, device, model, optimizer step, tokenizer, start."""
+    dc: DataConfig
+    tc: train.TrainConfig
+    pc: PostConfig
+    device: torch.device
+    autocast: object
+    model: Model
+    fwd: object                     # the model as trained (torch.compile'd on CUDA)
+    opts: list
+    update: train.Step
+    tok: Tokenizer
+    init: str                       # the checkpoint the run started from (the reference of preference losses)
+    ckpt: str | None                # the checkpoint resumed from, or None
+    start: int
+    config: dict
+    log: train.Logger | None = None
+
+
+def checkpoint_dir(path, what):
+    """A run directory's newest intact checkpoint, else `path` itself; it must hold an HF config.json."""
+    if os.path.isfile(os.path.join(path, "latest")):
+        path = train.latest_checkpoint(path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{what}={path!r}: expected a run, checkpoint or HF model directory with config.json")
+    return path
+
+
+def load_model(path, pc, device, **overrides):
+    """Model of HF directory `path` in fp32 (the master weights; bf16 comes from autocast) on `device`."""
+    return Model.from_pretrained(path, attn_impl=pc.attn_impl, act_ckpt=pc.act_ckpt, **overrides).float().to(device)
+
+
+def setup(ns, method, **overrides):
+    """Check the config, find the start (init_from, or out_dir's latest checkpoint with --resume=True), build the
+    model, optimizers, guard and Step, restore a resumed run. Writes nothing. `overrides`: ModelConfig fields."""
+    dc, tc, pc = (cls(**pick(ns, cls)) for cls in CONFIGS)
+    checks = [(pc.overlong in ("skip", "truncate"), f"overlong={pc.overlong!r} must be 'skip' or 'truncate'"),
+              (pc.loss_type in LOSSES, f"loss_type={pc.loss_type!r} must be one of {sorted(LOSSES)}"),
+              (pc.beta > 0, f"beta={pc.beta} must be > 0"),
+              (pc.ref_logps in ("precompute", "frozen"), f"ref_logps={pc.ref_logps!r} must be 'precompute' or 'frozen'"),
+              (tc.init_from, "init_from: post-training starts from a checkpoint; pass --init_from=RUN_OR_CHECKPOINT")]
+    errors = [msg for ok, msg in checks if not ok]
+    if errors:
+        raise ValueError("config: " + "; ".join(errors))
+    if train.dist_env()[1] > 1:
+        raise ValueError(f"WORLD_SIZE={train.dist_env()[1]}: posttrain.py runs one process (no torchrun yet)")
+    init = checkpoint_dir(tc.init_from, "init_from")
+    mc = Model.config_from_hf(os.path.join(init, "config.json"), attn_impl=pc.attn_impl, act_ckpt=pc.act_ckpt,
+                              **overrides)
+    train.check_config(mc, dc, tc)
+    device, autocast = train.setup_device(tc, mc, 0)
+    ckpt, _ = train.find_start(tc, mc)
+    tok_file = os.path.join(init, "tokenizer.json")
+    tok = Tokenizer.load(tok_file) if dc.tokenizer == "default" and os.path.isfile(tok_file) else load_tokenizer(dc)
+    if tok.n_vocab > mc.vocab_size:
+        raise ValueError(f"tokenizer has {tok.n_vocab} ids but {init} has vocab_size={mc.vocab_size}")
+    torch.manual_seed(tc.seed)
+    model = load_model(init, pc, device, **overrides)
+    model.train()
+    opts = train.build_optimizers(model, tc, device)
+    update = train.Step(opts, train.Guard(tc.spike_factor), tc, autocast)
+    config, start = {**vars(ns), "method": method, "init_path": init}, 0
+    if ckpt:
+        saved = train.load_checkpoint(ckpt, model, opts)
+        start = saved["step"]
+        update.guard.load_state_dict(saved["guard"])
+        changed = {k: (saved["config"].get(k), v) for k, v in config.items()
+                   if saved["config"].get(k) != v and k != "resume"}
+        print(f"resuming from {ckpt} at step {start}" + (f"; config changes: {changed}" if changed else ""))
+    else:
+        print(f"{method}: starting from {init}")
+    fwd = torch.compile(model) if train.use_compile(tc, device) else model
+    return Run(dc, tc, pc, device, autocast, model, fwd, opts, update, tok, init, ckpt, start, config)
+
+
+def data_file(run, path, name):
+    """A configured data file; "default" is <data_dir>/<name>.jsonl, written with the embedded sets if missing."""
+    if path != "default":
+        return path
+    path = os.path.join(run.dc.data_dir, f"{name}.jsonl")
+    if not os.path.isfile(path):
+        os.makedirs(run.dc.data_dir, exist_ok=True)
+        for set_name, rows in default_sets().items():
+            target = os.path.join(run.dc.data_dir, f"{set_name}.jsonl")
+            if not os.path.isfile(target):
+                text = "".join(json.dumps(r) + "\n" for r in rows)
+                atomic_write(target, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    return path
+
+
+def fit(run, batches, loss_fn, held_out, extra=None, counts=None):
+    """Open the run (run.json, log.jsonl cut back to the start step) and run train.run_loop: a fresh run logs
+    the data `counts` and a held-out eval at step 0 first (the before), every run ends in a checkpoint."""
+    tc, model = run.tc, run.model
+    os.makedirs(tc.out_dir, exist_ok=True)
+    info = train.start_run(tc.out_dir, run.config, run.device, run.start, run.ckpt)
+    print(json.dumps(run.config, indent=1))
+    print(f"python {info['python']}, torch {info['torch']}, device {info['device']}, commit {info['git_commit']}")
+    tokens_per_step, peak = tc.batch_size * run.dc.seq_len, train.peak_flops(run.device)
+    print(f"{model.num_params():,} parameters; {tc.batch_size} rows x {run.dc.seq_len} tokens per step "
+          f"({tc.micro_batch_size} x {tc.batch_size // tc.micro_batch_size} accum)")
+    run.log = train.Logger(tc.out_dir, run.start, tc, tokens_per_step, model.flops_per_token(run.dc.seq_len), peak,
+                           True)
+    if run.start == 0:
+        if counts:
+            run.log.write({"kind": "data", "step": 0, **counts})
+            run.log.say(f"data: {counts}")
+        held_out(0)
+        run.log.restart_clock()
+
+    def save(done):
+        state = {"step": done, "guard": run.update.guard.state_dict(), "config": run.config}
+        train.save_checkpoint(tc.out_dir, model, run.opts, state, tc.keep_ckpts, run.tok)
+
+    train.run_loop(tc, run.start, run.update, run.log, batches, loss_fn, save, run.start if run.ckpt else None,
+                   held_out, extra)
+    evals = [r for r in train.read_log(run.log.path) if r["kind"] == "eval"]
+    return {"step": tc.max_steps, "run_dir": tc.out_dir, "skips": run.update.guard.skips,
+            "first_eval": evals[0] if evals else None, "last_eval": evals[-1] if evals else None}
+
+
+# ------------------------------------------------------------------------------------------ SFT and mid
+
+def sft(ns, all_tokens=False):
+    """SFT (loss on what the assistant generates, <|im_end|> included) or, with all_tokens, mid-training (loss on
+    every token) of conversations packed into rows; the loss is the mean over every target token of the step."""
+    run = setup(ns, "mid" if all_tokens else "sft")
+    dc, tc, pc = run.dc, run.tc, run.pc
+    accum = tc.batch_size // tc.micro_batch_size
+    loaders = {"train": SFTLoader(data_file(run, pc.train_data, "sft_train"), run.tok, dc.seq_len,
+                                  tc.micro_batch_size, accum, tc.seed, overlong=pc.overlong, all_tokens=all_tokens)}
+    val_path = data_file(run, pc.val_data, "sft_val")
+    if val_path:
+        loaders["val"] = SFTLoader(val_path, run.tok, dc.seq_len, tc.micro_batch_size, overlong=pc.overlong,
+                                   all_tokens=all_tokens)
+
+    def batches(step):
+        return sft_batches(loaders["train"], step, accum)
+
+    def loss_fn(batch):
+        return sft_loss(run.fwd, batch, run.device)
+
+    def held_out(done):
+        if "val" in loaders:
+            val = loaders["val"]
+            rows = [torch.from_numpy(a[:tc.eval_rows]) for a in (val.x, val.y, val.pos)]
+            run.log.held_out(done, {run.config["method"]: token_mean_loss(run, *rows)})
+
+    counts = {k: loader.counts for k, loader in loaders.items()}
+    return fit(run, batches, loss_fn, held_out, counts=counts)
+
+
+def sft_batches(loader, step, accum):
+    """The step's micro-batches (x, y, pos, scale). Step backpropagates each micro-batch's loss / accum and logs
+    their mean, so with scale = accum / n (n: the target tokens of the whole step) a micro-batch's token sum
+    x scale makes the step's loss and gradient the per-token mean over the whole batch: a short conversation
+    weighs what its tokens weigh, not what a mean of per-micro-batch means would give it."""
+    micro = [loader.get(step, m) for m in range(accum)]
+    n = sum(int((y != -100).sum()) for _, y, _ in micro)
+    return [(x, y, pos, accum / max(n, 1)) for x, y, pos in micro]
+
+
+def sft_loss(model, batch, device):
+    """A micro-batch's cross-entropy summed over its targets (y != -100), times its scale."""
+    x, y, pos, scale = batch
+    return model(*(t.to(device, non_blocking=True) for t in (x, y, pos)), reduction="sum")[1] * scale
+
+
+@torch.no_grad()
+def token_mean_loss(run, x, y, pos):
+    """Mean cross-entropy over every target token of rows (x, y, pos), in micro-batches."""
+    total, n, mb = 0.0, 0, run.tc.micro_batch_size
+    for i in range(0, len(x), mb):
+        with run.autocast:
+            total += sft_loss(run.model, (x[i:i + mb], y[i:i + mb], pos[i:i + mb], 1.0), run.device).item()
+        n += int((y[i:i + mb] != -100).sum())
+    return total / max(n, 1)
+
+
+# ------------------------------------------------------------------------------------------- preference
+# r_w, r_l = the log-ratios log pi(y) - log pi_ref(y) of the chosen and rejected completions (summed over their
+# tokens). 1 - sigmoid(z) is written sigmoid(-z): the same value without the cancellation near z >> 0.
+LOSSES = {
+    "dpo": lambda beta, rw, rl: -F.logsigmoid(beta * (rw - rl)),                          # Rafailov et al. 2023
+    "ipo": lambda beta, rw, rl: (rw - rl - 1 / (2 * beta)) ** 2,                          # Azar et al. 2023
+    "apo_zero": lambda beta, rw, rl: torch.sigmoid(-beta * rw) + torch.sigmoid(beta * rl),  # D'Oosterlinck et al.
+    "apo_down": lambda beta, rw, rl: torch.sigmoid(beta * rw) + torch.sigmoid(-beta * (rw - rl)),  # 2024
+}
+
+
+def pair_logps(model, chosen, rejected, device):
+    """Summed completion log-probs ([B] chosen, [B] rejected) of padded pair rows, both sides in one forward."""
+    x, y, pos = (torch.cat([c, r]).to(device, non_blocking=True) for c, r in zip(chosen, rejected))
+    return (-model(x, y, pos, reduction="none")[1].sum(1)).chunk(2)
+
+
+def reward_stats(beta, rw, rl, chosen, rejected):
+    """The numbers log.jsonl tracks per pair batch (TRL's names): implicit rewards beta * r, their margin, the
+    share of pairs the rewards rank right, and the share the policy itself gives the chosen reply more mass."""
+    return {"rewards/chosen": beta * rw.mean(), "rewards/rejected": beta * rl.mean(),
+            "rewards/margin": beta * (rw - rl).mean(), "rewards/accuracy": (rw > rl).float().mean(),
+            "logps/accuracy": (chosen > rejected).float().mean()}
+
+
+@torch.no_grad()
+def logps_table(model, loader, micro_batch_size, autocast, device):
+    """Completion log-probs [n_pairs, 2] (chosen, rejected) of every pair of `loader`, in order."""
+    out = []
+    for i in range(0, len(loader.pairs), micro_batch_size):
+        with autocast:
+            out.append(torch.stack(pair_logps(model, *loader.rows(range(i, min(i + micro_batch_size,
+                                                                                len(loader.pairs)))), device), 1))
+    return torch.cat(out).float().cpu()
+
+
+def _sha256(path):
+    return train.file_digest(path)["sha256"]
+
+
+def reference_tables(run, loaders, paths):
+    """{split: [n_pairs, 2] reference log-probs}, computed once by the start model and kept in
+    out_dir/ref_logps.safetensors; reused while the start checkpoint, data files and seq_len are the same."""
+    path = os.path.join(run.tc.out_dir, "ref_logps.safetensors")
+    meta = {"init": _sha256(os.path.join(run.init, "model.safetensors")), "seq_len": str(run.dc.seq_len),
+            "overlong": run.pc.overlong, **{split: _sha256(p) for split, p in paths.items()}}
+    if os.path.isfile(path):
+        with safe_open(path, framework="pt") as f:
+            if f.metadata() == meta:
+                return load_file(path)
+    ref = load_model(run.init, run.pc, run.device, z_loss=0.0)
+    tables = {split: logps_table(ref, loader, run.tc.micro_batch_size, run.autocast, run.device)
+              for split, loader in loaders.items()}
+    os.makedirs(run.tc.out_dir, exist_ok=True)
+    atomic_write(path, lambda p: save_file(tables, p, metadata=meta))
+    return tables
+
+
+def dpo(ns):
+    """Preference optimisation (loss_type dpo, ipo, apo_zero, apo_down) of the start model on pairs, against the
+    start model as the reference (a frozen copy, or its log-probs precomputed once)."""
+    run = setup(ns, "dpo", z_loss=0.0)      # log-probs are the plain cross-entropy: no z-loss term
+    dc, tc, pc = run.dc, run.tc, run.pc
+    accum = tc.batch_size // tc.micro_batch_size
+    paths = {"train": data_file(run, pc.train_data, "pref_train")}
+    if data_file(run, pc.val_data, "pref_val"):
+        paths["val"] = data_file(run, pc.val_data, "pref_val")
+    loaders = {split: PreferenceLoader(p, run.tok, dc.seq_len, tc.micro_batch_size, accum, tc.seed,
+                                       overlong=pc.overlong) for split, p in paths.items()}
+    if pc.ref_logps == "precompute":
+        tables = reference_tables(run, loaders, paths)
+
+        def reference(split, items, chosen, rejected):
+            return tables[split][items].to(run.device).unbind(1)
+    else:
+        frozen = load_model(run.init, pc, run.device, z_loss=0.0).eval().requires_grad_(False)
+
+        @torch.no_grad()
+        def reference(split, items, chosen, rejected):
+            return pair_logps(frozen, chosen, rejected, run.device)
+
+    def pair_loss(split, items, chosen, rejected, model):
+        policy = pair_logps(model, chosen, rejected, run.device)
+        rw, rl = (p - r for p, r in zip(policy, reference(split, items, chosen, rejected)))
+        return LOSSES[pc.loss_type](pc.beta, rw, rl), reward_stats(pc.beta, rw.detach(), rl.detach(),
+                                                                   *(p.detach() for p in policy))
+
+    def batches(step):
+        items = [loaders["train"].indices(step, m).tolist() for m in range(accum)]
+        return [(idx, *loaders["train"].rows(idx)) for idx in items]
+
+    stats = []
+
+    def loss_fn(batch):
+        loss, s = pair_loss("train", *batch, run.fwd)
+        stats.append(s)
+        return loss.mean()
+
+    def extra():
+        out = {k: torch.stack([s[k] for s in stats]).mean().item() for k in stats[0]}
+        stats.clear()
+        return out
+
+    @torch.no_grad()
+    def held_out(done):
+        if "val" not in loaders:
+            return
+        n, mb, parts = min(tc.eval_rows, len(loaders["val"].pairs)), tc.micro_batch_size, []
+        for i in range(0, n, mb):
+            items = list(range(i, min(i + mb, n)))
+            with run.autocast:
+                loss, s = pair_loss("val", items, *loaders["val"].rows(items), run.model)
+            parts.append((len(items), loss.sum().item(), {k: v.item() * len(items) for k, v in s.items()}))
+        run.log.held_out(done, {"pref": sum(p[1] for p in parts) / n},
+                         extra={f"val_{k}": sum(p[2][k] for p in parts) / n for k in parts[0][2]})
+
+    counts = {k: loader.counts for k, loader in loaders.items()}
+    return fit(run, batches, loss_fn, held_out, extra, counts)
+
+
+# ---- GRPO
+
+
+# ------------------------------------------------------------------------------------------------ merge
+
+def _tensor_files(path):
+    """The safetensors files of an HF checkpoint: model.safetensors, else the shards its index names."""
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return [os.path.join(path, "model.safetensors")]
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        raise ValueError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+    return [os.path.join(path, f) for f in sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))]
+
+
+# Fields that say how to run a model, not what it computes: checkpoints that differ only here may be merged.
+_RUNTIME_KEYS = ("attn_impl", "act_ckpt", "loss_chunk")
+
+
+def merge(out, specs):
+    """Write sum_i w_i * theta_i of the HF-layout checkpoints `specs` ("DIR:WEIGHT", weights summing to 1; a run
+    directory means its newest checkpoint) to directory `out`, with the first's config.json and tokenizer.json.
+    Refuses checkpoints whose model configs or tensors (names, shapes, dtypes) differ, naming the difference."""
+    if not specs:
+        raise ValueError("merge: expected OUT and at least one CHECKPOINT:WEIGHT")
+    parts = []
+    for spec in specs:
+        path, sep, w = spec.rpartition(":")
+        try:
+            weight = float(w) if sep and path else None
+        except ValueError:
+            weight = None
+        if weight is None:
+            raise ValueError(f"merge: {spec!r}: expected CHECKPOINT:WEIGHT, e.g. out/tiny_apo:0.9")
+        parts.append((checkpoint_dir(path, "merge"), weight))
+    total = sum(w for _, w in parts)
+    if abs(total - 1) > 1e-6:
+        raise ValueError(f"merge: the weights sum to {total:g}; a linear merge's weights sum to 1")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ValueError(f"merge: {out} exists and is not an empty directory; choose another OUT")
+    base = parts[0][0]
+    configs = [dataclasses.asdict(Model.config_from_hf(os.path.join(p, "config.json"))) for p, _ in parts]
+    for (path, _), cfg in zip(parts[1:], configs[1:]):
+        diff = [f"{k}: {configs[0][k]} vs {v}" for k, v in cfg.items() if k not in _RUNTIME_KEYS and v != configs[0][k]]
+        if diff:
+            raise ValueError(f"merge: {path} has another model config than {base}: {', '.join(diff)}")
+    handles = [[safe_open(f, framework="pt") for f in _tensor_files(p)] for p, _ in parts]
+    where = [{k: h for h in hs for k in h.keys()} for hs in handles]
+    merged = {}
+    for name in sorted(where[0]):
+        first = where[0][name].get_tensor(name)
+        acc = torch.zeros(first.shape, dtype=torch.float64)
+        for (path, w), names in zip(parts, where):
+            if name not in names:
+                raise ValueError(f"merge: tensor {name!r} is in {base} but not in {path}")
+            t = names[name].get_tensor(name)
+            if t.shape != first.shape or t.dtype != first.dtype:
+                raise ValueError(f"merge: tensor {name!r} is {first.dtype} {tuple(first.shape)} in {base} but "
+                                 f"{t.dtype} {tuple(t.shape)} in {path}")
+            acc += w * t.double()
+        merged[name] = acc.to(first.dtype)
+    for (path, _), names in zip(parts[1:], where[1:]):
+        extra = sorted(set(names) - set(where[0]))
+        if extra:
+            raise ValueError(f"merge: tensor {extra[0]!r} is in {path} but not in {base}")
+    # written whole into a temporary directory and renamed, so OUT is either absent or complete
+    tmp = f"{out.rstrip('/')}.tmp"
+    os.makedirs(tmp, exist_ok=True)
+    atomic_write(os.path.join(tmp, "model.safetensors"), lambda p: save_file(merged, p, metadata={"format": "pt"}))
+    recipe = {"merge": [{"checkpoint": p, "weight": w} for p, w in parts]}
+    for name in ("config.json", "tokenizer.json"):
+        if os.path.isfile(os.path.join(base, name)):
+            text = Path(base, name).read_text(encoding="utf-8")
+            atomic_write(os.path.join(tmp, name), lambda p: Path(p).write_text(text, encoding="utf-8"))
+    atomic_write(os.path.join(tmp, "merge.json"), lambda p: Path(p).write_text(json.dumps(recipe, indent=1)))
+    if os.path.isdir(out):
+        os.rmdir(out)
+    os.replace(tmp, out)
+    print(f"merged {len(merged)} tensors of " + " + ".join(f"{w:g} x {p}" for p, w in parts) + f" into {out}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------- command line
+
+COMMANDS = {"sft": sft, "mid": lambda ns: sft(ns, all_tokens=True), "dpo": dpo}
+USAGE = (f"usage: python posttrain.py {{{','.join(COMMANDS)}}} CONFIG_FILE [--key=value ...]\n"
+         "       python posttrain.py merge OUT CHECKPOINT:WEIGHT [CHECKPOINT:WEIGHT ...]")
+
+
+def main(argv):
+    """Command line: bad input and a diverged run end in one line (exit 1); Ctrl-C in one line (exit 130)."""
+    if not argv or argv[0] not in (*COMMANDS, "merge"):
+        print(USAGE, file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    try:
+        if argv[0] == "merge":
+            if len(argv) < 3:
+                raise ValueError("merge: expected OUT and at least one CHECKPOINT:WEIGHT")
+            merge(argv[1], argv[2:])
+        else:
+            COMMANDS[argv[0]](load(argv[1:], *CONFIGS, prog=f"python posttrain.py {argv[0]}"))
+    except (ValueError, train.Diverged) as e:
+        sys.exit(f"posttrain.py: {e}")
+    except KeyboardInterrupt as e:                             # 130 = 128 + SIGINT, what a shell reports
+        print(f"posttrain.py: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
