@@ -581,7 +581,7 @@ class Logger:
         if self.master:
             self.bar.write(text)
 
-    def train_step(self, done, r, guard):
+    def train_step(self, done, r, guard, extra=None):
         self.steps, self.seconds = self.steps + 1, self.seconds + time.perf_counter() - self.t_last
         tok_s = self.tokens_per_step * self.steps / self.seconds
         mfu = self.flops_per_token * tok_s / self.peak if self.peak else None
@@ -591,7 +591,7 @@ class Logger:
         if r.skipped or done % self.tc.log_interval == 0 or done == self.tc.max_steps:
             self.write({"kind": "train", "step": done, "loss": _json_float(r.loss), "lr": r.lr,
                         "grad_norm": _json_float(r.grad_norm), "tok_per_s": tok_s, "mfu": mfu, "skipped": r.skipped,
-                        "skips": guard.skips, "loss_mean": _json_float(r.mean)})
+                        "skips": guard.skips, "loss_mean": _json_float(r.mean), **(extra or {})})
             self.steps, self.seconds = 0, 0.0
         if r.skipped:
             self.say(f"step {done}: update skipped ({r.skipped}: loss {r.loss:.4g}, grad norm {r.grad_norm:.4g}, "
@@ -763,7 +763,7 @@ def train(ns):
                 log.say(f"step {step}: data mixture {weights}")
             r = update([loader.get(step, m) for m in range(accum)], lm_loss, get_lr(step, tc))
             done = step + 1
-            log.train_step(done, r, guard)
+            log.train_step(done, r, guard, model.moe_step())    # MoE: router balance biases, expert load stats
             if guard.skips_in_row > tc.max_skips:
                 raise Diverged(f"stopping at step {done}: {guard.skips_in_row} consecutive updates skipped "
                                f"(max_skips={tc.max_skips}); last good checkpoint: "
