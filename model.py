@@ -4,20 +4,24 @@
 
     model = Model(ModelConfig(...))
     logits = model(x, pos=pos)                  # x, pos [B, T] -> [B, T, V] fp32
-    _, loss = model(x, y, pos)                  # chunked cross-entropy (+ z-loss); y = -100 is ignored
+    _, loss = model(x, y, pos)                  # chunked cross-entropy (+ z-loss, + MoE balance); y = -100 is ignored
     model.generate(prompts, max_new_tokens)     # KV cache: prefill, then decode_one_token per step
-    Model.from_pretrained(dir) / model.save_pretrained(dir)    # transformers' SmolLM3 layout
+    Model.from_pretrained(dir) / model.save_pretrained(dir)    # transformers' SmolLM3 layout (MLA / MoE: ours)
 
 pos holds per-document positions: 0 at each document start, -1 for padding (nothing attends to or from
 it, and its attention output is 0); pos None is one causal sequence per row. A bf16 model gives
 transformers' SmolLM3ForCausalLM bf16 logits bit-for-bit, and so does an fp32 model under bf16 autocast.
+Beyond SmolLM3: attention = "mla" (DeepSeek-V2's latent attention, its latent is what the KV cache holds)
+and n_experts > 0 (MoE MLPs; train.py calls model.moe_step() after each update), each equal to
+transformers' DeepseekV3 modules in tests/test_mla_moe.py.
 
 Sections:
     ModelConfig                 the knobs, their checks, the special ids, nope_layers
     RMSNorm, RoPE (+ YaRN)      rope_frequencies, rope_cos_sin, apply_rope
     doc_causal_mask             the one attention mask (kernels.py's PyTorch twin uses it too)
-    Attention, MLP, Block       attn_impl "sdpa" (CPU, reference) or "triton" (kernels.py, GPU)
-    KVCache, Model              forward and loss, accounting, generation, HF checkpoints
+    Attention, MLA, MLP, MoE    attn_impl "sdpa" (CPU, reference) or "triton" (kernels.py, GPU; GQA only)
+    Block
+    KVCache, Model              forward and loss, MoE balance, accounting, generation, HF checkpoints
     HF names, atomic_write, sample, summary, main
 """
 import functools

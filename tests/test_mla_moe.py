@@ -268,3 +268,15 @@ def test_ablation_configs_change_only_attention_or_mlp():
         assert {k for k in ns_a if ns_a[k] != b[k]} <= mla_keys | {"out_dir", "attn_impl"}
         assert {k for k in ns_e if ns_e[k] != b[k]} <= moe_keys | {"out_dir"}
         assert (a.num_params(), e.num_params(), e.num_params(active=True)) == counts
+
+
+def test_activation_checkpointing_keeps_the_balance_loss_gradients():
+    """The balance loss leaves each layer beside its output; recomputing the layer in backward must give the
+    same gradients (and the recomputation's second count leaves the load ratios as they are)."""
+    x, grads = torch.randint(0, 97, (2, 16)), []
+    for ckpt in (False, True):
+        m = make(MLA, MOE, moe_z_loss=1e-3, act_ckpt=ckpt).train()
+        m(x, x)[1].backward()
+        grads.append([p.grad for p in m.parameters()])
+        assert m.layers[0].mlp.router.weight.grad.abs().sum() > 0
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
