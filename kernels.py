@@ -1,13 +1,13 @@
 """Triton kernels for nanosmol with a plain PyTorch twin: FlashAttention-2 (forward + backward) with
 document masking, GQA and sliding windows. RMSNorm and the LM-head loss have no kernel of their own:
 torch.compile (on by default on CUDA) fuses model.RMSNorm in its own rounding order, so bf16 keeps
-transformers' bits, and model.py's chunked loss already bounds the logits' memory by loss_chunk.
+transformers' bits, and model.py's chunked loss already bounds the logits' memory by loss_budget_mb.
 
     flash_attention(q, k, v, pos=None, window=None) -> o    q [B,T,H,D], k/v [B,T,Hkv,D]; twin attention_ref
 
 Run:
     python -m pytest -q tests/test_kernels.py   # CPU: every kernel vs its float64 twin (Triton interpreter)
-    python kernels.py --bench [--head_dim 64]   # GPU: ours vs FlexAttention vs SDPA, doc-masked GQA
+    python kernels.py --bench [--head_dim 64]   # GPU: ours vs FlexAttention vs SDPA, causal and doc-masked GQA
     python kernels.py --bench --tiny            # CPU: the benchmark's code path at toy size
     python kernels.py --compile sm_90           # CPU: compile the attention kernels for an H100
 
@@ -511,7 +511,9 @@ def _time_ms(fn, gpu, grads):
 
 def _bench_impls(pos, doc_lens, gpu):
     """name -> run(q, k, v) -> o on [B, T, H, D] tensors, each with the document-causal mask of pos: ours,
-    FlexAttention with a BlockMask, and SDPA's variable-length flash attention over the documents."""
+    FlexAttention with a BlockMask, SDPA's variable-length flash attention over the documents, and where every
+    row is one document SDPA's flash and cuDNN backends with is_causal."""
+    from torch.nn.attention import SDPBackend
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     from torch.nn.attention.varlen import varlen_attn
     B, T = pos.shape
@@ -525,22 +527,38 @@ def _bench_impls(pos, doc_lens, gpu):
     def varlen(q, k, v):     # [B*T, heads, D] rows, documents delimited by cu
         return varlen_attn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, longest, longest,
                            window_size=(-1, 0), enable_gqa=True).view(q.shape)
-    return {"triton (ours)": lambda q, k, v: flash_attention(q, k, v, pos),
-            "flex (BlockMask)": lambda q, k, v: flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                     block_mask=block_mask, enable_gqa=True).transpose(1, 2),
-            "sdpa varlen flash": varlen}
+    impls = {"triton (ours)": lambda q, k, v: flash_attention(q, k, v, pos),
+             "flex (BlockMask)": lambda q, k, v: flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                      block_mask=block_mask, enable_gqa=True).transpose(1, 2),
+             "sdpa varlen flash": varlen}
+    if all(len(row) == 1 for row in doc_lens):  # plain causal rows: SDPA's fused backends take is_causal
+        impls["sdpa flash"] = lambda q, k, v: _sdpa_causal(SDPBackend.FLASH_ATTENTION, q, k, v, expand=False)
+        # cuDNN's SDPA takes no GQA: its time includes expanding K/V to every query head
+        impls["sdpa cudnn"] = lambda q, k, v: _sdpa_causal(SDPBackend.CUDNN_ATTENTION, q, k, v, expand=True)
+    return impls
+
+
+def _sdpa_causal(backend, q, k, v, expand):
+    """SDPA with is_causal on [B, T, H, D] tensors, restricted to one backend."""
+    from torch.nn.attention import sdpa_kernel
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if expand:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=not expand).transpose(1, 2)
 
 
 def _accuracy(q, k, v, do, pos):
-    """(name, our error, torch's SDPA memory-efficient backend's) per out/dq/dk/dv in q's dtype, vs fp32."""
+    """(name, our error, torch's SDPA's) per out/dq/dk/dv in q's dtype, each vs float64 attention_ref: max abs
+    error / max abs value. SDPA runs its memory-efficient backend on GPU (the math one on CPU)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     G = q.shape[2] // k.shape[2]
     results = []
     for impl in ("ref", "ours", "sdpa"):
-        leaves = [t.detach().to(torch.float32 if impl == "ref" else q.dtype).requires_grad_() for t in (q, k, v)]
+        leaves = [t.detach().to(torch.float64 if impl == "ref" else q.dtype).requires_grad_() for t in (q, k, v)]
         if impl == "sdpa":
             qh, kh, vh = (t.transpose(1, 2) for t in leaves)
-            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION if q.is_cuda else SDPBackend.MATH):
                 o = F.scaled_dot_product_attention(qh, kh.repeat_interleave(G, 1), vh.repeat_interleave(G, 1),
                                                    attn_mask=doc_causal_mask(pos)).transpose(1, 2)
         else:
@@ -548,57 +566,57 @@ def _accuracy(q, k, v, do, pos):
         o.backward(do.to(o.dtype))
         results.append([o.detach()] + [t.grad for t in leaves])
     ref, ours, theirs = results
-    err = lambda x, r: ((x.float() - r).abs().max() / r.abs().max()).item()   # noqa: E731
+    err = lambda x, r: ((x.double() - r).abs().max() / r.abs().max()).item()   # noqa: E731
     return [(n, err(a, r), err(b, r)) for n, a, b, r in zip(("out", "dq", "dk", "dv"), ours, theirs, ref)]
 
 
 def bench(tiny=False, head_dim=128):
-    """Forward and backward TFLOP/s on rows of packed documents (GQA), ours next to FlexAttention and
-    SDPA's varlen flash attention; on GPU also our bf16 errors next to torch's."""
+    """Forward and backward TFLOP/s, as a markdown table, on causal rows of T = 1k ... 16k and on rows of packed
+    documents (GQA), ours next to FlexAttention and SDPA with the same mask; on GPU also our bf16 errors."""
     gpu = torch.cuda.is_available() and not _interpreting()
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
     torch._dynamo.config.recompile_limit = 64     # FlexAttention compiles once per shape
-    # SmolLM3's attention shape; 16k tokens per batch in rows of ~600-token documents
-    H, Hkv, D, tokens, mean_doc, lengths = ((2, 1, 32, 128, 24, [128]) if tiny else
-                                            (16, 4, head_dim, 16384, 600, [4096, 16384]))
+    # SmolLM3's attention shape; 16k tokens per batch: causal rows, then rows of ~600-token documents
+    H, Hkv, D, tokens, mean_doc = (2, 1, 32, 64, 24) if tiny else (16, 4, head_dim, 16384, 600)
+    cases = ([(64, False), (64, True)] if tiny else
+             [(T, False) for T in (1024, 2048, 4096, 8192, 16384)] + [(4096, True), (8192, True)])
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda})  triton {triton.__version__}  "
           f"{torch.cuda.get_device_name() if gpu else 'CPU (Triton interpreter: timings meaningless)'}")
     print(f"H={H} Hkv={Hkv} D={D} {str(dtype)[6:]}, {tokens} tokens per batch. FLOPs: fwd 2*H*D*sum(L^2) "
-          f"over documents of length L, bwd 2.5x fwd. x: their time / ours (> 1: ours is faster)")
-    print(f"{'case':<10}{'impl':<20}{'fwd ms':>9}{'TF/s':>7}{'bwd ms':>9}{'TF/s':>7}{'x fwd':>7}{'x bwd':>7}")
+          f"over documents of length L, bwd 2.5x fwd. x: their time / ours (> 1: ours is faster)\n")
+    print("| case | impl | fwd ms | fwd TF/s | bwd ms | bwd TF/s | x fwd | x bwd |\n|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
-    for T in lengths:
-        rows = [_random_doc_lens(T, gen, mean_doc) for _ in range(tokens // T)]
+    for T, packed in cases:
+        rows = [_random_doc_lens(T, gen, mean_doc) if packed else [T] for _ in range(tokens // T)]
         pos = _pos_of(rows).to(device)
         fwd_flops = 2 * H * D * sum(n * n for row in rows for n in row)
         q = torch.randn(len(rows), T, H, D, device=device, dtype=dtype, requires_grad=True)
         k, v = (torch.randn(len(rows), T, Hkv, D, device=device, dtype=dtype, requires_grad=True) for _ in "kv")
         do = torch.randn_like(q)
-        label, ours = f"T={T}", None
+        label, ours = f"T={T} {'packed docs' if packed else 'causal'}", None
         for name, fn in _bench_impls(pos, rows, gpu).items():
             try:
                 f_ms = _time_ms(lambda: fn(q, k, v), gpu, ())
                 o = fn(q, k, v)
                 b_ms = _time_ms(lambda: o.backward(do, retain_graph=True), gpu, (q, k, v))
-                ratio = f"{f_ms / ours[0]:>7.2f}{b_ms / ours[1]:>7.2f}" if ours else ""
+                ratio = f" {f_ms / ours[0]:.2f} | {b_ms / ours[1]:.2f} |" if ours else " | |"
                 ours = ours or (f_ms, b_ms)
-                row = (f"{f_ms:>9.3f}{fwd_flops / f_ms / 1e9:>7.0f}{b_ms:>9.3f}"
-                       f"{2.5 * fwd_flops / b_ms / 1e9:>7.0f}{ratio}")
+                row = (f" {f_ms:.3f} | {fwd_flops / f_ms / 1e9:.0f} | {b_ms:.3f} | "
+                       f"{2.5 * fwd_flops / b_ms / 1e9:.0f} |{ratio}")
             except Exception as e:     # a backend this device/build lacks is a table entry, not a crash
                 if ours is None:
                     raise
-                row = f"  n/a: {type(e).__name__}: {str(e).splitlines()[0][:70]}"
-            print(f"{label:<10}{name:<20}{row}", flush=True)
-            label = ""
+                row = f" n/a: {type(e).__name__}: {str(e).splitlines()[0][:70]} | | | | | |"
+            print(f"| {label} | {name} |{row}", flush=True)
     if not gpu:   # torch's CPU attention computes in fp32 and only rounds: no low-precision yardstick
-        print("accuracy: skipped on CPU (ours vs torch in bf16, both against fp32, is a GPU measurement)")
+        print("accuracy: skipped on CPU (ours vs torch in bf16, both against float64, is a GPU measurement)")
         return True
     T = 2048
     pos = _pos_of([_random_doc_lens(T, gen, mean_doc)]).to(device)
     errs = _accuracy(*(torch.randn(1, T, n, D, device=device, dtype=dtype) for n in (H, Hkv, Hkv, H)), pos)
     ok = all(e <= 2 * b for _, e, b in errs)
     print(f"accuracy bf16 T={T} packed docs: " + "  ".join(f"{n} ours {e:.2e} torch {b:.2e}" for n, e, b in errs)
-          + f"  -> {'PASS' if ok else 'FAIL'} (ours <= 2x torch, both vs fp32)")
+          + f"  -> {'PASS' if ok else 'FAIL'} (ours <= 2x torch, both vs float64)")
     return ok
 
 

@@ -210,11 +210,12 @@ def test_bench_implementations_agree_with_the_reference():
             try:
                 with torch.no_grad():
                     o = fn(q, k, v)
-            except NotImplementedError:
+            except (NotImplementedError, RuntimeError):   # e.g. SDPA's cuDNN backend: no kernel on a CPU
                 continue
             assert rel_err(o, want) < 2e-5, name
             ran.append(name)
         assert len(ran) >= 2 and "triton (ours)" in ran
+        assert ("sdpa flash" in ran) == (len(doc_lens[0]) == 1)    # the is_causal backends on causal rows only
 
 
 # ---------------------------------------------------------------------------------------------------
