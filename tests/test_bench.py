@@ -23,7 +23,7 @@ def test_bench_gpu_cpu_mode_fills_every_row():
     stages = [r[0][2:] for r in rows[2:]]
     assert stages.count("accuracy") == 2 and all(r[2].endswith("PASS |") for r in rows if r[0] == "| accuracy"), p.stdout
     ours = [r for r in rows if r[0] == "| attention" and r[1].endswith("triton (ours)")]
-    assert [r[1] for r in ours] == ["T=64 causal: triton (ours)", "T=64 packed docs: triton (ours)"], p.stdout
+    assert [r[1] for r in ours] == ["T=32 causal: triton (ours)", "T=32 packed docs: triton (ours)"], p.stdout
     assert all(re.match(r"fwd [\d.]+ ms \d+ TF/s, bwd [\d.]+ ms \d+ TF/s", r[2]) for r in ours), p.stdout
     training = [r for r in rows if r[0] == "| training"]
     assert len(training) == 2 and all(re.match(r"[\d,]+ tokens/s, [\d.]+ ms/step, MFU n/a", r[2]) for r in training), p.stdout
