@@ -425,11 +425,12 @@ class Model(nn.Module):
             "nanosmol": {k: getattr(cfg, k) for k in NANOSMOL_KEYS},
         }
 
-    def save_pretrained(self, path):
-        """Write config.json + model.safetensors (each atomically)."""
+    def save_pretrained(self, path, state_dict=None):
+        """Write config.json + model.safetensors (each atomically): this model's weights, or `state_dict`'s
+        (train.py's, gathered from tensor-parallel shards)."""
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
-        tensors = {hf_name(k): v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tensors = {hf_name(k): v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
         atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
         text = json.dumps(self.hf_config(), indent=2)
         atomic_write(os.path.join(path, "config.json"), lambda p: pathlib.Path(p).write_text(text))
