@@ -3,23 +3,28 @@ overlaps its all-reduces with the backward, ZeRO-1 (AdamW state sharded over DP)
 parallelism with a vocab-parallel embedding, LM head and cross-entropy.
 
     torchrun --standalone --nproc_per_node=2 train.py config/tiny.py --micro_batch_size=8   # CPU (gloo): DP 2
+    torchrun --standalone --nproc_per_node=4 train.py config/tiny.py --micro_batch_size=8 --tp=2 --zero=1  # DP 2 x TP 2
     torchrun --standalone --nproc_per_node=8 train.py config/smollm3_1b_ablation.py  # 8 GPUs (nccl): DP 8
     grid = init(tp=2); model = TPModel(Model(cfg), grid.tp_group)   # library use: same seed on every rank
     python -m pytest -q tests/test_parallel.py
 
-train.py uses the grid and DDP (data parallel over every rank); ZeRO1 and TPModel are tested here but not
-yet wired into train.py's loop.
+train.py builds the grid from --tp, shards the model with TPModel when tp > 1, and syncs gradients over the DP
+group with DDP or, with --zero=1, with ZeRO1; its checkpoints gather the shards (tp_gather, ZeRO1.state_dict),
+so they are whole whatever the layout, and load back into any layout (tp_shard, ZeRO1.load_state_dict).
 
 Every process group is sliced from one Grid and passed explicitly; every collective runs under the process
-group's timeout, so a lost rank ends the others with an error instead of a hang. Tests: tests/test_parallel.py
-(2 spawned CPU processes on gloo, fp32, compared against single-process runs and torch's own DDP).
+group's timeout, and a Heartbeat thread per rank names a rank whose process died or froze and exits, so a lost
+rank ends the others with an error instead of a hang. Tests: tests/test_parallel.py (2 and 4 spawned CPU
+processes on gloo, fp32, compared against single-process runs and torch's own DDP).
 
 Sections
-  grid            Grid, check_layout, init, shutdown
+  grid            Grid, check_layout, init, shutdown, Heartbeat (lost-rank detection through the store)
   DDP             Bucket, DDP (reverse-order ~25 MB buckets, post-accumulate-grad hooks, no_sync, finish)
-  ZeRO-1          ZeRO1 (flat shards per param group: reduce-scatter, clip over shards, step, all-gather)
+  ZeRO-1          ZeRO1 (flat shards per param group: reduce-scatter, clip over shards, step, all-gather;
+                  state_dict / load_state_dict in the full AdamW's format)
   TP comm ops     f (copy to TP region), g (reduce from TP region)
-  TP layers       ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_ce
+  TP layers       ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_ce;
+                  tp_gather / tp_shard (a param's full tensor from shards and back), clip_grad_norm
   TP model        TPModel (shards a same-seed single-process Model in place; vocab-parallel loss)
 """
 import contextlib

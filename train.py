@@ -131,8 +131,7 @@ def check_config(mc, dc, tc, world_size=1):
     decay = round(tc.decay_frac * tc.max_steps)
     checks = [(getattr(tc, k) > 0, f"{k}={getattr(tc, k)} must be > 0")
               for k in ("batch_size", "micro_batch_size", "max_steps", "eval_interval", "eval_rows", "ckpt_interval",
-                        "keep_ckpts", "log_interval", "muon_ns_steps",
-                        "dist_timeout_s")]
+                        "keep_ckpts", "log_interval", "muon_ns_steps", "dist_timeout_s")]
     checks += [(getattr(tc, k) >= 0, f"{k}={getattr(tc, k)} must be >= 0")
                for k in ("warmup_steps", "max_skips", "sample_tokens", "bench")]
     checks += [(getattr(tc, k) in allowed, f"{k}={getattr(tc, k)!r} must be one of {allowed}")
@@ -313,7 +312,8 @@ class Step:
     gradient is that of the mean micro-batch loss; pretraining rows have no ignored targets, so this is the
     per-token mean), clip, ask the guard, update or skip, zero the grads. posttrain.py supplies its own batches
     and loss_fn; parallel.py passes wrapped optimizers and a `clip_grad_norm` that reduces over its shards, and
-    its DDP as `ddp`: micro-steps but the last under no_sync, then finish (the mean grads) and the mean loss."""
+    its DDP (or ZeRO1, whose reduce-scatter is in its clip) as `ddp`: micro-steps but the last under no_sync,
+    then finish (the mean grads) and the mean loss."""
 
     def __init__(self, opts, guard, tc, autocast, clip_grad_norm=torch.nn.utils.clip_grad_norm_, ddp=None):
         self.opts, self.guard, self.autocast, self.clip_grad_norm, self.ddp = opts, guard, autocast, clip_grad_norm, ddp
@@ -811,13 +811,15 @@ def train(ns):
               f"x {dp} dp) x {dc.seq_len}, tp {tc.tp}{', ZeRO-1' * bool(grid and tc.zero)}; MFU peak: "
               + (f"{peak / 1e12:.0f} TFLOP/s (dense bf16) x {world}" if peak else "n/a on this device"))
     log = Logger(run_dir, start, tc, tokens_per_step, sizes[2], peak and peak * world, master)
-    clip = functools.partial(parallel.clip_grad_norm, group=grid.tp_group) if tc.tp > 1 else torch.nn.utils.clip_grad_norm_
+    clip, sync = torch.nn.utils.clip_grad_norm_, None
+    if tc.tp > 1:                                              # the norm over every TP shard
+        clip = functools.partial(parallel.clip_grad_norm, group=grid.tp_group)
     if grid and tc.zero:                                       # ZeRO-1's reduce-scatter replaces DDP's all-reduce
         clip, sync = opts[0].clip_grad_norm, opts[0]
-    else:   # DDP's hooks sit on the parameters (rank 0's, broadcast): the plain module runs, compiled or not
-        sync = parallel.DDP(model, grid.dp_group) if grid else None
+    elif grid:   # DDP's hooks sit on the parameters (rank 0's, broadcast): the plain module runs, compiled or not
+        sync = parallel.DDP(model, grid.dp_group)
     update = Step(opts, guard, tc, autocast, clip_grad_norm=clip, ddp=sync)
-    fwd = torch.compile(net) if use_compile(tc, device) else net  # eval and generate use the plain module
+    fwd = torch.compile(net) if use_compile(tc, device) else net  # eval and generate use the uncompiled modules
 
     def lm_loss(batch):
         x, y, pos = (t.to(device, non_blocking=True) for t in batch)
