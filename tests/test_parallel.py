@@ -42,7 +42,7 @@ def _worker(rank, world, tp, path, checks):
             models += CHECKS[check](grid)
         except Exception:
             errors[check] = traceback.format_exc()
-    parallel.shutdown(grid, *models)
+    parallel.shutdown(*models)
     with open(f"{path}/rank{rank}.json", "w") as f:
         json.dump(errors, f)
 
