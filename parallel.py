@@ -448,8 +448,8 @@ def clip_grad_norm(params, max_norm, group):
     """clip_grad_norm_ of a TP model: the squares of split weights summed over the group, replicated ones
     (norms, whose grads are equal on every rank) counted once; returns the global norm."""
     params = [p for p in params if p.grad is not None]
-    sq = sum(p.grad.float().square().sum() / (1 if getattr(p, "tp_dim", None) is not None else dist.get_world_size(group))
-             for p in params)
+    n = dist.get_world_size(group)
+    sq = sum(p.grad.float().square().sum() / (1 if getattr(p, "tp_dim", None) is not None else n) for p in params)
     dist.all_reduce(sq, group=group)
     norm = sq.sqrt()
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)

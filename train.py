@@ -382,7 +382,9 @@ def _tp_local(model, grid, to_full):
 
 def rng_states(device, grid):
     """Every rank's RNG states as {rng/torch/{rank}, rng/cuda/{rank}: uint8 tensor} (gathered under torchrun)."""
-    mine = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+    mine = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
     parts = [torch.cat(list(mine.values()))]
     if grid:
         flat = parts[0].to(device)                            # NCCL gathers GPU tensors only
