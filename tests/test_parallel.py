@@ -284,6 +284,7 @@ def same_run(a, b, what, steps=None):
     for x, y in zip(ra, rb):
         if x["kind"] == "train":
             assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), f"{what}: step {x['step']} loss"
+            # rel 1e-4: torch's fp32 clip_grad_norm_ on CPU (the one-process side) is off float64's by up to ~3e-5
             assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4), f"{what}: step {x['step']} grad norm"
         else:
             assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-5), f"{what}: step {x['step']} val loss"
