@@ -14,8 +14,10 @@ train.py builds the grid from --tp, shards the model with TPModel when tp > 1, a
 group with DDP or, with --zero=1, with ZeRO1; its checkpoints gather the shards (tp_gather, ZeRO1.state_dict),
 so they are whole whatever the layout, and load back into any layout (tp_shard, ZeRO1.load_state_dict).
 
-The planner predicts per-GPU memory, communication and step time for a layout from the model's own counts
-(Model.num_params, flops_per_token) and refuses one that does not fit; the bench measures what it assumes.
+SPModel adds sequence parallelism to TPModel (tested against one process and torch's DTensor plan; train.py
+does not run it yet). The planner predicts per-GPU memory, communication and step time for a layout from the
+model's own counts (Model.num_params, flops_per_token) and refuses one that does not fit; the bench measures
+the bandwidths it assumes.
 
 Every process group is sliced from one Grid and passed explicitly; every collective runs under the process
 group's timeout, and a Heartbeat thread per rank names a rank whose process died or froze and exits, so a lost

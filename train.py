@@ -144,6 +144,7 @@ def check_config(mc, dc, tc, world_size=1):
          f"(dp = world_size/tp = {world_size}/{tc.tp})"),
         # Muon orthogonalises whole matrices: Newton-Schulz of a TP shard or a ZeRO slice is another update
         (tc.optimizer == "adamw" or tc.tp == 1 and not tc.zero, "optimizer='muon' needs tp=1 and zero=0"),
+        (tc.tp == 1 or mc.is_smollm3, f"tp={tc.tp} needs the SmolLM3 architecture (attention='gqa', no experts)"),
         (dc.seq_len <= mc.max_position_embeddings,
          f"seq_len={dc.seq_len} exceeds max_position_embeddings={mc.max_position_embeddings}"),
         (longest + tc.sample_tokens <= mc.max_position_embeddings,
@@ -848,7 +849,8 @@ def train(ns):
             log.held_out(done, *evaluate(net, val_sets, token_bytes, tc.micro_batch_size, autocast, device))
 
     try:
-        run_loop(tc, start, update, log, batches, lm_loss, save, start if ckpt else None, held_out)
+        run_loop(tc, start, update, log, batches, lm_loss, save, start if ckpt else None, held_out,
+                 model.moe_step)    # MoE: after each update, the routers' balance biases move; expert load logged
     except RuntimeError as e:
         if grid:                       # a collective failed: if a rank is lost, the heartbeat names it and exits
             grid.heartbeat.settle(e)

@@ -4,6 +4,7 @@ run on the whole batch (and with torch's own DistributedDataParallel). train.py 
 (2 and 4 spawned ranks: DP 2, DP 2 with ZeRO-1, DP 2 x TP 2 with ZeRO-1) against one process, checkpoints
 resumed across layouts, and a killed rank named by the survivor."""
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -404,7 +405,7 @@ def test_bad_layouts_named(world, tp, over, msg):
 
 def test_train_layout_checks():
     """The batch divides by the DP size, not WORLD_SIZE: SmolLM3's 576 rows at TP 2 on 384 ranks (DP 192 x 3) pass,
-    at TP 1 they do not; layouts TP or ZeRO cannot run are named."""
+    at TP 1 they do not; layouts TP or ZeRO cannot run (Muon, MLA / MoE under TP) are named."""
     ns = load(["config/smollm3.py", "--tp=2"], *train.CONFIGS)
     mc, dc, tc = (cls(**pick(ns, cls)) for cls in train.CONFIGS)
     train.check_config(mc, dc, tc, world_size=384)
@@ -418,3 +419,5 @@ def test_train_layout_checks():
             (dict(zero=2), 384, r"^config: zero=2 must be one of \[0, 1\]$")]:
         with pytest.raises(ValueError, match=msg):
             train.check_config(mc, dc, train.TrainConfig(**{**vars(tc), **over}), world_size=world)
+    with pytest.raises(ValueError, match=r"^config: tp=2 needs the SmolLM3 architecture \(attention='gqa', no experts\)$"):
+        train.check_config(dataclasses.replace(mc, attention="mla", attn_impl="sdpa"), dc, tc, world_size=384)
