@@ -48,7 +48,7 @@ def hf_config(hf, m, **kw):
         qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim, rope_interleave=False,
         rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, rms_norm_eps=c.rms_eps,
         n_routed_experts=c.n_experts or 1, num_experts_per_tok=c.n_experts_active, n_shared_experts=c.n_shared_experts,
-        moe_intermediate_size=c.d_expert, n_group=1, topk_group=1, norm_topk_prob=c.router_norm_topk,
+        moe_intermediate_size=c.d_expert or c.d_ff, n_group=1, topk_group=1, norm_topk_prob=c.router_norm_topk,
         routed_scaling_factor=1.0, **kw)
     cfg._attn_implementation = "eager"
     return cfg
