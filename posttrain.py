@@ -1,16 +1,57 @@
-"""posttrain.py — SmolLM3 post-training: the post-training loaders (SFT packing, preference pairs, RL prompts).
+"""posttrain.py — SmolLM3 post-training on train.py's loop: mid-training, SFT, preference optimisation
+(DPO, IPO, APO-zero, APO-down) and linear merging of checkpoints.
 
-Sections:
-  loaders   SFTLoader (best-fit-decreasing packing, per-conversation positions, assistant-only targets),
-            PreferenceLoader (chosen/rejected rows, prompt masked), PromptLoader (generation prompts + answers);
-            padding is pos = -1, y = -100
+    python posttrain.py sft config/tiny_sft.py --init_from=out/tiny       # SFT: loss on assistant tokens
+    python posttrain.py mid config/tiny_mid.py --init_from=out/tiny       # mid-training: loss on every token
+    python posttrain.py dpo config/tiny_apo.py --init_from=out/tiny_sft   # loss_type dpo | ipo | apo_zero | apo_down
+    python posttrain.py sft config/tiny_sft.py --init_from=out/tiny --resume=True   # continue a killed run exactly
+    python posttrain.py merge out/tiny_final out/tiny_apo:0.9 out/tiny_mid:0.1     # 0.9 x APO + 0.1 x mid
+    python posttrain.py grpo config/tiny_grpo.py --init_from=out/tiny_apo  # RLVR on the embedded arithmetic prompts
+    python posttrain.py pipeline config/tiny.py    # CPU, from nothing: pretrain -> mid -> SFT -> APO -> GRPO -> merge
+
+Every method starts from a checkpoint (init_from: a run directory, one of its checkpoints, or any HF
+SmolLM3-layout directory; the tokenizer is the one beside it) and runs train.run_loop, so optimizer groups,
+LR schedule, accumulation, clipping, the spike/NaN guard, atomic HF-layout checkpoints, exact resume, tqdm,
+log.jsonl and loss.svg are pretraining's own: a method supplies its batches and its loss. Conversations are
+jsonl lines {"messages": [{"role", "content"}, ...], "enable_thinking": optional bool} rendered with data.py's
+chat template; pairs are {"prompt", "chosen", "rejected"}, each a message list or a plain string. "default"
+data are the embedded sets of data_dir (sft_train/sft_val, pref_train/pref_val, written if missing);
+mid-training's default is the SFT conversations with every token in the loss. A conversation or pair longer
+than seq_len is skipped or truncated (overlong), and counted in log.jsonl's "data" line.
+
+Sections
+  loaders       pack_bfd, SFTLoader (packing, per-conversation positions), PreferenceLoader, PromptLoader
+  loop glue     PostConfig, setup (start checkpoint, model, optimizer, resume), fit (run.json, log, run_loop)
+  SFT and mid   sft_batches, sft_loss (the per-token mean over the whole step), token_mean_loss, sft
+  preference    LOSSES, pair_logps, reference log-probs (frozen copy or a table), dpo
+  GRPO          GRPOConfig, overlong_penalty, completion_reward (eval's checker), group_advantages, token_weights
+                (grpo / dapo / dr_grpo), k3_kl, grpo_token_loss (clipped ratio), token_logprobs, rollout, grpo
+  merge         merge (weighted sum of HF-layout checkpoints, shapes and configs checked)
+  pipeline      PipelineConfig, STAGES, checkpoint_metrics (eval.py's numbers), pipeline_table, pipeline
+  command line  main
 """
 import bisect
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from data import _draw, _field, _first_index, _key, read_jsonl, render_chat
+import train
+from config import load, pick
+from data import (_ROLES, DataConfig, Tokenizer, _draw, _field, _first_index, _key, default_sets, load_tokenizer,
+                  read_jsonl, render_chat)
+from eval import check_answer, completion_text, evaluate, exact_match, file_rows, follows_format, task_rows
+from model import Model, atomic_write
 
 # ---------------------------------------------------------------------------------------------- loaders
 
@@ -37,10 +78,12 @@ def pack_bfd(lengths, capacity):
 
 
 def _rows(path, fields, render):
-    """render(*fields of each line) for the lines of a .jsonl file; a ValueError names path:line."""
+    """render(*fields of each line) for the lines of a .jsonl file; a ValueError names path:line. A field given
+    as (key, kind, default) may be absent."""
     out = []
     for no, obj in read_jsonl(path):
-        values = [_field(path, no, obj, key, kind) for key, kind in fields]
+        values = [spec[2] if len(spec) == 3 and spec[0] not in obj else _field(path, no, obj, *spec[:2])
+                  for spec in fields]
         try:
             out.append(render(*values))
         except ValueError as e:
@@ -48,15 +91,50 @@ def _rows(path, fields, render):
     return out
 
 
-def _chat_xy(tok, messages, seq_len, n_prompt=0):
+def _messages(key, value):
+    """A message list or a string (a plain-text prompt or reply, no template); a bad message names its field."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ValueError(f"field {key!r}: expected a list of messages or a string, got {type(value).__name__}")
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("content"), str)):
+            raise ValueError(f"field {key!r}, message {i}: expected {{'role': ..., 'content': str}}, got {str(m)[:60]}")
+        if m.get("role") not in _ROLES:
+            raise ValueError(f"field {key!r}, message {i}: unknown role {m.get('role')!r} "
+                             f"(expected one of {', '.join(_ROLES)})")
+    return value
+
+
+def _chat_xy(tok, messages, n_prompt=0, all_tokens=False, enable_thinking=True):
     """Render a conversation -> (x, y) int64 arrays: y[t] = ids[t+1] where that token is the model's to
-    generate after the first n_prompt messages, else -100. Truncated to seq_len tokens."""
-    ids, mask = render_chat(tok, messages)
+    generate after the first n_prompt messages (every token with all_tokens), else -100. Not truncated."""
+    ids, mask = render_chat(tok, messages, enable_thinking=enable_thinking)
     # turns are encoded one by one, so the prompt's rendering is a prefix of the conversation's
-    prompt_len = len(render_chat(tok, messages[:n_prompt])[0]) if n_prompt else 0
-    ids, mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
+    prompt_len = len(render_chat(tok, messages[:n_prompt], enable_thinking=enable_thinking)[0]) if n_prompt else 0
+    ids, mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool) | all_tokens
     mask[:prompt_len] = False
-    return ids[:-1][:seq_len], np.where(mask[1:], ids[1:], -100)[:seq_len]
+    return ids[:-1], np.where(mask[1:], ids[1:], -100)
+
+
+def _text_xy(tok, prompt, reply):
+    """A plain-text pair side: prompt then reply then end-of-text, the loss on the reply and the end token."""
+    p, r = tok.encode(prompt), tok.encode(reply) + [tok.eos_id]
+    ids = np.asarray(p + r, dtype=np.int64)
+    return ids[:-1], np.concatenate([np.full(len(p) - 1, -100, dtype=np.int64), ids[len(p):]]) if p else ids[1:]
+
+
+def _fit(items, seq_len, overlong, path):
+    """Items (lists of (x, y), one per side) no longer than seq_len: a longer one is dropped (overlong "skip") or cut to
+    seq_len ("truncate") -> (kept items, {"examples": n, "skipped" or "truncated": count})."""
+    long = [max(len(x) for x, _ in item) > seq_len for item in items]
+    if overlong == "skip":
+        kept = [item for item, too_long in zip(items, long) if not too_long]
+    else:
+        kept = [[(x[:seq_len], y[:seq_len]) for x, y in item] for item in items]
+    if not kept:
+        raise ValueError(f"{path}: all {len(items)} examples are longer than seq_len={seq_len}")
+    return kept, {"examples": len(items), {"skip": "skipped", "truncate": "truncated"}[overlong]: sum(long)}
 
 
 def _padded(tok, rows, T):
@@ -89,11 +167,17 @@ class _Shuffled:
 
 
 class SFTLoader(_Shuffled):
-    """SFT conversations ({"messages": [...]} per line) packed best-fit-decreasing into rows of seq_len, each
-    with its own positions 0, 1, ... and targets (y = -100 but on assistant output), then padding (pos = -1)."""
+    """SFT conversations ({"messages": [...], "enable_thinking": bool} per line) packed best-fit-decreasing into
+    rows of seq_len, each with its own positions 0, 1, ... and targets (y = -100 but on assistant output, or on
+    every token with all_tokens), then padding (pos = -1). `counts`: examples read, skipped or truncated."""
 
-    def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1):
-        docs = _rows(path, [("messages", list)], lambda messages: _chat_xy(tok, messages, seq_len))
+    def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1, overlong="skip",
+                 all_tokens=False):
+        fields = [("messages", list), ("enable_thinking", bool, True)]
+        docs = _rows(path, fields, lambda messages, think: [
+            _chat_xy(tok, _messages("messages", messages), all_tokens=all_tokens, enable_thinking=think)])
+        docs, self.counts = _fit(docs, seq_len, overlong, path)
+        docs = [d for d, in docs]
         self.bins = pack_bfd([len(x) for x, _ in docs], seq_len)
         packed = [[np.concatenate(a) for a in zip(*(docs[i] for i in items))] for items in self.bins]
         self.x, self.y, self.pos = _padded(tok, packed, seq_len)
@@ -110,30 +194,45 @@ class SFTLoader(_Shuffled):
 
 
 class PreferenceLoader(_Shuffled):
-    """Preference pairs ({"prompt": [...], "chosen": [assistant], "rejected": [assistant]} per line), one per row:
-    y = -100 on the prompt and on padding, so the sum of -CE over y != -100 is the completion's log-probability."""
+    """Preference pairs ({"prompt", "chosen", "rejected"} per line, each a message list or a plain string; an
+    optional "enable_thinking"), one per row: y = -100 on the prompt and on padding, so the sum of -CE over
+    y != -100 is the completion's log-probability. `counts`: pairs read, skipped or truncated."""
 
-    def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1):
+    def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1, overlong="skip"):
         self.tok = tok
-        sides = [("prompt", list), ("chosen", list), ("rejected", list)]
-        self.pairs = _rows(path, sides, lambda prompt, *replies: [
-            _chat_xy(tok, prompt + reply, seq_len, len(prompt)) for reply in replies])
+
+        def render(prompt, chosen, rejected, think):
+            sides = {k: _messages(k, v) for k, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected))}
+            if len({type(v) for v in sides.values()}) > 1:
+                raise ValueError("prompt, chosen and rejected must all be message lists or all strings")
+            if isinstance(prompt, str):
+                return [_text_xy(tok, prompt, reply) for reply in (chosen, rejected)]
+            return [_chat_xy(tok, prompt + reply, len(prompt), enable_thinking=think) for reply in (chosen, rejected)]
+        fields = [("prompt", object), ("chosen", object), ("rejected", object), ("enable_thinking", bool, True)]
+        self.pairs, self.counts = _fit(_rows(path, fields, render), seq_len, overlong, path)
         self._setup(len(self.pairs), micro_batch_size, accum, seed, rank, world_size, path, "preference")
 
-    def get(self, step, micro_step):
-        """-> ((x, y, pos) chosen, (x, y, pos) rejected), int64 tensors [micro_batch_size, T], T the longest side."""
-        pairs = [self.pairs[i] for i in self.indices(step, micro_step).tolist()]
+    def rows(self, items):
+        """-> ((x, y, pos) chosen, (x, y, pos) rejected) of pairs `items`, int64 tensors [len(items), T], T the
+        longest side."""
+        pairs = [self.pairs[i] for i in items]
         T = max(len(x) for pair in pairs for x, _ in pair)
         return tuple(tuple(map(torch.from_numpy, _padded(self.tok, [p[side] for p in pairs], T))) for side in (0, 1))
 
+    def get(self, step, micro_step):
+        """-> rows(this micro-step's pairs)."""
+        return self.rows(self.indices(step, micro_step).tolist())
+
 
 class PromptLoader(_Shuffled):
-    """RL prompts ({"prompt": [...], "answer": "N"} per line) -> get() = (prompt ids rendered with the
-    generation prompt, answers as strings); rewards call eval.check_answer(completion, answer)."""
+    """RL prompts ({"prompt": [...], "answer": "N", "enable_thinking": optional bool} per line) -> get() = (prompt
+    ids rendered with the generation prompt, answers as strings); the line's enable_thinking beats the loader's,
+    a /think or /no_think in the prompt's system turn beats both (the template's rule)."""
 
     def __init__(self, path, tok, micro_batch_size, accum=1, seed=0, rank=0, world_size=1, enable_thinking=True):
-        rows = _rows(path, [("prompt", list), ("answer", str)], lambda prompt, answer: (
-            render_chat(tok, prompt, True, enable_thinking=enable_thinking)[0], answer))
+        fields = [("prompt", list), ("answer", str), ("enable_thinking", bool, enable_thinking)]
+        rows = _rows(path, fields, lambda prompt, answer, think: (
+            render_chat(tok, _messages("prompt", prompt), True, enable_thinking=think)[0], answer))
         self.prompts, self.answers = [ids for ids, _ in rows], [answer for _, answer in rows]
         self._setup(len(self.prompts), micro_batch_size, accum, seed, rank, world_size, path, "rl")
 
@@ -142,3 +241,790 @@ class PromptLoader(_Shuffled):
         idx = self.indices(step, micro_step).tolist()
         return [self.prompts[i] for i in idx], [self.answers[i] for i in idx]
 
+
+
+# -------------------------------------------------------------------------------------------- loop glue
+
+@dataclass
+class PostConfig:
+    """What post-training adds to DataConfig (data_dir, tokenizer, seq_len) and TrainConfig (the loop's keys)."""
+    train_data: str = "default"     # .jsonl; "default": <data_dir>/sft_train.jsonl (sft, mid) or pref_train.jsonl (dpo)
+    val_data: str = "default"       # held-out .jsonl; "default": sft_val.jsonl or pref_val.jsonl; "" = none
+    overlong: str = "skip"          # a conversation or pair longer than seq_len: "skip" or "truncate" (both counted)
+    loss_type: str = "apo_zero"     # preference loss: "dpo" (sigmoid) | "ipo" | "apo_zero" | "apo_down"
+    beta: float = 0.1               # preference: reward scale beta (the strength of the pull to the reference)
+    ref_logps: str = "precompute"   # "precompute": reference log-probs once, to out_dir/ref_logps.safetensors;
+                                    # "frozen": a frozen copy of the start model scores every batch
+    attn_impl: str = "sdpa"         # how to run attention ("triton" on GPU); a checkpoint does not record it
+    act_ckpt: bool = False          # recompute each layer in backward (ModelConfig.act_ckpt)
+
+
+# The dataclasses whose fields a post-training config may set; TrainConfig's keys mean what they mean for
+# pretraining (lr, batch_size, max_steps, eval_interval, ckpt_interval, init_from, resume, ...).
+CONFIGS = (DataConfig, train.TrainConfig, PostConfig)
+
+
+@dataclass
+class Run:
+    """What setup() prepares for a method: configs, device, model, optimizer step, tokenizer, start."""
+    dc: DataConfig
+    tc: train.TrainConfig
+    pc: PostConfig
+    device: torch.device
+    autocast: object
+    model: Model
+    fwd: object                     # the model as trained (torch.compile'd on CUDA)
+    opts: list
+    update: train.Step
+    tok: Tokenizer
+    init: str                       # the checkpoint the run started from (the reference of preference losses)
+    ckpt: str | None                # the checkpoint resumed from, or None
+    start: int
+    config: dict
+    log: train.Logger | None = None
+
+
+def checkpoint_dir(path, what):
+    """A run directory's newest intact checkpoint, else `path` itself; it must hold an HF config.json."""
+    if os.path.isfile(os.path.join(path, "latest")):
+        path = train.latest_checkpoint(path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{what}={path!r}: expected a run, checkpoint or HF model directory with config.json")
+    return path
+
+
+def load_model(path, pc, device, **overrides):
+    """Model of HF directory `path` in fp32 (the master weights; bf16 comes from autocast) on `device`."""
+    return Model.from_pretrained(path, attn_impl=pc.attn_impl, act_ckpt=pc.act_ckpt, **overrides).float().to(device)
+
+
+def resolve(ns):
+    """(DataConfig, TrainConfig, PostConfig) of a namespace; post-training's own keys checked (the model's and the
+    loop's are checked by setup against the start checkpoint)."""
+    dc, tc, pc = (cls(**pick(ns, cls)) for cls in CONFIGS)
+    checks = [(pc.overlong in ("skip", "truncate"), f"overlong={pc.overlong!r} must be 'skip' or 'truncate'"),
+              (pc.loss_type in LOSSES, f"loss_type={pc.loss_type!r} must be one of {sorted(LOSSES)}"),
+              (pc.beta > 0, f"beta={pc.beta} must be > 0"),
+              (pc.ref_logps in ("precompute", "frozen"), f"ref_logps={pc.ref_logps!r} must be 'precompute' or 'frozen'"),
+              (tc.init_from, "init_from: post-training starts from a checkpoint; pass --init_from=RUN_OR_CHECKPOINT")]
+    errors = [msg for ok, msg in checks if not ok]
+    if errors:
+        raise ValueError("config: " + "; ".join(errors))
+    return dc, tc, pc
+
+
+def setup(ns, method, **overrides):
+    """Check the config, find the start (init_from, or out_dir's latest checkpoint with --resume=True), build the
+    model, optimizers, guard and Step, restore a resumed run. Writes nothing. `overrides`: ModelConfig fields."""
+    dc, tc, pc = resolve(ns)
+    if train.dist_env()[1] > 1:
+        raise ValueError(f"WORLD_SIZE={train.dist_env()[1]}: posttrain.py runs one process (no torchrun yet)")
+    init = checkpoint_dir(tc.init_from, "init_from")
+    mc = Model.config_from_hf(os.path.join(init, "config.json"), attn_impl=pc.attn_impl, act_ckpt=pc.act_ckpt,
+                              **overrides)
+    train.check_config(mc, dc, tc)
+    device, autocast = train.setup_device(tc, mc, 0)
+    ckpt, _ = train.find_start(tc, mc)
+    tok_file = os.path.join(init, "tokenizer.json")
+    tok = Tokenizer.load(tok_file) if dc.tokenizer == "default" and os.path.isfile(tok_file) else load_tokenizer(dc)
+    if tok.n_vocab > mc.vocab_size:
+        raise ValueError(f"tokenizer has {tok.n_vocab} ids but {init} has vocab_size={mc.vocab_size}")
+    torch.manual_seed(tc.seed)
+    model = load_model(init, pc, device, **overrides)
+    model.train()
+    opts = train.build_optimizers(model, tc, device)
+    update = train.Step(opts, train.Guard(tc.spike_factor), tc, autocast)
+    config, start = {**vars(ns), "method": method, "init_path": init}, 0
+    if ckpt:
+        saved = train.load_checkpoint(ckpt, model, opts)
+        start = saved["step"]
+        update.guard.load_state_dict(saved["guard"])
+        changed = {k: (saved["config"].get(k), v) for k, v in config.items()
+                   if saved["config"].get(k) != v and k != "resume"}
+        print(f"resuming from {ckpt} at step {start}" + (f"; config changes: {changed}" if changed else ""))
+    else:
+        print(f"{method}: starting from {init}")
+    fwd = torch.compile(model) if train.use_compile(tc, device) else model
+    return Run(dc, tc, pc, device, autocast, model, fwd, opts, update, tok, init, ckpt, start, config)
+
+
+def data_file(run, path, name):
+    """A configured data file; "default" is <data_dir>/<name>.jsonl, written with the embedded sets if missing."""
+    if path != "default":
+        return path
+    path = os.path.join(run.dc.data_dir, f"{name}.jsonl")
+    if not os.path.isfile(path):
+        os.makedirs(run.dc.data_dir, exist_ok=True)
+        for set_name, rows in default_sets().items():
+            target = os.path.join(run.dc.data_dir, f"{set_name}.jsonl")
+            if not os.path.isfile(target):
+                text = "".join(json.dumps(r) + "\n" for r in rows)
+                atomic_write(target, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    return path
+
+
+def fit(run, batches, loss_fn, held_out, extra=None, counts=None):
+    """Open the run (run.json, log.jsonl cut back to the start step) and run train.run_loop: a fresh run logs
+    the data `counts` and a held-out eval at step 0 first (the before), every run ends in a checkpoint."""
+    tc, model = run.tc, run.model
+    os.makedirs(tc.out_dir, exist_ok=True)
+    info = train.start_run(tc.out_dir, run.config, run.device, run.start, run.ckpt)
+    print(json.dumps(run.config, indent=1))
+    print(f"python {info['python']}, torch {info['torch']}, device {info['device']}, commit {info['git_commit']}")
+    tokens_per_step, peak = tc.batch_size * run.dc.seq_len, train.peak_flops(run.device)
+    print(f"{model.num_params():,} parameters; {tc.batch_size} rows x {run.dc.seq_len} tokens per step "
+          f"({tc.micro_batch_size} x {tc.batch_size // tc.micro_batch_size} accum)")
+    run.log = train.Logger(tc.out_dir, run.start, tc, tokens_per_step, model.flops_per_token(run.dc.seq_len), peak,
+                           True)
+    if run.start == 0:
+        if counts:
+            run.log.write({"kind": "data", "step": 0, **counts})
+            run.log.say(f"data: {counts}")
+        held_out(0)
+        run.log.restart_clock()
+
+    def save(done):
+        state = {"step": done, "guard": run.update.guard.state_dict(), "config": run.config}
+        train.save_checkpoint(tc.out_dir, model, run.opts, state, tc.keep_ckpts, run.tok)
+
+    train.run_loop(tc, run.start, run.update, run.log, batches, loss_fn, save, run.start if run.ckpt else None,
+                   held_out, extra)
+    evals = [r for r in train.read_log(run.log.path) if r["kind"] == "eval"]
+    return {"step": tc.max_steps, "run_dir": tc.out_dir, "skips": run.update.guard.skips,
+            "first_eval": evals[0] if evals else None, "last_eval": evals[-1] if evals else None}
+
+
+# ------------------------------------------------------------------------------------------ SFT and mid
+
+def sft(ns, all_tokens=False):
+    """SFT (loss on what the assistant generates, <|im_end|> included) or, with all_tokens, mid-training (loss on
+    every token) of conversations packed into rows; the loss is the mean over every target token of the step."""
+    run = setup(ns, "mid" if all_tokens else "sft")
+    dc, tc, pc = run.dc, run.tc, run.pc
+    accum = tc.batch_size // tc.micro_batch_size
+    loaders = {"train": SFTLoader(data_file(run, pc.train_data, "sft_train"), run.tok, dc.seq_len,
+                                  tc.micro_batch_size, accum, tc.seed, overlong=pc.overlong, all_tokens=all_tokens)}
+    val_path = data_file(run, pc.val_data, "sft_val")
+    if val_path:
+        loaders["val"] = SFTLoader(val_path, run.tok, dc.seq_len, tc.micro_batch_size, overlong=pc.overlong,
+                                   all_tokens=all_tokens)
+
+    def batches(step):
+        return sft_batches(loaders["train"], step, accum)
+
+    def loss_fn(batch):
+        return sft_loss(run.fwd, batch, run.device)
+
+    def held_out(done):
+        if "val" in loaders:
+            val = loaders["val"]
+            rows = [torch.from_numpy(a[:tc.eval_rows]) for a in (val.x, val.y, val.pos)]
+            run.log.held_out(done, {run.config["method"]: token_mean_loss(run, *rows)})
+
+    counts = {k: loader.counts for k, loader in loaders.items()}
+    return fit(run, batches, loss_fn, held_out, counts=counts)
+
+
+def sft_batches(loader, step, accum):
+    """The step's micro-batches (x, y, pos, scale). Step backpropagates each micro-batch's loss / accum and logs
+    their mean, so with scale = accum / n (n: the target tokens of the whole step) a micro-batch's token sum
+    x scale makes the step's loss and gradient the per-token mean over the whole batch: a short conversation
+    weighs what its tokens weigh, not what a mean of per-micro-batch means would give it."""
+    micro = [loader.get(step, m) for m in range(accum)]
+    n = sum(int((y != -100).sum()) for _, y, _ in micro)
+    return [(x, y, pos, accum / max(n, 1)) for x, y, pos in micro]
+
+
+def sft_loss(model, batch, device):
+    """A micro-batch's cross-entropy summed over its targets (y != -100), times its scale."""
+    x, y, pos, scale = batch
+    return model(*(t.to(device, non_blocking=True) for t in (x, y, pos)), reduction="sum")[1] * scale
+
+
+@torch.no_grad()
+def token_mean_loss(run, x, y, pos):
+    """Mean cross-entropy over every target token of rows (x, y, pos), in micro-batches."""
+    total, n, mb = 0.0, 0, run.tc.micro_batch_size
+    for i in range(0, len(x), mb):
+        with run.autocast:
+            total += sft_loss(run.model, (x[i:i + mb], y[i:i + mb], pos[i:i + mb], 1.0), run.device).item()
+        n += int((y[i:i + mb] != -100).sum())
+    return total / max(n, 1)
+
+
+# ------------------------------------------------------------------------------------------- preference
+# r_w, r_l = the log-ratios log pi(y) - log pi_ref(y) of the chosen and rejected completions (summed over their
+# tokens). 1 - sigmoid(z) is written sigmoid(-z): the same value without the cancellation near z >> 0.
+LOSSES = {
+    "dpo": lambda beta, rw, rl: -F.logsigmoid(beta * (rw - rl)),                          # Rafailov et al. 2023
+    "ipo": lambda beta, rw, rl: (rw - rl - 1 / (2 * beta)) ** 2,                          # Azar et al. 2023
+    "apo_zero": lambda beta, rw, rl: torch.sigmoid(-beta * rw) + torch.sigmoid(beta * rl),  # D'Oosterlinck et al.
+    "apo_down": lambda beta, rw, rl: torch.sigmoid(beta * rw) + torch.sigmoid(-beta * (rw - rl)),  # 2024
+}
+
+
+def pair_logps(model, chosen, rejected, device):
+    """Summed completion log-probs ([B] chosen, [B] rejected) of padded pair rows, both sides in one forward."""
+    x, y, pos = (torch.cat([c, r]).to(device, non_blocking=True) for c, r in zip(chosen, rejected))
+    return (-model(x, y, pos, reduction="none")[1].sum(1)).chunk(2)
+
+
+def reward_stats(beta, rw, rl, chosen, rejected):
+    """The numbers log.jsonl tracks per pair batch (TRL's names): implicit rewards beta * r, their margin, the
+    share of pairs the rewards rank right, and the share the policy itself gives the chosen reply more mass."""
+    return {"rewards/chosen": beta * rw.mean(), "rewards/rejected": beta * rl.mean(),
+            "rewards/margin": beta * (rw - rl).mean(), "rewards/accuracy": (rw > rl).float().mean(),
+            "logps/accuracy": (chosen > rejected).float().mean()}
+
+
+@torch.no_grad()
+def logps_table(model, loader, micro_batch_size, autocast, device):
+    """Completion log-probs [n_pairs, 2] (chosen, rejected) of every pair of `loader`, in order."""
+    out = []
+    for i in range(0, len(loader.pairs), micro_batch_size):
+        with autocast:
+            out.append(torch.stack(pair_logps(model, *loader.rows(range(i, min(i + micro_batch_size,
+                                                                                len(loader.pairs)))), device), 1))
+    return torch.cat(out).float().cpu()
+
+
+def _sha256(path):
+    return train.file_digest(path)["sha256"]
+
+
+def reference_tables(run, loaders, paths):
+    """{split: [n_pairs, 2] reference log-probs}, computed once by the start model and kept in
+    out_dir/ref_logps.safetensors; reused while the start checkpoint, data files and seq_len are the same."""
+    path = os.path.join(run.tc.out_dir, "ref_logps.safetensors")
+    meta = {"init": _sha256(os.path.join(run.init, "model.safetensors")), "seq_len": str(run.dc.seq_len),
+            "overlong": run.pc.overlong, **{split: _sha256(p) for split, p in paths.items()}}
+    if os.path.isfile(path):
+        with safe_open(path, framework="pt") as f:
+            if f.metadata() == meta:
+                return load_file(path)
+    ref = load_model(run.init, run.pc, run.device, z_loss=0.0)
+    tables = {split: logps_table(ref, loader, run.tc.micro_batch_size, run.autocast, run.device)
+              for split, loader in loaders.items()}
+    os.makedirs(run.tc.out_dir, exist_ok=True)
+    atomic_write(path, lambda p: save_file(tables, p, metadata=meta))
+    return tables
+
+
+def dpo(ns):
+    """Preference optimisation (loss_type dpo, ipo, apo_zero, apo_down) of the start model on pairs, against the
+    start model as the reference (a frozen copy, or its log-probs precomputed once)."""
+    run = setup(ns, "dpo", z_loss=0.0)      # log-probs are the plain cross-entropy: no z-loss term
+    dc, tc, pc = run.dc, run.tc, run.pc
+    accum = tc.batch_size // tc.micro_batch_size
+    paths = {"train": data_file(run, pc.train_data, "pref_train")}
+    if data_file(run, pc.val_data, "pref_val"):
+        paths["val"] = data_file(run, pc.val_data, "pref_val")
+    loaders = {split: PreferenceLoader(p, run.tok, dc.seq_len, tc.micro_batch_size, accum, tc.seed,
+                                       overlong=pc.overlong) for split, p in paths.items()}
+    if pc.ref_logps == "precompute":
+        tables = reference_tables(run, loaders, paths)
+
+        def reference(split, items, chosen, rejected):
+            return tables[split][items].to(run.device).unbind(1)
+    else:
+        frozen = load_model(run.init, pc, run.device, z_loss=0.0).eval().requires_grad_(False)
+
+        @torch.no_grad()
+        def reference(split, items, chosen, rejected):
+            return pair_logps(frozen, chosen, rejected, run.device)
+
+    def pair_loss(split, items, chosen, rejected, model):
+        policy = pair_logps(model, chosen, rejected, run.device)
+        rw, rl = (p - r for p, r in zip(policy, reference(split, items, chosen, rejected)))
+        return LOSSES[pc.loss_type](pc.beta, rw, rl), reward_stats(pc.beta, rw.detach(), rl.detach(),
+                                                                   *(p.detach() for p in policy))
+
+    def batches(step):
+        items = [loaders["train"].indices(step, m).tolist() for m in range(accum)]
+        return [(idx, *loaders["train"].rows(idx)) for idx in items]
+
+    stats = []
+
+    def loss_fn(batch):
+        loss, s = pair_loss("train", *batch, run.fwd)
+        stats.append(s)
+        return loss.mean()
+
+    def extra():
+        out = {k: torch.stack([s[k] for s in stats]).mean().item() for k in stats[0]}
+        stats.clear()
+        return out
+
+    @torch.no_grad()
+    def held_out(done):
+        if "val" not in loaders:
+            return
+        n, mb, parts = min(tc.eval_rows, len(loaders["val"].pairs)), tc.micro_batch_size, []
+        for i in range(0, n, mb):
+            items = list(range(i, min(i + mb, n)))
+            with run.autocast:
+                loss, s = pair_loss("val", items, *loaders["val"].rows(items), run.model)
+            parts.append((len(items), loss.sum().item(), {k: v.item() * len(items) for k, v in s.items()}))
+        run.log.held_out(done, {pc.loss_type: sum(p[1] for p in parts) / n},
+                         extra={f"val_{k}": sum(p[2][k] for p in parts) / n for k in parts[0][2]})
+
+    counts = {k: loader.counts for k, loader in loaders.items()}
+    return fit(run, batches, loss_fn, held_out, extra, counts)
+
+
+# ------------------------------------------------------------------------------------------------- GRPO
+# Group Relative Policy Optimization (DeepSeekMath) with DAPO's changes, as the playbook's RL stage runs it:
+# G completions per prompt; reward = the verified answer (eval.check_answer), an optional format bonus and
+# the soft overlong penalty; advantage = reward against its group; a per-token clipped ratio with
+# asymmetric ε (DAPO's clip-higher); no KL by default (β = 0); token-level aggregation by default.
+
+@dataclass
+class GRPOConfig:
+    """GRPO's keys; TrainConfig's mean what they mean elsewhere, batch_size counting completions per step
+    (prompts x group_size), max_steps optimizer updates."""
+    rl_data: str = "default"        # {"prompt", "answer"} lines (PromptLoader); "default": <data_dir>/rl_train.jsonl
+    enable_thinking: bool = True    # the dataset's mode (an example's own enable_thinking or system flag wins)
+    group_size: int = 8             # G completions per prompt
+    max_new_tokens: int = 256       # L_max, the generation budget
+    overlong_cache: int = 64        # L_cache: DAPO's soft penalty ramps over the last L_cache tokens; 0 = off
+    format_reward: float = 0.0      # added when a completion follows the chat format (eval.follows_format)
+    temperature: float = 1.0        # sampling; the log-probs are those of the same tempered distribution
+    top_k: int | None = None
+    top_p: float | None = None
+    eps_low: float = 0.2            # the ratio is clipped to [1 - eps_low, 1 + eps_high]
+    eps_high: float = 0.28
+    kl_beta: float = 0.0            # k3 KL to the start model; 0 = no reference model (DAPO, the playbook)
+    scale_rewards: bool = True      # divide by the group's std; False = Dr. GRPO
+    loss_agg: str = "dapo"          # "grpo" | "dapo" | "dr_grpo" (see token_weights)
+    num_iterations: int = 1         # optimizer updates per rollout batch, each against the rollout's log-probs
+    rollout_batch: int = 64         # completions per generate call (bounds the KV cache)
+    eval_questions: int = 64        # held-out math_test questions for greedy exact match at each eval; 0 = none
+
+
+def overlong_penalty(length, max_len, cache):
+    """DAPO's soft overlong punishment of a completion of `length` tokens: 0 up to max_len - cache, then a
+    linear ramp down to -1 at max_len, -1 beyond."""
+    if length <= max_len - cache:
+        return 0.0
+    return (max_len - cache - length) / cache if length <= max_len else -1.0
+
+
+def completion_reward(tok, ids, answer, think, gc):
+    """Reward of one completion (generated ids, stop token included): 1 if its answer checks, plus the format
+    bonus, plus the overlong penalty. The text is parsed by eval's checker, never executed."""
+    r = float(check_answer(completion_text(tok, ids), answer))
+    if gc.format_reward:
+        r += gc.format_reward * follows_format(tok, ids, think)
+    if gc.overlong_cache:
+        r += overlong_penalty(len(ids), gc.max_new_tokens, gc.overlong_cache)
+    return r
+
+
+def group_advantages(rewards, group_size, scale=True):
+    """rewards [N * G] (groups contiguous) -> advantages [N * G]: (r - group mean) / (group std + 1e-4), the
+    std unbiased as in TRL; scale=False keeps r - mean (Dr. GRPO). A group of equal rewards gets exactly 0."""
+    r = rewards.view(-1, group_size)
+    std = r.std(1, keepdim=True)
+    a = r - r.mean(1, keepdim=True)
+    a = a / (std + 1e-4) if scale else a
+    return torch.where(std > 0, a, 0.0).view(-1)
+
+
+def token_weights(mask, agg, max_len):
+    """Per-token weights [N, T] that turn a per-token loss into the batch loss by one weighted sum, so any
+    split into micro-batches sums to the same loss. grpo: mean over each sequence, then over sequences;
+    dapo: sum over all tokens / total tokens; dr_grpo: sum / (sequences x max_len, the generation budget)."""
+    m = mask.float()
+    if agg == "grpo":
+        return m / m.sum(1, keepdim=True).clamp(min=1) / len(m)
+    if agg == "dapo":
+        return m / m.sum().clamp(min=1)
+    if agg == "dr_grpo":
+        return m / (len(m) * max_len)
+    raise ValueError(f"loss_agg must be 'grpo', 'dapo' or 'dr_grpo', got {agg!r}")
+
+
+def k3_kl(logp, ref_logp):
+    """Schulman's k3 estimator of KL(π || π_ref) per token: exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased)."""
+    d = ref_logp - logp
+    return d.exp() - d - 1
+
+
+def grpo_token_loss(logp, old_logp, adv, gc, ref_logp=None):
+    """Per-token loss [N, T]: -min(ρ A, clip(ρ, 1 - ε_low, 1 + ε_high) A) with ρ = exp(logp - old_logp), plus
+    kl_beta x k3 KL; and the per-token mask of where the clip is active (its gradient is then 0)."""
+    ratio = (logp - old_logp).exp()
+    a = adv[:, None]
+    unclipped, clipped = ratio * a, ratio.clamp(1 - gc.eps_low, 1 + gc.eps_high) * a
+    loss = -torch.minimum(unclipped, clipped)
+    if gc.kl_beta:
+        loss = loss + gc.kl_beta * k3_kl(logp, ref_logp)
+    return loss, clipped < unclipped
+
+
+def token_logprobs(model, x, y, pos, temperature):
+    """log π(y_t | x_<=t) [B, T] under the tempered distribution sampled from; 0 where y == -100."""
+    logp = (model(x, pos=pos) / temperature).log_softmax(-1)
+    return torch.where(y == -100, 0.0, logp.gather(-1, y.clamp(min=0)[..., None])[..., 0])
+
+
+def rollout(model, tok, prompts, answers, gc, generator):
+    """G completions of every prompt (batched generate with the KV cache) -> (rows (x, y, pos) [N*G, T] whose
+    targets are the completion tokens only, rewards [N*G], stats: lengths, correct answers, tokens/s)."""
+    stop = [t for t in (tok.im_end_id, tok.eos_id) if t is not None]
+    batch = [p for p in prompts for _ in range(gc.group_size)]
+    model.eval()
+    t0, outs = time.perf_counter(), []
+    for i in range(0, len(batch), gc.rollout_batch):
+        outs += model.generate(batch[i:i + gc.rollout_batch], gc.max_new_tokens, gc.temperature, gc.top_k, gc.top_p,
+                               stop, generator)
+    seconds = time.perf_counter() - t0
+    model.train()
+    # the /no_think generation prompt ends in the template's prefilled empty think block
+    thinks = [not tok.decode(p[-8:]).endswith("<think>\n\n</think>\n") for p in prompts]
+    g = gc.group_size
+    rewards = [completion_reward(tok, out, answers[i // g], thinks[i // g], gc) for i, out in enumerate(outs)]
+    rows = [(np.asarray(p + o[:-1], dtype=np.int64), np.asarray([-100] * (len(p) - 1) + o, dtype=np.int64))
+            for p, o in zip(batch, outs)]
+    lengths = [len(o) for o in outs]
+    stats = {"completion_length": sum(lengths) / len(outs), "completion_length_max": max(lengths),
+             "correct": sum(check_answer(completion_text(tok, o), answers[i // g])
+                            for i, o in enumerate(outs)) / len(outs),
+             "rollout_tok_per_s": sum(lengths) / seconds}
+    return tuple(map(torch.from_numpy, _padded(tok, rows, max(len(x) for x, _ in rows)))), torch.tensor(rewards), stats
+
+
+def grpo(ns):
+    """GRPO of the start model on prompts with verifiable answers: every num_iterations steps a rollout of
+    batch_size completions (batch_size / group_size prompts), then that many updates against its log-probs."""
+    run = setup(ns, "grpo", z_loss=0.0)     # log-probs are the plain softmax: no z-loss term
+    gc = GRPOConfig(**pick(ns, GRPOConfig))
+    # the loss sits near 0 and changes sign, so "a spike above 3x the running mean" means nothing here; the
+    # guard still skips a non-finite loss or gradient
+    run.update.guard.spike_factor = 0.0
+    tc, tok, mu, g = run.tc, run.tok, gc.num_iterations, gc.group_size
+    checks = [(gc.loss_agg in ("grpo", "dapo", "dr_grpo"),
+               f"loss_agg={gc.loss_agg!r} must be 'grpo', 'dapo' or 'dr_grpo'"),
+              (g >= 2 and tc.batch_size % g == 0,
+               f"batch_size={tc.batch_size} must be a multiple of group_size={g} >= 2"),
+              (0 <= gc.overlong_cache < gc.max_new_tokens,
+               f"overlong_cache={gc.overlong_cache} must be in [0, max_new_tokens={gc.max_new_tokens})"),
+              (gc.temperature > 0, f"temperature={gc.temperature} must be > 0 (greedy samples of a group are all one)"),
+              # a checkpoint then always falls on a rollout boundary, so a resumed run is the uninterrupted one
+              (tc.ckpt_interval % mu == 0 and tc.max_steps % mu == 0,
+               f"ckpt_interval={tc.ckpt_interval} and max_steps={tc.max_steps} must be multiples of num_iterations={mu}")]
+    errors = [msg for ok, msg in checks if not ok]
+    if errors:
+        raise ValueError("config: " + "; ".join(errors))
+    loader = PromptLoader(data_file(run, gc.rl_data, "rl_train"), tok, tc.batch_size // g, seed=tc.seed,
+                          enable_thinking=gc.enable_thinking)
+    ref = load_model(run.init, run.pc, run.device, z_loss=0.0).eval().requires_grad_(False) if gc.kl_beta else None
+    generator = torch.Generator(run.device)
+    held = task_rows("math", "")[:gc.eval_questions] if gc.eval_questions else []   # eval.py's math_test
+    buffer, stats = [], {}
+
+    @torch.no_grad()
+    def scored(model, rows):   # under the loss's autocast: the first update's ratio is then exactly 1
+        if model is None:
+            return None
+        with run.autocast:
+            return torch.cat([token_logprobs(model, *(t.to(run.device) for t in r), gc.temperature).float().cpu()
+                              for r in rows])
+
+    def batches(step):
+        if step % mu:                                        # the same rollout again, against its old log-probs
+            return buffer
+        # the rollout of step s is a function of (seed, s, weights): a resumed run samples what it would have
+        generator.manual_seed(tc.seed * 1_000_003 + step)
+        prompts, answers = loader.get(step // mu, 0)
+        (x, y, pos), rewards, stats_ = rollout(run.model, tok, prompts, answers, gc, generator)
+        adv = group_advantages(rewards, g, gc.scale_rewards)
+        w = token_weights(y != -100, gc.loss_agg, gc.max_new_tokens)
+        part = [slice(i, i + tc.micro_batch_size) for i in range(0, len(x), tc.micro_batch_size)]
+        rows = [(x[s], y[s], pos[s]) for s in part]
+        old, ref_lp = scored(run.model if mu > 1 else None, rows), scored(ref, rows)
+        buffer[:] = [(*r, adv[s], w[s], None if old is None else old[s], None if ref_lp is None else ref_lp[s])
+                     for r, s in zip(rows, part)]
+        spread = rewards.view(-1, g).std(1)
+        stats.update(stats_, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+                     zero_std_groups=(spread == 0).float().mean().item(), clipped=0, tokens=0)
+        return buffer
+
+    def loss_fn(batch):
+        x, y, pos, adv, w, old, ref_lp = (t if t is None else t.to(run.device, non_blocking=True) for t in batch)
+        logp = token_logprobs(run.fwd, x, y, pos, gc.temperature)
+        per_token, clip = grpo_token_loss(logp, logp.detach() if old is None else old, adv, gc, ref_lp)
+        mask = y != -100
+        stats["clipped"] = stats["clipped"] + (clip & mask).sum()
+        stats["tokens"] = stats["tokens"] + mask.sum()
+        # Step backpropagates loss / (number of micro-batches): the weights already make the sum the batch loss
+        return (per_token * w).sum() * len(buffer)
+
+    def extra():
+        clip_frac = (stats["clipped"] / max(int(stats["tokens"]), 1)).item()
+        stats.update(clipped=0, tokens=0)
+        return {k: v for k, v in stats.items() if k not in ("clipped", "tokens")} | {"clip_frac": clip_frac}
+
+    def held_out(done):
+        if held:
+            em, _, form = exact_match(run.model, tok, held, True, gc.enable_thinking,
+                                      max_new_tokens=gc.max_new_tokens, batch_size=gc.rollout_batch)
+            run.model.train()
+            run.log.held_out(done, {}, extra={"exact_match": em, "format": form})
+
+    return fit(run, batches, loss_fn, held_out, extra)
+
+
+# ------------------------------------------------------------------------------------------------ merge
+
+def _tensor_files(path):
+    """The safetensors files of an HF checkpoint: model.safetensors, else the shards its index names."""
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return [os.path.join(path, "model.safetensors")]
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        raise ValueError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+    return [os.path.join(path, f) for f in sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))]
+
+
+# Fields that say how to run a model, not what it computes: checkpoints that differ only here may be merged.
+_RUNTIME_KEYS = ("attn_impl", "act_ckpt", "loss_chunk")
+
+
+def merge(out, specs):
+    """Write sum_i w_i * theta_i of the HF-layout checkpoints `specs` ("DIR:WEIGHT", weights summing to 1; a run
+    directory means its newest checkpoint) to directory `out`, with the first's config.json and tokenizer.json.
+    Refuses checkpoints whose model configs or tensors (names, shapes, dtypes) differ, naming the difference."""
+    if not specs:
+        raise ValueError("merge: expected OUT and at least one CHECKPOINT:WEIGHT")
+    parts = []
+    for spec in specs:
+        path, sep, w = spec.rpartition(":")
+        try:
+            weight = float(w) if sep and path else None
+        except ValueError:
+            weight = None
+        if weight is None:
+            raise ValueError(f"merge: {spec!r}: expected CHECKPOINT:WEIGHT, e.g. out/tiny_apo:0.9")
+        parts.append((checkpoint_dir(path, "merge"), weight))
+    total = sum(w for _, w in parts)
+    if abs(total - 1) > 1e-6:
+        raise ValueError(f"merge: the weights sum to {total:g}; a linear merge's weights sum to 1")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ValueError(f"merge: {out} exists and is not an empty directory; choose another OUT")
+    base = parts[0][0]
+    configs = [dataclasses.asdict(Model.config_from_hf(os.path.join(p, "config.json"))) for p, _ in parts]
+    for (path, _), cfg in zip(parts[1:], configs[1:]):
+        diff = [f"{k}: {configs[0][k]} vs {v}" for k, v in cfg.items() if k not in _RUNTIME_KEYS and v != configs[0][k]]
+        if diff:
+            raise ValueError(f"merge: {path} has another model config than {base}: {', '.join(diff)}")
+    handles = [[safe_open(f, framework="pt") for f in _tensor_files(p)] for p, _ in parts]
+    where = [{k: h for h in hs for k in h.keys()} for hs in handles]
+    merged = {}
+    for name in sorted(where[0]):
+        first = where[0][name].get_tensor(name)
+        acc = torch.zeros(first.shape, dtype=torch.float64)
+        for (path, w), names in zip(parts, where):
+            if name not in names:
+                raise ValueError(f"merge: tensor {name!r} is in {base} but not in {path}")
+            t = names[name].get_tensor(name)
+            if t.shape != first.shape or t.dtype != first.dtype:
+                raise ValueError(f"merge: tensor {name!r} is {first.dtype} {tuple(first.shape)} in {base} but "
+                                 f"{t.dtype} {tuple(t.shape)} in {path}")
+            acc += w * t.double()
+        merged[name] = acc.to(first.dtype)
+    for (path, _), names in zip(parts[1:], where[1:]):
+        extra = sorted(set(names) - set(where[0]))
+        if extra:
+            raise ValueError(f"merge: tensor {extra[0]!r} is in {path} but not in {base}")
+    # written whole into a temporary directory and renamed, so OUT is either absent or complete
+    tmp = f"{out.rstrip('/')}.tmp"
+    os.makedirs(tmp, exist_ok=True)
+    atomic_write(os.path.join(tmp, "model.safetensors"), lambda p: save_file(merged, p, metadata={"format": "pt"}))
+    recipe = {"merge": [{"checkpoint": p, "weight": w} for p, w in parts]}
+    for name in ("config.json", "tokenizer.json"):
+        if os.path.isfile(os.path.join(base, name)):
+            text = Path(base, name).read_text(encoding="utf-8")
+            atomic_write(os.path.join(tmp, name), lambda p: Path(p).write_text(text, encoding="utf-8"))
+    atomic_write(os.path.join(tmp, "merge.json"), lambda p: Path(p).write_text(json.dumps(recipe, indent=1)))
+    if os.path.isdir(out):
+        os.rmdir(out)
+    os.replace(tmp, out)
+    print(f"merged {len(merged)} tensors of " + " + ".join(f"{w:g} x {p}" for p, w in parts) + f" into {out}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+# `python posttrain.py pipeline config/tiny.py`: the whole recipe at toy scale from nothing, tokenizer ->
+# pretrain -> mid-train -> SFT -> APO -> GRPO -> merge, each stage in its own directory under pipeline_dir
+# from the stage's config (config/tiny.py, tiny_mid.py, tiny_sft.py, tiny_apo.py, tiny_grpo.py) with the
+# pipeline's step counts; a stage whose checkpoint exists is skipped. Then a table of held-out metrics for
+# every checkpoint, all from eval.py (bpb, exact_match and its format share) and the preference log-probs.
+
+@dataclass
+class PipelineConfig:
+    pipeline_dir: str = "out/pipeline"
+    pretrain_steps: int = 120       # optimizer steps per stage (the stage configs' max_steps are for longer runs)
+    mid_steps: int = 30
+    sft_steps: int = 50
+    apo_steps: int = 25
+    grpo_steps: int = 16
+    eval_questions: int = 64        # held-out math_test questions per mode (/think, /no_think)
+    eval_pairs: int = 100           # held-out pref_val pairs
+    merge_weights: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.1])   # GRPO model, mid-training
+
+
+# stage -> (config file, the stage it starts from, method); pretraining is train.py's
+STAGES = {"mid": ("config/tiny_mid.py", "pretrain", "mid"), "sft": ("config/tiny_sft.py", "mid", "sft"),
+          "apo": ("config/tiny_apo.py", "sft", "dpo"), "grpo": ("config/tiny_grpo.py", "apo", "grpo")}
+
+
+@torch.no_grad()
+def checkpoint_metrics(path, pc, data_dir, chat=True):
+    """Held-out numbers of one checkpoint: math bpb (64 rows of the math val shard), exact match and format share
+    in /think and /no_think (eval.exact_match on math_test), and the share of pref_val pairs whose chosen reply
+    the model gives more log-probability than the rejected one (chat=False: bpb only)."""
+    model, tok = Model.from_pretrained(path, attn_impl="sdpa").float().eval(), Tokenizer.load(path)
+    out = {}
+    x, y, pos = (t[:64] for t in file_rows(os.path.join(data_dir, "math", "val_00000.bin"), tok, 256))
+    out["math_bpb"] = evaluate(model, {"math": (x, y, pos)}, torch.from_numpy(tok.token_bytes()), 16,
+                               contextlib.nullcontext(), torch.device("cpu"))[1]["math"]
+    if not chat:
+        return out
+    rows = task_rows("math", "")[:pc.eval_questions]
+    for mode, think in (("think", True), ("no_think", False)):
+        out[f"em_{mode}"], _, out[f"format_{mode}"] = exact_match(model, tok, rows, True, think, max_new_tokens=96,
+                                                                  batch_size=64)
+    pairs = PreferenceLoader(os.path.join(data_dir, "pref_val.jsonl"), tok, 640, 16)
+    n, wins = min(pc.eval_pairs, len(pairs.pairs)), 0
+    for i in range(0, n, 16):
+        chosen, rejected = pair_logps(model, *pairs.rows(range(i, min(i + 16, n))), torch.device("cpu"))
+        wins += (chosen > rejected).sum().item()
+    out["pref_acc"] = wins / n
+    return out
+
+
+# stage -> [(metric, higher is better)] it targets, compared with the checkpoint it started from
+TARGETS = {"pretrain": [("math_bpb", False)], "sft": [(f"{m}_{k}", True) for k in ("think", "no_think")
+                                                       for m in ("format", "em")],
+           "apo": [("pref_acc", True)], "grpo": [("em_think", True), ("em_no_think", True)],
+           "merged": [("em_think", True), ("em_no_think", True)]}
+PARENT = {"pretrain": "init", "mid": "pretrain", "sft": "mid", "apo": "sft", "grpo": "apo", "merged": "grpo"}
+COLUMNS = ["math_bpb", "format_think", "em_think", "format_no_think", "em_no_think", "pref_acc"]
+
+
+def pipeline_table(metrics, times, mid_evals):
+    """Markdown: one row per checkpoint with its held-out metrics, its stage's wall time, and the metrics its
+    stage targets, before -> after, each marked improved or not."""
+    head = ("| checkpoint | stage s | math bpb | /think format | /think EM | /no_think format | /no_think EM | "
+            "pref acc | its stage's targets, before -> after |")
+    lines = [head, "|" + "---|" * 9]
+    for stage, m in metrics.items():
+        if stage == "mid":   # mid-training targets the loss on every token of held-out conversations
+            first, last = (r["val_loss"]["mid"] for r in (mid_evals[0], mid_evals[-1]))
+            targets = [("chat loss", first, last, last < first)]
+        else:
+            before = metrics.get(PARENT.get(stage), {})
+            targets = [(k, before[k], m[k], m[k] > before[k] if up else m[k] < before[k])
+                       for k, up in TARGETS.get(stage, []) if k in m and k in before]
+        cells = [f"{m[k]:.3f}" if k in m else "" for k in COLUMNS]
+        said = "; ".join(f"{k} {a:.3f} -> {b:.3f} {'improved' if ok else '**not improved**'}"
+                         for k, a, b, ok in targets) or "(untrained model)"
+        wall = f"{times[stage]:.0f}" if stage in times else ""
+        lines.append(f"| {stage} | {wall} | " + " | ".join(cells) + f" | {said} |")
+    return "\n".join(lines)
+
+
+def pipeline(argv):
+    """Run the stages that have no checkpoint yet, then print (and write to pipeline_dir/table.md) the table.
+    argv: config/tiny.py (pretraining's config) and --key=value overrides, PipelineConfig's keys included."""
+    ns = load(argv, *train.CONFIGS, PipelineConfig, prog="python posttrain.py pipeline")
+    pc = PipelineConfig(**pick(ns, PipelineConfig))
+    root, t_start = pc.pipeline_dir, time.perf_counter()
+    dirs = {s: os.path.join(root, s) for s in ("pretrain", *STAGES, "merged")}
+    times_path, metrics_path = os.path.join(root, "times.json"), os.path.join(root, "metrics.json")
+    os.makedirs(root, exist_ok=True)
+    times = json.loads(Path(times_path).read_text()) if os.path.isfile(times_path) else {}
+
+    def timed(stage, fn):
+        t0 = time.perf_counter()
+        fn()
+        times[stage] = time.perf_counter() - t0
+        atomic_write(times_path, lambda p: Path(p).write_text(json.dumps(times, indent=1)))
+
+    # the metrics this toy recipe targets are arithmetic, so pretraining reads the math source only
+    def stage_ns(argv, classes, steps):   # the stage's config at the pipeline's step count (warmup at most half)
+        ns = load(argv + [f"--max_steps={steps}", f"--eval_interval={steps}", f"--ckpt_interval={steps}"], *classes)
+        ns.warmup_steps = min(ns.warmup_steps, steps // 2)
+        return ns
+
+    pre_ns = stage_ns(argv + [f"--out_dir={dirs['pretrain']}", "--mixture={'math': 1.0}", "--sample_tokens=0"],
+                      (*train.CONFIGS, PipelineConfig), pc.pretrain_steps)
+    if not os.path.isfile(os.path.join(dirs["pretrain"], "latest")):
+        timed("pretrain", lambda: train.train(pre_ns))
+    for stage, (cfg_file, parent, method) in STAGES.items():
+        if os.path.isfile(os.path.join(dirs[stage], "latest")):
+            continue
+        sns = stage_ns([cfg_file, f"--init_from={dirs[parent]}", f"--out_dir={dirs[stage]}",
+                        f"--data_dir={pre_ns.data_dir}"] + ["--eval_questions=0"] * (method == "grpo"),
+                       COMMAND_CONFIGS.get(method, CONFIGS), getattr(pc, f"{stage}_steps"))  # the table scores GRPO
+        timed(stage, lambda: COMMANDS[method](sns))
+    if not os.path.isfile(os.path.join(dirs["merged"], "config.json")):
+        w_grpo, w_mid = pc.merge_weights
+        timed("merged", lambda: merge(dirs["merged"], [f"{dirs['grpo']}:{w_grpo}", f"{dirs['mid']}:{w_mid}"]))
+
+    metrics = json.loads(Path(metrics_path).read_text()) if os.path.isfile(metrics_path) else {}
+    init_dir = os.path.join(root, "init")
+    if not os.path.isfile(os.path.join(init_dir, "config.json")):   # the untrained model: pretraining's "before"
+        tok = Tokenizer.load(os.path.join(checkpoint_dir(dirs["pretrain"], "pipeline"), "tokenizer.json"))
+        mc = train.resolve(pre_ns)[0]
+        torch.manual_seed(pre_ns.seed)
+        Model(dataclasses.replace(mc, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)).save_pretrained(init_dir)
+        tok.save(os.path.join(init_dir, "tokenizer.json"))
+    for stage, d in [("init", init_dir), *dirs.items()]:
+        if stage not in metrics:
+            metrics[stage] = checkpoint_metrics(checkpoint_dir(d, "pipeline"), pc, pre_ns.data_dir,
+                                                chat=stage not in ("init", "pretrain"))
+            atomic_write(metrics_path, lambda p: Path(p).write_text(json.dumps(metrics, indent=1)))
+    mid_evals = [r for r in train.read_log(os.path.join(dirs["mid"], "log.jsonl")) if r["kind"] == "eval"]
+    table = pipeline_table(metrics, times, mid_evals)
+    atomic_write(os.path.join(root, "table.md"), lambda p: Path(p).write_text(table + "\n"))
+    print(table)
+    print(f"pipeline: {time.perf_counter() - t_start:.0f} s this run, {sum(times.values()):.0f} s of stage time in all "
+          f"(load average {os.getloadavg()[0]:.1f})")
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------- command line
+
+COMMANDS = {"sft": sft, "mid": lambda ns: sft(ns, all_tokens=True), "dpo": dpo, "grpo": grpo}
+COMMAND_CONFIGS = {"grpo": CONFIGS + (GRPOConfig,)}     # the dataclasses a command reads beyond CONFIGS
+USAGE = (f"usage: python posttrain.py {{{','.join(COMMANDS)}}} CONFIG_FILE [--key=value ...]\n"
+         "       python posttrain.py merge OUT CHECKPOINT:WEIGHT [CHECKPOINT:WEIGHT ...]\n"
+         "       python posttrain.py pipeline config/tiny.py [--key=value ...]")
+
+
+def main(argv):
+    """Command line: bad input and a diverged run end in one line (exit 1); Ctrl-C in one line (exit 130)."""
+    if not argv or argv[0] not in (*COMMANDS, "merge", "pipeline"):
+        print(USAGE, file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    try:
+        if argv[0] == "merge":
+            if len(argv) < 3:
+                raise ValueError("merge: expected OUT and at least one CHECKPOINT:WEIGHT")
+            merge(argv[1], argv[2:])
+        elif argv[0] == "pipeline":
+            pipeline(argv[1:])
+        else:
+            COMMANDS[argv[0]](load(argv[1:], *COMMAND_CONFIGS.get(argv[0], CONFIGS),
+                                   prog=f"python posttrain.py {argv[0]}"))
+    except (ValueError, train.Diverged) as e:
+        sys.exit(f"posttrain.py: {e}")
+    except KeyboardInterrupt as e:                             # 130 = 128 + SIGINT, what a shell reports
+        print(f"posttrain.py: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -18,7 +18,7 @@ Sections
   setup           setup_device, find_start, start_run (run.json history)
   logging         Logger (log.jsonl, tqdm, tokens/s, MFU), read_log
   plot            plot_curves (loss.svg)
-  the loop        train, write_samples
+  the loop        train, run_loop (the step loop posttrain.py's methods share too), write_samples
   benchmark       bench (--bench=N: step time, tokens/s, MFU, peak memory), main
 """
 import collections
@@ -581,7 +581,7 @@ class Logger:
         if self.master:
             self.bar.write(text)
 
-    def train_step(self, done, r, guard):
+    def train_step(self, done, r, guard, extra=None):
         self.steps, self.seconds = self.steps + 1, self.seconds + time.perf_counter() - self.t_last
         tok_s = self.tokens_per_step * self.steps / self.seconds
         mfu = self.flops_per_token * tok_s / self.peak if self.peak else None
@@ -591,16 +591,19 @@ class Logger:
         if r.skipped or done % self.tc.log_interval == 0 or done == self.tc.max_steps:
             self.write({"kind": "train", "step": done, "loss": _json_float(r.loss), "lr": r.lr,
                         "grad_norm": _json_float(r.grad_norm), "tok_per_s": tok_s, "mfu": mfu, "skipped": r.skipped,
-                        "skips": guard.skips, "loss_mean": _json_float(r.mean)})
+                        "skips": guard.skips, "loss_mean": _json_float(r.mean), **(extra or {})})
             self.steps, self.seconds = 0, 0.0
         if r.skipped:
             self.say(f"step {done}: update skipped ({r.skipped}: loss {r.loss:.4g}, grad norm {r.grad_norm:.4g}, "
                      f"running mean {r.mean:.4g}); {guard.skips} skipped so far")
 
-    def held_out(self, done, val_loss, val_bpb):
-        self.write({"kind": "eval", "step": done, "val_loss": val_loss, "val_bpb": val_bpb})
-        self.say(f"step {done}: val loss " + ", ".join(f"{s} {v:.4f}" for s, v in val_loss.items())
-                 + " | bpb " + ", ".join(f"{s} {v:.4f}" for s, v in val_bpb.items()))
+    def held_out(self, done, val_loss, val_bpb=None, extra=None):
+        """An eval line: val_loss (and val_bpb) per source, plus a method's own held-out numbers in `extra`."""
+        extra = ({} if val_bpb is None else {"val_bpb": val_bpb}) | (extra or {})
+        self.write({"kind": "eval", "step": done, "val_loss": val_loss, **extra})
+        self.say(f"step {done}: val loss " + ", ".join(f"{s} {v:.4f}" for s, v in val_loss.items()) + "".join(
+            f" | {k} " + (", ".join(f"{s} {x:.4f}" for s, x in v.items()) if isinstance(v, dict) else f"{v:.4f}")
+            for k, v in extra.items()))
         if self.master:   # loss.svg: train loss of accepted steps and held-out loss per source
             records = read_log(self.path)
             evals = [r for r in records if r["kind"] == "eval"]
@@ -755,24 +758,52 @@ def train(ns):
         x, y, pos = (t.to(device, non_blocking=True) for t in batch)
         return fwd(x, y, pos)[1]
 
-    weights, done, saved_step = None, start, start if ckpt else None
+    weights = None
+
+    def batches(step):
+        nonlocal weights
+        if loader.weights_at(step) != weights:
+            weights = loader.weights_at(step)
+            log.say(f"step {step}: data mixture {weights}")
+        return [loader.get(step, m) for m in range(accum)]
+
+    def save(done):
+        if master:
+            state = {"step": done, "guard": guard.state_dict(), "config": config, "tokens": done * tokens_per_step}
+            save_checkpoint(run_dir, model, opts, state, tc.keep_ckpts, tok)
+
+    run_loop(tc, start, update, log, batches, lm_loss, save, start if ckpt else None,
+             lambda done: log.held_out(done, *evaluate(model, val_sets, token_bytes, tc.micro_batch_size, autocast,
+                                                       device)),
+             model.moe_step)    # MoE: after each update, the routers' balance biases move; expert load logged
+    samples = write_samples(model, tok, tc, run_dir, device) if master else []
+    last_eval = next((r for r in reversed(read_log(log.path)) if r["kind"] == "eval"), None)
+    if grid:
+        parallel.shutdown(model)
+    return {"step": tc.max_steps, "run_dir": run_dir, "skips": guard.skips, "samples": samples,
+            "val_loss": last_eval and last_eval["val_loss"], "val_bpb": last_eval and last_eval["val_bpb"]}
+
+
+def run_loop(tc, start, update, log, batches, loss_fn, save, saved_step, held_out, extra=None):
+    """The step loop pretraining and every post-training method share. Each step s from `start`: update(batches(s),
+    loss_fn, get_lr(s, tc)) (batches: the step's micro-batches), logged with extra() (the method's own numbers)
+    when given; held_out(done) every eval_interval steps and at the end; save(done) every ckpt_interval steps and
+    at the end; Diverged past max_skips skips in a row. `saved_step`: the resumed checkpoint's step, or None.
+    Ctrl-C becomes one KeyboardInterrupt naming the step reached and the latest checkpoint."""
+    guard, done = update.guard, start
     try:
         for step in range(start, tc.max_steps):
-            if loader.weights_at(step) != weights:
-                weights = loader.weights_at(step)
-                log.say(f"step {step}: data mixture {weights}")
-            r = update([loader.get(step, m) for m in range(accum)], lm_loss, get_lr(step, tc))
+            r = update(batches(step), loss_fn, get_lr(step, tc))
             done = step + 1
-            log.train_step(done, r, guard)
+            log.train_step(done, r, guard, extra() if extra else None)
             if guard.skips_in_row > tc.max_skips:
                 raise Diverged(f"stopping at step {done}: {guard.skips_in_row} consecutive updates skipped "
                                f"(max_skips={tc.max_skips}); last good checkpoint: "
-                               f"{latest_checkpoint(run_dir) or 'none written yet'}")
+                               f"{latest_checkpoint(tc.out_dir) or 'none written yet'}")
             if done % tc.eval_interval == 0 or done == tc.max_steps:
-                log.held_out(done, *evaluate(model, val_sets, token_bytes, tc.micro_batch_size, autocast, device))
-            if master and (done % tc.ckpt_interval == 0 or done == tc.max_steps):
-                state = {"step": done, "guard": guard.state_dict(), "config": config, "tokens": done * tokens_per_step}
-                save_checkpoint(run_dir, model, opts, state, tc.keep_ckpts, tok)
+                held_out(done)
+            if done % tc.ckpt_interval == 0 or done == tc.max_steps:
+                save(done)
                 saved_step = done
             log.restart_clock()                                # eval and checkpoint time is not step time
     except KeyboardInterrupt:
@@ -780,13 +811,6 @@ def train(ns):
         raise KeyboardInterrupt(f"interrupted at step {done}; continue with --resume=True ({since})") from None
     finally:
         log.bar.close()
-
-    samples = write_samples(model, tok, tc, run_dir, device) if master else []
-    last_eval = next((r for r in reversed(read_log(log.path)) if r["kind"] == "eval"), None)
-    if grid:
-        parallel.shutdown(model)
-    return {"step": tc.max_steps, "run_dir": run_dir, "skips": guard.skips, "samples": samples,
-            "val_loss": last_eval and last_eval["val_loss"], "val_bpb": last_eval and last_eval["val_bpb"]}
 
 
 def write_samples(model, tok, tc, run_dir, device):
