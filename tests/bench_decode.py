@@ -72,8 +72,8 @@ def bench_decode(cfg, prompt_len=16, new_tokens=128, batches=(1, 8), repeats=3, 
             saved = (sec["ours"] - sec["compiled"]) / new_tokens
             extra = first["compiled"] - sec["compiled"]
             pays = f"pays off after {extra / saved:,.0f} steps" if saved > 0 else "never pays off"
-            line += (f"; compiled {rate['compiled']:,.0f} tokens/s, ratio {sec['transformers'] / sec['compiled']:.2f}x, "
-                     f"first call {first['compiled']:.1f} s ({pays})")
+            line += (f"; compiled {rate['compiled']:,.0f} tokens/s, "
+                     f"ratio {sec['transformers'] / sec['compiled']:.2f}x, first call {first['compiled']:.1f} s ({pays})")
         same = all(t == tokens["transformers"] for t in tokens.values())
         print(f"{line}; load {os.getloadavg()[0]:.1f}; tokens {'identical' if same else 'DIFFER'}", flush=True)
 
