@@ -15,7 +15,8 @@ gives each task's metrics and its rate, n/s (n: questions; for a bpb file, the t
 
 Sections:
   loss             evaluate (held-out loss and bpb per source; train.py calls it), file_rows
-  answers          strip_think, extract_answer, check_answer (post-training's reward calls check_answer)
+  answers          strip_think, extract_answer, check_answer, completion_text, follows_format (GRPO's reward
+                   calls them)
   generative       gsm8k_rows, exact_match: chat template, batched model.generate, greedy or avg@k
   multiple choice  parsers of the public formats, pairs (CF / MCF prompts, k-shot), model_scorer, mc_metrics
   signal           spearman, kendall_tau, signal (monotonicity, noise, above random, consistency)
@@ -122,6 +123,28 @@ def check_answer(text, gold):
     return pred is not None and Decimal(pred) == Decimal(gold.replace(",", ""))
 
 
+def completion_text(tok, ids):
+    """Generated ids -> the text the checker reads: the <think> tags by name (strip_think needs them), every
+    other special token dropped (<|im_end|> only ends the reply; a reserved token's name such as
+    <|reserved_special_token_12|> holds digits that extract_answer would take for the answer)."""
+    tags = {tok.think_id, tok.think_end_id}
+    return tok.decode([t for t in ids if t in tags or t < len(tok.ranks)])
+
+
+def follows_format(tok, ids, think):
+    """Chat-format adherence of a completion (generated ids): it ends with <|im_end|> on its own (not cut at the
+    token budget), with a reply after the reasoning; /think: one <think> ... </think> block first; /no_think:
+    no think tags (the template prefilled the empty block)."""
+    if not ids or ids[-1] != tok.im_end_id:
+        return False
+    text = completion_text(tok, ids)
+    if think:
+        head, closed, reply = text.partition("</think>")
+        return bool(closed) and head.startswith("<think>") and head.count("<think>") == 1 and \
+            "<think>" not in reply and "</think>" not in reply and bool(reply.strip())
+    return "<think>" not in text and "</think>" not in text and bool(text.strip())
+
+
 # ---------------------------------------------------------------------------------------- generative
 
 def gsm8k_rows(path):
@@ -143,9 +166,10 @@ _EVAL_DAY = datetime.date(2025, 6, 1)
 @torch.no_grad()
 def exact_match(model, tok, rows, chat=True, think=False, samples=1, temperature=0.0, max_new_tokens=256,
                 batch_size=16, seed=0):
-    """avg@k exact match of [(question, gold)] -> (score, completions). chat: the user turn through SmolLM3's
-    template (/think or /no_think); else the pretraining corpus' "Problem: ...\\nSolution:\\n" form.
-    `samples` completions per question (temperature > 0), each scored with check_answer."""
+    """avg@k exact match of [(question, gold)] -> (score, completions, format): chat: the user turn through
+    SmolLM3's template (/think or /no_think), format = the share of completions that follow_format; else the
+    pretraining corpus' "Problem: ...\\nSolution:\\n" form (format None). `samples` completions per question
+    (temperature > 0), each scored with check_answer."""
     if samples > 1 and temperature == 0:
         raise ValueError("samples > 1 needs temperature > 0 (greedy completions are all the same)")
     if chat:
@@ -160,10 +184,10 @@ def exact_match(model, tok, rows, chat=True, think=False, samples=1, temperature
     outs = []
     for i in range(0, len(prompts), batch_size):
         outs += model.generate(prompts[i:i + batch_size], max_new_tokens, temperature, stop_ids=stop, generator=gen)
-    # completions decode special tokens to their names: <think> tags stay visible to strip_think
-    texts = [tok.decode([t for t in out if t not in stop]) for out in outs]
+    texts = [completion_text(tok, out) for out in outs]
     hits = sum(check_answer(t, rows[i // samples][1]) for i, t in enumerate(texts))
-    return hits / max(len(texts), 1), texts
+    form = sum(follows_format(tok, out, think) for out in outs) / max(len(outs), 1) if chat else None
+    return hits / max(len(texts), 1), texts, form
 
 
 # ----------------------------------------------------------------------------------- multiple choice
@@ -525,9 +549,11 @@ def run(checkpoint, cfg):
         rows = task_rows(name, cfg.data_dir)[:cfg.limit or None]
         t0 = time.perf_counter()
         if TASKS[name][0] == "gsm8k":
-            em, _ = exact_match(model, tok, rows, cfg.chat, cfg.think, cfg.samples, cfg.temperature,
-                                cfg.max_new_tokens, cfg.batch_size, cfg.seed)
+            em, _, form = exact_match(model, tok, rows, cfg.chat, cfg.think, cfg.samples, cfg.temperature,
+                                      cfg.max_new_tokens, cfg.batch_size, cfg.seed)
             metrics = {f"avg@{cfg.samples}" if cfg.temperature else "exact_match": em}
+            if form is not None:
+                metrics["format"] = form
         else:
             questions = with_shots(rows, form == "mcf", cfg.shots, cfg.seed)
             metrics = mc_metrics(tok, questions, score(questions), [r["gold"] for r in rows])

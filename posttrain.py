@@ -6,6 +6,8 @@
     python posttrain.py dpo config/tiny_apo.py --init_from=out/tiny_sft   # loss_type dpo | ipo | apo_zero | apo_down
     python posttrain.py sft config/tiny_sft.py --init_from=out/tiny --resume=True   # continue a killed run exactly
     python posttrain.py merge out/tiny_final out/tiny_apo:0.9 out/tiny_mid:0.1     # 0.9 x APO + 0.1 x mid
+    python posttrain.py grpo config/tiny_grpo.py --init_from=out/tiny_apo  # RLVR on the embedded arithmetic prompts
+    python posttrain.py pipeline config/tiny.py    # CPU, from nothing: pretrain -> mid -> SFT -> APO -> GRPO -> merge
 
 Every method starts from a checkpoint (init_from: a run directory, one of its checkpoints, or any HF
 SmolLM3-layout directory; the tokenizer is the one beside it) and runs train.run_loop, so optimizer groups,
@@ -22,15 +24,20 @@ Sections
   loop glue     PostConfig, setup (start checkpoint, model, optimizer, resume), fit (run.json, log, run_loop)
   SFT and mid   sft_batches, sft_loss (the per-token mean over the whole step), token_mean_loss, sft
   preference    LOSSES, pair_logps, reference log-probs (frozen copy or a table), dpo
+  GRPO          GRPOConfig, overlong_penalty, completion_reward (eval's checker), group_advantages, token_weights
+                (grpo / dapo / dr_grpo), k3_kl, grpo_token_loss (clipped ratio), token_logprobs, rollout, grpo
   merge         merge (weighted sum of HF-layout checkpoints, shapes and configs checked)
+  pipeline      PipelineConfig, STAGES, checkpoint_metrics (eval.py's numbers), pipeline_table, pipeline
   command line  main
 """
 import bisect
 import collections
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +51,7 @@ import train
 from config import load, pick
 from data import (_ROLES, DataConfig, Tokenizer, _draw, _field, _first_index, _key, default_sets, load_tokenizer,
                   read_jsonl, render_chat)
+from eval import check_answer, completion_text, evaluate, exact_match, file_rows, follows_format, task_rows
 from model import Model, atomic_write
 
 # ---------------------------------------------------------------------------------------------- loaders
@@ -218,12 +226,14 @@ class PreferenceLoader(_Shuffled):
 
 
 class PromptLoader(_Shuffled):
-    """RL prompts ({"prompt": [...], "answer": "N"} per line) -> get() = (prompt ids rendered with the
-    generation prompt, answers as strings); rewards call eval.check_answer(completion, answer)."""
+    """RL prompts ({"prompt": [...], "answer": "N", "enable_thinking": optional bool} per line) -> get() = (prompt
+    ids rendered with the generation prompt, answers as strings); the line's enable_thinking beats the loader's,
+    a /think or /no_think in the prompt's system turn beats both (the template's rule)."""
 
     def __init__(self, path, tok, micro_batch_size, accum=1, seed=0, rank=0, world_size=1, enable_thinking=True):
-        rows = _rows(path, [("prompt", list), ("answer", str)], lambda prompt, answer: (
-            render_chat(tok, prompt, True, enable_thinking=enable_thinking)[0], answer))
+        fields = [("prompt", list), ("answer", str), ("enable_thinking", bool, enable_thinking)]
+        rows = _rows(path, fields, lambda prompt, answer, think: (
+            render_chat(tok, _messages("prompt", prompt), True, enable_thinking=think)[0], answer))
         self.prompts, self.answers = [ids for ids, _ in rows], [answer for _, answer in rows]
         self._setup(len(self.prompts), micro_batch_size, accum, seed, rank, world_size, path, "rl")
 
@@ -566,7 +576,207 @@ def dpo(ns):
     return fit(run, batches, loss_fn, held_out, extra, counts, rows_per_example=2)
 
 
-# ---- GRPO
+# ------------------------------------------------------------------------------------------------- GRPO
+# Group Relative Policy Optimization (DeepSeekMath) with DAPO's changes, as the playbook's RL stage runs it:
+# G completions per prompt; reward = the verified answer (eval.check_answer), an optional format bonus and
+# the soft overlong penalty; advantage = reward against its group; a per-token clipped ratio with
+# asymmetric ε (DAPO's clip-higher); no KL by default (β = 0); token-level aggregation by default.
+
+@dataclass
+class GRPOConfig:
+    """GRPO's keys; TrainConfig's mean what they mean elsewhere, batch_size counting completions per step
+    (prompts x group_size), max_steps optimizer updates."""
+    rl_data: str = "default"        # {"prompt", "answer"} lines (PromptLoader); "default": <data_dir>/rl_train.jsonl
+    enable_thinking: bool = True    # the dataset's mode (an example's own enable_thinking or system flag wins)
+    group_size: int = 8             # G completions per prompt
+    max_new_tokens: int = 256       # L_max, the generation budget
+    overlong_cache: int = 64        # L_cache: DAPO's soft penalty ramps over the last L_cache tokens; 0 = off
+    format_reward: float = 0.0      # added when a completion follows the chat format (eval.follows_format)
+    temperature: float = 1.0        # sampling; the log-probs are those of the same tempered distribution
+    top_k: int | None = None
+    top_p: float | None = None
+    eps_low: float = 0.2            # the ratio is clipped to [1 - eps_low, 1 + eps_high]
+    eps_high: float = 0.28
+    kl_beta: float = 0.0            # k3 KL to the start model; 0 = no reference model (DAPO, the playbook)
+    scale_rewards: bool = True      # divide by the group's std; False = Dr. GRPO
+    loss_agg: str = "dapo"          # "grpo" | "dapo" | "dr_grpo" (see token_weights)
+    num_iterations: int = 1         # optimizer updates per rollout batch, each against the rollout's log-probs
+    rollout_batch: int = 64         # completions per generate call (bounds the KV cache)
+    eval_questions: int = 64        # held-out math_test questions for greedy exact match at each eval; 0 = none
+
+
+def overlong_penalty(length, max_len, cache):
+    """DAPO's soft overlong punishment of a completion of `length` tokens: 0 up to max_len - cache, then a
+    linear ramp down to -1 at max_len, -1 beyond."""
+    if length <= max_len - cache:
+        return 0.0
+    return (max_len - cache - length) / cache if length <= max_len else -1.0
+
+
+def completion_reward(tok, ids, answer, think, gc):
+    """Reward of one completion (generated ids, stop token included): 1 if its answer checks, plus the format
+    bonus, plus the overlong penalty. The text is parsed by eval's checker, never executed."""
+    r = float(check_answer(completion_text(tok, ids), answer))
+    if gc.format_reward:
+        r += gc.format_reward * follows_format(tok, ids, think)
+    if gc.overlong_cache:
+        r += overlong_penalty(len(ids), gc.max_new_tokens, gc.overlong_cache)
+    return r
+
+
+def group_advantages(rewards, group_size, scale=True):
+    """rewards [N * G] (groups contiguous) -> advantages [N * G]: (r - group mean) / (group std + 1e-4), the
+    std unbiased as in TRL; scale=False keeps r - mean (Dr. GRPO). A group of equal rewards gets exactly 0."""
+    r = rewards.view(-1, group_size)
+    std = r.std(1, keepdim=True)
+    a = r - r.mean(1, keepdim=True)
+    a = a / (std + 1e-4) if scale else a
+    return torch.where(std > 0, a, 0.0).view(-1)
+
+
+def token_weights(mask, agg, max_len):
+    """Per-token weights [N, T] that turn a per-token loss into the batch loss by one weighted sum, so any
+    split into micro-batches sums to the same loss. grpo: mean over each sequence, then over sequences;
+    dapo: sum over all tokens / total tokens; dr_grpo: sum / (sequences x max_len, the generation budget)."""
+    m = mask.float()
+    if agg == "grpo":
+        return m / m.sum(1, keepdim=True).clamp(min=1) / len(m)
+    if agg == "dapo":
+        return m / m.sum().clamp(min=1)
+    if agg == "dr_grpo":
+        return m / (len(m) * max_len)
+    raise ValueError(f"loss_agg must be 'grpo', 'dapo' or 'dr_grpo', got {agg!r}")
+
+
+def k3_kl(logp, ref_logp):
+    """Schulman's k3 estimator of KL(π || π_ref) per token: exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased)."""
+    d = ref_logp - logp
+    return d.exp() - d - 1
+
+
+def grpo_token_loss(logp, old_logp, adv, gc, ref_logp=None):
+    """Per-token loss [N, T]: -min(ρ A, clip(ρ, 1 - ε_low, 1 + ε_high) A) with ρ = exp(logp - old_logp), plus
+    kl_beta x k3 KL; and the per-token mask of where the clip is active (its gradient is then 0)."""
+    ratio = (logp - old_logp).exp()
+    a = adv[:, None]
+    unclipped, clipped = ratio * a, ratio.clamp(1 - gc.eps_low, 1 + gc.eps_high) * a
+    loss = -torch.minimum(unclipped, clipped)
+    if gc.kl_beta:
+        loss = loss + gc.kl_beta * k3_kl(logp, ref_logp)
+    return loss, clipped < unclipped
+
+
+def token_logprobs(model, x, y, pos, temperature):
+    """log π(y_t | x_<=t) [B, T] under the tempered distribution sampled from; 0 where y == -100."""
+    logp = (model(x, pos=pos) / temperature).log_softmax(-1)
+    return torch.where(y == -100, 0.0, logp.gather(-1, y.clamp(min=0)[..., None])[..., 0])
+
+
+def rollout(model, tok, prompts, answers, gc, generator):
+    """G completions of every prompt (batched generate with the KV cache) -> (rows (x, y, pos) [N*G, T] whose
+    targets are the completion tokens only, rewards [N*G], stats: lengths, correct answers, tokens/s)."""
+    stop = [t for t in (tok.im_end_id, tok.eos_id) if t is not None]
+    batch = [p for p in prompts for _ in range(gc.group_size)]
+    model.eval()
+    t0, outs = time.perf_counter(), []
+    for i in range(0, len(batch), gc.rollout_batch):
+        outs += model.generate(batch[i:i + gc.rollout_batch], gc.max_new_tokens, gc.temperature, gc.top_k, gc.top_p,
+                               stop, generator)
+    seconds = time.perf_counter() - t0
+    model.train()
+    # the /no_think generation prompt ends in the template's prefilled empty think block
+    thinks = [not tok.decode(p[-8:]).endswith("<think>\n\n</think>\n") for p in prompts]
+    g = gc.group_size
+    rewards = [completion_reward(tok, out, answers[i // g], thinks[i // g], gc) for i, out in enumerate(outs)]
+    rows = [(np.asarray(p + o[:-1], dtype=np.int64), np.asarray([-100] * (len(p) - 1) + o, dtype=np.int64))
+            for p, o in zip(batch, outs)]
+    lengths = [len(o) for o in outs]
+    stats = {"completion_length": sum(lengths) / len(outs), "completion_length_max": max(lengths),
+             "correct": sum(check_answer(completion_text(tok, o), answers[i // g])
+                            for i, o in enumerate(outs)) / len(outs),
+             "rollout_tok_per_s": sum(lengths) / seconds}
+    return tuple(map(torch.from_numpy, _padded(tok, rows, max(len(x) for x, _ in rows)))), torch.tensor(rewards), stats
+
+
+def grpo(ns):
+    """GRPO of the start model on prompts with verifiable answers: every num_iterations steps a rollout of
+    batch_size completions (batch_size / group_size prompts), then that many updates against its log-probs."""
+    run = setup(ns, "grpo", z_loss=0.0)     # log-probs are the plain softmax: no z-loss term
+    gc = GRPOConfig(**pick(ns, GRPOConfig))
+    # the loss sits near 0 and changes sign, so "a spike above 3x the running mean" means nothing here; the
+    # guard still skips a non-finite loss or gradient
+    run.update.guard.spike_factor = 0.0
+    tc, tok, mu, g = run.tc, run.tok, gc.num_iterations, gc.group_size
+    checks = [(gc.loss_agg in ("grpo", "dapo", "dr_grpo"),
+               f"loss_agg={gc.loss_agg!r} must be 'grpo', 'dapo' or 'dr_grpo'"),
+              (g >= 2 and tc.batch_size % g == 0,
+               f"batch_size={tc.batch_size} must be a multiple of group_size={g} >= 2"),
+              (0 <= gc.overlong_cache < gc.max_new_tokens,
+               f"overlong_cache={gc.overlong_cache} must be in [0, max_new_tokens={gc.max_new_tokens})"),
+              (gc.temperature > 0, f"temperature={gc.temperature} must be > 0 (greedy samples of a group are all one)"),
+              # a checkpoint then always falls on a rollout boundary, so a resumed run is the uninterrupted one
+              (tc.ckpt_interval % mu == 0 and tc.max_steps % mu == 0,
+               f"ckpt_interval={tc.ckpt_interval} and max_steps={tc.max_steps} must be multiples of num_iterations={mu}")]
+    errors = [msg for ok, msg in checks if not ok]
+    if errors:
+        raise ValueError("config: " + "; ".join(errors))
+    loader = PromptLoader(data_file(run, gc.rl_data, "rl_train"), tok, tc.batch_size // g, seed=tc.seed,
+                          enable_thinking=gc.enable_thinking)
+    ref = load_model(run.init, run.pc, run.device, z_loss=0.0).eval().requires_grad_(False) if gc.kl_beta else None
+    generator = torch.Generator(run.device)
+    held = task_rows("math", "")[:gc.eval_questions] if gc.eval_questions else []   # eval.py's math_test
+    buffer, stats = [], {}
+
+    @torch.no_grad()
+    def scored(model, rows):   # under the loss's autocast: the first update's ratio is then exactly 1
+        if model is None:
+            return None
+        with run.autocast:
+            return torch.cat([token_logprobs(model, *(t.to(run.device) for t in r), gc.temperature).float().cpu()
+                              for r in rows])
+
+    def batches(step):
+        if step % mu:                                        # the same rollout again, against its old log-probs
+            return buffer
+        # the rollout of step s is a function of (seed, s, weights): a resumed run samples what it would have
+        generator.manual_seed(tc.seed * 1_000_003 + step)
+        prompts, answers = loader.get(step // mu, 0)
+        (x, y, pos), rewards, stats_ = rollout(run.model, tok, prompts, answers, gc, generator)
+        adv = group_advantages(rewards, g, gc.scale_rewards)
+        w = token_weights(y != -100, gc.loss_agg, gc.max_new_tokens)
+        part = [slice(i, i + tc.micro_batch_size) for i in range(0, len(x), tc.micro_batch_size)]
+        rows = [(x[s], y[s], pos[s]) for s in part]
+        old, ref_lp = scored(run.model if mu > 1 else None, rows), scored(ref, rows)
+        buffer[:] = [(*r, adv[s], w[s], None if old is None else old[s], None if ref_lp is None else ref_lp[s])
+                     for r, s in zip(rows, part)]
+        spread = rewards.view(-1, g).std(1)
+        stats.update(stats_, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+                     zero_std_groups=(spread == 0).float().mean().item(), clipped=0, tokens=0)
+        return buffer
+
+    def loss_fn(batch):
+        x, y, pos, adv, w, old, ref_lp = (t if t is None else t.to(run.device, non_blocking=True) for t in batch)
+        logp = token_logprobs(run.fwd, x, y, pos, gc.temperature)
+        per_token, clip = grpo_token_loss(logp, logp.detach() if old is None else old, adv, gc, ref_lp)
+        mask = y != -100
+        stats["clipped"] = stats["clipped"] + (clip & mask).sum()
+        stats["tokens"] = stats["tokens"] + mask.sum()
+        # Step backpropagates loss / (number of micro-batches): the weights already make the sum the batch loss
+        return (per_token * w).sum() * len(buffer)
+
+    def extra():
+        clip_frac = (stats["clipped"] / max(int(stats["tokens"]), 1)).item()
+        stats.update(clipped=0, tokens=0)
+        return {k: v for k, v in stats.items() if k not in ("clipped", "tokens")} | {"clip_frac": clip_frac}
+
+    def held_out(done):
+        if held:
+            em, _, form = exact_match(run.model, tok, held, True, gc.enable_thinking,
+                                      max_new_tokens=gc.max_new_tokens, batch_size=gc.rollout_batch)
+            run.model.train()
+            run.log.held_out(done, {}, extra={"exact_match": em, "format": form})
+
+    return fit(run, batches, loss_fn, held_out, extra)
 
 
 # ------------------------------------------------------------------------------------------------ merge
@@ -648,16 +858,159 @@ def merge(out, specs):
     return out
 
 
+# --------------------------------------------------------------------------------------------- pipeline
+# `python posttrain.py pipeline config/tiny.py`: the whole recipe at toy scale from nothing, tokenizer ->
+# pretrain -> mid-train -> SFT -> APO -> GRPO -> merge, each stage in its own directory under pipeline_dir
+# from the stage's config (config/tiny.py, tiny_mid.py, tiny_sft.py, tiny_apo.py, tiny_grpo.py) with the
+# pipeline's step counts; a stage whose checkpoint exists is skipped. Then a table of held-out metrics for
+# every checkpoint, all from eval.py (bpb, exact_match and its format share) and the preference log-probs.
+
+@dataclass
+class PipelineConfig:
+    pipeline_dir: str = "out/pipeline"
+    pretrain_steps: int = 120       # optimizer steps per stage (the stage configs' max_steps are for longer runs)
+    mid_steps: int = 30
+    sft_steps: int = 50
+    apo_steps: int = 25
+    grpo_steps: int = 16
+    eval_questions: int = 64        # held-out math_test questions per mode (/think, /no_think)
+    eval_pairs: int = 100           # held-out pref_val pairs
+    merge_weights: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.1])   # GRPO model, mid-training
+
+
+# stage -> (config file, the stage it starts from, method); pretraining is train.py's
+STAGES = {"mid": ("config/tiny_mid.py", "pretrain", "mid"), "sft": ("config/tiny_sft.py", "mid", "sft"),
+          "apo": ("config/tiny_apo.py", "sft", "dpo"), "grpo": ("config/tiny_grpo.py", "apo", "grpo")}
+
+
+@torch.no_grad()
+def checkpoint_metrics(path, pc, data_dir, chat=True):
+    """Held-out numbers of one checkpoint: math bpb (64 rows of the math val shard), exact match and format share
+    in /think and /no_think (eval.exact_match on math_test), and the share of pref_val pairs whose chosen reply
+    the model gives more log-probability than the rejected one (chat=False: bpb only)."""
+    model, tok = Model.from_pretrained(path, attn_impl="sdpa").float().eval(), Tokenizer.load(path)
+    out = {}
+    x, y, pos = (t[:64] for t in file_rows(os.path.join(data_dir, "math", "val_00000.bin"), tok, 256))
+    out["math_bpb"] = evaluate(model, {"math": (x, y, pos)}, torch.from_numpy(tok.token_bytes()), 16,
+                               contextlib.nullcontext(), torch.device("cpu"))[1]["math"]
+    if not chat:
+        return out
+    rows = task_rows("math", "")[:pc.eval_questions]
+    for mode, think in (("think", True), ("no_think", False)):
+        out[f"em_{mode}"], _, out[f"format_{mode}"] = exact_match(model, tok, rows, True, think, max_new_tokens=96,
+                                                                  batch_size=64)
+    pairs = PreferenceLoader(os.path.join(data_dir, "pref_val.jsonl"), tok, 640, 16)
+    n, wins = min(pc.eval_pairs, len(pairs.pairs)), 0
+    for i in range(0, n, 16):
+        chosen, rejected = pair_logps(model, *pairs.rows(range(i, min(i + 16, n))), torch.device("cpu"))
+        wins += (chosen > rejected).sum().item()
+    out["pref_acc"] = wins / n
+    return out
+
+
+# stage -> [(metric, higher is better)] it targets, compared with the checkpoint it started from
+TARGETS = {"pretrain": [("math_bpb", False)], "sft": [(f"{m}_{k}", True) for k in ("think", "no_think")
+                                                       for m in ("format", "em")],
+           "apo": [("pref_acc", True)], "grpo": [("em_think", True), ("em_no_think", True)],
+           "merged": [("em_think", True), ("em_no_think", True)]}
+PARENT = {"pretrain": "init", "mid": "pretrain", "sft": "mid", "apo": "sft", "grpo": "apo", "merged": "grpo"}
+COLUMNS = ["math_bpb", "format_think", "em_think", "format_no_think", "em_no_think", "pref_acc"]
+
+
+def pipeline_table(metrics, times, mid_evals):
+    """Markdown: one row per checkpoint with its held-out metrics, its stage's wall time, and the metrics its
+    stage targets, before -> after, each marked improved or not."""
+    head = ("| checkpoint | stage s | math bpb | /think format | /think EM | /no_think format | /no_think EM | "
+            "pref acc | its stage's targets, before -> after |")
+    lines = [head, "|" + "---|" * 9]
+    for stage, m in metrics.items():
+        if stage == "mid":   # mid-training targets the loss on every token of held-out conversations
+            first, last = (r["val_loss"]["mid"] for r in (mid_evals[0], mid_evals[-1]))
+            targets = [("chat loss", first, last, last < first)]
+        else:
+            before = metrics.get(PARENT.get(stage), {})
+            targets = [(k, before[k], m[k], m[k] > before[k] if up else m[k] < before[k])
+                       for k, up in TARGETS.get(stage, []) if k in m and k in before]
+        cells = [f"{m[k]:.3f}" if k in m else "" for k in COLUMNS]
+        said = "; ".join(f"{k} {a:.3f} -> {b:.3f} {'improved' if ok else '**not improved**'}"
+                         for k, a, b, ok in targets) or "(untrained model)"
+        wall = f"{times[stage]:.0f}" if stage in times else ""
+        lines.append(f"| {stage} | {wall} | " + " | ".join(cells) + f" | {said} |")
+    return "\n".join(lines)
+
+
+def pipeline(argv):
+    """Run the stages that have no checkpoint yet, then print (and write to pipeline_dir/table.md) the table.
+    argv: config/tiny.py (pretraining's config) and --key=value overrides, PipelineConfig's keys included."""
+    ns = load(argv, *train.CONFIGS, PipelineConfig, prog="python posttrain.py pipeline")
+    pc = PipelineConfig(**pick(ns, PipelineConfig))
+    root, t_start = pc.pipeline_dir, time.perf_counter()
+    dirs = {s: os.path.join(root, s) for s in ("pretrain", *STAGES, "merged")}
+    times_path, metrics_path = os.path.join(root, "times.json"), os.path.join(root, "metrics.json")
+    os.makedirs(root, exist_ok=True)
+    times = json.loads(Path(times_path).read_text()) if os.path.isfile(times_path) else {}
+
+    def timed(stage, fn):
+        t0 = time.perf_counter()
+        fn()
+        times[stage] = time.perf_counter() - t0
+        atomic_write(times_path, lambda p: Path(p).write_text(json.dumps(times, indent=1)))
+
+    # the metrics this toy recipe targets are arithmetic, so pretraining reads the math source only
+    def stage_ns(argv, classes, steps):   # the stage's config at the pipeline's step count (warmup at most half)
+        ns = load(argv + [f"--max_steps={steps}", f"--eval_interval={steps}", f"--ckpt_interval={steps}"], *classes)
+        ns.warmup_steps = min(ns.warmup_steps, steps // 2)
+        return ns
+
+    pre_ns = stage_ns(argv + [f"--out_dir={dirs['pretrain']}", "--mixture={'math': 1.0}", "--sample_tokens=0"],
+                      (*train.CONFIGS, PipelineConfig), pc.pretrain_steps)
+    if not os.path.isfile(os.path.join(dirs["pretrain"], "latest")):
+        timed("pretrain", lambda: train.train(pre_ns))
+    for stage, (cfg_file, parent, method) in STAGES.items():
+        if os.path.isfile(os.path.join(dirs[stage], "latest")):
+            continue
+        sns = stage_ns([cfg_file, f"--init_from={dirs[parent]}", f"--out_dir={dirs[stage]}",
+                        f"--data_dir={pre_ns.data_dir}"] + ["--eval_questions=0"] * (method == "grpo"),
+                       COMMAND_CONFIGS.get(method, CONFIGS), getattr(pc, f"{stage}_steps"))  # the table scores GRPO
+        timed(stage, lambda: COMMANDS[method](sns))
+    if not os.path.isfile(os.path.join(dirs["merged"], "config.json")):
+        w_grpo, w_mid = pc.merge_weights
+        timed("merged", lambda: merge(dirs["merged"], [f"{dirs['grpo']}:{w_grpo}", f"{dirs['mid']}:{w_mid}"]))
+
+    metrics = json.loads(Path(metrics_path).read_text()) if os.path.isfile(metrics_path) else {}
+    init_dir = os.path.join(root, "init")
+    if not os.path.isfile(os.path.join(init_dir, "config.json")):   # the untrained model: pretraining's "before"
+        tok = Tokenizer.load(os.path.join(checkpoint_dir(dirs["pretrain"], "pipeline"), "tokenizer.json"))
+        mc = train.resolve(pre_ns)[0]
+        torch.manual_seed(pre_ns.seed)
+        Model(dataclasses.replace(mc, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)).save_pretrained(init_dir)
+        tok.save(os.path.join(init_dir, "tokenizer.json"))
+    for stage, d in [("init", init_dir), *dirs.items()]:
+        if stage not in metrics:
+            metrics[stage] = checkpoint_metrics(checkpoint_dir(d, "pipeline"), pc, pre_ns.data_dir,
+                                                chat=stage not in ("init", "pretrain"))
+            atomic_write(metrics_path, lambda p: Path(p).write_text(json.dumps(metrics, indent=1)))
+    mid_evals = [r for r in train.read_log(os.path.join(dirs["mid"], "log.jsonl")) if r["kind"] == "eval"]
+    table = pipeline_table(metrics, times, mid_evals)
+    atomic_write(os.path.join(root, "table.md"), lambda p: Path(p).write_text(table + "\n"))
+    print(table)
+    print(f"pipeline: {time.perf_counter() - t_start:.0f} s this run, {sum(times.values()):.0f} s of stage time in all "
+          f"(load average {os.getloadavg()[0]:.1f})")
+    return metrics
+
+
 # ----------------------------------------------------------------------------------------- command line
 
-COMMANDS = {"sft": sft, "mid": lambda ns: sft(ns, all_tokens=True), "dpo": dpo}
+COMMANDS = {"sft": sft, "mid": lambda ns: sft(ns, all_tokens=True), "dpo": dpo, "grpo": grpo}
+COMMAND_CONFIGS = {"grpo": CONFIGS + (GRPOConfig,)}     # the dataclasses a command reads beyond CONFIGS
 USAGE = (f"usage: python posttrain.py {{{','.join(COMMANDS)}}} CONFIG_FILE [--key=value ...]\n"
-         "       python posttrain.py merge OUT CHECKPOINT:WEIGHT [CHECKPOINT:WEIGHT ...]")
+         "       python posttrain.py merge OUT CHECKPOINT:WEIGHT [CHECKPOINT:WEIGHT ...]\n"
+         "       python posttrain.py pipeline config/tiny.py [--key=value ...]")
 
 
 def main(argv):
     """Command line: bad input and a diverged run end in one line (exit 1); Ctrl-C in one line (exit 130)."""
-    if not argv or argv[0] not in (*COMMANDS, "merge"):
+    if not argv or argv[0] not in (*COMMANDS, "merge", "pipeline"):
         print(USAGE, file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     try:
@@ -665,8 +1018,11 @@ def main(argv):
             if len(argv) < 3:
                 raise ValueError("merge: expected OUT and at least one CHECKPOINT:WEIGHT")
             merge(argv[1], argv[2:])
+        elif argv[0] == "pipeline":
+            pipeline(argv[1:])
         else:
-            COMMANDS[argv[0]](load(argv[1:], *CONFIGS, prog=f"python posttrain.py {argv[0]}"))
+            COMMANDS[argv[0]](load(argv[1:], *COMMAND_CONFIGS.get(argv[0], CONFIGS),
+                                   prog=f"python posttrain.py {argv[0]}"))
     except (ValueError, train.Diverged) as e:
         sys.exit(f"posttrain.py: {e}")
     except KeyboardInterrupt as e:                             # 130 = 128 + SIGINT, what a shell reports

@@ -91,8 +91,9 @@ def test_exact_match_renders_the_chat_template_and_scores(tmp_path, monkeypatch)
         assert tok.im_end_id in stop_ids and tok.eos_id in stop_ids
         return [tok.encode(replies[(len(seen) - len(prompts) + i) % 2]) + [tok.im_end_id] for i in range(len(prompts))]
     monkeypatch.setattr(model, "generate", generate)
-    score, texts = ev.exact_match(model, tok, rows, chat=True, think=True, batch_size=1)
+    score, texts, form = ev.exact_match(model, tok, rows, chat=True, think=True, batch_size=1)
     assert score == 0.5 and texts == [replies[0], replies[1]]
+    assert form == 0.5                         # the second reply has no <think> block in /think mode
     want = [data.render_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True,
                              enable_thinking=True, today=ev._EVAL_DAY)[0] for q, _ in rows]
     assert seen == want

@@ -1,0 +1,37 @@
+"""Tiny GRPO (CPU): RLVR of the tiny APO checkpoint on the embedded arithmetic prompts, rewarded by eval.py's
+answer checker, with DAPO's clip-higher, token-level loss and soft overlong penalty.
+    python posttrain.py grpo config/tiny_grpo.py"""
+init_from = "out/tiny_apo"    # the APO run (its newest checkpoint)
+out_dir = "out/tiny_grpo"
+data_dir = "data/default"     # rl_data "default": rl_train.jsonl there
+seq_len = 640                 # a prompt (~475 tokens with the /think system block) + max_new_tokens fits
+rl_data = "default"
+enable_thinking = True        # /think: the worked steps first, where a small model can do the arithmetic
+# ---- 4 prompts x 8 completions = 32 rows/step; 20 steps see 80 of the 2,000 prompts ----
+batch_size = 32
+micro_batch_size = 16
+group_size = 8                # the playbook's and DAPO's G is 8-16
+max_new_tokens = 96           # the longest embedded reply is 52 tokens
+overlong_cache = 32           # penalty from 64 tokens on, -1 at 96
+format_reward = 0.0           # the answer alone is rewarded
+temperature = 1.0
+eps_low = 0.2                 # DAPO's clip-higher: [1 - 0.2, 1 + 0.28]
+eps_high = 0.28
+kl_beta = 0.0                 # no reference model
+scale_rewards = True
+loss_agg = "dapo"
+num_iterations = 1
+rollout_batch = 32
+max_steps = 20
+lr = 5e-5                     # above APO's 3e-5: few steps, and each is one noisy policy-gradient estimate
+min_lr = 0.0
+warmup_steps = 2
+schedule = "cosine"
+weight_decay = 0.0
+grad_clip = 1.0
+spike_factor = 0.0            # the loss sits near 0 and changes sign: only non-finite updates are skipped
+eval_interval = 10
+eval_questions = 64           # held-out math_test questions for greedy exact match (0: none)
+ckpt_interval = 10
+log_interval = 1
+dtype = "float32"             # CPU: no autocast
