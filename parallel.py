@@ -12,8 +12,10 @@ parallelism with a vocab-parallel embedding, LM head and cross-entropy, optional
 train.py uses the grid and DDP (data parallel over every rank); ZeRO1 and TPModel are tested here but not
 yet wired into train.py's loop.
 
-The planner predicts per-GPU memory, communication and step time for a layout from the model's own counts
-(Model.num_params, flops_per_token) and refuses one that does not fit; the bench measures what it assumes.
+SPModel adds sequence parallelism to TPModel (tested against one process and torch's DTensor plan; train.py
+does not run it yet). The planner predicts per-GPU memory, communication and step time for a layout from the
+model's own counts (Model.num_params, flops_per_token) and refuses one that does not fit; the bench measures
+the bandwidths it assumes.
 
 Every process group is sliced from one Grid and passed explicitly; every collective runs under the process
 group's timeout, so a lost rank ends the others with an error instead of a hang. Tests: tests/test_parallel.py

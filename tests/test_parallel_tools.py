@@ -2,12 +2,14 @@
 sequence parallelism (SPModel) against one process.
 
 The planner's activation bytes are held equal to what autograd saves (saved-tensor hooks, CPU bf16 autocast),
-its TP communication to the bytes TPModel all-reduces, its parameter and token counts to hand arithmetic.
-Two spawned gloo processes (fp32) run the TP checks against torch.distributed.tensor.parallel's
-ColwiseParallel / RowwiseParallel / loss_parallel, and the bench at tiny sizes."""
+its TP traffic to the bytes TPModel and SPModel send, its parameter and token counts to hand arithmetic.
+Two spawned gloo processes (fp32) run the TP and SP checks, against one process and against
+torch.distributed.tensor.parallel's ColwiseParallel / RowwiseParallel / SequenceParallel / loss_parallel,
+and the bench at tiny sizes."""
 import contextlib
 import io
 import json
+import os
 import traceback
 
 import pytest
@@ -26,6 +28,7 @@ CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2
 # head_dim 12: q (48) and kv (24) differ from d_model, so a wrong coefficient cannot hide behind another
 WIDE = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12, d_ff=56,
                    nope_interval=2)
+SMOLLM3_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", "smollm3.py")
 SMOLLM3 = ModelConfig(vocab_size=128256, d_model=2048, n_layers=36, n_heads=16, n_kv_heads=4, d_ff=11008,
                       attn_impl="triton")                     # config/smollm3.py's model
 
@@ -84,7 +87,7 @@ def test_smollm3_plan_counts_by_hand():
     assert 13_500 < at_28["tok_s"] < 14_000
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        parallel.main(["plan", "config/smollm3.py", "--gpus=384", "--tp=2"])
+        parallel.main(["plan", SMOLLM3_PY, "--gpus=384", "--tp=2"])
     text = out.getvalue()
     assert "DP 192 x TP 2" in text and "2,359,296" in text and f"{per_gpu:,} per GPU" in text
 
@@ -95,12 +98,12 @@ def test_plan_refuses_what_does_not_fit_and_says_by_how_much(capsys):
     with pytest.raises(SystemExit, match=f"^error: parallel plan: DP 192 x TP 1 does not fit: even ZeRO-1 with "
                        f"activation checkpointing needs {best / 1e9:.2f} GB per GPU, {best / 1e9 - 40:.2f} GB more "
                        "than gpu_mem=40GB$"):
-        parallel.main(["plan", "config/smollm3.py", "--gpus=192", "--gpu_mem=40GB"])
+        parallel.main(["plan", SMOLLM3_PY, "--gpus=192", "--gpu_mem=40GB"])
     assert "ZeRO-1" in capsys.readouterr().out                # the numbers are printed before the refusal
     with pytest.raises(SystemExit, match="batch_size 576 is not a multiple of micro_batch_size 3 x DP 384"):
-        parallel.main(["plan", "config/smollm3.py", "--gpus=384"])
+        parallel.main(["plan", SMOLLM3_PY, "--gpus=384"])
     with pytest.raises(SystemExit, match="gpu_mem='80 gigs': expected a size such as 80GB"):
-        parallel.main(["plan", "config/smollm3.py", "--gpus=192", "--gpu_mem=80 gigs"])
+        parallel.main(["plan", SMOLLM3_PY, "--gpus=192", "--gpu_mem=80 gigs"])
 
 
 # ---------------------------------------------------------------- two gloo ranks, one TP group
