@@ -59,8 +59,9 @@ def bench_train_step(cfg, rows, seq_len, repeats=10, threads=2):
 
 
 def main(argv):
-    ns = load(["config/tiny.py", *DEFAULTS, *argv] if not argv or argv[0].startswith("--") else [argv[0], *DEFAULTS, *argv[1:]],
-              ModelConfig, DataConfig, TrainConfig, prog="python tests/bench_train_step.py")
+    if not argv or argv[0].startswith("--"):
+        argv = ["config/tiny.py", *argv]
+    ns = load([argv[0], *DEFAULTS, *argv[1:]], ModelConfig, DataConfig, TrainConfig, prog="python tests/bench_train_step.py")
     cfg = ModelConfig(**pick(ns, ModelConfig))
     t_ours, t_theirs, (l_ours, l_theirs) = bench_train_step(cfg, ns.micro_batch_size, ns.seq_len)
     print(f"train step: {Model(cfg).num_params():,} parameters, vocab {cfg.vocab_size}, fp32, "
