@@ -739,6 +739,9 @@ def plan(mc, seq_len, batch_size, micro_batch_size, pc, peak_flops, bf16=True):
     """The numbers of one DP x TP layout (a dict; plan_report prints them). Memory counts what train.py holds
     per GPU: fp32 weights and grads, the fp32 DP communication buffer (DDP's buckets, or ZeRO-1's flat
     reduce-scatter input), AdamW's two fp32 moments, autocast's bf16 weight copies, the activations."""
+    if mc.attention != "gqa" or mc.n_experts:
+        raise ValueError(f"parallel plan: activations and TP traffic are modelled for attention='gqa' with dense "
+                         f"MLPs, not attention={mc.attention!r} with n_experts={mc.n_experts}")
     check_layout(pc.gpus, pc.tp, mc)
     dp = pc.gpus // pc.tp
     if batch_size % (micro_batch_size * dp):

@@ -64,7 +64,9 @@ PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100
 LOSS_EMA_BETA = 0.95
 # Fields that make two checkpoints different networks; rope_theta, YaRN, masking may change between stages.
 ARCH_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "nope_interval",
-             "tie_embeddings", "qk_norm")
+             "tie_embeddings", "qk_norm", "attention", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim",
+             "qk_rope_head_dim", "v_head_dim", "n_experts", "n_experts_active", "n_shared_experts", "d_expert",
+             "moe_layer_interval", "moe_first_dense")
 
 
 @dataclass
