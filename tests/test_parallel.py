@@ -348,7 +348,7 @@ def _stall(rank, path):
 
 def test_a_stalled_rank_ends_the_other_with_an_error_within_the_timeout(tmp_path):
     ctx = mp.spawn(_stall, args=(str(tmp_path),), nprocs=2, join=False)
-    ctx.processes[0].join(30)
+    ctx.processes[0].join(120)                                # spawning and importing is slow on a busy CPU
     for p in ctx.processes:
         p.kill()
     outcome = (tmp_path / "rank0.txt").read_text()
