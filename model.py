@@ -103,8 +103,6 @@ class ModelConfig:
                   (self.nope_interval >= 0, f"nope_interval must be >= 0, got {self.nope_interval}"),
                   (self.yarn_factor >= 1.0, f"yarn_factor must be >= 1 (1 = off), got {self.yarn_factor}"),
                   (self.sliding_window is None or self.sliding_window > 0, f"sliding_window must be None or > 0, got {self.sliding_window}")]
-        if self.d_expert is None:
-            self.d_expert = self.d_ff
         if self.attention == "mla":
             checks += [(min(self.kv_lora_rank, self.qk_nope_head_dim, self.v_head_dim) > 0 and self.q_lora_rank >= 0,
                         "MLA needs kv_lora_rank, qk_nope_head_dim, v_head_dim > 0 and q_lora_rank >= 0"),
@@ -116,7 +114,7 @@ class ModelConfig:
                    (self.n_experts == 0 or 1 <= self.n_experts_active <= self.n_experts,
                     f"n_experts_active ({self.n_experts_active}) must be in 1..n_experts ({self.n_experts})"),
                    (min(self.n_experts, self.n_shared_experts, self.moe_first_dense) >= 0 and self.moe_layer_interval > 0
-                    and self.d_expert > 0, "n_experts, n_shared_experts, moe_first_dense >= 0, moe_layer_interval, d_expert > 0"),
+                    and (self.d_expert is None or self.d_expert > 0), "n_experts, n_shared_experts, moe_first_dense >= 0, moe_layer_interval, d_expert > 0"),
                    (self.router_score in ("softmax", "sigmoid"), f"router_score must be 'softmax' or 'sigmoid', got {self.router_score!r}"),
                    (min(self.moe_aux_loss, self.moe_z_loss, self.moe_bias_update, self.moe_capacity_factor) >= 0,
                     "moe_aux_loss, moe_z_loss, moe_bias_update, moe_capacity_factor must be >= 0")]
@@ -349,9 +347,10 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(cfg, cfg.d_expert) for _ in range(cfg.n_experts))
+        d = cfg.d_expert or cfg.d_ff
+        self.experts = nn.ModuleList(MLP(cfg, d) for _ in range(cfg.n_experts))
         if cfg.n_shared_experts:
-            self.shared = MLP(cfg, cfg.n_shared_experts * cfg.d_expert)
+            self.shared = MLP(cfg, cfg.n_shared_experts * d)
         self.register_buffer("balance_bias", torch.zeros(cfg.n_experts))  # saved: the router's state
         self.aux_loss = None
         self.load, self.dropped = 0, 0      # assignments per expert and dropped ones since the last moe_step
@@ -663,12 +662,13 @@ class Model(nn.Module):
             "nanosmol": {k: getattr(cfg, k) for k in NANOSMOL_KEYS},
         }
 
-    def save_pretrained(self, path):
-        """Write config.json + model.safetensors (each atomically); an MLA / MoE model keeps our tensor names."""
+    def save_pretrained(self, path, state_dict=None):
+        """Write config.json + model.safetensors (each atomically): this model's weights, or `state_dict`'s
+        (train.py's, gathered from tensor-parallel shards); an MLA / MoE model keeps our tensor names."""
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
         name = hf_name if self.cfg.is_smollm3 else str
-        tensors = {name(k): v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tensors = {name(k): v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
         atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
         text = json.dumps(self.hf_config(), indent=2)
         atomic_write(os.path.join(path, "config.json"), lambda p: pathlib.Path(p).write_text(text))
