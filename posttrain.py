@@ -624,10 +624,10 @@ def group_advantages(rewards, group_size, scale=True):
     """rewards [N * G] (groups contiguous) -> advantages [N * G]: (r - group mean) / (group std + 1e-4), the
     std unbiased as in TRL; scale=False keeps r - mean (Dr. GRPO). A group of equal rewards gets exactly 0."""
     r = rewards.view(-1, group_size)
-    std = r.std(1, keepdim=True)
     a = r - r.mean(1, keepdim=True)
-    a = a / (std + 1e-4) if scale else a
-    return torch.where(std > 0, a, 0.0).view(-1)
+    a = a / (r.std(1, keepdim=True) + 1e-4) if scale else a
+    # the mean of equal floats can differ from them in the last bit: such a group is zeroed, not near-zero
+    return torch.where(r.amax(1, keepdim=True) > r.amin(1, keepdim=True), a, 0.0).view(-1)
 
 
 def token_weights(mask, agg, max_len):

@@ -31,8 +31,8 @@ def test_group_advantages_on_a_hand_made_group():
     no_std = [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0, 1.5, -0.5, -0.5, -0.5]
     assert pt.group_advantages(rewards, 4, scale=False).tolist() == pytest.approx(no_std, rel=1e-6)
     # 0.1 + 0.2 - 0.3 style rounding: a group of equal rewards is exactly 0, scaled or not
-    eq = torch.full((3,), 0.1) * 3
-    assert pt.group_advantages(eq, 3).tolist() == [0.0] * 3
+    eq = torch.full((7,), 0.1) * 3
+    assert eq.mean() != eq[0] and pt.group_advantages(eq, 7).tolist() == [0.0] * 7
 
 
 @pytest.mark.parametrize("length,want", [(0, 0.0), (14, 0.0), (15, 0.0), (16, -0.2), (18, -0.6), (19, -0.8),
