@@ -1,4 +1,4 @@
-"""data.py — tokenizer, chat template, token shards, the embedded default corpus and the loaders.
+"""data.py — tokenizer, chat template, token shards, the embedded default corpus and the pretraining loader.
 
     python data.py default config/tiny.py          # embedded corpus + tokenizer.json for a config (~5 s)
     python data.py prepare --out data/web --tokenizer data/default/tokenizer.json --source web a.jsonl b.parquet
@@ -11,12 +11,11 @@ torchrun, build data once (rank 0, or before launching): the steps are idempoten
 Sections:
   tokenizer       byte-level BPE on tiktoken; tokenizer.json (ours and HF's) is the one file format; train_bpe
   chat template   SmolLM3's, exactly: render_chat_text (the string), render_chat (ids + loss mask)
-  config          DataConfig, load_tokenizer
   shards          128-byte header + uint16/uint32 ids; read_jsonl / iter_documents; prepare -> manifest.json
   default corpus  this Python's stdlib as "code", generated math with worked solutions, post-training sets
-  loaders         Loader: a pure function of (seed, sample index) over a staged mixture (posttrain.py has the
-                  SFT / preference / prompt loaders)
-  bench, command line
+  loader          DataConfig, load_tokenizer; Loader, a pure function of (seed, sample index) over a staged
+                  mixture (the SFT / preference / prompt loaders are in posttrain.py)
+  command line    prepare, default, bench
 """
 import argparse
 import base64
@@ -116,8 +115,7 @@ class Tokenizer:
         return out
 
     def save(self, path):
-        """Write a tokenizer.json in Llama-3's layout, which HF `tokenizers` encodes to our exact ids. No
-        post-processor: like encode(), HF then adds no BOS."""
+        """A tokenizer.json in Llama-3's layout, which HF encodes to our ids (no post-processor: no BOS added)."""
         # tiktoken merges any two adjacent parts that form a token, at that token's rank: so every split of a
         # token into two tokens is listed, sorted by the rank of the token it makes, and ignore_merges mirrors
         # tiktoken's whole-chunk lookup.
@@ -186,8 +184,6 @@ class Tokenizer:
             ranks = {_str_to_bytes(s): i for s, i in vocab.items() if s not in added}
         except KeyError as e:
             fail(f"model.vocab has a token with {e.args[0]!r}, a character outside the ByteLevel alphabet")
-        if len(ranks) != len(vocab) - sum(s in vocab for s in added):
-            fail("model.vocab maps two strings to the same bytes")
         taken = [(s, i) for s, i in added.items() if i in set(ranks.values())]
         if taken:
             fail(f"added token {taken[0][0]!r} has id {taken[0][1]}, which model.vocab gives to another token")
@@ -368,6 +364,7 @@ def train_bpe(texts, vocab_size):
 # user into the control token, we never do).
 _ROLES = ("system", "user", "assistant", "tool")
 _THINK_TAGS = regex.compile(r"(<think>|</think>)")
+_CONTROL = regex.compile(r"(<\|im_start\|>|<\|im_end\|>|<think>|</think>)")
 _MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
            "November", "December")  # the template's strftime("%d %B %Y"), without the locale
 _DEFAULT_SYSTEM = {
@@ -400,8 +397,8 @@ _TOOLS = {
 
 
 def _template(text, loss=0):
-    """The template's own text: its <think> tags are control tokens."""
-    return [(p, k % 2 == 1, loss) for k, p in enumerate(_THINK_TAGS.split(text))]
+    """The template's own text: its <|im_start|>, <|im_end|> and <think> tags are control tokens."""
+    return [(p, k % 2 == 1, loss) for k, p in enumerate(_CONTROL.split(text))]
 
 
 def _chat_segments(messages, add_generation_prompt=False, enable_thinking=True, xml_tools=(), python_tools=(),
@@ -416,36 +413,35 @@ def _chat_segments(messages, add_generation_prompt=False, enable_thinking=True, 
     # a flag in the system text beats enable_thinking; the flags are cut out, trailing space trimmed
     mode = "/no_think" if "/no_think" in system else "/think" if "/think" in system or enable_thinking else "/no_think"
     custom = system.replace("/no_think", "").replace("/think", "").rstrip()
-    im_start, im_end, nl = ("<|im_start|>", True, 0), ("<|im_end|>", True, 0), ("\n", False, 0)
-    empty_think = _template("<think>\n\n</think>\n") if mode == "/no_think" else []
-    segs = [im_start, ("system\n", False, 0)]
+    assistant = "<|im_start|>assistant\n" + ("<think>\n\n</think>\n" if mode == "/no_think" else "")
     if "/system_override" in system:  # the user's text alone, no metadata
-        segs += [(custom.replace("/system_override", "").rstrip(), False, 0), im_end, nl]
+        segs = _template("<|im_start|>system\n") + [(custom.replace("/system_override", "").rstrip(), False, 0)]
+        segs += _template("<|im_end|>\n")
     else:
         today = today or datetime.date.today()
-        segs += [(f"## Metadata\n\nKnowledge Cutoff Date: {cutoff}\nToday Date: {today.day:02d} "
-                  f"{_MONTHS[today.month - 1]} {today.year}\nReasoning Mode: {mode}\n\n## Custom Instructions\n\n",
-                  False, 0)]
+        segs = _template(f"<|im_start|>system\n## Metadata\n\nKnowledge Cutoff Date: {cutoff}\nToday Date: "
+                         f"{today.day:02d} {_MONTHS[today.month - 1]} {today.year}\nReasoning Mode: {mode}\n\n"
+                         "## Custom Instructions\n\n")
         segs += [(custom + "\n\n", False, 0)] if custom else _template(_DEFAULT_SYSTEM[mode] + "\n\n")
         if xml_tools or python_tools:
-            segs.append(("### Tools\n\n", False, 0))
+            segs += _template("### Tools\n\n")
             for kind, tools in (("xml", xml_tools), ("python", python_tools)):
                 if tools:  # a tool is written as Python's str() of it, as jinja's `string` filter does
                     head, tail = _TOOLS[kind]
-                    segs += [(head, False, 0), ("".join(f"{t}\n" for t in tools), False, 0), (tail, False, 0)]
-            segs += [("\n\n", False, 0), im_end, nl]
+                    segs += _template(head) + [("".join(f"{t}\n" for t in tools), False, 0)] + _template(tail)
+            segs += _template("\n\n<|im_end|>\n")
         # without tools the template never closes the system turn: the first user turn follows directly
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
             parts = _THINK_TAGS.split(m["content"].lstrip("\n"))  # odd indices are the tags the model emits
             if mode == "/no_think" and len(parts) > 1:
                 raise ValueError(f"message {i}: assistant content has <think> tags but the mode is /no_think")
-            segs += [im_start, ("assistant\n", False, 0), *empty_think, *((p, k % 2 == 1, 1) for k, p in
-                     enumerate(parts)), ("<|im_end|>", True, 1), nl]
+            segs += _template(assistant) + [(p, k % 2 == 1, 1) for k, p in enumerate(parts)]
+            segs += _template("<|im_end|>", loss=1) + _template("\n")
         elif m["role"] != "system":  # a tool result is a user turn
-            segs += [im_start, ("user\n", False, 0), (m["content"], False, 0), im_end, nl]
+            segs += _template("<|im_start|>user\n") + [(m["content"], False, 0)] + _template("<|im_end|>\n")
     if add_generation_prompt:
-        segs += [im_start, ("assistant\n", False, 0), *empty_think]
+        segs += _template(assistant)
     return [s for s in segs if s[0]]
 
 
@@ -456,15 +452,15 @@ def render_chat_text(messages, add_generation_prompt=False, **options):
 
 
 def render_chat(tok, messages, add_generation_prompt=False, **options):
-    """-> (ids, mask): mask is 1 exactly on what the model must generate, i.e. assistant content (with its
-    <think> block in /think mode) and its <|im_end|>; 0 on headers, the template's empty think block, and
-    every other turn. Adjacent text with the same mask is encoded together, so ids equal HF's tokenization
-    of the rendered string except where the mask boundary falls inside what would be one token."""
+    """-> (ids, mask): mask is 1 exactly on what the model generates (assistant content, its <think> block in
+    /think mode, its <|im_end|>). Adjacent text with the same mask is encoded together, so ids equal HF's
+    tokenization of the rendered string except where a mask boundary falls inside what would be one token."""
     segs = []
     for text, special, loss in _chat_segments(messages, add_generation_prompt, **options):
         if special and text not in tok.specials:
             if text in ("<|im_start|>", "<|im_end|>"):
-                raise ValueError("render_chat: this tokenizer has no <|im_start|>/<|im_end|> tokens (not a chat tokenizer)")
+                raise ValueError("render_chat: this tokenizer has no <|im_start|>/<|im_end|> tokens (not a chat "
+                                 "tokenizer)")
             special = False  # no <think> token in this vocabulary: the tag is text, encoded with its neighbours
         segs.append((text, special, loss))
     ids, mask = [], []
@@ -476,28 +472,7 @@ def render_chat(tok, messages, add_generation_prompt=False, **options):
     return ids, mask
 
 
-# ---------------------------------------------------------------------------------------------- config
-
-@dataclass
-class DataConfig:
-    """Pretraining data: where it lives, row length, and the per-source mixture over training steps."""
-    data_dir: str = "data/default"  # the embedded corpus, its tokenizer and the post-training sets live here
-    tokenizer: str = "default"       # "default": <data_dir>/tokenizer.json; else a tokenizer.json or its folder
-    dataset: str = "default"         # "default": the embedded corpus in data_dir; else a `data.py prepare` --out
-    seq_len: int = 1024
-    mixture: dict[str, float] = field(default_factory=lambda: {"code": 0.6, "math": 0.4})  # source -> weight
-    stages: list = field(default_factory=list)  # [[start_step, {source: weight}], ...], each replacing the last
-
-
-def load_tokenizer(cfg):
-    """cfg.tokenizer: "default" = <data_dir>/tokenizer.json, else a path for Tokenizer.load."""
-    path = os.path.join(cfg.data_dir, "tokenizer.json") if cfg.tokenizer == "default" else cfg.tokenizer
-    if cfg.tokenizer == "default" and not os.path.isfile(path):
-        raise ValueError(f"tokenizer not found: {path} (build the default corpus: `python data.py default CONFIG`)")
-    return Tokenizer.load(path)
-
-
-# ------------------------------------------------------------------------------- token shards on disk
+# ----------------------------------------------------------- token shards: input files, prepare, manifest
 
 # A shard is a 128-byte header then the token ids (uint16, or uint32 past 65,536 ids), every document
 # followed by the end-of-text token. The header lets a reader refuse a shard written by another tokenizer
@@ -540,16 +515,13 @@ def open_shard(path, tok_hash):
 def write_shard(path, chunks, tok_hash, itemsize, digest=bytes(32)):
     """Write (tokens, n_docs) chunks as one shard -> (n_tokens, n_docs). Written to a temporary name, header
     last, then renamed: a failure at any point leaves no file at path."""
-    if len(tok_hash.encode()) > 64:
-        raise ValueError(f"tokenizer hash {tok_hash!r} is longer than the 64 bytes a shard header holds")
-    dtype = f"<u{itemsize}"
     tmp = f"{path}.tmp{os.getpid()}"
     n_tokens = n_docs = 0
     try:
         with open(tmp, "wb") as f:
             f.write(bytes(_HEADER.size))
             for tokens, docs in chunks:
-                f.write(np.asarray(tokens, dtype=dtype).tobytes())
+                f.write(np.asarray(tokens, dtype=f"<u{itemsize}").tobytes())
                 n_tokens, n_docs = n_tokens + len(tokens), n_docs + docs
             f.seek(0)
             f.write(_HEADER.pack(SHARD_MAGIC, SHARD_VERSION, itemsize, n_tokens, n_docs, tok_hash.encode(), digest))
@@ -560,8 +532,6 @@ def write_shard(path, chunks, tok_hash, itemsize, digest=bytes(32)):
         raise
     return n_tokens, n_docs
 
-
-# ------------------------------------------------------------------------------- reading input files
 
 def read_jsonl(path):
     """Yield (line number, object) for each non-blank line; a bad line is a ValueError naming path:line."""
@@ -604,8 +574,7 @@ def iter_documents(path, field="text"):
     """Yield the documents of one input file: a .txt/.md/.py file is one document, a .jsonl line or a
     .parquet row is one (its `field`). Empty documents are skipped; a file with none is an error."""
     if path.endswith(TEXT_SUFFIXES):
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = pathlib.Path(path).read_bytes()
         try:
             texts = [raw.decode("utf-8")]
         except UnicodeDecodeError as e:
@@ -634,19 +603,15 @@ def _field(path, no, obj, key, kind, hint=""):
     return obj[key]
 
 
-# ---------------------------------------------------------------------------------- corpus preparation
-
 def _documents(files, field, bar):
-    """The documents of files in order. The byte progress bar moves by each document's length (in
-    characters, capped at the file's size) and settles at the file's size when the file is done."""
+    """The documents of files in order; the byte progress bar moves by each one's length, capped at the file size."""
     for path in files:
-        size, shown = os.path.getsize(path), 0
+        left = os.path.getsize(path)
         for text in iter_documents(path, field):
-            step = min(len(text), size - shown)
-            bar.update(step)
-            shown += step
+            bar.update(min(len(text), left))
+            left -= min(len(text), left)
             yield text
-        bar.update(size - shown)
+        bar.update(left)
 
 
 def _plan_shards(files, shard_bytes):
@@ -654,21 +619,13 @@ def _plan_shards(files, shard_bytes):
     Depends on names and sizes only, so a re-run finds the same shards without reading any input."""
     units, size = [], shard_bytes  # size: bytes in the last text group (shard_bytes: no group open)
     for path in files:
-        if not path.endswith(TEXT_SUFFIXES):
-            units.append([path])
-            size = shard_bytes
-            continue
-        if size >= shard_bytes:
+        text = path.endswith(TEXT_SUFFIXES)
+        if not text or size >= shard_bytes:  # a .jsonl/.parquet file closes the open group and is one alone
             units.append([])
-            size = 0
+            size = 0 if text else shard_bytes
         units[-1].append(path)
-        size += os.path.getsize(path)
+        size += os.path.getsize(path) if text else 0
     return units
-
-
-def _inputs_digest(files, field, tok_hash):
-    st = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
-    return hashlib.sha256(json.dumps([st, field, tok_hash]).encode()).digest()
 
 
 def read_manifest(root):
@@ -685,10 +642,8 @@ def read_manifest(root):
 
 
 def prepare(files, out_dir, tok, source, split="train", field="text", shard_bytes=1 << 28):
-    """Tokenize input files into shards out_dir/<source>/<split>_NNNNN.bin and record them in
-    out_dir/manifest.json -> the manifest entry of (source, split). Text files are grouped into ~shard_bytes
-    shards, each .jsonl/.parquet file is one; shards whose header matches (tokenizer hash, input
-    names/sizes/mtimes) are kept, not re-encoded."""
+    """Tokenize files into shards out_dir/<source>/<split>_NNNNN.bin listed in out_dir/manifest.json -> the
+    (source, split) entry. A shard whose header matches (tokenizer hash, inputs' names/sizes/mtimes) is kept."""
     if not regex.fullmatch(r"[A-Za-z0-9_.-]+", source):
         raise ValueError(f"source name {source!r}: use letters, digits, '_', '-' or '.'")
     if split not in SPLITS:
@@ -724,7 +679,9 @@ def _prepare_shards(files, out_dir, tok, source, split, field, shard_bytes):
     itemsize = 2 if tok.n_vocab <= 1 << 16 else 4  # uint16 ids while they fit
     plan = []  # (relative path, input files, digest, (n_tokens, n_docs) if already complete else None)
     for i, unit in enumerate(_plan_shards(files, shard_bytes)):
-        name, digest = f"{source}/{split}_{i:05d}.bin", _inputs_digest(unit, field, tok.hash)
+        name = f"{source}/{split}_{i:05d}.bin"
+        stats = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in unit]
+        digest = hashlib.sha256(json.dumps([stats, field, tok.hash]).encode()).digest()
         try:
             _, n_tokens, n_docs, h, d = read_shard_header(os.path.join(out_dir, name))
             done = (n_tokens, n_docs) if (h, d) == (tok.hash, digest) else None
@@ -978,9 +935,8 @@ def default_sets(sizes=DEFAULT_SIZES):
 
 
 def prepare_default(data_dir, vocab_size):
-    """Build the embedded default corpus in data_dir: the generated .jsonl sets (DEFAULT_SIZES), a BPE
-    tokenizer.json of vocab_size ids trained on a sample, and the train/val shards of sources "code" and
-    "math". Idempotent: whatever is already complete is kept (a second call takes about a second)."""
+    """The default corpus in data_dir: the .jsonl sets, a tokenizer.json of vocab_size ids trained on a sample,
+    the train/val shards of sources "code" and "math". Idempotent: what is complete is kept (a rerun takes ~1 s)."""
     t0 = time.perf_counter()
     os.makedirs(data_dir, exist_ok=True)
     paths = {name: os.path.join(data_dir, f"{name}.jsonl") for name in DEFAULT_SIZES}
@@ -1007,7 +963,26 @@ def prepare_default(data_dir, vocab_size):
     print(f"default corpus ready in {data_dir} ({time.perf_counter() - t0:.1f} s)")
 
 
-# ---------------------------------------------------------------------------------------------- loaders
+# ----------------------------------------------------------------------------------------------- loader
+
+@dataclass
+class DataConfig:
+    """Pretraining data: where it lives, row length, and the per-source mixture over training steps."""
+    data_dir: str = "data/default"  # the embedded corpus, its tokenizer and the post-training sets live here
+    tokenizer: str = "default"       # "default": <data_dir>/tokenizer.json; else a tokenizer.json or its folder
+    dataset: str = "default"         # "default": the embedded corpus in data_dir; else a `data.py prepare` --out
+    seq_len: int = 1024
+    mixture: dict[str, float] = field(default_factory=lambda: {"code": 0.6, "math": 0.4})  # source -> weight
+    stages: list = field(default_factory=list)  # [[start_step, {source: weight}], ...], each replacing the last
+
+
+def load_tokenizer(cfg):
+    """cfg.tokenizer: "default" = <data_dir>/tokenizer.json, else a path for Tokenizer.load."""
+    path = os.path.join(cfg.data_dir, "tokenizer.json") if cfg.tokenizer == "default" else cfg.tokenizer
+    if cfg.tokenizer == "default" and not os.path.isfile(path):
+        raise ValueError(f"tokenizer not found: {path} (build the default corpus: `python data.py default CONFIG`)")
+    return Tokenizer.load(path)
+
 
 # Every loader maps a global sample index to a row as a pure function of (seed, index): nothing is
 # stored per step, so memory and time per batch do not grow with the step or the corpus (the playbook's
@@ -1036,8 +1011,7 @@ def _key(*parts):
 
 
 def permute(i, n, key):
-    """A bijection of [0, n), keyed by a 64-bit int, applied to the integer array i (any shape); memory
-    O(len(i)), never O(n)."""
+    """A bijection of [0, n) keyed by a 64-bit int, applied to the int array i (any shape) in O(len(i)) memory."""
     # A 4-round Feistel network permutes [0, 2^b), b the bits of n - 1: each round maps (left, right) to
     # (right, left ^ F(right)), invertible whatever F is. A value at or past n goes through again (cycle
     # walking) until inside [0, n), still a bijection; the domain is < 2n, so fewer than two passes on average.
@@ -1098,11 +1072,9 @@ def _schedule(mixture, stages):
             raise ValueError(f"stages[{i}]: start step {stage[0]} must exceed the previous stage's {out[-1][0]}")
         out.append(tuple(stage))
     for start, weights in out:
-        where = f"mixture of the stage starting at step {start}"
-        if not weights or not all(isinstance(w, (int, float)) and w >= 0 for w in weights.values()):
-            raise ValueError(f"{where}: expected {{source: weight >= 0}}, got {weights!r}")
-        if sum(weights.values()) <= 0:
-            raise ValueError(f"{where}: weights sum to 0")
+        if not all(isinstance(w, (int, float)) and w >= 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"mixture of the stage starting at step {start}: expected {{source: weight >= 0}} with "
+                             f"a positive sum, got {weights!r}")
     return [(start, {s: w / sum(weights.values()) for s, w in weights.items()}) for start, weights in out]
 
 
@@ -1144,7 +1116,7 @@ class Loader:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"data-parallel rank {dp_rank} is outside dp_size {dp_size}")
         self.root = cfg.data_dir if cfg.dataset == "default" else cfg.dataset  # holds manifest.json + shards
-        self.seq_len, self.split, self.eos_id, self.n_vocab = cfg.seq_len, "train", tok.eos_id, tok.n_vocab
+        self.seq_len, self.eos_id, self.n_vocab = cfg.seq_len, tok.eos_id, tok.n_vocab
         self.micro_batch_size, self.accum, self.rank, self.world_size = micro_batch_size, accum, dp_rank, dp_size
         self.G = micro_batch_size * accum * dp_size
         self.tok_hash, self.manifest = tok.hash, read_manifest(self.root)
@@ -1154,7 +1126,7 @@ class Loader:
         self.schedule = _schedule(cfg.mixture, cfg.stages)
         self.sources = sorted({s for _, weights in self.schedule for s, w in weights.items() if w > 0})
         self._streams = {}
-        self.rows = {s: int(self._stream(s, "train")[1][-1]) for s in self.sources}  # rows per epoch of each source
+        self.rows = {s: self._stream(s, "train")[1][-1] for s in self.sources}  # rows per epoch of each source
         self._keys = [_key(seed, *s.encode()) for s in self.sources]  # a name, not a path: data may move
         self._starts = [start for start, _ in self.schedule]
         self._levels = [_levels(weights, self.sources) for _, weights in self.schedule]
@@ -1166,7 +1138,7 @@ class Loader:
                 drawn = [a + b for a, b in zip(drawn, counts)]
 
     def _stream(self, source, split):
-        """(memmaps of the source's shards, row starts [n_shards + 1]) for one split, opened once."""
+        """(memmaps of the source's shards, row starts [n_shards + 1], shard paths) for one split, opened once."""
         if (source, split) not in self._streams:
             entry = self.manifest["sources"].get(source, {}).get(split)
             if entry is None:
@@ -1176,29 +1148,26 @@ class Loader:
             paths = [os.path.join(self.root, s["path"]) for s in entry["shards"]]
             # plain ndarray views of the memmaps: slicing a np.memmap builds a memmap object each time
             maps = [open_shard(p, self.tok_hash).view(np.ndarray) for p in paths]
-            starts = np.cumsum([0] + [(len(m) - 1) // self.seq_len for m in maps])
+            starts = [0, *itertools.accumulate((len(m) - 1) // self.seq_len for m in maps)]
             if starts[-1] == 0:
                 raise ValueError(f"source {source!r} ({split}) has fewer than seq_len + 1 = {self.seq_len + 1} tokens")
             self._streams[source, split] = maps, starts, paths
         return self._streams[source, split]
 
-    def _fetch(self, source, split, rows, out, at):
-        """Copy rows of one source into out[at] (out: [B, T+1])."""
-        maps, starts, _ = self._stream(source, split)
-        shard = np.searchsorted(starts, rows, side="right") - 1
-        for i, s, r in zip(at.tolist(), shard.tolist(), rows.tolist()):
+    def _read(self, split, names, rows):
+        """(x, y, pos) [len(rows), seq_len] of a split's rows (names: each row's source). One max per batch: an id
+        outside the vocabulary (a corrupt shard) is an error naming its shard and offset before the embedding."""
+        buf, where = np.empty((len(rows), self.seq_len + 1), dtype=np.int64), []
+        for i, (name, r) in enumerate(zip(names, rows.tolist())):
+            maps, starts, paths = self._stream(name, split)
+            s = bisect.bisect_right(starts, r) - 1
             a = (r - starts[s]) * self.seq_len
-            out[i] = maps[s][a:a + self.seq_len + 1]
-
-    def _batch(self, buf, split, names, rows):
-        """(x, y, pos) of buf after one max over it: an id outside the vocabulary (a corrupt shard) is an error
-        naming its shard and offset, before it can reach the embedding. names, rows: each buf row's origin."""
+            buf[i] = maps[s][a:a + self.seq_len + 1]
+            where.append((paths[s], a))
         if buf.max() >= self.n_vocab:
             i, t = (int(v[0]) for v in np.nonzero(buf >= self.n_vocab))
-            _, starts, paths = self._stream(names[i], split)
-            s = int(np.searchsorted(starts, rows[i], side="right")) - 1
-            raise ValueError(f"{paths[s]}: token id {buf[i, t]} at offset {(rows[i] - starts[s]) * self.seq_len + t} "
-                             f"is outside the vocabulary ({self.n_vocab} ids): a corrupt shard, or another tokenizer's")
+            raise ValueError(f"{where[i][0]}: token id {buf[i, t]} at offset {where[i][1] + t} is outside the "
+                             f"vocabulary ({self.n_vocab} ids): a corrupt shard, or another tokenizer's")
         return _with_pos(buf, self.eos_id)
 
     def stage_at(self, step):
@@ -1220,30 +1189,49 @@ class Loader:
     def get(self, step, micro_step):
         """-> (x, y, pos) int64 tensors [micro_batch_size, seq_len] of this rank's micro-step."""
         src, rows = self.locate(step, micro_step)
-        buf = np.empty((self.micro_batch_size, self.seq_len + 1), dtype=np.int64)
-        for s in np.unique(src).tolist():
-            sel = np.flatnonzero(src == s)
-            self._fetch(self.sources[s], self.split, rows[sel], buf, sel)
-        return self._batch(buf, self.split, [self.sources[s] for s in src], rows)
+        return self._read("train", [self.sources[s] for s in src.tolist()], rows)
 
     def val_rows(self, source, n_rows):
         """n_rows rows evenly spaced over a source's val split (row floor(r * have / n_rows)), so a small
         eval covers every held-out file rather than the first few -> (x, y, pos) [n_rows, seq_len]."""
-        have = int(self._stream(source, "val")[1][-1])
+        have = self._stream(source, "val")[1][-1]
         if n_rows > have:
             raise ValueError(f"source {source!r} has {have} val rows of {self.seq_len + 1} tokens; asked for "
                              f"{n_rows} (eval_rows must be at most {have})")
-        buf = np.empty((n_rows, self.seq_len + 1), dtype=np.int64)
-        rows = np.arange(n_rows) * have // n_rows
-        self._fetch(source, "val", rows, buf, np.arange(n_rows))
-        return self._batch(buf, "val", [source] * n_rows, rows)
+        return self._read("val", [source] * n_rows, np.arange(n_rows) * have // n_rows)
 
 
-# ------------------------------------------------------------------------------------------------ bench
+# ------------------------------------------------------------------------------------- command line
 
-def bench_loader(seq_len=2048, micro_batch_size=8, mb_per_source=16, n_batches=3000, total_steps=1_000_000):
-    """prepare and Loader throughput on three synthetic sources with the SmolLM3 3-stage curriculum, and the
-    anonymous memory (Linux RssAnon: what would grow if the loader kept state per step) over 10,000 steps."""
+def _prepare_main(argv):
+    p = argparse.ArgumentParser(prog="python data.py prepare", description="Tokenize text files into token shards")
+    p.add_argument("files", nargs="+", help=".txt/.md/.py (a document each), .jsonl (one per line), .parquet (per row)")
+    p.add_argument("--out", required=True, help="dataset directory (shards + manifest.json)")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer.json, or a folder holding one")
+    p.add_argument("--source", default="web", help="source name, as the mixture weights name it (default: web)")
+    p.add_argument("--split", default="train", choices=SPLITS)
+    p.add_argument("--field", default="text", help=".jsonl text field / .parquet column (default: text)")
+    p.add_argument("--shard_mb", type=int, default=256, help="text files are grouped into shards of about this size")
+    a = p.parse_args(argv)
+    tok = Tokenizer.load(a.tokenizer)
+    entry = prepare(a.files, a.out, tok, a.source, a.split, a.field, a.shard_mb << 20)
+    print(f"{a.source}/{a.split}: {entry['documents']:,} documents, {entry['tokens']:,} tokens, "
+          f"{len(entry['shards'])} shards in {a.out}")
+
+
+def _default_main(argv):
+    ns = load(argv, DataConfig, ModelConfig, prog="python data.py default", strict=False)
+    prepare_default(ns.data_dir, ns.vocab_size)     # the BPE vocabulary is the model's
+
+
+def _bench_main(argv):
+    """prepare and Loader throughput on three synthetic sources with the SmolLM3 3-stage curriculum, the
+    anonymous memory (Linux RssAnon: what would grow if the loader kept state per step) over 10,000 steps,
+    and train_bpe's time on the first ~10 MB of this interpreter's standard library (the default corpus' code)."""
+    if argv:
+        raise SystemExit("usage: python data.py bench")
+    seq_len, micro_batch_size, mb_per_source, n_batches, total_steps = 2048, 8, 16, 3000, 1_000_000
+
     def rss_anon():
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) / 1024 for line in f if line.startswith("RssAnon"))
@@ -1277,10 +1265,6 @@ def bench_loader(seq_len=2048, micro_batch_size=8, mb_per_source=16, n_batches=3
             loader.locate(step, 0)
         print(f"indices of {total_steps // 100:,} steps spread over {total_steps:,} in "
               f"{time.perf_counter() - t0:.1f} s: RssAnon {before:.1f} -> {rss_anon():.1f} MiB")
-
-
-def bench_tokenizer():
-    """Time train_bpe on the first ~10 MB of this interpreter's standard library (the default corpus' code)."""
     texts, size = [], 0
     for path in stdlib_files()[0]:
         if size >= 10 << 20:
@@ -1292,36 +1276,6 @@ def bench_tokenizer():
     dt, n = time.perf_counter() - t0, sum(map(len, tok.encode_batch(texts)))
     print(f"train_bpe: 16384 vocab on {size / 1e6:.1f} MB ({len(texts)} files) in {dt:.1f} s; "
           f"{size / n:.2f} bytes/token")
-
-# -------------------------------------------------------------------------------------- command line
-
-
-def _prepare_main(argv):
-    p = argparse.ArgumentParser(prog="python data.py prepare", description="Tokenize text files into token shards")
-    p.add_argument("files", nargs="+", help=".txt/.md/.py (a document each), .jsonl (one per line), .parquet (per row)")
-    p.add_argument("--out", required=True, help="dataset directory (shards + manifest.json)")
-    p.add_argument("--tokenizer", required=True, help="a tokenizer.json, or a folder holding one")
-    p.add_argument("--source", default="web", help="source name, as the mixture weights name it (default: web)")
-    p.add_argument("--split", default="train", choices=SPLITS)
-    p.add_argument("--field", default="text", help=".jsonl text field / .parquet column (default: text)")
-    p.add_argument("--shard_mb", type=int, default=256, help="text files are grouped into shards of about this size")
-    a = p.parse_args(argv)
-    tok = Tokenizer.load(a.tokenizer)
-    entry = prepare(a.files, a.out, tok, a.source, a.split, a.field, a.shard_mb << 20)
-    print(f"{a.source}/{a.split}: {entry['documents']:,} documents, {entry['tokens']:,} tokens, "
-          f"{len(entry['shards'])} shards in {a.out}")
-
-
-def _default_main(argv):
-    ns = load(argv, DataConfig, ModelConfig, prog="python data.py default", strict=False)
-    prepare_default(ns.data_dir, ns.vocab_size)     # the BPE vocabulary is the model's
-
-
-def _bench_main(argv):
-    if argv:
-        raise SystemExit("usage: python data.py bench")
-    bench_loader()
-    bench_tokenizer()
 
 
 COMMANDS = {"default": _default_main, "prepare": _prepare_main, "bench": _bench_main}

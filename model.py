@@ -4,20 +4,24 @@
 
     model = Model(ModelConfig(...))
     logits = model(x, pos=pos)                  # x, pos [B, T] -> [B, T, V] fp32
-    _, loss = model(x, y, pos)                  # chunked cross-entropy (+ z-loss); y = -100 is ignored
+    _, loss = model(x, y, pos)                  # chunked cross-entropy (+ z-loss, + MoE balance); y = -100 is ignored
     model.generate(prompts, max_new_tokens)     # KV cache: prefill, then decode_one_token per step
-    Model.from_pretrained(dir) / model.save_pretrained(dir)    # transformers' SmolLM3 layout
+    Model.from_pretrained(dir) / model.save_pretrained(dir)    # transformers' SmolLM3 layout (MLA / MoE: ours)
 
 pos holds per-document positions: 0 at each document start, -1 for padding (nothing attends to or from
 it, and its attention output is 0); pos None is one causal sequence per row. A bf16 model gives
 transformers' SmolLM3ForCausalLM bf16 logits bit-for-bit, and so does an fp32 model under bf16 autocast.
+Beyond SmolLM3: attention = "mla" (DeepSeek-V2's latent attention, its latent is what the KV cache holds)
+and n_experts > 0 (MoE MLPs; train.py calls model.moe_step() after each update), each equal to
+transformers' DeepseekV3 modules in tests/test_mla_moe.py.
 
 Sections:
     ModelConfig                 the knobs, their checks, the special ids, nope_layers
     RMSNorm, RoPE (+ YaRN)      rope_frequencies, rope_cos_sin, apply_rope
     doc_causal_mask             the one attention mask (kernels.py's PyTorch twin uses it too)
-    Attention, MLP, Block       attn_impl "sdpa" (CPU, reference) or "triton" (kernels.py, GPU)
-    KVCache, Model              forward and loss, accounting, generation, HF checkpoints
+    Attention, MLA, MLP, MoE    attn_impl "sdpa" (CPU, reference) or "triton" (kernels.py, GPU; GQA only)
+    Block
+    KVCache, Model              forward and loss, MoE balance, accounting, generation, HF checkpoints
     HF names, atomic_write, sample, summary, main
 """
 import functools
@@ -63,6 +67,26 @@ class ModelConfig:
     bos_id: int | None = None
     eos_id: int | None = None
     pad_id: int | None = None
+    # MLA (DeepSeek-V2): attention = "mla" replaces GQA's K/V heads by one low-rank latent per token
+    attention: str = "gqa"         # "gqa" | "mla"
+    kv_lora_rank: int = 512        # the latent that keys and values come up from (what the KV cache holds)
+    q_lora_rank: int = 0           # query latent; 0 = queries straight from the residual stream
+    qk_nope_head_dim: int = 128    # per-head query/key dims without position
+    qk_rope_head_dim: int = 64     # per-head query dims with RoPE, meeting one rope key shared by all heads
+    v_head_dim: int = 128
+    # MoE MLP: n_experts > 0 swaps the MLP of layers `moe_layers` for routed experts (+ always-on shared ones)
+    n_experts: int = 0             # routed experts; 0 = dense MLP everywhere
+    n_experts_active: int = 2      # top-k experts per token
+    n_shared_experts: int = 0
+    d_expert: int | None = None    # each expert's FFN width; None = d_ff
+    moe_layer_interval: int = 1    # layer i is MoE when i >= moe_first_dense and (i + 1) % interval == 0
+    moe_first_dense: int = 0       # DeepSeek keeps the first layers dense
+    router_score: str = "softmax"  # "softmax" (Switch, Mixtral) | "sigmoid" (DeepSeek-V3)
+    router_norm_topk: bool = True  # rescale the k chosen scores to sum to 1
+    moe_aux_loss: float = 0.01     # load-balancing loss coefficient (Switch / DeepSeek form); 0 = off
+    moe_z_loss: float = 0.0        # router z-loss coefficient (ST-MoE: 1e-3); 0 = off
+    moe_bias_update: float = 0.0   # auxiliary-loss-free balancing: bias step per update (DeepSeek-V3: 1e-3); 0 = off
+    moe_capacity_factor: float = 0.0  # an expert takes <= factor * tokens * k / n_experts assignments; 0 = no cap
 
     def __post_init__(self):
         for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "loss_chunk", "max_position_embeddings"):
@@ -78,6 +102,23 @@ class ModelConfig:
                   (self.nope_interval >= 0, f"nope_interval must be >= 0, got {self.nope_interval}"),
                   (self.yarn_factor >= 1.0, f"yarn_factor must be >= 1 (1 = off), got {self.yarn_factor}"),
                   (self.sliding_window is None or self.sliding_window > 0, f"sliding_window must be None or > 0, got {self.sliding_window}")]
+        if self.d_expert is None:
+            self.d_expert = self.d_ff
+        if self.attention == "mla":
+            checks += [(min(self.kv_lora_rank, self.qk_nope_head_dim, self.v_head_dim) > 0 and self.q_lora_rank >= 0,
+                        "MLA needs kv_lora_rank, qk_nope_head_dim, v_head_dim > 0 and q_lora_rank >= 0"),
+                       (self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even and > 0"),
+                       # the Triton kernel takes one head dim for q, k and v; MLA's differ (SDPA on GPU too)
+                       (self.attn_impl == "sdpa", "attention='mla' runs on attn_impl='sdpa'"),
+                       (not self.qk_norm, "qk_norm is GQA's (MLA normalises its latents instead)")]
+        checks += [(self.attention in ("gqa", "mla"), f"attention must be 'gqa' or 'mla', got {self.attention!r}"),
+                   (self.n_experts == 0 or 1 <= self.n_experts_active <= self.n_experts,
+                    f"n_experts_active ({self.n_experts_active}) must be in 1..n_experts ({self.n_experts})"),
+                   (min(self.n_experts, self.n_shared_experts, self.moe_first_dense) >= 0 and self.moe_layer_interval > 0
+                    and self.d_expert > 0, "n_experts, n_shared_experts, moe_first_dense >= 0, moe_layer_interval, d_expert > 0"),
+                   (self.router_score in ("softmax", "sigmoid"), f"router_score must be 'softmax' or 'sigmoid', got {self.router_score!r}"),
+                   (min(self.moe_aux_loss, self.moe_z_loss, self.moe_bias_update, self.moe_capacity_factor) >= 0,
+                    "moe_aux_loss, moe_z_loss, moe_bias_update, moe_capacity_factor must be >= 0")]
         # an id past the vocabulary cannot be embedded (transformers refuses such a pad_token_id outright)
         checks += [(getattr(self, k) is None or 0 <= getattr(self, k) < self.vocab_size,
                     f"{k} {getattr(self, k)} is outside the vocabulary (vocab_size {self.vocab_size})")
@@ -89,6 +130,23 @@ class ModelConfig:
     @property
     def nope_layers(self):
         return nope_layers(self.n_layers, self.nope_interval)
+
+    @property
+    def moe_layers(self):
+        return [i for i in range(self.n_layers) if self.n_experts and i >= self.moe_first_dense
+                and (i + 1) % self.moe_layer_interval == 0]
+
+    @property
+    def is_smollm3(self):
+        """A model transformers' SmolLM3 can hold: checkpoints in its layout (others in ours, see save_pretrained)."""
+        return self.attention == "gqa" and not self.n_experts
+
+    def cache_dims(self, layer):
+        """(heads, dim) of the two tensors a layer caches per token: GQA's keys and values; MLA's latent and
+        its rope key, shared by the heads (none in a NoPE layer)."""
+        if self.attention == "mla":
+            return (1, self.kv_lora_rank), (1, 0 if layer in self.nope_layers else self.qk_rope_head_dim)
+        return (self.n_kv_heads, self.head_dim), (self.n_kv_heads, self.head_dim)
 
 
 def nope_layers(n_layers, interval):
@@ -111,7 +169,7 @@ class RMSNorm(nn.Module):
 
 def rope_frequencies(cfg):
     """Inverse frequencies [D/2] (half-split layout: 1 / theta^(arange(0, D, 2) / D)) and the cos/sin scale."""
-    d, theta, s = cfg.head_dim, cfg.rope_theta, cfg.yarn_factor
+    d, theta, s = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_dim, cfg.rope_theta, cfg.yarn_factor
     inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
     if s == 1.0:
         return inv_freq, 1.0
@@ -212,24 +270,131 @@ class Attention(nn.Module):
         return self.o(o.reshape(B, T, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg):
+class MLA(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2, 2024). Keys and values come up (kv_up) from one latent per
+    token, c = RMSNorm(kv_down x) of kv_lora_rank; a decoupled rope key RoPE(kv_down x) of qk_rope_head_dim,
+    one for all heads, completes each head's key. The KV cache holds only c and the rope key. Queries come
+    from x, or from their own normalised latent when q_lora_rank > 0. Scores are scaled by 1/sqrt(qk dims).
+    RNoPE: a NoPE layer has no rope part at all (its q/k heads are qk_nope_head_dim wide)."""
+
+    def __init__(self, cfg, layer_idx):
         super().__init__()
-        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.rope_dim = cfg.cache_dims(layer_idx)[1][1]
+        C, H, r, dn, dv = cfg.d_model, cfg.n_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim
+        if cfg.q_lora_rank:
+            self.q_down = nn.Linear(C, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_eps)
+        self.q = nn.Linear(cfg.q_lora_rank or C, H * (dn + self.rope_dim), bias=False)
+        self.kv_down = nn.Linear(C, r + self.rope_dim, bias=False)
+        self.kv_norm = RMSNorm(r, cfg.rms_eps)
+        self.kv_up = nn.Linear(r, H * (dn + dv), bias=False)
+        self.o = nn.Linear(H * dv, C, bias=False)
+
+    def forward(self, x, rope, pos, mask, cache=None):
+        """As Attention.forward."""
+        B, T, _ = x.shape
+        cfg, H, dn, dr = self.cfg, self.cfg.n_heads, self.cfg.qk_nope_head_dim, self.rope_dim
+        q = self.q(self.q_norm(self.q_down(x)) if cfg.q_lora_rank else x)
+        q = q.view(B, T, H, dn + dr).transpose(1, 2)                                   # [B, H, T, dn + dr]
+        c, k_rope = self.kv_down(x)[:, None].split([cfg.kv_lora_rank, dr], dim=-1)    # [B, 1, T, r], [B, 1, T, dr]
+        c = self.kv_norm(c)
+        if dr:
+            cos, sin = (t.transpose(1, 2) for t in rope)                               # [B, 1, T, dr]
+            q = torch.cat([q[..., :dn], apply_rope(q[..., dn:], cos, sin)], dim=-1)
+            k_rope = apply_rope(k_rope, cos, sin)
+        if cache is not None:
+            c, k_rope = cache.update(self.layer_idx, c, k_rope)                       # [B, 1, S, r], [B, 1, S, dr]
+        S = c.shape[2]
+        # keys and values of every head from the latent: training's form. Decoding could instead fold kv_up
+        # into the query and the output projection (DeepSeek-V2's "absorb") and never expand the cache.
+        k_nope, v = self.kv_up(c).view(B, S, H, dn + cfg.v_head_dim).transpose(1, 2).split([dn, cfg.v_head_dim], -1)
+        k = torch.cat([k_nope, k_rope.expand(B, H, S, dr)], dim=-1)                    # [B, H, S, dn + dr]
+        o = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, attn_mask=mask, is_causal=mask is None)
+        o = o.transpose(1, 2)                                                          # [B, T, H, dv]
+        if pos is not None:
+            o = o.masked_fill((pos < 0)[:, :, None, None], 0.0)                        # padding's output is 0
+        return self.o(o.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg, d_ff=None):
+        super().__init__()
+        d_ff = d_ff or cfg.d_ff
+        self.gate = nn.Linear(cfg.d_model, d_ff, bias=False)
+        self.up = nn.Linear(cfg.d_model, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, cfg.d_model, bias=False)
 
     def forward(self, x):
         return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class MoE(nn.Module):
+    """Mixture of experts in place of the MLP: a router scores n_experts SwiGLU experts per token (fp32;
+    softmax, or DeepSeek-V3's sigmoid), the top n_experts_active run and their outputs are summed with the
+    (optionally renormalised) scores as weights; n_shared_experts run on every token (one MLP of their summed
+    width). Balance: the load-balancing loss moe_aux_loss * E * sum_i f_i P_i (Switch; f_i = share of the
+    assignments, P_i = mean normalised score; 1 x coefficient at a uniform load) plus the router z-loss,
+    summed over layers into Model.forward's mean loss; or DeepSeek-V3's auxiliary-loss-free bias, added to
+    the scores for choosing only and moved by Model.moe_step after each update. With moe_capacity_factor, an
+    expert takes at most capacity assignments, first come (token order) first served; the rest are dropped
+    (the token keeps its residual).
+    Dispatch: assignments are sorted by expert and each expert runs one matmul on its rows — E small
+    matmuls per layer and one host sync (the per-expert counts), which also breaks torch.compile's graph
+    there; the gather and scatter move tokens * k rows of d_model. Readable, not fast: a grouped matmul
+    would be one launch."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg, cfg.d_expert) for _ in range(cfg.n_experts))
+        if cfg.n_shared_experts:
+            self.shared = MLP(cfg, cfg.n_shared_experts * cfg.d_expert)
+        self.register_buffer("balance_bias", torch.zeros(cfg.n_experts))  # saved: the router's state
+        self.aux_loss = None
+        self.load, self.dropped = 0, 0      # assignments per expert and dropped ones since the last moe_step
+
+    def forward(self, x):
+        cfg, E, k = self.cfg, self.cfg.n_experts, self.cfg.n_experts_active
+        xf = x.reshape(-1, x.shape[-1])                                # [N, C]
+        N = xf.shape[0]
+        with torch.autocast(x.device.type, enabled=False):            # routing in fp32, also under autocast
+            logits = F.linear(xf.float(), self.router.weight.float())  # [N, E]
+        scores = logits.softmax(-1) if cfg.router_score == "softmax" else logits.sigmoid()
+        chosen = (scores + self.balance_bias).topk(k, dim=-1).indices  # [N, k]; the bias only chooses
+        weight = scores.gather(1, chosen)
+        if cfg.router_norm_topk:
+            weight = weight / (weight.sum(-1, keepdim=True) + 1e-20)
+        flat = chosen.flatten()                                        # assignment a is token a // k's
+        counts = torch.bincount(flat, minlength=E)
+        order = flat.argsort(stable=True)                              # by expert, token order within one
+        kept = counts
+        if cfg.moe_capacity_factor:
+            cap = math.ceil(cfg.moe_capacity_factor * N * k / E)
+            rank = torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts)[flat[order]]
+            order, kept = order[rank < cap], counts.clamp(max=cap)
+        token = order // k
+        ys = torch.cat([e(xf[t]) for e, t in zip(self.experts, token.split(kept.tolist()))])
+        out = torch.zeros_like(xf).index_add(0, token, ys * weight.flatten()[order, None].to(ys.dtype))
+        if cfg.n_shared_experts:
+            out = out + self.shared(xf)
+        probs = scores / scores.sum(-1, keepdim=True)                  # sigmoid scores normalised per token
+        self.aux_loss = cfg.moe_aux_loss * E * (counts / (N * k) * probs.mean(0)).sum()
+        if cfg.moe_z_loss:
+            self.aux_loss = self.aux_loss + cfg.moe_z_loss * torch.logsumexp(logits, -1).square().mean()
+        if self.training:
+            self.load, self.dropped = self.load + counts.detach(), self.dropped + (counts - kept).sum().detach()
+        return out.view_as(x)
 
 
 class Block(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
-        self.attn = Attention(cfg, layer_idx)
+        self.attn = (MLA if cfg.attention == "mla" else Attention)(cfg, layer_idx)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if layer_idx in cfg.moe_layers else MLP(cfg)
 
     def forward(self, x, rope, pos, mask, cache=None):
         x = x + self.attn(self.attn_norm(x), rope, pos, mask, cache)
@@ -237,21 +402,22 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys/values per layer, [B, Hkv, S_max, D], and the positions of the cached tokens
-    [B, S_max] (-1 = padding); the first `length` columns are filled."""
+    """Preallocated per layer, [B, heads, S_max, dim] (ModelConfig.cache_dims: GQA's keys and values, MLA's
+    latent and rope key), and the positions of the cached tokens [B, S_max] (-1 = padding); the first
+    `length` columns are filled."""
 
     def __init__(self, cfg, batch, max_len, device, dtype):
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        zeros = lambda heads, dim: torch.zeros(batch, heads, max_len, dim, device=device, dtype=dtype)
+        dims = [cfg.cache_dims(i) for i in range(cfg.n_layers)]
+        self.k, self.v = [zeros(*k) for k, _ in dims], [zeros(*v) for _, v in dims]
         self.pos = torch.full((batch, max_len), -1, device=device)
         self.length = 0
 
     def update(self, layer, k, v):
         t0, t1 = self.length, self.length + k.shape[2]
-        self.k[layer, :, :, t0:t1] = k
-        self.v[layer, :, :, t0:t1] = v
-        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+        self.k[layer][:, :, t0:t1] = k
+        self.v[layer][:, :, t0:t1] = v
+        return self.k[layer][:, :, :t1], self.v[layer][:, :, :t1]
 
     def advance(self, pos):
         """Every layer has written the tokens at positions pos [B, T]: record them and move on."""
@@ -335,22 +501,60 @@ class Model(nn.Module):
                                for i in range(0, B * T, n)]).view(B, T)
         if reduction == "none":
             return None, per_token
-        return None, per_token.sum() / (1 if reduction == "sum" else (y != -100).sum().clamp(min=1))
+        loss = per_token.sum() / (1 if reduction == "sum" else (y != -100).sum().clamp(min=1))
+        for m in self.moe() if reduction == "mean" else []:  # the training loss adds the balance losses
+            loss = loss + m.aux_loss
+        return None, loss
+
+    # ---- MoE: the routers' balance between updates ---------------------------------------------------
+    def moe(self):
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+
+    @torch.no_grad()
+    def moe_step(self):
+        """After each update (train.py): move the auxiliary-loss-free balance biases towards the experts
+        loaded below the mean (b_i += moe_bias_update * sign(mean load - load_i)), from the assignments
+        counted since the last call, all ranks together; returns their stats for the log: max / mean
+        assignments per expert for each MoE layer, and the share of assignments dropped by the capacity."""
+        moe = self.moe()
+        if not moe or not torch.is_tensor(moe[0].load):
+            return {}
+        load = torch.stack([m.load for m in moe]).float()                     # [MoE layers, E]
+        dropped = torch.stack([torch.as_tensor(m.dropped, device=load.device) for m in moe]).float()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+            torch.distributed.all_reduce(dropped)
+        for m, l in zip(moe, load):
+            if self.cfg.moe_bias_update:
+                m.balance_bias += self.cfg.moe_bias_update * torch.sign(l.mean() - l)
+            m.load, m.dropped = 0, 0
+        stats = {"moe_load_max_mean": [round(v, 3) for v in (load.max(1).values / load.mean(1)).tolist()]}
+        if self.cfg.moe_capacity_factor:
+            stats["moe_dropped"] = (dropped.sum() / load.sum()).item()
+        return stats
 
     # ---- accounting -------------------------------------------------------------------------------
-    def num_params(self, non_embedding=False):
+    def num_params(self, non_embedding=False, active=False):
+        """Parameters; active: those one token uses (an MoE layer's router, shared and k routed experts)."""
         embeddings = [self.tok_emb.weight] + ([] if self.cfg.tie_embeddings else [self.lm_head.weight])
-        return sum(p.numel() for p in self.parameters()) - non_embedding * sum(p.numel() for p in embeddings)
+        idle = sum(sum(p.numel() for p in m.experts[0].parameters()) * (len(m.experts) - self.cfg.n_experts_active)
+                   for m in self.moe()) if active else 0
+        return sum(p.numel() for p in self.parameters()) - non_embedding * sum(p.numel() for p in embeddings) - idle
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward): 6 N + 12 * L * H * D * T_ctx."""
+        """Training FLOPs per token (forward + backward): 6 N + 6 * H * (D_qk + D_v) * T_ctx per layer
+        (= 12 L H D T_ctx for GQA); N counts a MoE's active parameters."""
         cfg = self.cfg
         # N: non-embedding parameters + one V x C LM-head matmul, tied or not (the embedding is a lookup)
-        n_matmul = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.d_model
-        # scores and values cost 2 * 2 * H * D per key, x3 for fwd+bwd; a causal query sees T/2 keys on
-        # average (PaLM's 12 L H D T counts the full square), capped by the window; doc masking not counted
+        n_matmul = self.num_params(non_embedding=True, active=True) + cfg.vocab_size * cfg.d_model
+        # scores and values cost 2 * H * D_qk + 2 * H * D_v per key, x3 for fwd+bwd; a causal query sees T/2
+        # keys on average (PaLM's 12 L H D T counts the full square), capped by the window; doc masking not counted
         t_ctx = seq_len / 2 if cfg.sliding_window is None else min(seq_len / 2, cfg.sliding_window)
-        return 6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * t_ctx
+        if cfg.attention == "mla":  # MLA's heads are qk_nope (+ qk_rope in a RoPE layer) and v_head_dim wide
+            dims = sum(cfg.qk_nope_head_dim + cfg.cache_dims(i)[1][1] + cfg.v_head_dim for i in range(cfg.n_layers))
+        else:
+            dims = cfg.n_layers * 2 * cfg.head_dim
+        return 6 * n_matmul + 6 * cfg.n_heads * dims * t_ctx
 
     # ---- generation (gpt-fast's shape: prefill, then one decode step per token) ---------------------
     def prefill(self, x, pos, cache):
@@ -406,6 +610,8 @@ class Model(nn.Module):
     # ---- HF SmolLM3 checkpoints: config.json + model.safetensors, as SmolLM3ForCausalLM reads them ---
     def hf_config(self):
         cfg = self.cfg
+        if not cfg.is_smollm3:  # MLA / MoE: no transformers class holds it; config.json is our fields
+            return {"model_type": "nanosmol", **asdict(cfg)}
         return {
             "architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3",
             **{hf_key: getattr(cfg, k) for k, hf_key in HF_KEYS.items()},
@@ -426,10 +632,11 @@ class Model(nn.Module):
         }
 
     def save_pretrained(self, path):
-        """Write config.json + model.safetensors (each atomically)."""
+        """Write config.json + model.safetensors (each atomically); an MLA / MoE model keeps our tensor names."""
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
-        tensors = {hf_name(k): v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        name = hf_name if self.cfg.is_smollm3 else str
+        tensors = {name(k): v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
         text = json.dumps(self.hf_config(), indent=2)
         atomic_write(os.path.join(path, "config.json"), lambda p: pathlib.Path(p).write_text(text))
@@ -442,7 +649,8 @@ class Model(nn.Module):
         cfg = cls.config_from_hf(os.path.join(path, "config.json"), **overrides)
         with torch.device("meta"):
             model = cls(cfg)
-        expected = {hf_name(k): (k, v.shape) for k, v in model.state_dict().items()}  # HF name -> ours, shape
+        name = hf_name if cfg.is_smollm3 else str
+        expected = {name(k): (k, v.shape) for k, v in model.state_dict().items()}  # file's name -> ours, shape
         # transformers' order of preference: one model.safetensors, else the shards an index names
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(os.path.join(path, "model.safetensors")):
@@ -486,12 +694,22 @@ class Model(nn.Module):
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
         hints = typing.get_type_hints(ModelConfig)
+        if hf.get("model_type") == "nanosmol":  # ours (MLA / MoE): ModelConfig's fields as they are
+            kw = {**{k: v for k, v in hf.items() if k != "model_type"}, **overrides}
+            unknown = sorted(set(kw) - set(hints))
+            if unknown:
+                raise ValueError(f"{path}: unknown ModelConfig field(s) {', '.join(unknown)}")
+            kw = {k: check_type(v, hints[k], f"{path}: {k}") for k, v in kw.items()}
+            try:
+                return ModelConfig(**kw)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
 
         def get(key, tp, default=None):  # hf[key] of type tp, default when absent or null (HF's unset)
             return default if hf.get(key) is None else check_type(hf[key], tp, f"{path}: {key}")
         smol = hf.get("model_type") == "smollm3"
         if not smol and hf.get("model_type") != "llama":
-            raise ValueError(f"{path}: model_type {hf.get('model_type')!r}, expected 'smollm3' (or 'llama')")
+            raise ValueError(f"{path}: model_type {hf.get('model_type')!r}, expected 'smollm3' (or 'llama', 'nanosmol')")
         for k in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]:
             if hf.get(k) is None:
                 raise ValueError(f"{path}: missing key {k!r}")
@@ -619,7 +837,8 @@ def summary(cfg, seq_len=4096):
     with torch.device("meta"):
         model = Model(cfg)
     n, n_ne, nope = model.num_params(), model.num_params(non_embedding=True), cfg.nope_layers
-    kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2  # K and V, bf16
+    kv_bytes = 2 * sum(h * d for i in range(cfg.n_layers) for h, d in cfg.cache_dims(i))  # bf16
+    gqa_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2  # K and V, bf16
     lines = [f"{k:>24} = {v}" for k, v in asdict(cfg).items()]
     lines += ["",
               f"{'parameters':>24} = {n:,}",
@@ -627,6 +846,12 @@ def summary(cfg, seq_len=4096):
               f"{'FLOPs/token @' + str(seq_len):>24} = {model.flops_per_token(seq_len):,.0f} (6N + attention)",
               f"{'KV cache/token (bf16)':>24} = {kv_bytes:,} bytes ({kv_bytes * seq_len / 2**20:,.1f} MiB per {seq_len}-token sequence)",
               f"{'NoPE layers':>24} = {nope if nope else 'none'} ({len(nope)} of {cfg.n_layers})"]
+    if cfg.attention == "mla":
+        lines.insert(-1, f"{'GQA KV cache/token':>24} = {gqa_bytes:,} bytes with {cfg.n_kv_heads} KV heads of {cfg.head_dim} "
+                         f"(the MLA latent + rope key: {gqa_bytes / kv_bytes:.2f}x smaller)")
+    if cfg.n_experts:
+        lines.insert(-4, f"{'active parameters':>24} = {model.num_params(active=True):,} per token ({len(cfg.moe_layers)} MoE "
+                         f"layers: top-{cfg.n_experts_active} of {cfg.n_experts} experts + {cfg.n_shared_experts} shared)")
     return "\n".join(lines)
 
 

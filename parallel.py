@@ -1,14 +1,21 @@
 """parallel.py — data and tensor parallelism on torch.distributed: one DP x TP rank grid, a bucketed DDP that
 overlaps its all-reduces with the backward, ZeRO-1 (AdamW state sharded over DP), and Megatron-style tensor
-parallelism with a vocab-parallel embedding, LM head and cross-entropy.
+parallelism with a vocab-parallel embedding, LM head and cross-entropy, optionally sequence-parallel.
 
     torchrun --standalone --nproc_per_node=2 train.py config/tiny.py --micro_batch_size=8   # CPU (gloo): DP 2
     torchrun --standalone --nproc_per_node=8 train.py config/smollm3_1b_ablation.py  # 8 GPUs (nccl): DP 8
     grid = init(tp=2); model = TPModel(Model(cfg), grid.tp_group)   # library use: same seed on every rank
-    python -m pytest -q tests/test_parallel.py
+    python parallel.py plan config/smollm3.py --gpus=384 --tp=2 [--gpu_mem=80GB --mfu=0.3]   # the layout's numbers
+    torchrun --standalone --nproc_per_node=8 parallel.py bench   # collectives' bus bandwidth, matmul TFLOP/s
+    python -m pytest -q tests/test_parallel.py tests/test_parallel_tools.py
 
 train.py uses the grid and DDP (data parallel over every rank); ZeRO1 and TPModel are tested here but not
 yet wired into train.py's loop.
+
+SPModel adds sequence parallelism to TPModel (tested against one process and torch's DTensor plan; train.py
+does not run it yet). The planner predicts per-GPU memory, communication and step time for a layout from the
+model's own counts (Model.num_params, flops_per_token) and refuses one that does not fit; the bench measures
+the bandwidths it assumes.
 
 Every process group is sliced from one Grid and passed explicitly; every collective runs under the process
 group's timeout, so a lost rank ends the others with an error instead of a hang. Tests: tests/test_parallel.py
@@ -21,16 +28,25 @@ Sections
   TP comm ops     f (copy to TP region), g (reduce from TP region)
   TP layers       ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_ce
   TP model        TPModel (shards a same-seed single-process Model in place; vocab-parallel loss)
+  sequence par.   gather_seq, scatter_seq (Korthikanti's g, g-bar), SeqParallelEmbedding, SPModel
+  planner         PlanConfig, layer_activation_bytes, tp_allreduce_bytes, sp_comm_bytes, plan, plan_report,
+                  check_fits
+  cluster bench   BenchConfig, bench (nccl-tests' algbw / busbw; bf16 matmul), bench_report
+  command line    main: plan | bench
 """
 import contextlib
 import dataclasses
 import datetime
 import functools
 import os
+import sys
+import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from model import Model, ModelConfig, RMSNorm
 
 # ---------------------------------------------------------------- grid
 
@@ -381,3 +397,408 @@ class TPModel(nn.Module):
         lo = dist.get_rank(self.group) * logits.shape[-1]
         per_token = vocab_parallel_ce(logits.flatten(0, 1), y.flatten(), lo, self.group, self.model.cfg.z_loss)
         return None, per_token.sum() / (y != -100).sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------- sequence parallelism (Korthikanti et al. 2022)
+# Between the TP regions (norms, residual adds, the embedding's output) each rank holds T/tp of the sequence
+# instead of all of it: the activations there shrink tp-fold, and each all-reduce becomes a reduce-scatter
+# into the sequence-parallel region plus an all-gather out of it (the same bytes on the wire).
+
+def _seq_gather(x, group):
+    """[B, T/tp, ...] on each rank -> [B, T, ...], the ranks' parts in rank order."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, 1)
+
+
+def _seq_reduce_scatter(x, group):
+    """[B, T, ...] partial sums on each rank -> this rank's [B, T/tp, ...] of the sum."""
+    n = dist.get_world_size(group)
+    out = x.new_empty((x.shape[1] // n, x.shape[0], *x.shape[2:]))
+    dist.reduce_scatter_single(out, x.transpose(0, 1).contiguous(), group=group)   # the sequence first
+    return out.transpose(0, 1)
+
+
+class gather_seq(torch.autograd.Function):
+    """Into a TP region from the sequence-parallel one (Korthikanti's g): forward all-gather along the
+    sequence, backward reduce-scatter (the ranks' partial gradients of the whole sequence, summed; ours kept)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_reduce_scatter(grad, ctx.group), None
+
+
+class scatter_seq(torch.autograd.Function):
+    """Out of a TP region into the sequence-parallel one (Korthikanti's g-bar): forward reduce-scatter of the
+    ranks' partial sums along the sequence, backward all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_reduce_scatter(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_gather(grad, ctx.group), None
+
+
+class _Local(nn.Module):
+    """A TP layer's weight shard (the same Parameter, the same name) without its f or g."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.weight = layer.weight
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight)
+
+
+class SeqParallelEmbedding(nn.Module):
+    """VocabParallelEmbedding's rows, its partial lookups reduce-scattered along the sequence (not all-reduced)."""
+
+    def __init__(self, vocab_parallel, group):
+        super().__init__()
+        self.group, self.weight, self.lo = group, vocab_parallel.weight, vocab_parallel.lo
+
+    def forward(self, ids):
+        if ids.shape[1] % dist.get_world_size(self.group):
+            raise ValueError(f"sequence parallel: sequence length {ids.shape[1]} is not divisible by "
+                             f"tp={dist.get_world_size(self.group)}")
+        local = ids - self.lo
+        inside = (local >= 0) & (local < self.weight.shape[0])
+        e = torch.nn.functional.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+        return scatter_seq.apply(e * inside[..., None], self.group)
+
+
+class SPModel(TPModel):
+    """TPModel with sequence parallelism: the residual stream is [B, T/tp, C] on each rank. Each norm runs on
+    the rank's tokens and gather_seq hands the whole sequence to the column-parallel layers (no f: the
+    gather's backward sums the ranks' gradients); the row-parallel o and down end in scatter_seq (no g).
+    A norm weight's gradient is partial over the sequence, so a hook sums it over the group. The parameters,
+    their names and values are TPModel's; forward(x, y, pos) as TPModel's."""
+
+    def __init__(self, model, group):
+        super().__init__(model, group)
+        gather = lambda module, args, out: gather_seq.apply(out, group)
+        scatter = lambda module, args, out: scatter_seq.apply(out, group)
+        # a fresh final norm on the same weight: TPModel's f hook on the old one is for unsplit sequences
+        norm, model.norm = model.norm, RMSNorm(model.cfg.d_model, model.cfg.rms_eps)
+        model.norm.weight = norm.weight
+        norms = [model.norm] + [n for block in model.layers for n in (block.attn_norm, block.mlp_norm)]
+        for n in norms:
+            n.register_forward_hook(gather)
+            n.weight.register_hook(functools.partial(_summed, group=group))
+        for block in model.layers:
+            a, mlp = block.attn, block.mlp
+            a.q, a.k, a.v, a.o = (_Local(m) for m in (a.q, a.k, a.v, a.o))
+            mlp.gate, mlp.up, mlp.down = (_Local(m) for m in (mlp.gate, mlp.up, mlp.down))
+            a.o.register_forward_hook(scatter)
+            mlp.down.register_forward_hook(scatter)
+        model.tok_emb = SeqParallelEmbedding(model.tok_emb, group)
+
+
+# ---------------------------------------------------------------- planner
+
+@dataclasses.dataclass
+class PlanConfig:
+    gpus: int = 8
+    tp: int = 1
+    gpu_mem: str = "80GB"               # "80GB" (10^9 bytes), "141GiB" (2^30)
+    gpu: str = "H100"                   # a key of train.PEAK_FLOPS: its dense bf16 peak
+    mfu: float = 0.3                    # the predicted step time assumes this fraction of the peak
+    tp_busbw: float = 360.0             # GB/s bus bandwidth inside a TP group (H100 NVLink, nccl-tests scale)
+    dp_busbw: float = 40.0              # GB/s across nodes (8 x 400 Gb/s InfiniBand per node); measure: bench
+    sp: bool = False                    # sequence parallelism (SPModel) inside the TP group
+
+
+def parse_bytes(text):
+    units = {"GIB": 2 ** 30, "GB": 1e9, "MIB": 2 ** 20, "MB": 1e6}
+    for unit, scale in units.items():
+        if text.upper().endswith(unit):
+            with contextlib.suppress(ValueError):
+                return float(text[:-len(unit)]) * scale
+    raise ValueError(f"gpu_mem={text!r}: expected a size such as 80GB or 141GiB")
+
+
+def layer_activation_bytes(mc, seq_len, tp=1, sp=False):
+    """Bytes one Block keeps for its backward per token under train.py's bf16 autocast (eager), counted the
+    way Korthikanti et al. 2022 ("Reducing Activation Recomputation") count theirs, s*b*h*(34 + 5*a*s/h) per
+    layer for GPT with 2-byte activations. For this block, h = d_model, q = n_heads*head_dim, kv =
+    n_kv_heads*head_dim, f = d_ff, H = n_heads:
+      2 RMSNorms, each its fp32 input and fp32 normalised value (8h), and fp32 rsqrt (4)     16h + 8
+      each of q, k, v, gate, up its own bf16 cast of its input (autocast casts per op)      10h
+      flash attention's Q (after RoPE), K, V, output and fp32 log-sum-exp                   4q + 4kv + 4H
+      the o projection's input (a contiguous copy of the attention output)                  2q
+      SwiGLU: gate and up outputs, silu(gate), their product (the down projection's input)  8f
+      the padding mask                                                                      1
+      attn_impl "sdpa" only: its bf16 additive copy of the [B, 1, T, T] document mask        2T
+    Flash attention (our Triton kernel, SDPA's fused kernels) keeps no scores: Korthikanti's 5*a*s^2*b term
+    is gone. Under TP the norms, the casts of their outputs and the masks stay whole; the rest is split.
+    Sequence parallelism (sp) splits the norms too. tests/test_parallel_tools.py holds this equal to what
+    autograd saves."""
+    h, f, H = mc.d_model, mc.d_ff, mc.n_heads
+    q, kv = mc.n_heads * mc.head_dim, mc.n_kv_heads * mc.head_dim
+    norms = (16 * h + 8) // (tp if sp else 1)
+    return norms + 10 * h + 1 + 2 * seq_len * (mc.attn_impl == "sdpa") + (6 * q + 4 * kv + 4 * H + 8 * f) // tp
+
+
+def tp_allreduce_bytes(mc, tokens, tp, act_bytes=2, act_ckpt=False):
+    """Bytes all-reduced over the TP group in one micro-batch's forward + backward of TPModel: forward,
+    the embedding's g (fp32) and each layer's o and down g (autocast's act_bytes), the three [N] of
+    vocab_parallel_ce; backward, the f of each column-parallel q, k, v, gate, up and of the final norm, whose
+    inputs are the fp32 norm outputs, and the qk-norm weight grads. Activation checkpointing runs each layer's
+    forward again in the backward as far as its last saved tensor (torch's early stop): the o projection's g
+    again, the down projection's not."""
+    if tp == 1:
+        return 0
+    h, L = mc.d_model, mc.n_layers
+    fwd = tokens * h * 4 + L * 2 * tokens * h * act_bytes + 3 * tokens * 4
+    bwd = (5 * L + 1) * tokens * h * 4 + (L * 2 * mc.head_dim * 4 if mc.qk_norm else 0)
+    return fwd + bwd + (L * tokens * h * act_bytes if act_ckpt else 0)
+
+
+def sp_comm_bytes(mc, tokens, act_bytes=2, act_ckpt=False):
+    """SPModel's traffic in one micro-batch's forward + backward: (bytes all-gathered or reduce-scattered, as
+    nccl-tests' S, the whole array; bytes all-reduced). Forward, the embedding's scatter (fp32), per layer
+    two norms' gathers (fp32) and the o and down scatters (act_bytes), the final norm's gather; backward,
+    each one's conjugate in the same dtype; checkpointing re-runs both gathers and o's scatter of each layer.
+    All-reduced: vocab_parallel_ce's three [N] and the grads of the norm (and qk-norm) weights."""
+    Nh, L = tokens * mc.d_model, mc.n_layers
+    moved = 2 * (8 * Nh + L * (8 + 2 * act_bytes) * Nh) + (L * (8 + act_bytes) * Nh if act_ckpt else 0)
+    reduced = 3 * tokens * 4 + (2 * L + 1) * mc.d_model * 4 + (L * 2 * mc.head_dim * 4 if mc.qk_norm else 0)
+    return moved, reduced
+
+
+def plan(mc, seq_len, batch_size, micro_batch_size, pc, peak_flops, bf16=True):
+    """The numbers of one DP x TP layout (a dict; plan_report prints them). Memory counts what train.py holds
+    per GPU: fp32 weights and grads, the fp32 DP communication buffer (DDP's buckets, or ZeRO-1's flat
+    reduce-scatter input), AdamW's two fp32 moments, autocast's bf16 weight copies, the activations."""
+    check_layout(pc.gpus, pc.tp, mc)
+    dp = pc.gpus // pc.tp
+    if batch_size % (micro_batch_size * dp):
+        raise ValueError(f"parallel plan: batch_size {batch_size} is not a multiple of micro_batch_size "
+                         f"{micro_batch_size} x DP {dp}")
+    with torch.device("meta"):
+        model = Model(mc)
+    # norms (the 1-D parameters) are replicated over TP; every matrix is split tp ways
+    P = sum(p.numel() // pc.tp if p.dim() == 2 else p.numel() for p in model.parameters())
+    N, V = micro_batch_size * seq_len, mc.vocab_size          # tokens per micro-batch
+    layer = layer_activation_bytes(mc, seq_len, pc.tp, pc.sp)
+    # TP's vocab-parallel loss takes the whole [N, V/tp] logits (bf16, their fp32 copy, exp); one process
+    # chunks them (loss_chunk rows at a time). Either way the final norm keeps 12h bytes per token.
+    head = (N if pc.tp > 1 else min(N, mc.loss_chunk)) * V // pc.tp * 10 + N * 12 * mc.d_model
+    mem = {"weights (fp32)": 4 * P, "bf16 weight copies (autocast)": 2 * P if bf16 else 0,
+           "grads (fp32)": 4 * P, "DP buffer (fp32)": 4 * P if dp > 1 else 0,
+           "optimizer (AdamW fp32 m, v)": 8 * P,
+           # ZeRO-1: the moments, the owned fp32 shard and its grad, over DP
+           "optimizer, ZeRO-1": 16 * P / dp,
+           "activations": mc.n_layers * N * layer,
+           # checkpointing keeps each layer's fp32 input and recomputes one layer at a time in the backward
+           "activations, act ckpt": mc.n_layers * N * 4 * mc.d_model // (pc.tp if pc.sp else 1) + N * layer,
+           "LM head + loss": head}
+    # an upper bound: the backward frees activations while it makes the grads, which the sum counts at once
+    base = mem["weights (fp32)"] + mem["bf16 weight copies (autocast)"] + mem["grads (fp32)"] \
+        + mem["DP buffer (fp32)"] + mem["LM head + loss"]
+    totals = {(zero, ckpt): base + mem["optimizer, ZeRO-1" if zero else "optimizer (AdamW fp32 m, v)"]
+              + mem["activations, act ckpt" if ckpt else "activations"]
+              for zero in (False, True) for ckpt in (False, True)}
+    flops = model.flops_per_token(seq_len)
+    tok_s = pc.mfu * peak_flops / flops                      # per GPU
+    accum = batch_size // (micro_batch_size * dp)
+    t, a = pc.tp, 2 if bf16 else 4
+    if pc.sp and t > 1:                                      # ring all-gather / reduce-scatter: (n-1)/n of S
+        moved, reduced = sp_comm_bytes(mc, N, a, mc.act_ckpt)
+        tp_bus, tp_calls = ((t - 1) / t * moved + 2 * (t - 1) / t * reduced) * accum, \
+            (2 * (4 * mc.n_layers + 2) + 3 * mc.n_layers * mc.act_ckpt) * accum
+    else:
+        tp_bus = 2 * (t - 1) / t * tp_allreduce_bytes(mc, N, t, a, mc.act_ckpt) * accum
+        tp_calls = ((2 + mc.act_ckpt + 5 + 2 * mc.qk_norm) * mc.n_layers + 5) * (t > 1) * accum
+    return dict(params=model.num_params(), params_per_gpu=P, dp=dp, tp=pc.tp, accum=accum, tokens_per_step=
+                batch_size * seq_len, micro_tokens=N, layer_bytes=layer, mem=mem, totals=totals, flops=flops,
+                tok_s=tok_s, step_s=batch_size * seq_len / (tok_s * pc.gpus),
+                # ring collectives: each rank sends 2(n-1)/n of an all-reduce's bytes (nccl-tests' busbw)
+                dp_bus=2 * (dp - 1) / dp * 4 * P, tp_bus=tp_bus, tp_calls=tp_calls)
+
+
+def plan_report(p, pc, mc, seq_len, peak_flops):
+    """The plan as text, a fit mark on each of the four layouts (ZeRO-1 or not, act ckpt or not)."""
+    cap, gb = parse_bytes(pc.gpu_mem), lambda b: f"{b / 1e9:8.2f}"
+    m = p["mem"]
+    lines = [f"{pc.gpus} GPUs = DP {p['dp']} x TP {p['tp']}{' (+SP)' if pc.sp else ''}; {pc.gpu} (dense bf16 peak "
+             f"{peak_flops / 1e12:.0f} TFLOP/s), {pc.gpu_mem} each",
+             f"  parameters          {p['params']:,} ({p['params_per_gpu']:,} per GPU)",
+             f"  tokens per step     {p['tokens_per_step']:,} = DP {p['dp']} x {p['accum']} accumulation x "
+             f"micro-batch {p['micro_tokens'] // seq_len} x {seq_len} tokens",
+             f"  FLOPs per token     {p['flops'] / 1e9:.2f} GFLOP (model.flops_per_token: 6N + attention)",
+             "memory per GPU, GB (1e9 bytes)"]
+    lines += [f"  {k:30}{gb(v)}" for k, v in m.items()]
+    lines += [f"  (activations: {mc.n_layers} layers x {p['micro_tokens']:,} tokens x {p['layer_bytes']:,} "
+              "bytes, layer_activation_bytes)",
+              f"total per GPU, GB       no act ckpt   act ckpt    ({pc.gpu_mem} = {cap / 1e9:.2f} GB)"]
+    for zero in (False, True):
+        cells = [f"{gb(p['totals'][zero, c])} {'ok' if p['totals'][zero, c] <= cap else 'OVER':4}"
+                 for c in (False, True)]
+        lines.append(f"  {'ZeRO-1' if zero else 'DDP (no ZeRO)':20}{'  '.join(cells)}".rstrip())
+    dp_s, tp_s = p["dp_bus"] / (pc.dp_busbw * 1e9), p["tp_bus"] / (pc.tp_busbw * 1e9)
+    lines += ["communication per GPU per step (ring: 2(n-1)/n of an all-reduce's bytes, (n-1)/n of an all-gather's)",
+              f"  DP   {p['dp_bus'] / 1e9:8.2f} GB   fp32 grads all-reduced (ZeRO-1: reduce-scatter + all-gather, "
+              f"the same); {dp_s:.2f} s at {pc.dp_busbw:g} GB/s, overlapped with the backward",
+              f"  TP   {p['tp_bus'] / 1e9:8.2f} GB   {p['tp_calls']} activation "
+              f"{'all-gathers and reduce-scatters' if pc.sp else 'all-reduces'} (act_ckpt={mc.act_ckpt}); "
+              f"{tp_s:.2f} s at {pc.tp_busbw:g} GB/s, on the critical path",
+              f"predicted at MFU {100 * pc.mfu:.0f}%: {p['tok_s']:,.0f} tokens/s per GPU, "
+              f"{p['tok_s'] * pc.gpus / 1e6:.2f}M tokens/s in all, {p['step_s']:.2f} s per step"]
+    return "\n".join(lines)
+
+
+def check_fits(p, pc):
+    """A one-line ValueError, saying by how much, when not even ZeRO-1 with activation checkpointing fits."""
+    best, cap = min(p["totals"].values()), parse_bytes(pc.gpu_mem)
+    if best > cap:
+        raise ValueError(f"parallel plan: DP {p['dp']} x TP {p['tp']} does not fit: even ZeRO-1 with activation "
+                         f"checkpointing needs {best / 1e9:.2f} GB per GPU, {(best - cap) / 1e9:.2f} GB more than "
+                         f"gpu_mem={pc.gpu_mem}")
+
+
+# ---------------------------------------------------------------- cluster bench
+
+@dataclasses.dataclass
+class BenchConfig:
+    min_bytes: int = 1024
+    max_bytes: int | None = None        # None: 1 GiB on GPUs (nccl), 1 MiB on CPU (gloo)
+    iters: int = 20                     # nccl-tests' defaults: 20 timed runs after 5 warm-up ones
+    warmup: int = 5
+    matmul_n: int | None = None         # None: 8192 on GPUs, 256 on CPU
+
+
+# nccl-tests' conventions (doc/PERFORMANCE.md): algbw = S / t with S the whole array (all-gather's output,
+# reduce-scatter's input); busbw = algbw x the fraction of S each rank must move in a ring, which makes
+# runs on different rank counts comparable with the link's own speed
+BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+              "reduce_scatter": lambda n: (n - 1) / n}
+
+
+def _ops(count, n, r, device):
+    """{op: (run, wrong)} on fp32 arrays of `count` elements in all; wrong() runs the op once on fresh data
+    (rank r gives r + 1) and counts the elements that are not what they should be, as nccl-tests does."""
+    full, part = torch.zeros(count, device=device), torch.zeros(count // n, device=device)
+    total, owners = n * (n + 1) / 2, torch.arange(1, n + 1, device=device).repeat_interleave(count // n)
+
+    runs = {"all_reduce": lambda: dist.all_reduce(full),
+            "all_gather": lambda: dist.all_gather_single(full, part),
+            "reduce_scatter": lambda: dist.reduce_scatter_single(part, full)}
+
+    def wrong(op):
+        (full if op != "all_gather" else part).fill_(r + 1)
+        runs[op]()
+        result = {"all_reduce": full != total, "all_gather": full != owners, "reduce_scatter": part != total}[op]
+        full.zero_(), part.zero_()                            # zeros while timing: sums that never overflow
+        return int(result.sum())
+
+    return {op: (run, functools.partial(wrong, op)) for op, run in runs.items()}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(bc, device):
+    """Time the three collectives over the world at sizes min_bytes, 2x, ... max_bytes, then a bf16 matmul on
+    each device. -> (rows of {op, bytes, time_s, algbw, busbw, wrong}, [TFLOP/s of each rank])."""
+    n, r = dist.get_world_size(), dist.get_rank()
+    top = bc.max_bytes or (2 ** 30 if device.type == "cuda" else 2 ** 20)
+    rows, size = [], bc.min_bytes
+    while size <= top:
+        count = max(n, size // 4 // n * n)                    # fp32 elements, a multiple of the rank count
+        for op, (run, wrong) in _ops(count, n, r, device).items():
+            for _ in range(bc.warmup):
+                run()
+            _sync(device)
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(bc.iters):
+                run()
+            _sync(device)
+            # [time, wrong]: an op takes as long as its slowest rank
+            stats = torch.tensor([(time.perf_counter() - t0) / bc.iters, 0.0], device=device)
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+            stats[1] = wrong()
+            dist.all_reduce(stats[1:])
+            t, algbw = stats[0].item(), count * 4 / stats[0].item() / 1e9
+            rows.append(dict(op=op, bytes=count * 4, time_s=t, algbw=algbw, busbw=algbw * BUS_FACTOR[op](n),
+                             wrong=int(stats[1].item())))
+        size *= 2
+    m = bc.matmul_n or (8192 if device.type == "cuda" else 256)
+    a, b = (torch.randn(m, m, device=device).to(torch.bfloat16) for _ in range(2))
+    for _ in range(bc.warmup):
+        a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(bc.iters):
+        a @ b
+    _sync(device)
+    mine = torch.tensor([2 * m ** 3 * bc.iters / (time.perf_counter() - t0) / 1e12], device=device)
+    every = [torch.zeros_like(mine) for _ in range(n)]
+    dist.all_gather(every, mine)
+    return rows, [t.item() for t in every]
+
+
+def bench_report(rows, tflops, bc, device):
+    n, backend = dist.get_world_size(), dist.get_backend()
+    lines = [f"{n} ranks, {backend}, fp32 arrays; time = the slowest rank's mean over {bc.iters} runs; "
+             "busbw = algbw x 2(n-1)/n (all-reduce), x (n-1)/n (all-gather, reduce-scatter)"]
+    for op in BUS_FACTOR:
+        lines += [f"{op:>16} {'bytes':>12} {'time us':>12} {'algbw GB/s':>11} {'busbw GB/s':>11} {'wrong':>6}"]
+        lines += [f"{'':16} {x['bytes']:12,} {x['time_s'] * 1e6:12.1f} {x['algbw']:11.4g} {x['busbw']:11.4g} "
+                  f"{x['wrong']:6}" for x in rows if x["op"] == op]
+    m = bc.matmul_n or (8192 if device.type == "cuda" else 256)
+    lines.append(f"bf16 matmul {m}^3, TFLOP/s per rank: " + ", ".join(f"{t:.4g}" for t in tflops))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- command line
+
+def main(argv):
+    """python parallel.py plan CONFIG [--key=value ...] | torchrun ... parallel.py bench [--key=value ...]"""
+    from config import load, pick
+    from data import DataConfig
+    from train import PEAK_FLOPS, TrainConfig                 # here: train.py imports this file
+    if not argv or argv[0] not in ("plan", "bench"):
+        sys.exit("usage: python parallel.py plan CONFIG [--gpus=N --tp=N --gpu_mem=80GB --mfu=0.3 ...]\n"
+                 "       torchrun --nproc_per_node=N parallel.py bench [--max_bytes=N --iters=N ...]")
+    try:
+        if argv[0] == "plan":
+            ns = load(argv[1:], ModelConfig, DataConfig, TrainConfig, PlanConfig, prog="python parallel.py plan",
+                      strict=False)
+            mc, tc = ModelConfig(**pick(ns, ModelConfig)), TrainConfig(**pick(ns, TrainConfig))
+            pc = PlanConfig(**pick(ns, PlanConfig))
+            if pc.gpu not in PEAK_FLOPS:
+                raise ValueError(f"gpu={pc.gpu!r}: expected one of {', '.join(PEAK_FLOPS)} (train.PEAK_FLOPS)")
+            p = plan(mc, ns.seq_len, tc.batch_size, tc.micro_batch_size, pc, PEAK_FLOPS[pc.gpu], tc.dtype == "bfloat16")
+            print(plan_report(p, pc, mc, ns.seq_len, PEAK_FLOPS[pc.gpu]))
+            check_fits(p, pc)
+            return
+        bc = BenchConfig(**pick(load(argv[1:], BenchConfig), BenchConfig))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")        # `python parallel.py bench` alone: one rank
+    os.environ.setdefault("MASTER_PORT", "29500")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    init()
+    rows, tflops = bench(bc, device)
+    if dist.get_rank() == 0:
+        print(bench_report(rows, tflops, bc, device))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

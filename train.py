@@ -774,7 +774,8 @@ def train(ns):
 
     run_loop(tc, start, update, log, batches, lm_loss, save, start if ckpt else None,
              lambda done: log.held_out(done, *evaluate(model, val_sets, token_bytes, tc.micro_batch_size, autocast,
-                                                       device)))
+                                                       device)),
+             model.moe_step)    # MoE: after each update, the routers' balance biases move; expert load logged
     samples = write_samples(model, tok, tc, run_dir, device) if master else []
     last_eval = next((r for r in reversed(read_log(log.path)) if r["kind"] == "eval"), None)
     if grid:

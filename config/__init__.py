@@ -115,11 +115,7 @@ def check_type(value, tp, where):
         return value
     if tp is int and number and isinstance(value, int) or tp is float and number:
         return tp(value)
-    if (origin in (list, tuple) or tp in (list, tuple)) and isinstance(value, (list, tuple)):
-        if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[int, str]: one type per slot
-            if len(args) != len(value):
-                raise ValueError(f"{where}: expected {len(args)} items, got {len(value)}: {value!r}")
-            return [check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+    if (origin is list or tp is list) and isinstance(value, (list, tuple)):
         return [check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
     if (origin is dict or tp is dict) and isinstance(value, dict):
         return {check_type(k, args[0], f"{where} key"): check_type(v, args[1], f"{where}[{k!r}]")
