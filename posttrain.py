@@ -31,6 +31,7 @@ Sections
   command line  main
 """
 import bisect
+import collections
 import contextlib
 import dataclasses
 import json
@@ -305,7 +306,8 @@ def resolve(ns):
     checks = [(pc.overlong in ("skip", "truncate"), f"overlong={pc.overlong!r} must be 'skip' or 'truncate'"),
               (pc.loss_type in LOSSES, f"loss_type={pc.loss_type!r} must be one of {sorted(LOSSES)}"),
               (pc.beta > 0, f"beta={pc.beta} must be > 0"),
-              (pc.ref_logps in ("precompute", "frozen"), f"ref_logps={pc.ref_logps!r} must be 'precompute' or 'frozen'"),
+              (pc.ref_logps in ("precompute", "frozen"),
+               f"ref_logps={pc.ref_logps!r} must be 'precompute' or 'frozen'"),
               (tc.init_from, "init_from: post-training starts from a checkpoint; pass --init_from=RUN_OR_CHECKPOINT")]
     errors = [msg for ok, msg in checks if not ok]
     if errors:
@@ -363,17 +365,19 @@ def data_file(run, path, name):
     return path
 
 
-def fit(run, batches, loss_fn, held_out, extra=None, counts=None):
+def fit(run, batches, loss_fn, held_out, extra=None, counts=None, rows_per_example=1):
     """Open the run (run.json, log.jsonl cut back to the start step) and run train.run_loop: a fresh run logs
-    the data `counts` and a held-out eval at step 0 first (the before), every run ends in a checkpoint."""
+    the data `counts` and a held-out eval at step 0 first (the before), every run ends in a checkpoint.
+    rows_per_example: rows of seq_len per batch_size unit (a preference pair is two)."""
     tc, model = run.tc, run.model
     os.makedirs(tc.out_dir, exist_ok=True)
     info = train.start_run(tc.out_dir, run.config, run.device, run.start, run.ckpt)
     print(json.dumps(run.config, indent=1))
     print(f"python {info['python']}, torch {info['torch']}, device {info['device']}, commit {info['git_commit']}")
-    tokens_per_step, peak = tc.batch_size * run.dc.seq_len, train.peak_flops(run.device)
-    print(f"{model.num_params():,} parameters; {tc.batch_size} rows x {run.dc.seq_len} tokens per step "
-          f"({tc.micro_batch_size} x {tc.batch_size // tc.micro_batch_size} accum)")
+    tokens_per_step, peak = rows_per_example * tc.batch_size * run.dc.seq_len, train.peak_flops(run.device)
+    print(f"{model.num_params():,} parameters; up to {tokens_per_step:,} tokens per step: {tc.batch_size} "
+          f"{'pairs' if rows_per_example == 2 else 'rows'} ({tc.micro_batch_size} x "
+          f"{tc.batch_size // tc.micro_batch_size} accum) of <= {run.dc.seq_len} tokens")
     run.log = train.Logger(tc.out_dir, run.start, tc, tokens_per_step, model.flops_per_token(run.dc.seq_len), peak,
                            True)
     if run.start == 0:
@@ -454,12 +458,13 @@ def token_mean_loss(run, x, y, pos):
 
 # ------------------------------------------------------------------------------------------- preference
 # r_w, r_l = the log-ratios log pi(y) - log pi_ref(y) of the chosen and rejected completions (summed over their
-# tokens). 1 - sigmoid(z) is written sigmoid(-z): the same value without the cancellation near z >> 0.
+# tokens). DPO: Rafailov et al. 2023; IPO: Azar et al. 2023; APO: D'Oosterlinck et al. 2024. 1 - sigmoid(z) is
+# written sigmoid(-z): the same value without the cancellation near z >> 0.
 LOSSES = {
-    "dpo": lambda beta, rw, rl: -F.logsigmoid(beta * (rw - rl)),                          # Rafailov et al. 2023
-    "ipo": lambda beta, rw, rl: (rw - rl - 1 / (2 * beta)) ** 2,                          # Azar et al. 2023
-    "apo_zero": lambda beta, rw, rl: torch.sigmoid(-beta * rw) + torch.sigmoid(beta * rl),  # D'Oosterlinck et al.
-    "apo_down": lambda beta, rw, rl: torch.sigmoid(beta * rw) + torch.sigmoid(-beta * (rw - rl)),  # 2024
+    "dpo": lambda beta, rw, rl: -F.logsigmoid(beta * (rw - rl)),
+    "ipo": lambda beta, rw, rl: (rw - rl - 1 / (2 * beta)) ** 2,
+    "apo_zero": lambda beta, rw, rl: torch.sigmoid(-beta * rw) + torch.sigmoid(beta * rl),
+    "apo_down": lambda beta, rw, rl: torch.sigmoid(beta * rw) + torch.sigmoid(-beta * (rw - rl)),
 }
 
 
@@ -470,7 +475,7 @@ def pair_logps(model, chosen, rejected, device):
 
 
 def reward_stats(beta, rw, rl, chosen, rejected):
-    """The numbers log.jsonl tracks per pair batch (TRL's names): implicit rewards beta * r, their margin, the
+    """The numbers log.jsonl tracks per batch of pairs: implicit rewards beta * r, their margin, the
     share of pairs the rewards rank right, and the share the policy itself gives the chosen reply more mass."""
     return {"rewards/chosen": beta * rw.mean(), "rewards/rejected": beta * rl.mean(),
             "rewards/margin": beta * (rw - rl).mean(), "rewards/accuracy": (rw > rl).float().mean(),
@@ -516,9 +521,8 @@ def dpo(ns):
     run = setup(ns, "dpo", z_loss=0.0)      # log-probs are the plain cross-entropy: no z-loss term
     dc, tc, pc = run.dc, run.tc, run.pc
     accum = tc.batch_size // tc.micro_batch_size
-    paths = {"train": data_file(run, pc.train_data, "pref_train")}
-    if data_file(run, pc.val_data, "pref_val"):
-        paths["val"] = data_file(run, pc.val_data, "pref_val")
+    paths = {"train": data_file(run, pc.train_data, "pref_train"), "val": data_file(run, pc.val_data, "pref_val")}
+    paths = {split: p for split, p in paths.items() if p}    # val_data "": no held-out pairs
     loaders = {split: PreferenceLoader(p, run.tok, dc.seq_len, tc.micro_batch_size, accum, tc.seed,
                                        overlong=pc.overlong) for split, p in paths.items()}
     if pc.ref_logps == "precompute":
@@ -559,17 +563,17 @@ def dpo(ns):
     def held_out(done):
         if "val" not in loaders:
             return
-        n, mb, parts = min(tc.eval_rows, len(loaders["val"].pairs)), tc.micro_batch_size, []
-        for i in range(0, n, mb):
+        n, mb, sums = min(tc.eval_rows, len(loaders["val"].pairs)), tc.micro_batch_size, collections.Counter()
+        for i in range(0, n, mb):                            # the first eval_rows held-out pairs
             items = list(range(i, min(i + mb, n)))
             with run.autocast:
                 loss, s = pair_loss("val", items, *loaders["val"].rows(items), run.model)
-            parts.append((len(items), loss.sum().item(), {k: v.item() * len(items) for k, v in s.items()}))
-        run.log.held_out(done, {pc.loss_type: sum(p[1] for p in parts) / n},
-                         extra={f"val_{k}": sum(p[2][k] for p in parts) / n for k in parts[0][2]})
+            sums.update({"loss": loss.sum().item(), **{f"val_{k}": v.item() * len(items) for k, v in s.items()}})
+        mean = {k: v / n for k, v in sums.items()}
+        run.log.held_out(done, {pc.loss_type: mean.pop("loss")}, extra=mean)
 
     counts = {k: loader.counts for k, loader in loaders.items()}
-    return fit(run, batches, loss_fn, held_out, extra, counts)
+    return fit(run, batches, loss_fn, held_out, extra, counts, rows_per_example=2)
 
 
 # ------------------------------------------------------------------------------------------------- GRPO

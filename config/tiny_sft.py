@@ -1,11 +1,11 @@
 """Tiny SFT (CPU): the tiny mid-training checkpoint on the embedded conversations, loss on the assistant turns only.
-    python train.py config/tiny.py && python posttrain.py mid config/tiny_mid.py && python posttrain.py sft config/tiny_sft.py"""
+    python posttrain.py mid config/tiny_mid.py && python posttrain.py sft config/tiny_sft.py"""
 init_from = "out/tiny_mid"    # the mid-training run (its newest checkpoint)
 out_dir = "out/tiny_sft"
 data_dir = "data/default"     # train_data / val_data "default": sft_train.jsonl / sft_val.jsonl there
 seq_len = 640                 # the longest embedded conversation is 621 tokens: none skipped
 overlong = "skip"
-# ---- 8 rows x 640 = 5,120 tokens/step; 4,000 conversations (~188 tokens) pack into ~1,170 rows: 150 steps ~ 1 epoch ----
+# ---- 8 rows x 640 = 5,120 tokens/step; 4,000 conversations (~188 tokens) fill ~1,170 rows: ~1 epoch ----
 batch_size = 8
 micro_batch_size = 8
 max_steps = 150

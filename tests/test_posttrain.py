@@ -430,7 +430,8 @@ def test_kill_and_resume_gives_the_same_losses(tmp_path, init_dir, method):
 
     def launch(out, *extra):
         return subprocess.Popen([sys.executable, os.path.join(ROOT, "posttrain.py"), method, cfg, f"--out_dir={out}",
-                                 *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                 *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
 
     ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
     pt.main([method, cfg, f"--out_dir={ref}"])               # uninterrupted, in this process (one thread too)
