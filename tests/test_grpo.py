@@ -255,3 +255,19 @@ def test_pipeline_table_marks_each_stage_against_its_parent():
     assert "pref_acc 0.500 -> 0.700 improved" in rows["apo"]
     assert "em_think 0.100 -> 0.200 improved; em_no_think 0.050 -> 0.050 **not improved**" in rows["grpo"]
     assert "em_think 0.200 -> 0.150 **not improved**" in rows["merged"]
+
+
+def test_prompt_modes_per_dataset_and_per_example(tmp_path, tok):
+    import json
+    user = [{"role": "user", "content": "1 + 1?"}]
+    rows = [{"prompt": user, "answer": "2"}, {"prompt": user, "answer": "2", "enable_thinking": False},
+            {"prompt": [{"role": "system", "content": "/think"}] + user, "answer": "2", "enable_thinking": False}]
+    (tmp_path / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for default in (True, False):
+        loader = pt.PromptLoader(str(tmp_path / "rl.jsonl"), tok, 3, enable_thinking=default)
+        want = [data.render_chat(tok, user, True, enable_thinking=default)[0],
+                data.render_chat(tok, user, True, enable_thinking=False)[0],           # the line's own flag
+                data.render_chat(tok, rows[2]["prompt"], True, enable_thinking=True)[0]]  # the system turn's flag
+        assert loader.prompts == want
+        ends = [tok.decode(p).endswith("<|im_start|>assistant\n<think>\n\n</think>\n") for p in loader.prompts]
+        assert ends == [not default, True, False]
