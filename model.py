@@ -6,6 +6,7 @@
     logits = model(x, pos=pos)                  # x, pos [B, T] -> [B, T, V] fp32
     _, loss = model(x, y, pos)                  # chunked cross-entropy (+ z-loss, + MoE balance); y = -100 is ignored
     model.generate(prompts, max_new_tokens)     # KV cache: prefill, then decode_one_token per step
+    model.generate(prompts, n, num_samples=G)   # G samples per prompt sharing its prefill (GRPO); compile=True
     Model.from_pretrained(dir) / model.save_pretrained(dir)    # transformers' SmolLM3 layout (MLA / MoE: ours)
 
 pos holds per-document positions: 0 at each document start, -1 for padding (nothing attends to or from
@@ -102,8 +103,6 @@ class ModelConfig:
                   (self.nope_interval >= 0, f"nope_interval must be >= 0, got {self.nope_interval}"),
                   (self.yarn_factor >= 1.0, f"yarn_factor must be >= 1 (1 = off), got {self.yarn_factor}"),
                   (self.sliding_window is None or self.sliding_window > 0, f"sliding_window must be None or > 0, got {self.sliding_window}")]
-        if self.d_expert is None:
-            self.d_expert = self.d_ff
         if self.attention == "mla":
             checks += [(min(self.kv_lora_rank, self.qk_nope_head_dim, self.v_head_dim) > 0 and self.q_lora_rank >= 0,
                         "MLA needs kv_lora_rank, qk_nope_head_dim, v_head_dim > 0 and q_lora_rank >= 0"),
@@ -115,7 +114,7 @@ class ModelConfig:
                    (self.n_experts == 0 or 1 <= self.n_experts_active <= self.n_experts,
                     f"n_experts_active ({self.n_experts_active}) must be in 1..n_experts ({self.n_experts})"),
                    (min(self.n_experts, self.n_shared_experts, self.moe_first_dense) >= 0 and self.moe_layer_interval > 0
-                    and self.d_expert > 0, "n_experts, n_shared_experts, moe_first_dense >= 0, moe_layer_interval, d_expert > 0"),
+                    and (self.d_expert is None or self.d_expert > 0), "n_experts, n_shared_experts, moe_first_dense >= 0, moe_layer_interval, d_expert > 0"),
                    (self.router_score in ("softmax", "sigmoid"), f"router_score must be 'softmax' or 'sigmoid', got {self.router_score!r}"),
                    (min(self.moe_aux_loss, self.moe_z_loss, self.moe_bias_update, self.moe_capacity_factor) >= 0,
                     "moe_aux_loss, moe_z_loss, moe_bias_update, moe_capacity_factor must be >= 0")]
@@ -348,9 +347,10 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(cfg, cfg.d_expert) for _ in range(cfg.n_experts))
+        d = cfg.d_expert or cfg.d_ff
+        self.experts = nn.ModuleList(MLP(cfg, d) for _ in range(cfg.n_experts))
         if cfg.n_shared_experts:
-            self.shared = MLP(cfg, cfg.n_shared_experts * cfg.d_expert)
+            self.shared = MLP(cfg, cfg.n_shared_experts * d)
         self.register_buffer("balance_bias", torch.zeros(cfg.n_experts))  # saved: the router's state
         self.aux_loss = None
         self.load, self.dropped = 0, 0      # assignments per expert and dropped ones since the last moe_step
@@ -402,28 +402,33 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Preallocated per layer, [B, heads, S_max, dim] (ModelConfig.cache_dims: GQA's keys and values, MLA's
-    latent and rope key), and the positions of the cached tokens [B, S_max] (-1 = padding); the first
-    `length` columns are filled."""
+    """Static, preallocated per layer [B, heads, S, dim] (ModelConfig.cache_dims: GQA's keys and values, MLA's
+    latent and rope key), an additive attention mask per row [B, S] (0: a real token's key; -inf: padding or
+    a column not yet written) and RoPE's cos/sin for every position [S, 1, D]. A decode step writes its
+    column by an index tensor (`col`) and reads the whole cache under the mask, so every step has the same
+    shapes and no Python-side state (what torch.compile needs to compile it once)."""
 
     def __init__(self, cfg, batch, max_len, device, dtype):
         zeros = lambda heads, dim: torch.zeros(batch, heads, max_len, dim, device=device, dtype=dtype)
         dims = [cfg.cache_dims(i) for i in range(cfg.n_layers)]
         self.k, self.v = [zeros(*k) for k, _ in dims], [zeros(*v) for _, v in dims]
-        self.pos = torch.full((batch, max_len), -1, device=device)
-        self.length = 0
+        self.mask = torch.full((batch, max_len), float("-inf"), device=device, dtype=dtype)
+        cos, sin = rope_cos_sin(torch.arange(max_len, device=device)[None], cfg, dtype)  # [1, S, 1, D]
+        self.cos, self.sin = cos[0], sin[0]
+        self.window, self.columns = cfg.sliding_window, torch.arange(max_len, device=device)
+        self.col = None   # the columns update() writes: the prompt's at prefill, then one per decode step
+        self.stop = 0     # the columns update() returns: the prompt's at prefill, then all (masked)
 
     def update(self, layer, k, v):
-        t0, t1 = self.length, self.length + k.shape[2]
-        self.k[layer][:, :, t0:t1] = k
-        self.v[layer][:, :, t0:t1] = v
-        return self.k[layer][:, :, :t1], self.v[layer][:, :, :t1]
+        """Write this layer's two tensors [B, heads, T, dim] at `col` -> its cache [B, heads, stop, dim]."""
+        self.k[layer].index_copy_(2, self.col, k)
+        self.v[layer].index_copy_(2, self.col, v)
+        return self.k[layer][:, :, :self.stop], self.v[layer][:, :, :self.stop]
 
-    def advance(self, pos):
-        """Every layer has written the tokens at positions pos [B, T]: record them and move on."""
-        t1 = self.length + pos.shape[1]
-        self.pos[:, self.length:t1] = pos
-        self.length = t1
+    def expand(self, n):
+        """Each row repeated n times in place of one (rows b*n .. b*n+n-1 are copies of row b)."""
+        self.k, self.v = [t.repeat_interleave(n, 0) for t in self.k], [t.repeat_interleave(n, 0) for t in self.v]
+        self.mask = self.mask.repeat_interleave(n, 0)
 
 
 def _chunk_ce(h, weight, y, z_loss):
@@ -462,18 +467,18 @@ class Model(nn.Module):
         eye = torch.eye(pos.shape[1], dtype=torch.bool, device=pos.device)
         return doc_causal_mask(pos, self.cfg.sliding_window, self.cfg.doc_masking) | eye
 
-    def hidden(self, x, pos, mask, cache=None):
-        """Final-norm hidden states [B, T, C] of tokens x at positions pos (see Attention for pos and mask)."""
+    def hidden(self, x, pos, mask, cache=None, rope=None):
+        """Final-norm hidden states [B, T, C] of tokens x at positions pos (see Attention for pos and mask);
+        rope: (cos, sin) when the caller has them (decoding reads them from the cache)."""
         h = self.tok_emb(x)
-        rope_pos = torch.arange(x.shape[1], device=x.device)[None] if pos is None else pos.clamp(min=0)
-        rope = rope_cos_sin(rope_pos, self.cfg, h.dtype)  # padding's rotation (pos 0) is masked out anyway
+        if rope is None:
+            rope_pos = torch.arange(x.shape[1], device=x.device)[None] if pos is None else pos.clamp(min=0)
+            rope = rope_cos_sin(rope_pos, self.cfg, h.dtype)  # padding's rotation (pos 0) is masked out anyway
         for layer in self.layers:
             if self.cfg.act_ckpt and self.training and torch.is_grad_enabled():
                 h = checkpoint(layer, h, rope, pos, mask, use_reentrant=False)
             else:
                 h = layer(h, rope, pos, mask, cache)
-        if cache is not None:
-            cache.advance(pos)
         return self.norm(h)
 
     def forward(self, x, y=None, pos=None, reduction="mean"):
@@ -558,28 +563,44 @@ class Model(nn.Module):
 
     # ---- generation (gpt-fast's shape: prefill, then one decode step per token) ---------------------
     def prefill(self, x, pos, cache):
-        """Prompts x [B, P] at pos (-1 = left padding) into an empty cache -> the last column's logits [B, V]."""
+        """Prompts x [B, P] at pos (-1 = left padding) into an empty cache -> the last column's logits [B, V];
+        the cache is then ready for decode steps from column P."""
+        P = x.shape[1]
+        cache.col, cache.stop = cache.columns[:P], P
         h = self.hidden(x, pos, self.sdpa_mask(pos), cache)
+        cache.mask[:, :P].masked_fill_(pos >= 0, 0.0)
+        cache.col, cache.stop = cache.columns[P:P + 1].clone(), cache.mask.shape[1]
         return (h[:, -1] @ self.head_weight.t()).float()
 
     def decode_one_token(self, tok, pos, cache):
-        """Append one token per row (tok, pos: [B]) to the cache -> next-token logits [B, V]."""
-        t, window = cache.length, self.cfg.sliding_window
-        # doc_causal_mask's last row for a row of one document: its real cached keys and the new token
-        seen = torch.cat([cache.pos[:, :t] >= 0, torch.ones_like(tok, dtype=torch.bool)[:, None]], 1)  # [B, t+1]
-        if window is not None:
-            seen[:, :max(t + 1 - window, 0)] = False
-        h = self.hidden(tok[:, None], pos[:, None], seen[:, None, None], cache)
+        """Append one token per row (tok, pos: [B]) at the cache's next column -> next-token logits [B, V].
+        Tensor ops only (the column is a tensor too): the same graph every step."""
+        # doc_causal_mask's last row for a row of one document: its real cached keys, the new one included;
+        # an additive mask, so SDPA does not convert a boolean one in every layer
+        mask = cache.mask.index_fill_(1, cache.col, 0.0)                    # [B, S]
+        if cache.window is not None:
+            mask = torch.where(cache.columns > cache.col - cache.window, mask, float("-inf"))
+        rope = cache.cos[pos][:, None], cache.sin[pos][:, None]            # [B, 1, 1, D]
+        # pos None: no padding among the new tokens, so Attention skips zeroing it
+        h = self.hidden(tok[:, None], None, mask[:, None, None], cache, rope)
+        cache.col.add_(1)
         return (h[:, -1] @ self.head_weight.t()).float()
 
-    @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None):
+    # inference mode: no autograd bookkeeping (version counters, views) in the hundreds of small ops a step
+    @torch.inference_mode()
+    def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None,
+                 num_samples=1, compile=False):
         """The new tokens of each prompt (a list of token ids), up to and including its first stop id;
-        temperature 0 = greedy. One device-to-host copy per step."""
+        temperature 0 = greedy. One device-to-host copy per step.
+        num_samples=G: G continuations of each prompt (rows p*G .. p*G+G-1 for prompt p), which share one
+        prefill: the cache is expanded G times after it (GRPO's groups).
+        compile: the decode step under torch.compile (compiled once per batch size and cache length)."""
         cfg, dev = self.cfg, self.tok_emb.weight.device
-        B, lens = len(prompts), [len(p) for p in prompts]
+        B, lens, G = len(prompts), [len(p) for p in prompts], num_samples
         if B == 0:
             return []
+        if G < 1:
+            raise ValueError(f"generate: num_samples must be >= 1, got {G}")
         if min(lens) == 0:
             raise ValueError("generate: every prompt needs at least one token")
         P = max(lens)
@@ -595,16 +616,24 @@ class Model(nn.Module):
         cache = KVCache(cfg, B, P + max_new_tokens, dev, self.tok_emb.weight.dtype)
         logits = self.prefill(x, pos, cache)
         next_pos = torch.tensor(lens, device=dev)
-        out, done, stop = [[] for _ in range(B)], [False] * B, {int(s) for s in stop_ids}
+        if G > 1:
+            cache.expand(G)
+            logits, next_pos = logits.repeat_interleave(G, 0), next_pos.repeat_interleave(G, 0)
+        step = self.decode_one_token
+        if compile:
+            if "_compiled_decode" not in self.__dict__:
+                self._compiled_decode = torch.compile(self.decode_one_token, fullgraph=True)
+            step = self._compiled_decode
+        out, done, stop = [[] for _ in range(B * G)], [False] * (B * G), {int(s) for s in stop_ids}
         for t in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_k, top_p, generator)          # [B]
+            nxt = sample(logits, temperature, top_k, top_p, generator)          # [B * G]
             for b, tok in enumerate(nxt.tolist()):  # the step's one device -> host sync
                 if not done[b]:
                     out[b].append(tok)
                     done[b] = tok in stop
             if all(done) or t == max_new_tokens - 1:
                 break
-            logits = self.decode_one_token(nxt, next_pos + t, cache)
+            logits = step(nxt, next_pos + t, cache)
         return out
 
     # ---- HF SmolLM3 checkpoints: config.json + model.safetensors, as SmolLM3ForCausalLM reads them ---
@@ -631,12 +660,13 @@ class Model(nn.Module):
             "nanosmol": {k: getattr(cfg, k) for k in NANOSMOL_KEYS},
         }
 
-    def save_pretrained(self, path):
-        """Write config.json + model.safetensors (each atomically); an MLA / MoE model keeps our tensor names."""
+    def save_pretrained(self, path, state_dict=None):
+        """Write config.json + model.safetensors (each atomically): this model's weights, or `state_dict`'s
+        (train.py's, gathered from tensor-parallel shards); an MLA / MoE model keeps our tensor names."""
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
         name = hf_name if self.cfg.is_smollm3 else str
-        tensors = {name(k): v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tensors = {name(k): v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
         atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
         text = json.dumps(self.hf_config(), indent=2)
         atomic_write(os.path.join(path, "config.json"), lambda p: pathlib.Path(p).write_text(text))

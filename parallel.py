@@ -3,14 +3,16 @@ overlaps its all-reduces with the backward, ZeRO-1 (AdamW state sharded over DP)
 parallelism with a vocab-parallel embedding, LM head and cross-entropy, optionally sequence-parallel.
 
     torchrun --standalone --nproc_per_node=2 train.py config/tiny.py --micro_batch_size=8   # CPU (gloo): DP 2
+    torchrun --standalone --nproc_per_node=4 train.py config/tiny.py --micro_batch_size=8 --tp=2 --zero=1  # DP 2 x TP 2
     torchrun --standalone --nproc_per_node=8 train.py config/smollm3_1b_ablation.py  # 8 GPUs (nccl): DP 8
     grid = init(tp=2); model = TPModel(Model(cfg), grid.tp_group)   # library use: same seed on every rank
     python parallel.py plan config/smollm3.py --gpus=384 --tp=2 [--gpu_mem=80GB --mfu=0.3]   # the layout's numbers
     torchrun --standalone --nproc_per_node=8 parallel.py bench   # collectives' bus bandwidth, matmul TFLOP/s
     python -m pytest -q tests/test_parallel.py tests/test_parallel_tools.py
 
-train.py uses the grid and DDP (data parallel over every rank); ZeRO1 and TPModel are tested here but not
-yet wired into train.py's loop.
+train.py builds the grid from --tp, shards the model with TPModel when tp > 1, and syncs gradients over the DP
+group with DDP or, with --zero=1, with ZeRO1; its checkpoints gather the shards (tp_gather, ZeRO1.state_dict),
+so they are whole whatever the layout, and load back into any layout (tp_shard, ZeRO1.load_state_dict).
 
 SPModel adds sequence parallelism to TPModel (tested against one process and torch's DTensor plan; train.py
 does not run it yet). The planner predicts per-GPU memory, communication and step time for a layout from the
@@ -18,15 +20,18 @@ model's own counts (Model.num_params, flops_per_token) and refuses one that does
 the bandwidths it assumes.
 
 Every process group is sliced from one Grid and passed explicitly; every collective runs under the process
-group's timeout, so a lost rank ends the others with an error instead of a hang. Tests: tests/test_parallel.py
-(2 spawned CPU processes on gloo, fp32, compared against single-process runs and torch's own DDP).
+group's timeout, and a Heartbeat thread per rank names a rank whose process died or froze and exits, so a lost
+rank ends the others with an error instead of a hang. Tests: tests/test_parallel.py (2 and 4 spawned CPU
+processes on gloo, fp32, compared against single-process runs and torch's own DDP).
 
 Sections
-  grid            Grid, check_layout, init, shutdown
+  grid            Grid, check_layout, init, shutdown, Heartbeat (lost-rank detection through the store)
   DDP             Bucket, DDP (reverse-order ~25 MB buckets, post-accumulate-grad hooks, no_sync, finish)
-  ZeRO-1          ZeRO1 (flat shards per param group: reduce-scatter, clip over shards, step, all-gather)
+  ZeRO-1          ZeRO1 (flat shards per param group: reduce-scatter, clip over shards, step, all-gather;
+                  state_dict / load_state_dict in the full AdamW's format)
   TP comm ops     f (copy to TP region), g (reduce from TP region)
-  TP layers       ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_ce
+  TP layers       ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_ce;
+                  tp_gather / tp_shard (a param's full tensor from shards and back), clip_grad_norm
   TP model        TPModel (shards a same-seed single-process Model in place; vocab-parallel loss)
   sequence par.   gather_seq, scatter_seq (Korthikanti's g, g-bar), SeqParallelEmbedding, SPModel
   planner         PlanConfig, layer_activation_bytes, tp_allreduce_bytes, sp_comm_bytes, plan, plan_report,
@@ -40,6 +45,7 @@ import datetime
 import functools
 import os
 import sys
+import threading
 import time
 
 import torch
@@ -60,6 +66,7 @@ class Grid:
     tp: int
     dp_group: object
     tp_group: object
+    heartbeat: object = None
 
     @property
     def dp(self):
@@ -92,7 +99,9 @@ def init(tp=1, mc=None, timeout_s=120, init_method="env://", rank=None, world=No
     check_layout(world, tp, mc)                                # before any process waits on another
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
+    store, rank, world = next(dist.rendezvous(init_method, rank, world, timeout=timeout))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    heartbeat = Heartbeat(store, rank, world, timeout_s)      # its first beat: before new_group's barrier
     # new_group is collective: every rank creates every group, in the same order, and keeps its own
     dp_group = tp_group = None
     for d in range(world // tp):
@@ -101,17 +110,70 @@ def init(tp=1, mc=None, timeout_s=120, init_method="env://", rank=None, world=No
     for t in range(tp):
         g = dist.new_group(list(range(t, world, tp)), timeout=timeout)
         dp_group = g if rank % tp == t else dp_group
-    return Grid(rank, world, tp, dp_group, tp_group)
+    heartbeat.start()
+    return Grid(rank, world, tp, dp_group, tp_group, heartbeat)
 
 
 def shutdown(*models):
-    """Free the models' tensors, wait for every rank, then destroy the groups: without the barrier a rank can
-    tear gloo down while another is still in a collective, and the process aborts at exit."""
+    """Free the models' tensors, wait for every rank, stop init's heartbeat, then destroy the groups: without the
+    barrier a rank can tear gloo down while another is still in a collective, and the process aborts at exit."""
     for m in models:
         for p in m.parameters():
             p.grad = None
     dist.barrier()
+    for t in threading.enumerate():
+        if isinstance(t, Heartbeat):
+            t.stop()
     dist.destroy_process_group()
+
+
+class Heartbeat(threading.Thread):
+    """Names a lost rank. Every rank bumps heartbeat/{rank} in the rendezvous store every timeout/10 s and
+    watches everyone's: a counter that stood still for timeout_s is a rank whose process died or froze, and this
+    process prints its number and exits 1. Without it a dead peer reads as gloo's "connection closed by peer",
+    or as an NCCL collective that waits until NCCL's watchdog aborts, neither naming the rank."""
+
+    def __init__(self, store, rank, world, timeout_s):
+        super().__init__(daemon=True, name="heartbeat")
+        self.store, self.rank, self.world, self.timeout_s = store, rank, world, timeout_s
+        self.keys = [f"heartbeat/{r}" for r in range(world)]
+        self.stopped = threading.Event()
+        store.add(self.keys[rank], 1)
+
+    def run(self):
+        seen, since = [None] * self.world, [time.monotonic()] * self.world
+        while not self.stopped.wait(self.timeout_s / 10):
+            try:
+                self.store.add(self.keys[self.rank], 1)
+                beats = self.store.multi_get(self.keys)
+            except RuntimeError as e:                          # torchrun's agent or rank 0 hosts the store
+                self._exit(f"the rendezvous store is unreachable, so its host (rank 0 or torchrun) is lost: {e}")
+            now = time.monotonic()
+            for r, b in enumerate(beats):
+                seen[r], since[r] = (b, now) if b != seen[r] else (seen[r], since[r])
+            lost = [r for r in range(self.world) if now - since[r] > self.timeout_s]
+            if lost:
+                self._exit(f"rank {', '.join(map(str, lost))} lost: no heartbeat for {self.timeout_s} s")
+
+    def _exit(self, why):
+        if not self.stopped.is_set():
+            print(f"parallel: rank {self.rank}: {why}; exiting", file=sys.stderr, flush=True)
+            os._exit(1)                                        # the main thread may be stuck in a collective
+
+    def settle(self, error):
+        """After `error` in a collective: wait until every rank has failed too (an error they share, which the
+        caller then raises) or, within 1.5 x the timeout, run() names a lost rank and exits."""
+        failed, deadline = [f"failed/{r}" for r in range(self.world)], time.monotonic() + 1.5 * self.timeout_s
+        try:
+            self.store.set(failed[self.rank], str(error)[:200])
+            while time.monotonic() < deadline and not self.store.check(failed):
+                time.sleep(self.timeout_s / 20)
+        except RuntimeError:                                   # the store is gone: run() exits within a beat
+            time.sleep(self.timeout_s / 5)
+
+    def stop(self):
+        self.stopped.set()
+        self.join()
 
 
 # ---------------------------------------------------------------- DDP
@@ -205,14 +267,15 @@ class DDP(nn.Module):
 class ZeRO1:
     """AdamW with its state sharded over the DP group. Each param group's params are one flat vector, padded to
     a multiple of the DP size; rank r owns slice r and keeps AdamW state for it alone. clip_grad_norm
-    reduce-scatters the grads (the mean lands on the owner), clips by the global norm over all shards;
-    step() steps the shard and all-gathers the updated parameters. Grads need no DDP all-reduce."""
+    reduce-scatters the grads (the mean lands on the owner), clips by the global norm over all shards (and over
+    the TP group's, when the params are TP shards); step() steps the shard and all-gathers the updated
+    parameters. Grads need no DDP all-reduce. state_dict() is the full AdamW's, so a checkpoint is layout-free."""
 
-    def __init__(self, opt, group):
-        self.opt, self.group = opt, group                      # opt: the full AdamW (its groups and hyperparams)
+    def __init__(self, opt, group, tp_group=None):
+        self.opt, self.group, self.tp_group = opt, group, tp_group  # opt: the full AdamW (groups, hyperparams)
         self.n, self.r = dist.get_world_size(group), dist.get_rank(group)
         self.param_groups = opt.param_groups
-        self.shards, self.flat_sizes = [], []
+        self.shards, self.flat_sizes, self.replicated = [], [], []
         shard_groups = []
         for g in opt.param_groups:
             flat = torch.cat([p.detach().reshape(-1) for p in g["params"]])
@@ -222,19 +285,35 @@ class ZeRO1:
             shard = nn.Parameter(flat[self.r * size:(self.r + 1) * size].clone())
             self.shards.append(shard)
             shard_groups.append({**{k: v for k, v in g.items() if k not in ("params", "param_names")}, "params": [shard]})
+            # this shard's ranges of TP-replicated params (norms), which the TP grad norm must count once
+            self.replicated.append([(s0, s1) for p, _, _, s0, s1 in self._pieces(g, size)
+                                    if tp_group and getattr(p, "tp_dim", None) is None])
         self.inner = torch.optim.AdamW(shard_groups)          # each group carries all its hyperparameters
+
+    def _pieces(self, g, size):
+        """(param, start, end in the param, start, end in this rank's shard) of each param the shard overlaps."""
+        lo, hi, off = self.r * size, (self.r + 1) * size, 0
+        for p in g["params"]:
+            a, b = max(off, lo), min(off + p.numel(), hi)
+            if a < b:
+                yield p, a - off, b - off, a - lo, b - lo
+            off += p.numel()
 
     def clip_grad_norm(self, params, max_norm):
         """Reduce-scatter the mean grads into the shards, clip them by the global norm, return that norm."""
         sq = torch.zeros((), dtype=torch.float32, device=self.shards[0].device)
-        for g, shard, size in zip(self.param_groups, self.shards, self.flat_sizes):
+        for g, shard, size, rep in zip(self.param_groups, self.shards, self.flat_sizes, self.replicated):
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in g["params"]])
             flat = torch.nn.functional.pad(flat, (0, size * self.n - flat.numel())) / self.n
             out = torch.empty(size, dtype=torch.float32, device=flat.device)
             dist.reduce_scatter_tensor(out, flat, group=self.group)
             shard.grad = out.to(shard.dtype)
             sq = sq + out.square().sum()
+            if rep:                                            # on every TP rank: each counts 1/tp of them
+                sq = sq - (1 - 1 / dist.get_world_size(self.tp_group)) * sum(out[a:b].square().sum() for a, b in rep)
         dist.all_reduce(sq, group=self.group)
+        if self.tp_group:
+            dist.all_reduce(sq, group=self.tp_group)
         norm = sq.sqrt()
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)       # clip_grad_norm_'s rule, over every shard
         for shard in self.shards:
@@ -242,8 +321,11 @@ class ZeRO1:
         return norm
 
     def step(self):
-        for g, ig in zip(self.param_groups, self.inner.param_groups):
+        for g, ig, shard, size in zip(self.param_groups, self.inner.param_groups, self.shards, self.flat_sizes):
             ig["lr"] = g["lr"]                                 # train.set_lr writes the full groups
+            # the params are the truth (a resume or init_from may have loaded them since): refresh the shard
+            for p, a, b, s0, s1 in self._pieces(g, size):
+                shard.data[s0:s1].copy_(p.detach().reshape(-1)[a:b])
         self.inner.step()
         for g, shard, size in zip(self.param_groups, self.shards, self.flat_sizes):
             flat = torch.empty(size * self.n, dtype=shard.dtype, device=shard.device)
@@ -256,6 +338,51 @@ class ZeRO1:
     def zero_grad(self, set_to_none=True):
         self.opt.zero_grad(set_to_none=set_to_none)
         self.inner.zero_grad(set_to_none=set_to_none)
+
+    # train.Step's data-parallel side, as DDP's: the grads stay local until clip_grad_norm's reduce-scatter
+    def no_sync(self):
+        return contextlib.nullcontext()
+
+    def finish(self):
+        pass
+
+    mean = DDP.mean
+
+    def state_dict(self):
+        """The full AdamW's state_dict (every rank all-gathers every shard of the state): what a plain AdamW
+        over the same params would hold, so a checkpoint resumes at any DP size, with or without ZeRO."""
+        sd = self.opt.state_dict()
+        for g, sg, shard, size in zip(self.param_groups, sd["param_groups"], self.shards, self.flat_sizes):
+            state, off = self.inner.state.get(shard, {}), 0
+            full = {k: v if v.dim() == 0 else self._gather(v, size) for k, v in state.items()}
+            for p, idx in zip(g["params"], sg["params"]):
+                if full:
+                    sd["state"][idx] = {k: (v if v.dim() == 0 else v[off:off + p.numel()].view_as(p)).clone()
+                                        for k, v in full.items()}
+                off += p.numel()
+        return sd
+
+    def _gather(self, shard, size):
+        flat = torch.empty(size * self.n, dtype=shard.dtype, device=shard.device)
+        dist.all_gather_into_tensor(flat, shard.contiguous(), group=self.group)
+        return flat
+
+    def load_state_dict(self, sd):
+        """Take a full AdamW state_dict (state_dict()'s, or a plain AdamW's) and keep this rank's shard of it."""
+        inner = self.inner.state_dict()
+        for i, (sg, shard, size) in enumerate(zip(sd["param_groups"], self.shards, self.flat_sizes)):
+            states = [sd["state"][idx] for idx in sg["params"] if idx in sd["state"]]
+            if not states:
+                continue
+            if len(states) != len(sg["params"]):
+                raise ValueError("ZeRO-1: optimizer state for only some parameters of a group")
+            one = {}
+            for k, v in states[0].items():                     # exp_avg, exp_avg_sq, and the step count
+                flat = torch.cat([s[k].reshape(-1) for s in states]) if v.dim() else None
+                one[k] = v if flat is None else torch.nn.functional.pad(flat, (0, size * self.n - flat.numel()))[
+                    self.r * size:(self.r + 1) * size].clone()
+            inner["state"][i] = one
+        self.inner.load_state_dict(inner)
 
 
 # ---------------------------------------------------------------- TP comm ops (Megatron-LM, Shoeybi et al. 2019)
@@ -298,7 +425,39 @@ class g(torch.autograd.Function):
 # (shards of one weight are slices of one same-seed draw, never equal draws of one rank-local seed).
 
 def _slice(w, dim, group):
-    return nn.Parameter(w.detach().chunk(dist.get_world_size(group), dim)[dist.get_rank(group)].clone())
+    p = nn.Parameter(w.detach().chunk(dist.get_world_size(group), dim)[dist.get_rank(group)].clone())
+    p.tp_dim = dim                                             # what tp_gather, tp_shard and the grad norms read
+    return p
+
+
+def tp_gather(t, p, group):
+    """The full tensor whose TP shard is t (shaped like param p: its value, grad or optimizer state)."""
+    if getattr(p, "tp_dim", None) is None or t.dim() == 0:    # replicated, or AdamW's step count
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, p.tp_dim)
+
+
+def tp_shard(t, p, group):
+    """This rank's TP shard of the full tensor t of param p (tp_gather's inverse)."""
+    if getattr(p, "tp_dim", None) is None or t.dim() == 0:
+        return t
+    return t.chunk(dist.get_world_size(group), p.tp_dim)[dist.get_rank(group)].clone()
+
+
+def clip_grad_norm(params, max_norm, group):
+    """clip_grad_norm_ of a TP model: the squares of split weights summed over the group, replicated ones
+    (norms, whose grads are equal on every rank) counted once; returns the global norm."""
+    params = [p for p in params if p.grad is not None]
+    n = dist.get_world_size(group)
+    sq = sum(p.grad.float().square().sum() / (1 if getattr(p, "tp_dim", None) is not None else n) for p in params)
+    dist.all_reduce(sq, group=group)
+    norm = sq.sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(coef)
+    return norm
 
 
 class ColumnParallelLinear(nn.Module):
@@ -388,7 +547,7 @@ class TPModel(nn.Module):
         # the final norm's output enters the vocab-parallel head: f there sums the ranks' gradients of it
         model.norm.register_forward_hook(lambda module, args, out: f.apply(out, group))
 
-    def forward(self, x, y=None, pos=None):
+    def forward(self, x, y=None, pos=None, reduction="mean"):
         logits = self.model(x, pos=pos)                       # [B, T, V/tp]: Model's head is the local slice
         if y is None:
             parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(self.group))]
@@ -396,6 +555,8 @@ class TPModel(nn.Module):
             return torch.cat(parts, -1)
         lo = dist.get_rank(self.group) * logits.shape[-1]
         per_token = vocab_parallel_ce(logits.flatten(0, 1), y.flatten(), lo, self.group, self.model.cfg.z_loss)
+        if reduction == "none":                                # eval.evaluate's per-token losses [B, T]
+            return None, per_token.view_as(y)
         return None, per_token.sum() / (y != -100).sum().clamp(min=1)
 
 
@@ -578,6 +739,9 @@ def plan(mc, seq_len, batch_size, micro_batch_size, pc, peak_flops, bf16=True):
     """The numbers of one DP x TP layout (a dict; plan_report prints them). Memory counts what train.py holds
     per GPU: fp32 weights and grads, the fp32 DP communication buffer (DDP's buckets, or ZeRO-1's flat
     reduce-scatter input), AdamW's two fp32 moments, autocast's bf16 weight copies, the activations."""
+    if mc.attention != "gqa" or mc.n_experts:
+        raise ValueError(f"parallel plan: activations and TP traffic are modelled for attention='gqa' with dense "
+                         f"MLPs, not attention={mc.attention!r} with n_experts={mc.n_experts}")
     check_layout(pc.gpus, pc.tp, mc)
     dp = pc.gpus // pc.tp
     if batch_size % (micro_batch_size * dp):

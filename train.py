@@ -4,10 +4,13 @@
     python train.py config/tiny.py --resume=True    # continue from the newest intact checkpoint
     python train.py config/smollm3_1b_ablation.py   # one GPU: bf16 autocast, fp32 master weights
     torchrun --standalone --nproc_per_node=2 train.py config/tiny.py --micro_batch_size=8   # DP 2 (parallel.py)
+    torchrun --standalone --nproc_per_node=4 train.py config/tiny.py --micro_batch_size=8 --tp=2 --zero=1  # DP 2 x TP 2
 
 Steps count completed updates: the update at data position s is logged as step s+1, and a checkpoint at
 step s holds the state after s updates. The loader's order is a pure function of (seed, sample index), so
 the data position is all the data state there is, and a resumed run matches an uninterrupted one bit for bit.
+Under torchrun every rank trains (DP x TP, parallel.py); rank 0 logs and writes checkpoints, consolidated (TP
+shards and ZeRO-1 optimizer shards gathered), so a checkpoint resumes under any layout and transformers reads it.
 
 Sections
   configuration   TrainConfig, dist_env, check_config, resolve
@@ -24,6 +27,7 @@ Sections
 import collections
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import html
 import importlib.util
@@ -60,7 +64,9 @@ PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100
 LOSS_EMA_BETA = 0.95
 # Fields that make two checkpoints different networks; rope_theta, YaRN, masking may change between stages.
 ARCH_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "nope_interval",
-             "tie_embeddings", "qk_norm")
+             "tie_embeddings", "qk_norm", "attention", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim",
+             "qk_rope_head_dim", "v_head_dim", "n_experts", "n_experts_active", "n_shared_experts", "d_expert",
+             "moe_layer_interval", "moe_first_dense")
 
 
 @dataclass
@@ -68,7 +74,7 @@ class TrainConfig:
     out_dir: str = "out/run"            # run directory: log.jsonl, run.json, loss.svg, checkpoints
     seed: int = 1337
     batch_size: int = 32                # global rows per optimizer step (x seq_len = tokens per step)
-    micro_batch_size: int = 8           # rows per forward/backward; accumulation = batch / (micro * world)
+    micro_batch_size: int = 8           # rows per forward/backward; accumulation = batch / (micro * dp)
     max_steps: int = 1000
     lr: float = 3e-4                    # peak AdamW learning rate
     min_lr: float = 0.0
@@ -99,6 +105,9 @@ class TrainConfig:
     init_from: str | None = None        # checkpoint, run or HF dir whose weights start a new run (not on resume)
     resume: bool = False                # continue from out_dir's latest checkpoint (fresh start if none)
     device: str = "auto"                # "auto" | "cpu" | "cuda" | "cuda:N"
+    tp: int = 1                         # tensor-parallel ranks (torchrun); dp = world_size / tp
+    zero: int = 0                       # 1: ZeRO-1, AdamW state sharded over the dp ranks (no effect at dp 1)
+    dist_timeout_s: int = 300           # a collective, or a rank's heartbeat, silent this long stops the run
     sample_prompts: list[str] = dataclasses.field(default_factory=lambda: ["def ", "Problem: "])
     sample_tokens: int = 96
     sample_temperature: float = 0.8
@@ -116,21 +125,28 @@ def dist_env():
 
 
 def check_config(mc, dc, tc, world_size=1):
-    """Raise one ValueError listing every inconsistency between the model, data and train settings."""
+    """Raise one ValueError listing every inconsistency between the model, data and train settings (the
+    parallel layout's first, alone: parallel.check_layout)."""
+    parallel.check_layout(world_size, tc.tp, mc)
+    dp = world_size // tc.tp
     longest = max((len(p.encode()) for p in tc.sample_prompts), default=0)  # bytes >= tokens
     decay = round(tc.decay_frac * tc.max_steps)
     checks = [(getattr(tc, k) > 0, f"{k}={getattr(tc, k)} must be > 0")
               for k in ("batch_size", "micro_batch_size", "max_steps", "eval_interval", "eval_rows", "ckpt_interval",
-                        "keep_ckpts", "log_interval", "muon_ns_steps")]
+                        "keep_ckpts", "log_interval", "muon_ns_steps", "dist_timeout_s")]
     checks += [(getattr(tc, k) >= 0, f"{k}={getattr(tc, k)} must be >= 0")
                for k in ("warmup_steps", "max_skips", "sample_tokens", "bench")]
     checks += [(getattr(tc, k) in allowed, f"{k}={getattr(tc, k)!r} must be one of {allowed}")
                for k, allowed in (("schedule", ["cosine", "wsd"]), ("decay_shape", ["1-sqrt", "linear"]),
-                                  ("optimizer", ["adamw", "muon"]), ("dtype", ["bfloat16", "float32"]))]
+                                  ("optimizer", ["adamw", "muon"]), ("dtype", ["bfloat16", "float32"]),
+                                  ("zero", [0, 1]))]
     checks += [
-        (tc.micro_batch_size <= 0 or tc.batch_size % (tc.micro_batch_size * world_size) == 0,
-         f"batch_size={tc.batch_size} must be a multiple of micro_batch_size*world_size = "
-         f"{tc.micro_batch_size}*{world_size}"),
+        (tc.micro_batch_size <= 0 or tc.batch_size % (tc.micro_batch_size * dp) == 0,
+         f"batch_size={tc.batch_size} must be a multiple of micro_batch_size*dp = {tc.micro_batch_size}*{dp} "
+         f"(dp = world_size/tp = {world_size}/{tc.tp})"),
+        # Muon orthogonalises whole matrices: Newton-Schulz of a TP shard or a ZeRO slice is another update
+        (tc.optimizer == "adamw" or tc.tp == 1 and not tc.zero, "optimizer='muon' needs tp=1 and zero=0"),
+        (tc.tp == 1 or mc.is_smollm3, f"tp={tc.tp} needs the SmolLM3 architecture (attention='gqa', no experts)"),
         (dc.seq_len <= mc.max_position_embeddings,
          f"seq_len={dc.seq_len} exceeds max_position_embeddings={mc.max_position_embeddings}"),
         (longest + tc.sample_tokens <= mc.max_position_embeddings,
@@ -299,7 +315,8 @@ class Step:
     gradient is that of the mean micro-batch loss; pretraining rows have no ignored targets, so this is the
     per-token mean), clip, ask the guard, update or skip, zero the grads. posttrain.py supplies its own batches
     and loss_fn; parallel.py passes wrapped optimizers and a `clip_grad_norm` that reduces over its shards, and
-    its DDP as `ddp`: micro-steps but the last under no_sync, then finish (the mean grads) and the mean loss."""
+    its DDP (or ZeRO1, whose reduce-scatter is in its clip) as `ddp`: micro-steps but the last under no_sync,
+    then finish (the mean grads) and the mean loss."""
 
     def __init__(self, opts, guard, tc, autocast, clip_grad_norm=torch.nn.utils.clip_grad_norm_, ddp=None):
         self.opts, self.guard, self.autocast, self.clip_grad_norm, self.ddp = opts, guard, autocast, clip_grad_norm, ddp
@@ -352,21 +369,53 @@ def file_digest(path):
         return {"bytes": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
 
-def save_checkpoint(run_dir, model, opts, state, keep, tok=None):
+def optimizer_kind(opt):
+    # ZeRO-1 saves and loads its AdamW's full state: a run may change layout (or drop ZeRO) between resumes
+    return "AdamW" if isinstance(opt, parallel.ZeRO1) else type(opt).__name__
+
+
+def _tp_local(model, grid, to_full):
+    """(parameter name, tensor) -> the full tensor (to_full) or this rank's TP shard of a full one; the
+    identity without TP."""
+    if not grid or grid.tp == 1:
+        return lambda name, t: t
+    params, fn = dict(model.named_parameters()), parallel.tp_gather if to_full else parallel.tp_shard
+    return lambda name, t: fn(t, params[name], grid.tp_group) if name in params else t
+
+
+def rng_states(device, grid):
+    """Every rank's RNG states as {rng/torch/{rank}, rng/cuda/{rank}: uint8 tensor} (gathered under torchrun)."""
+    mine = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    parts = [torch.cat(list(mine.values()))]
+    if grid:
+        flat = parts[0].to(device)                            # NCCL gathers GPU tensors only
+        parts = [torch.empty_like(flat) for _ in range(grid.world)]
+        dist.all_gather(parts, flat)
+    sizes = [v.numel() for v in mine.values()]
+    return {f"rng/{k}/{r}": v.cpu().clone() for r, part in enumerate(parts) for k, v in zip(mine, part.split(sizes))}
+
+
+def save_checkpoint(run_dir, model, opts, state, keep, tok=None, grid=None):
     """Write run_dir/ckpt_{step:06d}, point `latest` at it, keep the newest `keep`; returns its path. Every file
     is written atomically into a temporary directory, renamed into place before `latest` is replaced, so after
-    a kill or a power loss `latest` names a complete checkpoint."""
-    state = {**state, "optimizers": [type(opt).__name__ for opt in opts]}
+    a kill or a power loss `latest` names a complete checkpoint. Under torchrun every rank calls it (gathering
+    TP shards, ZeRO-1 shards and RNG states is collective) and rank 0 writes the whole model."""
+    full = _tp_local(model, grid, to_full=True)
+    weights = {k: full(k, v) for k, v in model.state_dict().items()}
+    tensors = rng_states(next(model.parameters()).device, grid)
+    for opt in opts:
+        sd, names = _named_state(opt)
+        tensors.update({f"optim/{pname}/{key}": full(pname, value).detach().cpu().contiguous()
+                        for idx, pname in names for key, value in sd["state"].get(idx, {}).items()})
+    if grid and grid.rank != 0:
+        return None
+    state = {**state, "optimizers": [optimizer_kind(opt) for opt in opts]}
     name = f"ckpt_{state['step']:06d}"
     final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, f".tmp_{name}")
     shutil.rmtree(tmp, ignore_errors=True)                     # leftover of a crash mid-write
-    model.save_pretrained(tmp)
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    tensors = {"rng/torch": torch.get_rng_state(), **{f"rng/cuda{i}": s for i, s in enumerate(cuda)}}
-    for opt in opts:
-        sd, names = _named_state(opt)
-        tensors.update({f"optim/{pname}/{key}": value.detach().cpu().contiguous()
-                        for idx, pname in names for key, value in sd["state"].get(idx, {}).items()})
+    model.save_pretrained(tmp, weights)
     os.makedirs(os.path.join(tmp, "trainer"))
     atomic_write(os.path.join(tmp, TRAINER_TENSORS), lambda p: save_file(tensors, p))
     if tok is not None:
@@ -438,13 +487,21 @@ def latest_checkpoint(run_dir):
     raise ValueError(f"{run_dir}: no intact checkpoint ({'; '.join(problems)})")
 
 
-def load_checkpoint(path, model, opts):
-    """Restore weights, optimizer state and RNG from checkpoint `path`; returns its trainer/state.json dict."""
+def load_weights(model, path, grid=None):
+    """Model.from_pretrained(path)'s weights into `model` (under TP: this rank's shard of each)."""
+    local = _tp_local(model, grid, to_full=False)
+    model.load_state_dict({k: local(k, v) for k, v in Model.from_pretrained(path).state_dict().items()})
+
+
+def load_checkpoint(path, model, opts, grid=None):
+    """Restore weights, optimizer state and this rank's RNG from checkpoint `path` (any layout wrote it; a rank
+    the saving run lacked takes rank 0's RNG); returns its trainer/state.json dict."""
     state = json.loads(Path(path, TRAINER_STATE).read_text(encoding="utf-8"))
-    kinds = [type(opt).__name__ for opt in opts]
+    kinds = [optimizer_kind(opt) for opt in opts]
     if state["optimizers"] != kinds:
         raise ValueError(f"{path} holds the state of optimizers {state['optimizers']}, this run uses {kinds}")
-    model.load_state_dict(Model.from_pretrained(path).state_dict())
+    load_weights(model, path, grid)
+    local = _tp_local(model, grid, to_full=False)
     tensors = load_file(os.path.join(path, TRAINER_TENSORS))
     per_param = {}
     for key, value in tensors.items():
@@ -453,15 +510,16 @@ def load_checkpoint(path, model, opts):
             per_param.setdefault(pname, {})[slot] = value
     for opt in opts:
         sd, names = _named_state(opt)
-        sd["state"].update({idx: per_param.pop(pname) for idx, pname in names if pname in per_param})
+        sd["state"].update({idx: {k: local(pname, v) for k, v in per_param.pop(pname).items()}
+                            for idx, pname in names if pname in per_param})
         opt.load_state_dict(sd)
     if per_param:
         raise ValueError(f"{path}: optimizer state for parameters this model lacks: {sorted(per_param)[:5]}")
-    torch.set_rng_state(tensors["rng/torch"])
-    # the GPUs this machine has, of those saved (a resume may run on fewer)
-    cuda = [tensors[f"rng/cuda{i}"] for i in range(torch.cuda.device_count()) if f"rng/cuda{i}" in tensors]
-    if cuda:
-        torch.cuda.set_rng_state_all(cuda)
+    rank, device = grid.rank if grid else 0, next(model.parameters()).device
+    torch.set_rng_state(tensors.get(f"rng/torch/{rank}", tensors["rng/torch/0"]))
+    cuda = tensors.get(f"rng/cuda/{rank}", tensors.get("rng/cuda/0"))
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
     return state
 
 
@@ -496,8 +554,9 @@ def setup_device(tc, mc, local_rank):
 
 
 def use_compile(tc, device):
-    # inductor's compile time (minutes on a CPU for a tiny model) pays off only on a GPU's long runs
-    return device.type == "cuda" if tc.compile is None else tc.compile
+    # inductor's compile time (minutes on a CPU for a tiny model) pays off only on a GPU's long runs; TP's
+    # collectives sit inside autograd Functions, which the compiler does not trace as reliably: eager there
+    return device.type == "cuda" and tc.tp == 1 if tc.compile is None else tc.compile
 
 
 def find_start(tc, mc):
@@ -557,7 +616,7 @@ def peak_flops(device):
 class Logger:
     """Rank 0's record of the run: one log.jsonl line per logged step, the tqdm bar, loss.svg after each eval.
     tokens/s is averaged over the steps since the previous line, eval and checkpoint time left out; MFU =
-    flops_per_token (6 x matmul params + causal attention) x tokens/s / the device's dense bf16 peak."""
+    flops_per_token (6 x matmul params + causal attention) x tokens/s / the dense bf16 peak of all the devices."""
 
     def __init__(self, run_dir, start, tc, tokens_per_step, flops_per_token, peak, master):
         self.path, self.master, self.tc = os.path.join(run_dir, "log.jsonl"), master, tc
@@ -699,7 +758,10 @@ def train(ns):
     rank, world, local_rank = dist_env()
     master, run_dir = rank == 0, tc.out_dir
     device, autocast = setup_device(tc, mc, local_rank)
-    grid = parallel.init() if world > 1 else None             # under torchrun: data parallel over every rank
+    if device.type == "cuda":                                  # NCCL's barrier and collectives use this GPU
+        torch.cuda.set_device(device)
+    # under torchrun: tc.tp-way tensor parallel within groups of consecutive ranks, data parallel across them
+    grid = parallel.init(tc.tp, mc, tc.dist_timeout_s) if world > 1 else None
     ckpt, init = find_start(tc, mc)                            # before the corpus: bad paths fail in seconds
 
     if dc.dataset == "default" and master:
@@ -716,16 +778,23 @@ def train(ns):
     torch.manual_seed(tc.seed)
     model = Model(mc).to(device)
     model.train()
+    sizes = model.num_params(), model.num_params(non_embedding=True), model.flops_per_token(dc.seq_len)  # unsharded
+    # TP shards `model` in place, each rank keeping its slice of the same-seed weights; `net` computes the loss
+    net = parallel.TPModel(model, grid.tp_group) if tc.tp > 1 else model
     opts = build_optimizers(model, tc, device)
-    accum = tc.batch_size // (tc.micro_batch_size * world)
-    loader = Loader(dc, tok, tc.micro_batch_size, accum, tc.seed, dp_rank=rank, dp_size=world)
+    if grid and tc.zero:
+        opts = [parallel.ZeRO1(opts[0], grid.dp_group, grid.tp_group if tc.tp > 1 else None)]
+    # the TP ranks of one DP group read the same rows
+    dp, dp_rank = (grid.dp, grid.dp_rank) if grid else (1, 0)
+    accum = tc.batch_size // (tc.micro_batch_size * dp)
+    loader = Loader(dc, tok, tc.micro_batch_size, accum, tc.seed, dp_rank=dp_rank, dp_size=dp)
     sources = sorted(set(dc.mixture) | {s for _, weights in dc.stages for s in weights})
     val_sets = {s: loader.val_rows(s, tc.eval_rows) for s in sources}
     token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.int64, device=device)
 
     guard, start = Guard(tc.spike_factor), 0
     if ckpt:
-        saved = load_checkpoint(ckpt, model, opts)
+        saved = load_checkpoint(ckpt, model, opts, grid)
         start = saved["step"]
         guard.load_state_dict(saved["guard"])
         changed = {k: (saved["config"].get(k), v) for k, v in config.items()
@@ -733,7 +802,7 @@ def train(ns):
         if master:
             print(f"resuming from {ckpt} at step {start}" + (f"; config changes: {changed}" if changed else ""))
     elif init:
-        model.load_state_dict(Model.from_pretrained(init).state_dict())
+        load_weights(model, init, grid)
         if master:
             print(f"initialised weights from {init}; fresh optimizer and schedule")
     elif tc.resume and master:
@@ -745,14 +814,20 @@ def train(ns):
         run = start_run(run_dir, config, device, start, ckpt)
         print(json.dumps(config, indent=1))
         print(f"python {run['python']}, torch {run['torch']}, device {run['device']}, commit {run['git_commit']}")
-        print(f"{model.num_params():,} parameters ({model.num_params(non_embedding=True):,} non-embedding); "
+        print(f"{sizes[0]:,} parameters ({sizes[1]:,} non-embedding); "
               f"{tokens_per_step:,} tokens/step = {tc.batch_size} rows ({tc.micro_batch_size} x {accum} accum "
-              f"x {world} ranks) x {dc.seq_len}; MFU peak: "
-              + (f"{peak / 1e12:.0f} TFLOP/s (dense bf16)" if peak else "n/a on this device"))
-    log = Logger(run_dir, start, tc, tokens_per_step, model.flops_per_token(dc.seq_len), peak, master)
-    # DDP's hooks sit on the parameters (rank 0's, broadcast): the plain module runs, compiled or not
-    update = Step(opts, guard, tc, autocast, ddp=parallel.DDP(model, grid.dp_group) if grid else None)
-    fwd = torch.compile(model) if use_compile(tc, device) else model  # eval and generate use the plain module
+              f"x {dp} dp) x {dc.seq_len}, tp {tc.tp}{', ZeRO-1' * bool(grid and tc.zero)}; MFU peak: "
+              + (f"{peak / 1e12:.0f} TFLOP/s (dense bf16) x {world}" if peak else "n/a on this device"))
+    log = Logger(run_dir, start, tc, tokens_per_step, sizes[2], peak and peak * world, master)
+    clip, sync = torch.nn.utils.clip_grad_norm_, None
+    if tc.tp > 1:                                              # the norm over every TP shard
+        clip = functools.partial(parallel.clip_grad_norm, group=grid.tp_group)
+    if grid and tc.zero:                                       # ZeRO-1's reduce-scatter replaces DDP's all-reduce
+        clip, sync = opts[0].clip_grad_norm, opts[0]
+    elif grid:   # DDP's hooks sit on the parameters (rank 0's, broadcast): the plain module runs, compiled or not
+        sync = parallel.DDP(model, grid.dp_group)
+    update = Step(opts, guard, tc, autocast, clip_grad_norm=clip, ddp=sync)
+    fwd = torch.compile(net) if use_compile(tc, device) else net  # eval and generate use the uncompiled modules
 
     def lm_loss(batch):
         x, y, pos = (t.to(device, non_blocking=True) for t in batch)
@@ -767,16 +842,25 @@ def train(ns):
             log.say(f"step {step}: data mixture {weights}")
         return [loader.get(step, m) for m in range(accum)]
 
-    def save(done):
-        if master:
-            state = {"step": done, "guard": guard.state_dict(), "config": config, "tokens": done * tokens_per_step}
-            save_checkpoint(run_dir, model, opts, state, tc.keep_ckpts, tok)
+    def save(done):                                            # every rank gathers its shards, rank 0 writes
+        state = {"step": done, "guard": guard.state_dict(), "config": config, "tokens": done * tokens_per_step}
+        save_checkpoint(run_dir, model, opts, state, tc.keep_ckpts, tok, grid)
 
-    run_loop(tc, start, update, log, batches, lm_loss, save, start if ckpt else None,
-             lambda done: log.held_out(done, *evaluate(model, val_sets, token_bytes, tc.micro_batch_size, autocast,
-                                                       device)),
-             model.moe_step)    # MoE: after each update, the routers' balance biases move; expert load logged
-    samples = write_samples(model, tok, tc, run_dir, device) if master else []
+    def held_out(done):                # rank 0's TP group: the other DP ranks would repeat it on the same rows
+        if dp_rank == 0:
+            log.held_out(done, *evaluate(net, val_sets, token_bytes, tc.micro_batch_size, autocast, device))
+
+    try:
+        run_loop(tc, start, update, log, batches, lm_loss, save, start if ckpt else None, held_out,
+                 model.moe_step)    # MoE: after each update, the routers' balance biases move; expert load logged
+    except RuntimeError as e:
+        if grid:                       # a collective failed: if a rank is lost, the heartbeat names it and exits
+            grid.heartbeat.settle(e)
+        raise
+    samples = []
+    if master:   # generate runs one process: under TP, on the consolidated checkpoint just written
+        sampler = Model.from_pretrained(latest_checkpoint(run_dir)).to(device) if tc.tp > 1 else model
+        samples = write_samples(sampler, tok, tc, run_dir, device)
     last_eval = next((r for r in reversed(read_log(log.path)) if r["kind"] == "eval"), None)
     if grid:
         parallel.shutdown(model)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import config
 import model as M
 from model import Model, ModelConfig
+from test_train import corpus, make_ns, train_records  # noqa: F401 (corpus: the tiny two-source corpus fixture)
 from train import CONFIGS
 
 MLA = dict(attention="mla", kv_lora_rank=16, q_lora_rank=0, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12)
@@ -47,7 +48,7 @@ def hf_config(hf, m, **kw):
         qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim, rope_interleave=False,
         rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, rms_norm_eps=c.rms_eps,
         n_routed_experts=c.n_experts or 1, num_experts_per_tok=c.n_experts_active, n_shared_experts=c.n_shared_experts,
-        moe_intermediate_size=c.d_expert, n_group=1, topk_group=1, norm_topk_prob=c.router_norm_topk,
+        moe_intermediate_size=c.d_expert or c.d_ff, n_group=1, topk_group=1, norm_topk_prob=c.router_norm_topk,
         routed_scaling_factor=1.0, **kw)
     cfg._attn_implementation = "eager"
     return cfg
@@ -280,3 +281,22 @@ def test_activation_checkpointing_keeps_the_balance_loss_gradients():
         grads.append([p.grad for p in m.parameters()])
         assert m.layers[0].mlp.router.weight.grad.abs().sum() > 0
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+
+def test_train_py_logs_the_load_and_moves_the_bias(tmp_path, corpus):
+    """Through train.py: each logged step carries every MoE layer's load, and the final checkpoint holds
+    biases moved by whole steps of moe_bias_update (one per update) and loads back as the same model."""
+    import train
+    ns = make_ns(tmp_path, corpus, **MLA, n_experts=4, n_experts_active=2, d_expert=32, router_score="sigmoid",
+                 moe_bias_update=0.01, max_steps=3, warmup_steps=1, eval_interval=3, ckpt_interval=3)
+    train.train(ns)
+    records = train_records(str(tmp_path / "run"))
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(len(r["moe_load_max_mean"]) == 2 and min(r["moe_load_max_mean"]) >= 1 for r in records)
+    ckpt = tmp_path / "run" / "ckpt_000003"
+    m = Model.from_pretrained(ckpt)
+    assert m.cfg.attention == "mla" and m.cfg.n_experts == 4
+    for layer in m.layers:
+        steps = layer.mlp.balance_bias / 0.01
+        assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 3 and steps.abs().sum() > 0

@@ -147,22 +147,25 @@ def test_chunked_loss_equals_full_cross_entropy():
     torch.testing.assert_close(loss_amp.double(), ref, rtol=1e-6, atol=1e-6)
 
 
+def recording_sample(monkeypatch):
+    """M.sample, recording the logits of every step it is given."""
+    seen, orig = [], M.sample
+    monkeypatch.setattr(M, "sample", lambda logits, *a, **k: seen.append(logits.clone()) or orig(logits, *a, **k))
+    return seen
+
+
 @pytest.mark.parametrize("n_kv_heads,window", [(2, 6), (1, None), (4, None)])
 def test_kv_cache_decoding_matches_full_forward(monkeypatch, n_kv_heads, window):
     m = make(n_kv_heads=n_kv_heads, sliding_window=window)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15]]
-    seen = []
-
-    def greedy(logits, *a, **k):
-        seen.append(logits.clone())
-        return logits.argmax(-1)
-    monkeypatch.setattr(M, "sample", greedy)
+    seen = recording_sample(monkeypatch)
     out = m.generate(prompts, max_new_tokens=5)
     assert [len(o) for o in out] == [5, 5, 5]
     for b, p in enumerate(prompts):
         full = m(torch.tensor([p + out[b]]))[0]       # [T, V]
         for t in range(5):
             torch.testing.assert_close(seen[t][b], full[len(p) - 1 + t], rtol=0, atol=1e-4)
+        assert out[b] == full[len(p) - 1:-1].argmax(-1).tolist()  # greedy = the full forward's argmax
 
 
 def test_generate_stops_and_samples():
@@ -183,6 +186,62 @@ def test_generate_stops_and_samples():
     draws = M.sample(logits, 1.0, top_p=0.7, generator=g)
     assert set(draws.tolist()) == {1, 2}
     assert set(M.sample(logits, 1.0, top_p=0.5, generator=g).tolist()) == {1}
+
+
+def test_shared_prefill_samples_equal_separate_prefills(monkeypatch):
+    """num_samples=G prefills each prompt once and expands the cache G times: with the same generator seed it
+    draws the tokens of the prompts repeated G times (each row prefilled on its own), and every step's logits
+    equal theirs (atol 1e-5: rows of different batch shapes). Left padding and a sliding window included."""
+    m = make(sliding_window=6)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
+    seen = recording_sample(monkeypatch)
+    runs = []
+    for rows, G in [(prompts, 3), ([p for p in prompts for _ in range(3)], 1)]:
+        seen.clear()
+        out = m.generate(rows, 10, temperature=1.0, top_k=50, generator=torch.Generator().manual_seed(0), num_samples=G)
+        runs.append((out, list(seen)))
+    (shared, shared_logits), (separate, separate_logits) = runs
+    assert shared == separate and len(shared) == 6
+    assert len({tuple(o) for o in shared[:3]}) > 1  # the samples of one prompt differ
+    for a, b in zip(shared_logits, separate_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="generate: num_samples must be >= 1, got 0"):
+        m.generate(prompts, 3, num_samples=0)
+
+
+def test_compiled_decode_equals_eager_and_compiles_once(monkeypatch):
+    """generate(compile=True): inductor's decode step gives eager's greedy tokens and logits (atol 1e-5: fused
+    kernels reorder sums) on a padded GQA batch with a RoPE and a NoPE layer; every step, and a second call of
+    the same shapes, reuse one graph."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    m = make(n_layers=2, nope_interval=2, d_model=32, d_ff=48)
+    prompts = [[5, 6, 7], [8]]
+    seen = recording_sample(monkeypatch)
+    runs = []
+    for compile in (False, True, True):
+        seen.clear()
+        runs.append((m.generate(prompts, 4, compile=compile), list(seen)))
+    assert runs[0][0] == runs[1][0] == runs[2][0]
+    for a, b in zip(runs[0][1], runs[1][1] + runs[2][1]):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["recompiles"]
+
+
+def test_greedy_left_padded_batch_equals_transformers(tmp_path, hf):
+    """Prompts of 7, 1 and 4 tokens in one left-padded batch: our greedy tokens equal transformers' generate
+    given the same padding in its attention_mask, row by row (GQA, a NoPE layer, tied head)."""
+    m = make()
+    m.save_pretrained(tmp_path)
+    theirs = hf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15, 16]]
+    x = torch.tensor([[0] * (7 - len(p)) + p for p in prompts])
+    with torch.no_grad():
+        peer = theirs.generate(x, attention_mask=(x != 0).long(), max_new_tokens=12, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[:, 7:]
+    assert m.generate(prompts, 12) == peer.tolist()
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -686,7 +745,7 @@ def test_triton_attention_through_the_model_equals_sdpa():
 def test_decode_benchmark_tokens_equal_transformers(hf, capsys):
     """tests/bench_decode.py's comparison: greedy tokens of ours and transformers' generate, batch 1 and 3."""
     from bench_decode import bench_decode
-    bench_decode(small_cfg(), prompt_len=5, new_tokens=12, batches=(1, 3))
+    bench_decode(small_cfg(), prompt_len=5, new_tokens=12, batches=(1, 3), repeats=1)
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines[1:]] == ["batch 1", "batch 3"]
     assert all(line.endswith("tokens identical") for line in lines[1:]), lines

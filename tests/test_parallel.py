@@ -1,10 +1,17 @@
 """parallel.py against single-process oracles: 2 CPU processes on gloo (spawned), fp32. Each worker builds the
 same-seed model, runs the parallel version on its share of the batch and compares with the single-process
-run on the whole batch (and with torch's own DistributedDataParallel)."""
+run on the whole batch (and with torch's own DistributedDataParallel). train.py under torchrun's environment
+(2 and 4 spawned ranks: DP 2, DP 2 with ZeRO-1, DP 2 x TP 2 with ZeRO-1) against one process, checkpoints
+resumed across layouts, and a killed rank named by the survivor."""
 import contextlib
+import dataclasses
 import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
 import traceback
 
@@ -14,9 +21,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import parallel
+import test_train
 import train
+from config import load, pick
 from model import Model, ModelConfig
-from test_train import corpus, make_ns, train_records  # noqa: F401 (corpus: the byte-level corpus fixture)
+from test_train import ROOT, make_ns, train_records, write_config
+
+corpus = test_train.corpus                                    # the byte-level two-source corpus fixture
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, nope_interval=2)
 
@@ -69,7 +80,7 @@ def close(a, b, what, atol=1e-6):
 # ---------------------------------------------------------------- DDP
 
 def _ddp_grads(grid):
-    r, n = grid.dp_rank, grid.dp
+    r = grid.dp_rank
     x, y = batch(0)
     mine = slice(r * 2, r * 2 + 2)
     ref = model(0)
@@ -137,15 +148,26 @@ def _zero1_steps(grid):
         assert len(opt.param_groups) == 2                         # decay and no-decay groups kept
         zero = parallel.ZeRO1(opt, grid.dp_group) if sharded else None
         step = train.Step([zero or opt], train.Guard(0.0), tc, contextlib.nullcontext(),
-                          **({"clip_grad_norm": zero.clip_grad_norm} if sharded else {}))
+                          **({"clip_grad_norm": zero.clip_grad_norm, "ddp": zero} if sharded else {}))
         rows = slice(2 * r, 2 * r + 2) if sharded else slice(None)
         norms = [step([batch(s)], lambda b: m(b[0][rows], b[1][rows])[1], tc.lr).grad_norm for s in range(4)]
-        runs.append((m, norms))
-    (ref, ref_norms), (ours, norms) = runs
+        runs.append((m, norms, zero or opt))
+    (ref, ref_norms, ref_opt), (ours, norms, zero) = runs
     assert ref_norms[0] > 10 * tc.grad_clip                      # clipping is active
     assert norms == pytest.approx(ref_norms, rel=1e-4), "ZeRO-1 global grad norm"
     for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
         close(q, p, f"ZeRO-1 after 4 clipped steps: {name}", atol=1e-5)
+    # the consolidated state is plain AdamW's, and a fresh ZeRO1 loading it holds this rank's shards again
+    full, want = zero.state_dict(), ref_opt.state_dict()
+    assert full["state"].keys() == want["state"].keys() and full["param_groups"] == want["param_groups"]
+    for idx, st in want["state"].items():
+        for k, v in st.items():
+            close(full["state"][idx][k], v, f"ZeRO-1 state_dict {idx}/{k}", atol=1e-5)
+    again = parallel.ZeRO1(train.build_optimizers(model(0), tc, cpu)[0], grid.dp_group)
+    again.load_state_dict(want)
+    for a, b in zip(again.inner.state.values(), zero.inner.state.values(), strict=True):
+        for k in b:
+            close(a[k], b[k], f"ZeRO-1 load_state_dict shard {k}", atol=1e-5)
     return [ref, ours]
 
 
@@ -177,6 +199,12 @@ def _tp_model(grid):
         ref_loss.backward()
         for (name, p), q in zip(ref.named_parameters(), tp.model.parameters()):
             close(q.grad, slice_of(p.grad, q, r), f"TP grad {name} (tie={tie})")
+        # the TP grad norm counts split weights' shards and replicated norms once: clip_grad_norm_'s norm
+        norm = parallel.clip_grad_norm(list(tp.model.parameters()), 0.05, grid.tp_group)
+        close(norm, torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05), f"TP grad norm (tie={tie})")
+        assert norm > 0.5                                     # clipping is active
+        for (name, p), q in zip(ref.named_parameters(), tp.model.parameters()):
+            close(q.grad, slice_of(p.grad, q, r), f"TP clipped grad {name} (tie={tie})")
         kept += [ref, tp]
     return kept
 
@@ -185,6 +213,8 @@ def _tp_seed_contract(grid):
     ref, tp = model(0), parallel.TPModel(model(0), grid.tp_group)
     for (name, p), q in zip(ref.named_parameters(), tp.model.parameters()):
         assert torch.equal(q, slice_of(p, q, grid.tp_rank)), f"{name}: shard is not the same-seed model's slice"
+        assert torch.equal(parallel.tp_gather(q.detach(), q, grid.tp_group), p), f"{name}: tp_gather"
+        assert torch.equal(parallel.tp_shard(p.detach(), q, grid.tp_group), q), f"{name}: tp_shard"
         if q.shape != p.shape:                                # a split weight: the two shards differ
             theirs = [torch.empty_like(q) for _ in range(2)]
             dist.all_gather(theirs, q.detach().contiguous(), group=grid.tp_group)
@@ -223,28 +253,79 @@ def test_tensor_parallel_equals_single_process(two_ranks, check):
 
 # ---------------------------------------------------------------- train.py under torchrun's environment
 
-def _train_rank(rank, world, port, ns):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def _train_ranks(rank, world, runs):
+    """Rank `rank` of `world` runs train.train on each (port, namespace) in turn, as torchrun would start it."""
     torch.set_num_threads(1)
-    train.train(ns)
+    for port, ns in runs:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        train.train(ns)
 
 
-def test_train_py_data_parallel_equals_one_process(tmp_path, corpus):
-    """8 rows a step as 1 process x 2 micro-batches of 4, and as 2 DP ranks x 1 of 4: the same rows, losses,
-    grad norms and final weights (train.py's loader, DDP, rank-0 logging and checkpoints)."""
-    over = dict(micro_batch_size=4, max_steps=3, warmup_steps=1, eval_interval=3, ckpt_interval=3)
-    one, two = make_ns(tmp_path, corpus, "one", **over), make_ns(tmp_path, corpus, "two", **over)
-    train.train(one)
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_train_rank, args=(2, port, two), nprocs=2, join=True)
-    for a, b in zip(train_records(one.out_dir), train_records(two.out_dir), strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    final = [Model.from_pretrained(os.path.join(ns.out_dir, "ckpt_000003")).state_dict() for ns in (one, two)]
-    for name, w in final[0].items():
-        close(final[1][name], w, f"final weight {name}", atol=1e-5)
+        return s.getsockname()[1]
+
+
+def resumable_copy(src, dst, step):
+    """A copy of run `src` whose latest checkpoint is the one at `step` (later ones and their log lines dropped)."""
+    shutil.copytree(src, dst)
+    for d in os.listdir(dst):
+        if d.startswith("ckpt_") and int(d[5:]) > step:
+            shutil.rmtree(os.path.join(dst, d))
+    (dst / "latest").write_text(f"ckpt_{step:06d}\n")
+
+
+def same_run(a, b, what, steps=None):
+    """Equal train losses and grad norms (and, at the evals, held-out losses) of runs a and b."""
+    ra, rb = (train.read_log(os.path.join(ns.out_dir, "log.jsonl")) for ns in (a, b))
+    ra, rb = ([r for r in rs if steps is None or r["step"] in steps] for rs in (ra, rb))
+    assert [(r["kind"], r["step"]) for r in ra] == [(r["kind"], r["step"]) for r in rb], what
+    for x, y in zip(ra, rb):
+        if x["kind"] == "train":
+            assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), f"{what}: step {x['step']} loss"
+            # rel 1e-4: torch's fp32 clip_grad_norm_ on CPU (the one-process side) is off float64's by up to ~3e-5
+            assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4), f"{what}: step {x['step']} grad norm"
+        else:
+            assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-5), f"{what}: step {x['step']} val loss"
+
+
+def final_weights(ns, step=3):
+    return Model.from_pretrained(os.path.join(ns.out_dir, f"ckpt_{step:06d}")).state_dict()
+
+
+def test_train_py_layouts_equal_one_process_and_resume_across_layouts(tmp_path, corpus):
+    """8 rows a step for 3 clipped steps as 1 process x 2 micro-batches of 4, as DP 2 with ZeRO-1 and as DP 2 x
+    TP 2 with ZeRO-1 (4 ranks): the same losses, grad norms, held-out losses and final weights. Checkpoints are
+    whole and layout-free: those two runs' step-2 checkpoints resume in one process, and one process's resumes
+    at DP 2 x TP 2 with DDP, each giving the uninterrupted run's step 3 and final weights."""
+    over = dict(micro_batch_size=4, max_steps=3, warmup_steps=1, eval_interval=3, ckpt_interval=2, grad_clip=0.1,
+                n_kv_heads=2, dist_timeout_s=60)                     # 2 KV heads: TP 2 splits them
+    ns = {name: make_ns(tmp_path, corpus, name, **over, **kw) for name, kw in (
+        ("one", {}), ("zero", dict(zero=1)), ("tp", dict(tp=2, zero=1)), ("back", dict(tp=2)))}
+    t0 = time.perf_counter()
+    train.train(ns["one"])
+    assert all(r["grad_norm"] > 0.1 for r in train_records(ns["one"].out_dir))   # clipping is active
+    resumable_copy(tmp_path / "one", tmp_path / "back", 2)
+    ns["back"].resume = True
+    mp.spawn(_train_ranks, args=(2, [(free_port(), ns["zero"])]), nprocs=2, join=True)
+    mp.spawn(_train_ranks, args=(4, [(free_port(), ns["tp"]), (free_port(), ns["back"])]), nprocs=4, join=True)
+    for name in ("zero", "tp"):
+        same_run(ns["one"], ns[name], name)
+        hf = [json.loads(open(os.path.join(ns[k].out_dir, "ckpt_000003", "config.json")).read()) for k in ("one", name)]
+        assert hf[0] == hf[1], f"{name}: config.json differs from one process's"
+        ns[f"{name}_1"] = make_ns(tmp_path, corpus, f"{name}_1", **over, resume=True)    # ... and to one process
+        resumable_copy(tmp_path / name, tmp_path / f"{name}_1", 2)
+        train.train(ns[f"{name}_1"])
+    ref = final_weights(ns["one"])
+    for name in ("zero", "tp", "back", "zero_1", "tp_1"):
+        if name in ("back", "zero_1", "tp_1"):
+            same_run(ns["one"], ns[name], f"resumed {name}", steps={3})
+        theirs = final_weights(ns[name])
+        for k, w in ref.items():
+            close(theirs[k], w, f"{name}: final weight {k}", atol=1e-5)
+    print(f"layouts test: {time.perf_counter() - t0:.1f} s, load {os.getloadavg()}")
 
 
 # ---------------------------------------------------------------- a lost rank
@@ -274,6 +355,41 @@ def test_a_stalled_rank_ends_the_other_with_an_error_within_the_timeout(tmp_path
     assert " s: " in outcome and 2.5 < float(outcome.split(" s: ")[0]) < 10, f"rank 0 after the 3 s timeout: {outcome}"
 
 
+# A rank of train.py that SIGKILLs itself as its third step starts (the other rank's gloo all-reduce then fails).
+KILLER = """import os, signal, sys
+import train
+lr = train.get_lr
+def get_lr(step, tc):
+    if step == 2 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return lr(step, tc)
+train.get_lr = get_lr
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_killed_rank_ends_the_other_with_an_error_naming_it(tmp_path, corpus):
+    """Two train.py processes as torchrun would start them, but without torchrun (which would kill the survivor
+    itself): rank 1 dies mid-run; rank 0 exits 1 within the heartbeat timeout, naming rank 1."""
+    keys = {**test_train.MODEL, **test_train.TRAIN, **corpus, "out_dir": str(tmp_path / "run"), "max_steps": 6,
+            "micro_batch_size": 4, "warmup_steps": 1, "eval_interval": 6, "ckpt_interval": 6, "dist_timeout_s": 10}
+    argv = [sys.executable, "-c", KILLER, write_config(tmp_path / "run.py", **keys)]
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    procs = [subprocess.Popen(argv, cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        assert procs[1].wait(120) == -signal.SIGKILL
+        died = time.perf_counter()
+        err = procs[0].communicate(timeout=60)[1]
+        after = time.perf_counter() - died
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode == 1 and "parallel: rank 0: rank 1 lost: no heartbeat for 10 s" in err, err[-2000:]
+    assert after < 1.5 * 10 + 5, f"rank 0 took {after:.1f} s after rank 1 died"
+
+
 # ---------------------------------------------------------------- layout
 
 @pytest.mark.parametrize("world, tp, over, msg", [
@@ -285,3 +401,23 @@ def test_bad_layouts_named(world, tp, over, msg):
     mc = ModelConfig(**{**vars(CFG), "head_dim": None, **over})
     with pytest.raises(ValueError, match=f"^parallel layout: {msg}$"):
         parallel.check_layout(world, tp, mc)
+
+
+def test_train_layout_checks():
+    """The batch divides by the DP size, not WORLD_SIZE: SmolLM3's 576 rows at TP 2 on 384 ranks (DP 192 x 3) pass,
+    at TP 1 they do not; layouts TP or ZeRO cannot run (Muon, MLA / MoE under TP) are named."""
+    ns = load(["config/smollm3.py", "--tp=2"], *train.CONFIGS)
+    mc, dc, tc = (cls(**pick(ns, cls)) for cls in train.CONFIGS)
+    train.check_config(mc, dc, tc, world_size=384)
+    assert tc.batch_size * dc.seq_len == 192 * 3 * 4096 == 2_359_296
+    for over, world, msg in [
+            (dict(tp=1), 384, r"^config: batch_size=576 must be a multiple of micro_batch_size\*dp = 3\*384 "
+                              r"\(dp = world_size/tp = 384/1\)$"),
+            (dict(tp=2), 3, r"^parallel layout: world size 3 is not divisible by tp=2$"),
+            (dict(tp=3), 3, r"^parallel layout: n_heads 16 is not divisible by tp=3$"),
+            (dict(tp=2, optimizer="muon"), 384, r"^config: optimizer='muon' needs tp=1 and zero=0$"),
+            (dict(zero=2), 384, r"^config: zero=2 must be one of \[0, 1\]$")]:
+        with pytest.raises(ValueError, match=msg):
+            train.check_config(mc, dc, train.TrainConfig(**{**vars(tc), **over}), world_size=world)
+    with pytest.raises(ValueError, match=r"^config: tp=2 needs the SmolLM3 architecture \(attention='gqa', no "):
+        train.check_config(dataclasses.replace(mc, attention="mla", attn_impl="sdpa"), dc, tc, world_size=384)

@@ -104,6 +104,9 @@ def test_plan_refuses_what_does_not_fit_and_says_by_how_much(capsys):
         parallel.main(["plan", SMOLLM3_PY, "--gpus=384"])
     with pytest.raises(SystemExit, match="gpu_mem='80 gigs': expected a size such as 80GB"):
         parallel.main(["plan", SMOLLM3_PY, "--gpus=192", "--gpu_mem=80 gigs"])
+    with pytest.raises(SystemExit, match="modelled for attention='gqa' with dense MLPs, not attention='mla' with "
+                       "n_experts=0$"):
+        parallel.main(["plan", SMOLLM3_PY, "--gpus=192", "--attention=mla", "--attn_impl=sdpa"])
 
 
 # ---------------------------------------------------------------- two gloo ranks, one TP group

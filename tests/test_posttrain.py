@@ -401,8 +401,8 @@ def test_merge_averages_tensor_by_tensor_and_refuses_mismatches(tmp_path, byte_t
 # ------------------------------------------------------------------------------ command line and resume
 
 def _run_config(tmp_path, init_dir, files, **over):
-    keys = {"init_from": init_dir, "seq_len": 512, "batch_size": 4, "micro_batch_size": 2, "max_steps": 6,
-            "warmup_steps": 2, "lr": 3e-3, "eval_interval": 3, "eval_rows": 4, "ckpt_interval": 3, "log_interval": 1,
+    keys = {"init_from": init_dir, "seq_len": 256, "batch_size": 2, "micro_batch_size": 1, "max_steps": 6,
+            "warmup_steps": 2, "lr": 3e-3, "eval_interval": 3, "eval_rows": 3, "ckpt_interval": 3, "log_interval": 1,
             "device": "cpu", "dtype": "float32", "data_dir": str(tmp_path), **files, **over}
     path = tmp_path / "cfg.py"
     path.write_text("".join(f"{k} = {v!r}\n" for k, v in keys.items()))

@@ -165,7 +165,7 @@ def test_muon_matches_svd_newton_schulz_reference():
 # ---------------------------------------------------------------- config checks
 
 @pytest.mark.parametrize("over,message", [
-    (dict(batch_size=10), r"batch_size=10 must be a multiple of micro_batch_size\*world_size = 4\*1"),
+    (dict(batch_size=10), r"batch_size=10 must be a multiple of micro_batch_size\*dp = 4\*1 \(dp = world_size/tp = 1/1\)"),
     (dict(seq_len=128), r"seq_len=128 exceeds max_position_embeddings=64"),
     (dict(n_heads=2, n_kv_heads=3), r"n_heads \(2\) must be divisible by n_kv_heads \(3\)"),
     (dict(schedule="linear"), r"schedule='linear' must be one of \['cosine', 'wsd'\]"),
@@ -186,7 +186,7 @@ def test_config_errors_before_any_work(tmp_path, corpus, over, message):
 
 def test_world_size_and_existing_run_errors(tmp_path, corpus, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(ValueError, match=r"micro_batch_size\*world_size = 4\*3"):
+    with pytest.raises(ValueError, match=r"micro_batch_size\*dp = 4\*3 \(dp = world_size/tp = 3/1\)"):
         train.train(make_ns(tmp_path, corpus))
     monkeypatch.delenv("WORLD_SIZE")
     ns = make_ns(tmp_path, corpus, max_steps=2, warmup_steps=1, ckpt_interval=1)
