@@ -187,13 +187,13 @@ def test_rollout_rows_groups_and_the_prefilled_no_think_prompt(tok):
     seen, outs = [], []
     real_generate = model.generate
 
-    def generate(batch, *args):
-        seen.append(batch)
-        outs.extend(real_generate(batch, *args))
-        return outs[-len(batch):]
+    def generate(batch, *args, num_samples):
+        seen.append((batch, num_samples))
+        outs.extend(real_generate(batch, *args, num_samples=num_samples))
+        return outs[-len(batch) * num_samples:]
     model.generate = generate
     (x, y, pos), rewards, stats = pt.rollout(model, tok, prompts, ["5", "2"], gc, torch.Generator().manual_seed(0))
-    assert [len(b) for b in seen] == [4, 2] and sum(seen, []) == [prompts[0]] * 3 + [prompts[1]] * 3
+    assert seen == [([prompts[0]], 3), ([prompts[1]], 3)]          # rollout_batch 4: one whole group per call
     assert x.shape[0] == y.shape[0] == 6 and rewards.shape == (6,) and stats["rollout_tok_per_s"] > 0
     assert stats["completion_length"] == sum(map(len, outs)) / 6
     for r in range(6):
