@@ -601,7 +601,7 @@ class GRPOConfig:
     scale_rewards: bool = True      # divide by the group's std; False = Dr. GRPO
     loss_agg: str = "dapo"          # "grpo" | "dapo" | "dr_grpo" (see token_weights)
     num_iterations: int = 1         # optimizer updates per rollout batch, each against the rollout's log-probs
-    rollout_batch: int = 64         # completions per generate call (bounds the KV cache)
+    rollout_batch: int = 64         # completions per generate call, in whole groups (bounds the KV cache)
     eval_questions: int = 64        # held-out math_test questions for greedy exact match at each eval; 0 = none
 
 
@@ -628,10 +628,10 @@ def group_advantages(rewards, group_size, scale=True):
     """rewards [N * G] (groups contiguous) -> advantages [N * G]: (r - group mean) / (group std + 1e-4), the
     std unbiased as in TRL; scale=False keeps r - mean (Dr. GRPO). A group of equal rewards gets exactly 0."""
     r = rewards.view(-1, group_size)
-    std = r.std(1, keepdim=True)
     a = r - r.mean(1, keepdim=True)
-    a = a / (std + 1e-4) if scale else a
-    return torch.where(std > 0, a, 0.0).view(-1)
+    a = a / (r.std(1, keepdim=True) + 1e-4) if scale else a
+    # the mean of equal floats can differ from them in the last bit: such a group is zeroed, not near-zero
+    return torch.where(r.amax(1, keepdim=True) > r.amin(1, keepdim=True), a, 0.0).view(-1)
 
 
 def token_weights(mask, agg, max_len):
@@ -675,18 +675,18 @@ def token_logprobs(model, x, y, pos, temperature):
 def rollout(model, tok, prompts, answers, gc, generator):
     """G completions of every prompt (batched generate with the KV cache) -> (rows (x, y, pos) [N*G, T] whose
     targets are the completion tokens only, rewards [N*G], stats: lengths, correct answers, tokens/s)."""
-    stop = [t for t in (tok.im_end_id, tok.eos_id) if t is not None]
-    batch = [p for p in prompts for _ in range(gc.group_size)]
+    stop, g = [t for t in (tok.im_end_id, tok.eos_id) if t is not None], gc.group_size
+    batch = [p for p in prompts for _ in range(g)]
     model.eval()
-    t0, outs = time.perf_counter(), []
-    for i in range(0, len(batch), gc.rollout_batch):
-        outs += model.generate(batch[i:i + gc.rollout_batch], gc.max_new_tokens, gc.temperature, gc.top_k, gc.top_p,
-                               stop, generator)
+    # a group's G samples share one prefill of its prompt (num_samples); whole groups per call
+    t0, outs, per_call = time.perf_counter(), [], max(gc.rollout_batch // g, 1)
+    for i in range(0, len(prompts), per_call):
+        outs += model.generate(prompts[i:i + per_call], gc.max_new_tokens, gc.temperature, gc.top_k, gc.top_p,
+                               stop, generator, num_samples=g)
     seconds = time.perf_counter() - t0
     model.train()
     # the /no_think generation prompt ends in the template's prefilled empty think block
     thinks = [not tok.decode(p[-8:]).endswith("<think>\n\n</think>\n") for p in prompts]
-    g = gc.group_size
     rewards = [completion_reward(tok, out, answers[i // g], thinks[i // g], gc) for i, out in enumerate(outs)]
     rows = [(np.asarray(p + o[:-1], dtype=np.int64), np.asarray([-100] * (len(p) - 1) + o, dtype=np.int64))
             for p, o in zip(batch, outs)]

@@ -31,8 +31,8 @@ def test_group_advantages_on_a_hand_made_group():
     no_std = [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0, 1.5, -0.5, -0.5, -0.5]
     assert pt.group_advantages(rewards, 4, scale=False).tolist() == pytest.approx(no_std, rel=1e-6)
     # 0.1 + 0.2 - 0.3 style rounding: a group of equal rewards is exactly 0, scaled or not
-    eq = torch.full((3,), 0.1) * 3
-    assert pt.group_advantages(eq, 3).tolist() == [0.0] * 3
+    eq = torch.full((7,), 0.1) * 3
+    assert eq.mean() != eq[0] and pt.group_advantages(eq, 7).tolist() == [0.0] * 7
 
 
 @pytest.mark.parametrize("length,want", [(0, 0.0), (14, 0.0), (15, 0.0), (16, -0.2), (18, -0.6), (19, -0.8),
@@ -187,13 +187,13 @@ def test_rollout_rows_groups_and_the_prefilled_no_think_prompt(tok):
     seen, outs = [], []
     real_generate = model.generate
 
-    def generate(batch, *args):
-        seen.append(batch)
-        outs.extend(real_generate(batch, *args))
-        return outs[-len(batch):]
+    def generate(batch, *args, num_samples):
+        seen.append((batch, num_samples))
+        outs.extend(real_generate(batch, *args, num_samples=num_samples))
+        return outs[-len(batch) * num_samples:]
     model.generate = generate
     (x, y, pos), rewards, stats = pt.rollout(model, tok, prompts, ["5", "2"], gc, torch.Generator().manual_seed(0))
-    assert [len(b) for b in seen] == [4, 2] and sum(seen, []) == [prompts[0]] * 3 + [prompts[1]] * 3
+    assert seen == [([prompts[0]], 3), ([prompts[1]], 3)]          # rollout_batch 4: one whole group per call
     assert x.shape[0] == y.shape[0] == 6 and rewards.shape == (6,) and stats["rollout_tok_per_s"] > 0
     assert stats["completion_length"] == sum(map(len, outs)) / 6
     for r in range(6):
@@ -255,3 +255,19 @@ def test_pipeline_table_marks_each_stage_against_its_parent():
     assert "pref_acc 0.500 -> 0.700 improved" in rows["apo"]
     assert "em_think 0.100 -> 0.200 improved; em_no_think 0.050 -> 0.050 **not improved**" in rows["grpo"]
     assert "em_think 0.200 -> 0.150 **not improved**" in rows["merged"]
+
+
+def test_prompt_modes_per_dataset_and_per_example(tmp_path, tok):
+    import json
+    user = [{"role": "user", "content": "1 + 1?"}]
+    rows = [{"prompt": user, "answer": "2"}, {"prompt": user, "answer": "2", "enable_thinking": False},
+            {"prompt": [{"role": "system", "content": "/think"}] + user, "answer": "2", "enable_thinking": False}]
+    (tmp_path / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for default in (True, False):
+        loader = pt.PromptLoader(str(tmp_path / "rl.jsonl"), tok, 3, enable_thinking=default)
+        want = [data.render_chat(tok, user, True, enable_thinking=default)[0],
+                data.render_chat(tok, user, True, enable_thinking=False)[0],           # the line's own flag
+                data.render_chat(tok, rows[2]["prompt"], True, enable_thinking=True)[0]]  # the system turn's flag
+        assert loader.prompts == want
+        ends = [tok.decode(p).endswith("<|im_start|>assistant\n<think>\n\n</think>\n") for p in loader.prompts]
+        assert ends == [not default, True, False]
