@@ -1,7 +1,7 @@
 """eval.py — evaluation: held-out bits per byte, multiple-choice log-likelihood tasks (cloze and lettered),
 generative exact match through the one answer checker, and tokenizer metrics.
 
-    python eval.py out/tiny/ckpt_000500 --tasks=math_mc,math_mc:mcf,math --chat=False  # embedded test sets
+    python eval.py out/tiny/ckpt_000300 --tasks=math_mc,math_mc:mcf,math --chat=False  # embedded test sets
     python eval.py CKPT --tasks=gsm8k,hellaswag,arc_easy:mcf --data_dir=evaldata --shots=5 --limit=500
     python eval.py CKPT --tasks= --bpb=notes.txt,data/web/val_000000.bin   # bits per byte of files / shards
     python eval.py signal out/run_a out/run_b ... --tasks=math_mc  # which tasks are usable for ablations

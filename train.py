@@ -1,6 +1,6 @@
 """train.py — pretraining: AdamW or Muon, warmup then WSD or cosine, spike guard, bpb evals, exact resume.
 
-    python train.py config/tiny.py                  # 2 CPU cores: default corpus, 500 steps, samples
+    python train.py config/tiny.py                  # 2 CPU cores: default corpus, 300 steps, samples
     python train.py config/tiny.py --resume=True    # continue from the newest intact checkpoint
     python train.py config/smollm3_1b_ablation.py   # one GPU: bf16 autocast, fp32 master weights
     torchrun --standalone --nproc_per_node=2 train.py config/tiny.py --micro_batch_size=8   # DP 2 (parallel.py)
