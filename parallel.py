@@ -663,6 +663,53 @@ class SPModel(TPModel):
         model.tok_emb = SeqParallelEmbedding(model.tok_emb, group)
 
 
+# ---------------------------------------------------------------- train.py's side
+
+class Layout:
+    """What train.py holds of the layout (setup builds it; Layout() is one process): `net` computes the loss,
+    `opts`, `clip` and `sync` are train.Step's optimizers, clip_grad_norm and ddp, and full / local /
+    all_ranks are the checkpoint's hooks, identities in one process."""
+
+    def __init__(self, grid=None, model=None, net=None, opts=(), clip=torch.nn.utils.clip_grad_norm_, sync=None):
+        self.grid, self.net, self.opts, self.clip, self.sync = grid, net, opts, clip, sync
+        self.rank = grid.rank if grid else 0
+        self.params = dict(model.named_parameters()) if grid and grid.tp > 1 else {}   # TP: shards by name
+        self.device = next(model.parameters()).device if grid else None
+
+    def full(self, name, t):
+        """The full tensor of t, parameter `name`'s value or optimizer state (collective under TP)."""
+        return tp_gather(t, self.params[name], self.grid.tp_group) if name in self.params else t
+
+    def local(self, name, t):
+        """This rank's TP shard of the full tensor t of parameter `name` (full's inverse)."""
+        return tp_shard(t, self.params[name], self.grid.tp_group) if name in self.params else t
+
+    def all_ranks(self, t):
+        """[t of every rank], all-gathered under torchrun; [t] in one process."""
+        if not self.grid:
+            return [t]
+        t = t.to(self.device)                                  # NCCL gathers GPU tensors only
+        parts = [torch.empty_like(t) for _ in range(self.grid.world)]
+        dist.all_gather(parts, t)
+        return parts
+
+
+def setup(model, grid, zero, build_optimizers):
+    """Shard `model` in place when tp > 1 (each rank keeps its slice of the same-seed weights), build the
+    optimizers on it (build_optimizers(model)), and sync the grads over DP with ZeRO1 (zero=1) or DDP."""
+    tp = grid.tp_group if grid and grid.tp > 1 else None
+    net = TPModel(model, tp) if tp else model
+    opts, clip, sync = build_optimizers(model), torch.nn.utils.clip_grad_norm_, None
+    if tp:                                                     # the norm over every TP shard
+        clip = functools.partial(clip_grad_norm, group=tp)
+    if grid and zero:                                          # ZeRO-1's reduce-scatter replaces DDP's all-reduce
+        opts = [ZeRO1(opts[0], grid.dp_group, tp)]
+        clip, sync = opts[0].clip_grad_norm, opts[0]
+    elif grid:   # DDP's hooks sit on the parameters (rank 0's, broadcast): the plain module runs, compiled or not
+        sync = DDP(model, grid.dp_group)
+    return Layout(grid, model, net, opts, clip, sync)
+
+
 # ---------------------------------------------------------------- planner
 
 @dataclasses.dataclass
