@@ -6,11 +6,10 @@
     torchrun --standalone --nproc_per_node=2 train.py config/tiny.py --micro_batch_size=8   # DP 2 (parallel.py)
     torchrun --standalone --nproc_per_node=4 train.py config/tiny.py --micro_batch_size=8 --tp=2 --zero=1  # DP 2 x TP 2
 
-Steps count completed updates: the update at data position s is logged as step s+1, and a checkpoint at
-step s holds the state after s updates. The loader's order is a pure function of (seed, sample index), so
-the data position is all the data state there is, and a resumed run matches an uninterrupted one bit for bit.
-Under torchrun every rank trains (DP x TP, parallel.py); rank 0 logs and writes checkpoints, consolidated (TP
-shards and ZeRO-1 optimizer shards gathered), so a checkpoint resumes under any layout and transformers reads it.
+Steps count completed updates: the update at data position s is logged as step s+1, and a checkpoint at step s
+holds the state after s updates. The loader's order is a pure function of (seed, sample index), so the data
+position is all the data state there is: a resumed run matches an uninterrupted one bit for bit. Under torchrun
+every rank trains (DP x TP, parallel.setup); rank 0 logs and writes whole checkpoints: any layout, or HF, loads them.
 
 Sections
   configuration   TrainConfig, dist_env, check_config, resolve
@@ -20,7 +19,7 @@ Sections
   checkpoints     save_checkpoint, checkpoint_problem, latest_checkpoint, load_weights, load_checkpoint
   setup           setup_device, find_start (architectures checked), start_run (run.json history)
   logging         Logger (log.jsonl, tqdm, tokens/s, MFU), read_log
-  the loop        train, run_loop (the step loop posttrain.py's methods share too), write_samples
+  the loop        train (samples.txt at the end), run_loop (the step loop posttrain.py's methods share too)
   benchmark       bench (--bench=N: step time, tokens/s, MFU, peak memory), main
 """
 import collections
@@ -53,10 +52,6 @@ from eval import evaluate, plot_curves
 import parallel
 from model import Model, ModelConfig, atomic_write, fsync
 
-# Dense bf16 tensor-core peaks (vendor data sheets; the sheets' larger numbers assume 2:4 sparsity), matched in
-# this order against torch.cuda.get_device_name(): the PCIe and NVL cards before the SXM parts they contain.
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
-              "A100": 312e12}
 # The spike guard's reference is an EMA of accepted losses with a ~20-step horizon: slow enough to ignore
 # noise, fast enough to follow a falling loss, so a spike is measured against where the run actually is.
 LOSS_EMA_BETA = 0.95
@@ -203,8 +198,7 @@ def newton_schulz(g, steps):
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
     tall = x.size(0) > x.size(1)
-    if tall:                                                  # iterate on the smaller Gram matrix
-        x = x.mT
+    x = x.mT if tall else x                                    # iterate on the smaller Gram matrix
     x = x / (x.norm() + 1e-7)
     for _ in range(steps):
         gram = x @ x.mT                                        # [r, r], r = min(rows, cols)
@@ -227,30 +221,23 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"].mul_(mom).add_(p.grad)
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buf = self.state[p]["momentum_buffer"].mul_(mom).add_(p.grad)
                 update = newton_schulz(p.grad.add(buf, alpha=mom), group["ns_steps"])
                 p.mul_(1.0 - lr * wd)
                 p.add_(update.to(p.dtype), alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
 
 
 def build_optimizers(model, tc, device):
-    """[AdamW] or [Muon, AdamW]. Weight decay on matrices only: none on norms, and none on embeddings unless
-    `wd_embeddings` (the playbook's stability ablation, after OLMo 2). Groups carry `param_names` and the
-    `base_lr` that set_lr scales, so Muon follows the one schedule at muon_lr * get_lr(s) / lr."""
+    """[AdamW] or [Muon, AdamW]. Weight decay on matrices only, on embeddings only with `wd_embeddings` (the
+    playbook's stability ablation, after OLMo 2). set_lr scales each group's `base_lr`: Muon's is muon_lr."""
     decay, no_decay, matrices = [], [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_emb = "emb" in name or "lm_head" in name
-        if tc.optimizer == "muon" and p.dim() == 2 and not is_emb:
-            matrices.append((name, p))
-        elif p.dim() < 2 or "norm" in name or ("emb" in name and not tc.wd_embeddings):
-            no_decay.append((name, p))
-        else:
-            decay.append((name, p))
+        if p.requires_grad:
+            muon = tc.optimizer == "muon" and p.dim() == 2 and "emb" not in name and "lm_head" not in name
+            no_wd = p.dim() < 2 or "norm" in name or ("emb" in name and not tc.wd_embeddings)
+            (matrices if muon else no_decay if no_wd else decay).append((name, p))
     adam_groups = [dict(params=ps, weight_decay=wd, base_lr=tc.lr)
                    for ps, wd in ((decay, tc.weight_decay), (no_decay, 0.0)) if ps]
     fused = device.type == "cuda"  # the CPU path stays the reference for-loop implementation
@@ -263,9 +250,8 @@ def build_optimizers(model, tc, device):
 
 def set_lr(opts, lr, peak_lr):
     """Scale every group's base LR by lr / peak_lr (the schedule's factor)."""
-    for opt in opts:
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * lr / peak_lr
+    for group in (g for opt in opts for g in opt.param_groups):
+        group["lr"] = group["base_lr"] * lr / peak_lr
 
 
 # ---------------------------------------------------------------- one step
@@ -287,8 +273,7 @@ class Guard:
         skip = ("nonfinite_loss" if not math.isfinite(loss) else "nonfinite_grad" if not math.isfinite(grad_norm)
                 else "spike" if self.spike_factor and loss > self.spike_factor * self.mean() else None)
         if skip:
-            self.skips += 1
-            self.skips_in_row += 1
+            self.skips, self.skips_in_row = self.skips + 1, self.skips_in_row + 1
         else:
             self.skips_in_row = 0
             self.loss_ema = LOSS_EMA_BETA * self.loss_ema + (1 - LOSS_EMA_BETA) * loss
@@ -332,12 +317,10 @@ class Step:
         grad_norm = self.clip_grad_norm(self.params, self.max_norm)
         # The step's one host sync, loss and grad norm together: the guard needs both before it may step.
         loss_v, norm_v = torch.stack([loss, grad_norm]).tolist()
-        mean = self.guard.mean()
-        skipped = self.guard.check(loss_v, norm_v)
-        if not skipped:
-            for opt in self.opts:
-                opt.step()
+        mean, skipped = self.guard.mean(), self.guard.check(loss_v, norm_v)   # the mean before this step
         for opt in self.opts:
+            if not skipped:
+                opt.step()
             opt.zero_grad(set_to_none=True)
         return StepResult(loss_v, norm_v, lr, skipped, mean)
 
@@ -367,19 +350,13 @@ def optimizer_kind(opt):
     return "AdamW" if isinstance(opt, parallel.ZeRO1) else type(opt).__name__
 
 
-def save_checkpoint(run_dir, model, opts, state, keep, tok=None, par=parallel.Layout()):
+def save_checkpoint(run_dir, model, opts, state, keep, tok=None, grid=None):
     """Write run_dir/ckpt_{step:06d} (files written into a temporary directory, renamed into place before `latest`
     moves to it: after a kill `latest` names a complete checkpoint), keep the newest `keep`; returns its path.
-    Every rank calls it (`par` gathers TP shards, ZeRO-1 shards and RNG states) and rank 0 writes."""
+    Under torchrun every rank calls it (gathering TP shards, ZeRO-1 shards and RNG states) and rank 0 writes."""
+    par = parallel.Layout(grid, model)                         # the gathers (collective): identities in one process
     weights = {k: par.full(k, v) for k, v in model.state_dict().items()}
-    device = next(model.parameters()).device
-    mine = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(device)
-    sizes = [v.numel() for v in mine.values()]
-    # every rank's RNG states, as rng/torch/{rank}, rng/cuda/{rank}
-    tensors = {f"rng/{k}/{r}": v.cpu().clone() for r, part in enumerate(par.all_ranks(torch.cat(list(mine.values()))))
-               for k, v in zip(mine, part.split(sizes))}
+    tensors = par.rng_states()
     for opt in opts:
         sd, names = _named_state(opt)
         tensors.update({f"optim/{pname}/{key}": par.full(pname, value).detach().cpu().contiguous()
@@ -405,8 +382,7 @@ def save_checkpoint(run_dir, model, opts, state, keep, tok=None, par=parallel.La
         os.chmod(d, 0o755)
         for f in files:
             os.chmod(os.path.join(d, f), 0o644)
-    if os.path.exists(final):                                  # one `latest` never named, or a corrupt one
-        shutil.rmtree(final)
+    shutil.rmtree(final, ignore_errors=True)                   # one `latest` never named, or a corrupt one
     os.replace(tmp, final)
     fsync(run_dir)                                             # the rename is on disk before `latest` moves
     atomic_write(os.path.join(run_dir, "latest"), lambda p: Path(p).write_text(name + "\n"))
@@ -462,19 +438,21 @@ def latest_checkpoint(run_dir):
     raise ValueError(f"{run_dir}: no intact checkpoint ({'; '.join(problems)})")
 
 
-def load_weights(model, path, par=parallel.Layout()):
+def load_weights(model, path, grid=None):
     """Model.from_pretrained(path)'s weights into `model` (under TP: this rank's shard of each)."""
-    model.load_state_dict({k: par.local(k, v) for k, v in Model.from_pretrained(path).state_dict().items()})
+    local = parallel.Layout(grid, model).local
+    model.load_state_dict({k: local(k, v) for k, v in Model.from_pretrained(path).state_dict().items()})
 
 
-def load_checkpoint(path, model, opts, par=parallel.Layout()):
-    """Restore weights, optimizer state and this rank's RNG from checkpoint `path` (any layout wrote it; a rank
-    the saving run lacked takes rank 0's RNG); returns its trainer/state.json dict."""
+def load_checkpoint(path, model, opts, grid=None):
+    """Restore weights, optimizer state and this rank's RNG from checkpoint `path`, whatever layout wrote it;
+    returns its trainer/state.json dict."""
     state = json.loads(Path(path, TRAINER_STATE).read_text(encoding="utf-8"))
     kinds = [optimizer_kind(opt) for opt in opts]
     if state["optimizers"] != kinds:
         raise ValueError(f"{path} holds the state of optimizers {state['optimizers']}, this run uses {kinds}")
-    load_weights(model, path, par)
+    load_weights(model, path, grid)
+    par = parallel.Layout(grid, model)
     tensors = load_file(os.path.join(path, TRAINER_TENSORS))
     per_param = {}
     for key, value in tensors.items():
@@ -488,11 +466,7 @@ def load_checkpoint(path, model, opts, par=parallel.Layout()):
         opt.load_state_dict(sd)
     if per_param:
         raise ValueError(f"{path}: optimizer state for parameters this model lacks: {sorted(per_param)[:5]}")
-    device = next(model.parameters()).device
-    torch.set_rng_state(tensors.get(f"rng/torch/{par.rank}", tensors["rng/torch/0"]))
-    cuda = tensors.get(f"rng/cuda/{par.rank}", tensors.get("rng/cuda/0"))
-    if device.type == "cuda" and cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
+    par.set_rng_states(tensors)
     return state
 
 
@@ -512,9 +486,8 @@ def setup_device(tc, mc, local_rank):
         torch.backends.cudnn.allow_tf32 = True
         torch.cuda.set_device(device)
     # bf16 autocast for the forward only; no loss scaler, as bf16 has fp32's exponent range
-    if device.type == "cuda" and tc.dtype == "bfloat16":
-        return device, torch.autocast(device.type, dtype=torch.bfloat16)
-    return device, contextlib.nullcontext()
+    bf16 = device.type == "cuda" and tc.dtype == "bfloat16"
+    return device, torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def use_compile(tc, device):
@@ -525,12 +498,11 @@ def use_compile(tc, device):
 
 def find_start(tc, mc):
     """(checkpoint to resume from, checkpoint to init_from): either or both None, architectures checked."""
-    has_ckpt = os.path.isfile(os.path.join(tc.out_dir, "latest"))
-    if has_ckpt and not tc.resume:
+    if os.path.isfile(os.path.join(tc.out_dir, "latest")) and not tc.resume:
         raise ValueError(f"{tc.out_dir} already holds checkpoints: pass --resume=True or choose another --out_dir")
-    ckpt, init = latest_checkpoint(tc.out_dir) if has_ckpt else None, None
+    ckpt, init = latest_checkpoint(tc.out_dir), None          # None: no `latest` there
     if not ckpt and tc.init_from:
-        init = latest_checkpoint(tc.init_from) if os.path.isfile(os.path.join(tc.init_from, "latest")) else tc.init_from
+        init = latest_checkpoint(tc.init_from) or tc.init_from
         if not os.path.isfile(os.path.join(init, "config.json")):
             raise ValueError(f"init_from={tc.init_from!r}: expected a run, checkpoint or HF model directory "
                              "with config.json")
@@ -567,10 +539,8 @@ def start_run(run_dir, config, device, start, ckpt):
 
 
 def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""   # no peak on a CPU
+    return next((v for k, v in parallel.PEAK_FLOPS.items() if k in name), None)
 
 
 # ---------------------------------------------------------------- logging
@@ -627,10 +597,9 @@ class Logger:
             for k, v in extra.items()))
         if self.master:   # loss.svg: train loss of accepted steps and held-out loss per source
             records = read_log(self.path)
-            evals = [r for r in records if r["kind"] == "eval"]
-            train_pts = [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and not r["skipped"]]
-            series = [("train", train_pts)] + [(f"val {s}", [(r["step"], r["val_loss"][s]) for r in evals])
-                                               for s in evals[-1]["val_loss"]]
+            series = [("train", [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and not r["skipped"]])]
+            series += [(f"val {s}", [(r["step"], r["val_loss"][s]) for r in records if r["kind"] == "eval"])
+                       for s in val_loss]
             plot_curves(os.path.join(os.path.dirname(self.path), "loss.svg"), series)
 
 
@@ -677,10 +646,8 @@ def train(ns):
 
     torch.manual_seed(tc.seed)
     model = Model(mc).to(device)
-    model.train()
     sizes = model.num_params(), model.num_params(non_embedding=True), model.flops_per_token(dc.seq_len)  # unsharded
-    par = parallel.setup(model, grid, tc.zero, lambda m: build_optimizers(m, tc, device))   # TP, DDP, ZeRO-1
-    opts = par.opts
+    net, opts, clip, sync = parallel.setup(model, grid, tc.zero, lambda m: build_optimizers(m, tc, device))
     # the TP ranks of one DP group read the same rows
     dp, dp_rank = (grid.dp, grid.dp_rank) if grid else (1, 0)
     accum = tc.batch_size // (tc.micro_batch_size * dp)
@@ -691,7 +658,7 @@ def train(ns):
 
     guard, start = Guard(tc.spike_factor), 0
     if ckpt:
-        saved = load_checkpoint(ckpt, model, opts, par)
+        saved = load_checkpoint(ckpt, model, opts, grid)
         start = saved["step"]
         guard.load_state_dict(saved["guard"])
         changed = {k: (saved["config"].get(k), v) for k, v in config.items()
@@ -699,7 +666,7 @@ def train(ns):
         if master:
             print(f"resuming from {ckpt} at step {start}" + (f"; config changes: {changed}" if changed else ""))
     elif init:
-        load_weights(model, init, par)
+        load_weights(model, init, grid)
         if master:
             print(f"initialised weights from {init}; fresh optimizer and schedule")
     elif tc.resume and master:
@@ -716,8 +683,8 @@ def train(ns):
               f"x {dp} dp) x {dc.seq_len}, tp {tc.tp}{', ZeRO-1' * bool(grid and tc.zero)}; MFU peak: "
               + (f"{peak / 1e12:.0f} TFLOP/s (dense bf16) x {world}" if peak else "n/a on this device"))
     log = Logger(run_dir, start, tc, tokens_per_step, sizes[2], peak and peak * world, master)
-    update = Step(opts, guard, tc, autocast, clip_grad_norm=par.clip, ddp=par.sync)
-    fwd = torch.compile(par.net) if use_compile(tc, device) else par.net  # eval and generate: uncompiled modules
+    update = Step(opts, guard, tc, autocast, clip_grad_norm=clip, ddp=sync)
+    fwd = torch.compile(net) if use_compile(tc, device) else net  # eval and generate use the uncompiled modules
 
     def lm_loss(batch):
         x, y, pos = (t.to(device, non_blocking=True) for t in batch)
@@ -734,23 +701,26 @@ def train(ns):
 
     def save(done):                                            # every rank gathers its shards, rank 0 writes
         state = {"step": done, "guard": guard.state_dict(), "config": config, "tokens": done * tokens_per_step}
-        save_checkpoint(run_dir, model, opts, state, tc.keep_ckpts, tok, par)
+        save_checkpoint(run_dir, model, opts, state, tc.keep_ckpts, tok, grid)
 
     def held_out(done):                # rank 0's TP group: the other DP ranks would repeat it on the same rows
         if dp_rank == 0:
-            log.held_out(done, *evaluate(par.net, val_sets, token_bytes, tc.micro_batch_size, autocast, device))
+            log.held_out(done, *evaluate(net, val_sets, token_bytes, tc.micro_batch_size, autocast, device))
 
-    try:
+    with parallel.settling(grid):      # a collective failed: if a rank is lost, the heartbeat names it and exits
         run_loop(tc, start, update, log, batches, lm_loss, save, start if ckpt else None, held_out,
                  model.moe_step)    # MoE: after each update, the routers' balance biases move; expert load logged
-    except RuntimeError as e:
-        if grid:                       # a collective failed: if a rank is lost, the heartbeat names it and exits
-            grid.heartbeat.settle(e)
-        raise
     samples = []
-    if master:   # generate runs one process: under TP, on the consolidated checkpoint just written
+    if master and tc.sample_tokens and tc.sample_prompts:   # one process; under TP, the checkpoint just written
         sampler = Model.from_pretrained(latest_checkpoint(run_dir)).to(device) if tc.tp > 1 else model
-        samples = write_samples(sampler, tok, tc, run_dir, device)
+        sampler.eval()                                         # fp32 weights, no autocast: the KV cache is fp32
+        gen = torch.Generator(device=device).manual_seed(tc.seed)
+        outs = sampler.generate([tok.encode(p) for p in tc.sample_prompts], tc.sample_tokens,
+                                temperature=tc.sample_temperature, stop_ids=(tok.eos_id,), generator=gen)
+        samples = [p + tok.decode([t for t in out if t != tok.eos_id]) for p, out in zip(tc.sample_prompts, outs)]
+        text = "".join(f"--- sample {i}\n{s}\n" for i, s in enumerate(samples))
+        atomic_write(os.path.join(run_dir, "samples.txt"), lambda p: Path(p).write_text(text, encoding="utf-8"))
+        print(text, end="")
     last_eval = next((r for r in reversed(read_log(log.path)) if r["kind"] == "eval"), None)
     if grid:
         parallel.shutdown(model)
@@ -785,21 +755,6 @@ def run_loop(tc, start, update, log, batches, loss_fn, save, saved_step, held_ou
         log.bar.close()
 
 
-def write_samples(model, tok, tc, run_dir, device):
-    """Continue each sample prompt with the trained model; written to samples.txt and printed."""
-    if not (tc.sample_tokens and tc.sample_prompts):
-        return []
-    gen = torch.Generator(device=device).manual_seed(tc.seed)
-    model.eval()                                               # fp32 weights, no autocast: the KV cache is fp32
-    outs = model.generate([tok.encode(p) for p in tc.sample_prompts], tc.sample_tokens,
-                          temperature=tc.sample_temperature, stop_ids=(tok.eos_id,), generator=gen)
-    samples = [p + tok.decode([t for t in out if t != tok.eos_id]) for p, out in zip(tc.sample_prompts, outs)]
-    text = "".join(f"--- sample {i}\n{s}\n" for i, s in enumerate(samples))
-    atomic_write(os.path.join(run_dir, "samples.txt"), lambda p: Path(p).write_text(text, encoding="utf-8"))
-    print(text, end="")
-    return samples
-
-
 # ---------------------------------------------------------------- benchmark
 
 # Untimed steps before the clock starts: the first runs the allocator's and (with compile) the compiler's
@@ -812,13 +767,11 @@ def bench(ns):
     mask path is training's), timed after BENCH_WARMUP untimed ones; no corpus, tokenizer or file. Prints the
     step time, tokens/s (per device), MFU where the peak is known, peak memory and the settings."""
     mc, dc, tc = resolve(ns)
-    rank, world, local_rank = dist_env()
-    if world > 1:
-        raise ValueError(f"WORLD_SIZE={world}: --bench runs one process")
-    device, autocast = setup_device(tc, mc, local_rank)
+    if dist_env()[1] > 1:
+        raise ValueError(f"WORLD_SIZE={dist_env()[1]}: --bench runs one process")
+    device, autocast = setup_device(tc, mc, dist_env()[2])
     torch.manual_seed(tc.seed)
     model = Model(mc).to(device)
-    model.train()
     update = Step(build_optimizers(model, tc, device), Guard(0.0), tc, autocast)
     compiled, cuda = use_compile(tc, device), device.type == "cuda"
     fwd = torch.compile(model) if compiled else model
