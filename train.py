@@ -293,8 +293,8 @@ StepResult = collections.namedtuple("StepResult", "loss grad_norm lr skipped mea
 
 class Step:
     """One update over a step's micro-batches: forward under `autocast`, backward of loss / accum (the mean
-    micro-batch loss's gradient), clip, ask the guard, update or skip, zero the grads. parallel.setup's Layout
-    gives clip_grad_norm (over its shards) and ddp: micro-steps but the last under no_sync, then the DP means."""
+    micro-batch loss's gradient), clip, ask the guard, update or skip, zero the grads. parallel.setup gives
+    clip_grad_norm (over its shards) and ddp (DDP or ZeRO1): micro-steps but the last under no_sync, then DP means."""
 
     def __init__(self, opts, guard, tc, autocast, clip_grad_norm=torch.nn.utils.clip_grad_norm_, ddp=None):
         self.opts, self.guard, self.autocast, self.clip_grad_norm, self.ddp = opts, guard, autocast, clip_grad_norm, ddp
@@ -690,13 +690,9 @@ def train(ns):
         x, y, pos = (t.to(device, non_blocking=True) for t in batch)
         return fwd(x, y, pos)[1]
 
-    weights = None
-
-    def batches(step):
-        nonlocal weights
-        if loader.weights_at(step) != weights:
-            weights = loader.weights_at(step)
-            log.say(f"step {step}: data mixture {weights}")
+    def batches(step):                                         # the first step's data mixture, then each change
+        if step == start or loader.weights_at(step) != loader.weights_at(step - 1):
+            log.say(f"step {step}: data mixture {loader.weights_at(step)}")
         return [loader.get(step, m) for m in range(accum)]
 
     def save(done):                                            # every rank gathers its shards, rank 0 writes
@@ -711,7 +707,7 @@ def train(ns):
         run_loop(tc, start, update, log, batches, lm_loss, save, start if ckpt else None, held_out,
                  model.moe_step)    # MoE: after each update, the routers' balance biases move; expert load logged
     samples = []
-    if master and tc.sample_tokens and tc.sample_prompts:   # one process; under TP, the checkpoint just written
+    if master and tc.sample_tokens and tc.sample_prompts:   # one process generates: under TP, from the checkpoint
         sampler = Model.from_pretrained(latest_checkpoint(run_dir)).to(device) if tc.tp > 1 else model
         sampler.eval()                                         # fp32 weights, no autocast: the KV cache is fp32
         gen = torch.Generator(device=device).manual_seed(tc.seed)
@@ -730,8 +726,8 @@ def train(ns):
 
 def run_loop(tc, start, update, log, batches, loss_fn, save, saved_step, held_out, extra=None):
     """The step loop of pretraining and every post-training method: update(batches(s), loss_fn, get_lr(s, tc)),
-    logged with extra() (a method's own numbers); held_out(done) and save(done) at their intervals and the end.
-    `saved_step`: the resumed checkpoint's step, or None; Ctrl-C becomes one KeyboardInterrupt naming it."""
+    logged with extra() (a method's own numbers); held_out(done), save(done) at their intervals and the end; Diverged
+    past max_skips skips in a row. `saved_step`: the resumed checkpoint's step or None, which Ctrl-C's error names."""
     guard, done = update.guard, start
     try:
         for step in range(start, tc.max_steps):
