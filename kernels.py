@@ -11,11 +11,10 @@ Run:
     python kernels.py --bench --tiny            # CPU: the benchmark's code path at toy size
     python kernels.py --compile sm_90           # CPU: compile the attention kernels for an H100
 
-Sections: helpers · attention twin · attention kernels (forward, backward) · attention host side and
-custom ops · --compile · --bench · main.
-
 Attention masks as model.doc_causal_mask (padding, pos < 0, gets output and gradients exactly 0, never
 NaN) at a cost ~ sum of L^2 over documents of length L, not T^2: see _attn_lo.
+
+Sections: helpers · twin · kernels (forward, backward) · host side and custom ops · --compile · --bench · main.
 """
 import argparse
 import contextlib
@@ -413,9 +412,8 @@ COMPILE_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 
 
 def compile_attention(arch="sm_90", head_dims=(64, 128), tma=(True, False)):
-    """Compile the launches of flash_attention and its backward for `arch` through the real host code,
-    no GPU needed (Triton's compiler and ptxas run on the CPU): the interpreter accepts programs the
-    compiler rejects. Prints each kernel's shared memory; True when all compile."""
+    """Compile flash_attention's launches for `arch` through the real host code on the CPU (Triton's compiler and
+    ptxas; the interpreter accepts programs they reject); prints each kernel's shared memory, True if all compile."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -486,10 +484,9 @@ def _time_ms(fn, gpu, grads):
 
 
 def _bench_impls(pos, doc_lens, gpu):
-    """name -> run(q, k, v) -> o on [B, T, H, D] tensors, each with the document-causal mask of pos: ours,
-    FlexAttention with a BlockMask, SDPA's variable-length flash attention over the documents, and where every
-    row is one document SDPA's flash and cuDNN backends with is_causal."""
-    from torch.nn.attention import SDPBackend
+    """name -> run(q, k, v) -> o on [B, T, H, D], each with pos's document-causal mask: ours, FlexAttention with a
+    BlockMask, SDPA's varlen flash attention over the documents, and on rows of one document SDPA with is_causal."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     from torch.nn.attention.varlen import varlen_attn
     B, T = pos.shape
@@ -503,25 +500,22 @@ def _bench_impls(pos, doc_lens, gpu):
     def varlen(q, k, v):     # [B*T, heads, D] rows, documents delimited by cu
         return varlen_attn(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, longest, longest,
                            window_size=(-1, 0), enable_gqa=True).view(q.shape)
+
+    def sdpa_causal(backend, q, k, v, expand):     # one SDPA backend
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if expand:
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=not expand).transpose(1, 2)
     impls = {"triton (ours)": lambda q, k, v: flash_attention(q, k, v, pos),
              "flex (BlockMask)": lambda q, k, v: flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                       block_mask=block_mask, enable_gqa=True).transpose(1, 2),
              "sdpa varlen flash": varlen}
     if all(len(row) == 1 for row in doc_lens):  # plain causal rows: SDPA's fused backends take is_causal
-        impls["sdpa flash"] = lambda q, k, v: _sdpa_causal(SDPBackend.FLASH_ATTENTION, q, k, v, expand=False)
+        impls["sdpa flash"] = lambda q, k, v: sdpa_causal(SDPBackend.FLASH_ATTENTION, q, k, v, expand=False)
         # cuDNN's SDPA takes no GQA: its time includes expanding K/V to every query head
-        impls["sdpa cudnn"] = lambda q, k, v: _sdpa_causal(SDPBackend.CUDNN_ATTENTION, q, k, v, expand=True)
+        impls["sdpa cudnn"] = lambda q, k, v: sdpa_causal(SDPBackend.CUDNN_ATTENTION, q, k, v, expand=True)
     return impls
-
-
-def _sdpa_causal(backend, q, k, v, expand):
-    """SDPA with is_causal on [B, T, H, D] tensors, restricted to one backend."""
-    from torch.nn.attention import sdpa_kernel
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if expand:
-        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
-    with sdpa_kernel(backend):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=not expand).transpose(1, 2)
 
 
 def bench(tiny=False, head_dim=128):
