@@ -1,16 +1,15 @@
 """Config loading: `python X.py config/NAME.py --key=value ...` -> one flat, typed namespace.
 
 A config file is data, not code: `name = literal` lines (numbers, strings, bools, None, lists, dicts, tuples,
-arithmetic between numbers such as `2_000 * 4096`) parsed with `ast`, never executed. A first line
+arithmetic between numbers such as `2_000 * 4096`) parsed with `ast`, never executed; a first line
 `base = "other.py"` reads that file first, so an ablation holds only what it changes. The known keys are the
-fields of the dataclasses each entry point names:
+fields of the dataclasses each entry point names; unknown keys and wrong types (element by element) are one-line
+ValueErrors naming the file:line or the override. With `prog`, -h/--help prints the keys and exits 0, and no
+arguments print them and exit 2:
 
     from config import load, pick
     ns = load(sys.argv[1:], ModelConfig, DataConfig, TrainConfig, prog="python train.py")
-    mc = ModelConfig(**pick(ns, ModelConfig))
-
-Unknown keys and wrong types (element by element) are one-line ValueErrors naming the file:line or override.
-With `prog`, -h/--help prints the keys and exits 0, and no arguments print them and exit 2."""
+    mc = ModelConfig(**pick(ns, ModelConfig))"""
 import ast
 import contextlib
 import dataclasses
