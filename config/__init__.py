@@ -104,10 +104,9 @@ def check_type(value, tp, where):
         for a in args:
             with contextlib.suppress(ValueError):
                 return check_type(value, a, where)
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is typing.Any or tp is type(None) and value is None or tp in (str, bool) and isinstance(value, tp):
         return value
-    if tp is int and number and isinstance(value, int) or tp is float and number:
+    if tp in (int, float) and isinstance(value, (int, tp)) and not isinstance(value, bool):  # an int is a float too
         return tp(value)
     if (origin is list or tp is list) and isinstance(value, (list, tuple)):
         return [check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
