@@ -192,10 +192,15 @@ def test_rollout_rows_groups_and_the_prefilled_no_think_prompt(tok):
         outs.extend(real_generate(batch, *args, num_samples=num_samples))
         return outs[-len(batch) * num_samples:]
     model.generate = generate
-    (x, y, pos), rewards, stats = pt.rollout(model, tok, prompts, ["5", "2"], gc, torch.Generator().manual_seed(0))
+    (x, y, pos), scores, seconds = pt.rollout(model, tok, prompts, ["5", "2"], gc, torch.Generator().manual_seed(0))
     assert seen == [([prompts[0]], 3), ([prompts[1]], 3)]          # rollout_batch 4: one whole group per call
-    assert x.shape[0] == y.shape[0] == 6 and rewards.shape == (6,) and stats["rollout_tok_per_s"] > 0
-    assert stats["completion_length"] == sum(map(len, outs)) / 6
+    assert x.shape[0] == y.shape[0] == 6 and scores.shape == (6, 3) and seconds > 0
+    want = [[pt.completion_reward(tok, o, ["5", "2"][r // 3], True, gc), len(o),
+             float(pt.check_answer(pt.completion_text(tok, o), ["5", "2"][r // 3]))] for r, o in enumerate(outs)]
+    assert scores.tolist() == want
+    stats = pt.rollout_stats(scores, 3, seconds)
+    assert stats["completion_length"] == sum(map(len, outs)) / 6 and stats["completion_length_max"] == max(map(len, outs))
+    assert stats["rollout_tok_per_s"] == pytest.approx(sum(map(len, outs)) / seconds)
     for r in range(6):
         p, o = prompts[r // 3], outs[r]
         n = len(p) + len(o) - 1
