@@ -8,6 +8,7 @@ import torch
 
 import data
 import posttrain as pt
+import train
 from data import Tokenizer
 from model import Model, ModelConfig
 
@@ -238,9 +239,29 @@ def test_grpo_runs_logs_and_resumes_exactly(tmp_path, tok):
     assert all(k in r for r in log for k in keys + ("clip_frac",))
     assert [log[0][k] for k in keys] == [log[1][k] for k in keys]          # one rollout, two updates
     assert log[0]["clip_frac"] == 0.0                                      # the first update: ratio exactly 1
+    # tokens trained (tok_per_s counts these): each completion's row, its prompt then all but its stop token
+    loader = pt.PromptLoader(str(tmp_path / "rl.jsonl"), tok, 2, seed=train.TrainConfig.seed)
+    for r in log:
+        prompts = loader.get((r["step"] - 1) // 2, 0)[0]
+        assert r["tokens"] == 4 * sum(len(p) for p in prompts) + round(8 * r["completion_length"]) - 8
     run(tmp_path / "b", 2)
     resumed = run(tmp_path / "b", 4, resume=True)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_logged_tokens_per_second_counts_the_tokens_a_step_reports(tmp_path):
+    """GRPO's steps vary in size: the log's tok_per_s is extra["tokens"] / step time, else tokens_per_step / time."""
+    log = train.Logger(str(tmp_path), 0, train.TrainConfig(max_steps=2), 1000, 6, None, True)
+    r, guard = train.StepResult(1.0, 1.0, 1e-3, None, 1.0), train.Guard(0.0)
+    log.t_last -= 2.0                                                      # a step of 2 s ...
+    log.train_step(1, r, guard, {"tokens": 10})
+    log.restart_clock()                                                    # as run_loop does after each step
+    log.t_last -= 4.0                                                      # ... then one of 4 s
+    log.train_step(2, r, guard)
+    log.bar.close()
+    first, second = train.read_log(str(tmp_path / "log.jsonl"))
+    assert first["tok_per_s"] == pytest.approx(10 / 2, rel=1e-2) and first["tokens"] == 10
+    assert second["tok_per_s"] == pytest.approx(1000 / 4, rel=1e-2)
 
 
 def test_pipeline_table_marks_each_stage_against_its_parent():
