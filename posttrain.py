@@ -8,6 +8,7 @@
     python posttrain.py merge out/tiny_final out/tiny_apo:0.9 out/tiny_mid:0.1     # 0.9 x APO + 0.1 x mid
     python posttrain.py grpo config/tiny_grpo.py --init_from=out/tiny_apo  # RLVR on the embedded arithmetic prompts
     python posttrain.py pipeline config/tiny.py    # CPU, from nothing: pretrain -> mid -> SFT -> APO -> GRPO -> merge
+    torchrun --standalone --nproc_per_node=2 posttrain.py sft config/tiny_sft.py --init_from=out/tiny   # DP 2
 
 Every method starts from a checkpoint (init_from: a run directory, one of its checkpoints, or any HF
 SmolLM3-layout directory; the tokenizer is the one beside it) and runs train.run_loop, so optimizer groups,
@@ -17,15 +18,24 @@ jsonl lines {"messages": [{"role", "content"}, ...], "enable_thinking": optional
 chat template; pairs are {"prompt", "chosen", "rejected"}, each a message list or a plain string. "default"
 data are the embedded sets of data_dir (sft_train/sft_val, pref_train/pref_val, written if missing);
 mid-training's default is the SFT conversations with every token in the loss. A conversation or pair longer
-than seq_len is skipped or truncated (overlong), and counted in log.jsonl's "data" line.
+than seq_len is skipped or truncated (overlong), and counted in log.jsonl's "data" line. The template's
+"Today Date" is the run's first day (chat_date, kept in run.json and the checkpoints), so a run resumed on
+another day trains on the same tokens.
+
+Under torchrun every method is data parallel (parallel.DDP; tp=1): each rank reads its share of each step's
+rows, and the loss stays the whole batch's (SFT's per-token mean and GRPO's token-level sums are normalised by
+counts gathered from every rank; a preference step has the same number of pairs on every rank; a GRPO group is
+rolled out and scored on one rank, each rank sampling with its own seed); rank 0 logs, evaluates and writes.
 
 Sections
   loaders       pack_bfd, SFTLoader (packing, per-conversation positions), PreferenceLoader, PromptLoader
-  loop glue     PostConfig, setup (start checkpoint, model, optimizer, resume), fit (run.json, log, run_loop)
+  loop glue     PostConfig, setup (start checkpoint, model, optimizer, DDP, resume, chat date), gathered (across
+                DP ranks), fit (run.json, log, run_loop, moe_step)
   SFT and mid   sft_batches, sft_loss (the per-token mean over the whole step), token_mean_loss, sft
   preference    LOSSES, pair_logps, reference log-probs (frozen copy or a table), dpo
   GRPO          GRPOConfig, overlong_penalty, completion_reward (eval's checker), group_advantages, token_weights
-                (grpo / dapo / dr_grpo), k3_kl, grpo_token_loss (clipped ratio), token_logprobs, rollout, grpo
+                (grpo / dapo / dr_grpo), k3_kl, grpo_token_loss (clipped ratio), token_logprobs, rollout,
+                rollout_stats, grpo
   merge         merge (weighted sum of HF-layout checkpoints, shapes and configs checked)
   pipeline      PipelineConfig, STAGES, checkpoint_metrics (eval.py's numbers), pipeline_table, pipeline
   command line  main
@@ -461,8 +471,13 @@ def fit(run, batches, loss_fn, held_out, extra=None, counts=None, rows_per_examp
         state = {"step": done, "guard": run.update.guard.state_dict(), "config": run.config}
         train.save_checkpoint(tc.out_dir, model, run.opts, state, tc.keep_ckpts, run.tok, run.grid)
 
-    train.run_loop(tc, run.start, run.update, run.log, batches, loss_fn, save, run.start if run.ckpt else None,
-                   evaluate, step_extra)
+    try:
+        train.run_loop(tc, run.start, run.update, run.log, batches, loss_fn, save, run.start if run.ckpt else None,
+                       evaluate, step_extra)
+    except RuntimeError as e:
+        if run.grid:                   # a collective failed: if a rank is lost, the heartbeat names it and exits
+            run.grid.heartbeat.settle(e)
+        raise
     if run.grid:
         parallel.shutdown(model)
     evals = [r for r in train.read_log(run.log.path) if r["kind"] == "eval"]
