@@ -1,6 +1,7 @@
 """posttrain.py's GRPO against hand-derived values and direct float64 computations: group advantages, DAPO's
 overlong penalty, the clipped ratio loss under each aggregation, zero gradient from a group of equal rewards,
-rewards of tricky completions through eval's checker, k3 KL against the exact KL, and the rollout's rows."""
+rewards of tricky completions through eval's checker, k3 KL against the exact KL, the rollout's rows and scores,
+and the log's trained tokens and tokens/s."""
 import math
 
 import pytest

@@ -2,7 +2,8 @@
 against per-conversation forwards and a float64 per-token mean; each preference loss against its formula on
 hand-chosen log-ratios and at its limits; completion log-probs against log_softmax by hand; the merge against
 tensor-by-tensor averages; an uninterrupted run for SIGKILL-and-resume of SFT and DPO (every logged number
-equal). Tiny models with data.py's byte-level tokenizer."""
+equal) and for a resume on another day (the chat date pinned); pretraining's moe_step for tiny_moe's balance
+bias after SFT steps. Tiny models with data.py's byte-level tokenizer (DP runs: test_posttrain_dp.py)."""
 import contextlib
 import copy
 import datetime
