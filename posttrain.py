@@ -471,13 +471,9 @@ def fit(run, batches, loss_fn, held_out, extra=None, counts=None, rows_per_examp
         state = {"step": done, "guard": run.update.guard.state_dict(), "config": run.config}
         train.save_checkpoint(tc.out_dir, model, run.opts, state, tc.keep_ckpts, run.tok, run.grid)
 
-    try:
+    with parallel.settling(run.grid):  # a collective failed: if a rank is lost, the heartbeat names it and exits
         train.run_loop(tc, run.start, run.update, run.log, batches, loss_fn, save, run.start if run.ckpt else None,
                        evaluate, step_extra)
-    except RuntimeError as e:
-        if run.grid:                   # a collective failed: if a rank is lost, the heartbeat names it and exits
-            run.grid.heartbeat.settle(e)
-        raise
     if run.grid:
         parallel.shutdown(model)
     evals = [r for r in train.read_log(run.log.path) if r["kind"] == "eval"]
