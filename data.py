@@ -3,7 +3,6 @@
     python data.py default config/tiny.py          # embedded corpus + tokenizer.json for a config (~5 s)
     python data.py prepare --out data/web --tokenizer data/default/tokenizer.json --source web a.jsonl b.parquet
     python data.py prepare --out data/web --tokenizer data/default/tokenizer.json --source web --split val v.jsonl
-    python data.py bench                           # loader throughput + memory, tokenizer training time
 
 Train on a prepared directory with `--dataset=data/web --tokenizer=PATH --mixture="{'web': 1.0}"`. Under
 torchrun, build data once (rank 0, or before launching): the steps are idempotent, not a lock.
@@ -15,7 +14,7 @@ Sections:
   default corpus  this Python's stdlib as "code", generated math with worked solutions, post-training sets
   loader          DataConfig, load_tokenizer; Loader, a pure function of (seed, sample index) over a staged
                   mixture (the SFT / preference / prompt loaders are in posttrain.py)
-  command line    prepare, default, bench
+  command line    prepare, default (benchmark: tests/bench_data.py)
 """
 import argparse
 import base64
@@ -34,7 +33,6 @@ import random
 import struct
 import sys
 import sysconfig
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -284,7 +282,7 @@ def _n_cpus():
 
 
 # Encoding and chunk counting run in this process: a pool of 2 processes gained nothing measurable on 2 cores
-# (`bench`, old vs new back to back, load 3-4: prepare 14.5/13.8 s vs 15.2/10.6 s, train_bpe 9.5/15.4 s vs
+# (tests/bench_data.py, old vs new in turn, load 3-4: prepare 14.5/13.8 s vs 15.2/10.6 s, train_bpe 9.5/15.4 s vs
 # 13.6/9.0 s; pickling Counters back from the pool costs what the second core gains), nor did tiktoken's threads.
 def _chunk_counts(texts):
     """Counter of pre-token chunks over an iterable of texts."""
@@ -1224,61 +1222,7 @@ def _default_main(argv):
     prepare_default(ns.data_dir, ns.vocab_size)     # the BPE vocabulary is the model's
 
 
-def _bench_main(argv):
-    """prepare and Loader throughput on three synthetic sources with the SmolLM3 3-stage curriculum, the
-    anonymous memory (Linux RssAnon: what would grow if the loader kept state per step) over 10,000 steps,
-    and train_bpe's time on the first ~10 MB of this interpreter's standard library (the default corpus' code)."""
-    if argv:
-        raise SystemExit("usage: python data.py bench")
-    seq_len, micro_batch_size, mb_per_source, n_batches, total_steps = 2048, 8, 16, 3000, 1_000_000
-
-    def rss_anon():
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("RssAnon"))
-    with tempfile.TemporaryDirectory() as d:
-        tok, rng, t0 = Tokenizer.byte_level(), np.random.default_rng(0), time.perf_counter()
-        for source in ("web", "code", "math"):
-            letters = rng.integers(97, 123, size=mb_per_source << 20, dtype=np.uint8)
-            letters[rng.random(len(letters)) < 0.15] = 32
-            text, cuts = letters.tobytes().decode(), np.cumsum(rng.geometric(1 / 3000, size=len(letters) // 1000))
-            cuts = [0, *cuts[cuts < len(text)].tolist(), len(text)]
-            with open(os.path.join(d, f"{source}.jsonl"), "w") as f:
-                f.writelines(json.dumps({"text": text[a:b]}) + "\n" for a, b in zip(cuts, cuts[1:]) if b > a)
-            prepare([os.path.join(d, f"{source}.jsonl")], d, tok, source)
-        print(f"prepare: 3 x {mb_per_source} MB of synthetic text in {time.perf_counter() - t0:.1f} s")
-        third = total_steps // 3
-        cfg = DataConfig(data_dir=d, seq_len=seq_len, mixture={"web": 0.85, "code": 0.12, "math": 0.03},
-                         stages=[[third, {"web": 0.75, "code": 0.15, "math": 0.10}],
-                                 [2 * third, {"web": 0.63, "code": 0.24, "math": 0.13}]])
-        loader = Loader(cfg, tok, micro_batch_size, accum=1, seed=0)
-        steps = np.random.default_rng(1).integers(0, total_steps, size=n_batches).tolist()
-        for step in steps[:100]:  # warm the page cache
-            loader.get(step, 0)
-        t0 = time.perf_counter()
-        for step in steps:
-            loader.get(step, 0)
-        dt = time.perf_counter() - t0
-        print(f"loader: {n_batches * micro_batch_size * seq_len / dt / 1e6:.1f}M tokens/s ({dt / n_batches * 1e6:.0f} "
-              f"us per {micro_batch_size}x{seq_len} micro-batch, random steps in [0, {total_steps:,}))")
-        before, t0 = rss_anon(), time.perf_counter()
-        for step in range(0, total_steps, 100):
-            loader.locate(step, 0)
-        print(f"indices of {total_steps // 100:,} steps spread over {total_steps:,} in "
-              f"{time.perf_counter() - t0:.1f} s: RssAnon {before:.1f} -> {rss_anon():.1f} MiB")
-    texts, size = [], 0
-    for path in stdlib_files()[0]:
-        if size >= 10 << 20:
-            break
-        texts += iter_documents(path)
-        size += len(texts[-1].encode("utf-8"))
-    t0 = time.perf_counter()
-    tok = train_bpe(texts, 16384)
-    dt, n = time.perf_counter() - t0, sum(map(len, tok.encode_batch(texts)))
-    print(f"train_bpe: 16384 vocab on {size / 1e6:.1f} MB ({len(texts)} files) in {dt:.1f} s; "
-          f"{size / n:.2f} bytes/token")
-
-
-COMMANDS = {"default": _default_main, "prepare": _prepare_main, "bench": _bench_main}
+COMMANDS = {"default": _default_main, "prepare": _prepare_main}
 
 
 def main(argv):
