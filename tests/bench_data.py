@@ -4,8 +4,8 @@
 
 prepare and Loader run on three synthetic sources with the SmolLM3 3-stage curriculum; the memory is the
 anonymous memory (Linux RssAnon: what would grow if the loader kept state per step) over 10,000 steps; train_bpe
-trains on the first ~10 MB of this interpreter's standard library (the default corpus' code). Results and the
-BPE peer (HF tokenizers' BpeTrainer on the same text) are in BENCHMARKS.md.
+trains on the first ~10 MB of this interpreter's standard library (the default corpus' code), beside its peer,
+HF tokenizers' BpeTrainer on the same text (skipped where `tokenizers` is not installed). Results: BENCHMARKS.md.
 """
 import json
 import os
@@ -16,7 +16,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from data import DataConfig, Loader, Tokenizer, iter_documents, prepare, stdlib_files, train_bpe  # noqa: E402
+from data import (LLAMA3_PATTERN, DataConfig, Loader, Tokenizer, iter_documents, prepare,  # noqa: E402
+                  stdlib_files, train_bpe)
 
 
 def rss_anon():
@@ -67,6 +68,21 @@ def main():
     dt, n = time.perf_counter() - t0, sum(map(len, tok.encode_batch(texts)))
     print(f"train_bpe: 16384 vocab on {size / 1e6:.1f} MB ({len(texts)} files) in {dt:.1f} s; "
           f"{size / n:.2f} bytes/token; load average {os.getloadavg()[0]:.1f}")
+    try:  # the peer: HF tokenizers' BpeTrainer (Rust) on the same text, pre-tokenizer and vocabulary size
+        import tokenizers
+    except ImportError:
+        return
+    pre = tokenizers.pre_tokenizers
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+    hf.pre_tokenizer = pre.Sequence([pre.Split(tokenizers.Regex(LLAMA3_PATTERN), "isolated"),
+                                     pre.ByteLevel(add_prefix_space=False, use_regex=False)])
+    t0 = time.perf_counter()
+    hf.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(
+        vocab_size=16384, initial_alphabet=pre.ByteLevel.alphabet(), show_progress=False))
+    peer = time.perf_counter() - t0
+    n = sum(len(e.ids) for e in hf.encode_batch(texts, add_special_tokens=False))
+    print(f"BpeTrainer peer: {peer:.1f} s; {size / n:.2f} bytes/token; train_bpe / peer = {dt / peer:.2f}; "
+          f"load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
