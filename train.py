@@ -547,7 +547,8 @@ def peak_flops(device):
 
 class Logger:
     """Rank 0's record of the run: one log.jsonl line per logged step, the tqdm bar, loss.svg after each eval.
-    tokens/s is averaged over the steps since the previous line, eval and checkpoint time left out; MFU =
+    tokens/s is averaged over the steps since the previous line, eval and checkpoint time left out (a step's
+    tokens are tokens_per_step, or extra["tokens"] when the method's steps vary, as GRPO's do); MFU =
     flops_per_token (6 x matmul params + causal attention) x tokens/s / the dense bf16 peak of all the devices."""
 
     def __init__(self, run_dir, start, tc, tokens_per_step, flops_per_token, peak, master):
@@ -557,7 +558,7 @@ class Logger:
             kept = "".join(json.dumps(r) + "\n" for r in read_log(self.path, start))
             atomic_write(self.path, lambda p: Path(p).write_text(kept, encoding="utf-8"))
         self.bar = tqdm(total=tc.max_steps, initial=start, disable=not master, dynamic_ncols=True, desc="train")
-        self.steps, self.seconds = 0, 0.0
+        self.tokens, self.seconds = 0, 0.0
         self.restart_clock()
 
     def restart_clock(self):
@@ -573,8 +574,9 @@ class Logger:
             self.bar.write(text)
 
     def train_step(self, done, r, guard, extra=None):
-        self.steps, self.seconds = self.steps + 1, self.seconds + time.perf_counter() - self.t_last
-        tok_s = self.tokens_per_step * self.steps / self.seconds
+        self.seconds += time.perf_counter() - self.t_last
+        self.tokens += (extra or {}).get("tokens", self.tokens_per_step)
+        tok_s = self.tokens / self.seconds
         mfu = self.flops_per_token * tok_s / self.peak if self.peak else None
         self.bar.set_postfix(loss=f"{r.loss:.4f}", lr=f"{r.lr:.2e}", tok_s=f"{tok_s:,.0f}", gnorm=f"{r.grad_norm:.3f}",
                              mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%", refresh=False)
@@ -583,7 +585,7 @@ class Logger:
             self.write({"kind": "train", "step": done, "loss": _json_float(r.loss), "lr": r.lr,
                         "grad_norm": _json_float(r.grad_norm), "tok_per_s": tok_s, "mfu": mfu, "skipped": r.skipped,
                         "skips": guard.skips, "loss_mean": _json_float(r.mean), **(extra or {})})
-            self.steps, self.seconds = 0, 0.0
+            self.tokens, self.seconds = 0, 0.0
         if r.skipped:
             self.say(f"step {done}: update skipped ({r.skipped}: loss {r.loss:.4g}, grad norm {r.grad_norm:.4g}, "
                      f"running mean {r.mean:.4g}); {guard.skips} skipped so far")
