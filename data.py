@@ -99,9 +99,6 @@ class Tokenizer:
         # encode_ordinary: a special token's name inside text is plain text, never the control token.
         return self.enc.encode_ordinary(text)
 
-    def encode_batch(self, texts):
-        return self.enc.encode_ordinary_batch(list(texts), num_threads=_n_cpus())
-
     def decode(self, ids):
         return self.enc.decode(ids, errors="replace")
 
@@ -263,11 +260,6 @@ def _check_merges(ranks, merges_raw, ignore_merges, fail):
 
 def _write_text(path, text):
     atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def _n_cpus():
-    """Cores this process may use (the affinity mask under taskset/Slurm; os.cpu_count() where there is none)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # Encoding and chunk counting run in this process: a pool of 2 processes gained nothing measurable on 2 cores
@@ -1009,8 +1001,6 @@ def _draw(k, n, key):
 def _first_index(step, micro_step, micro_batch_size, accum, rank, world_size):
     """Global index of a micro-batch's first sample: step*G + (micro_step*world_size + rank)*micro_batch_size
     with G = micro_batch_size*accum*world_size, so DP=1 with k accumulation steps sees the rows of DP=k."""
-    if step < 0 or not 0 <= micro_step < accum:
-        raise ValueError(f"step {step} / micro_step {micro_step}: expected step >= 0 and 0 <= micro_step < {accum}")
     return step * micro_batch_size * accum * world_size + (micro_step * world_size + rank) * micro_batch_size
 
 
@@ -1076,8 +1066,6 @@ class Loader:
     of source k (its in-stage sample range), drawn on from where k stopped through its epoch permutations."""
 
     def __init__(self, cfg, tok, micro_batch_size, accum, seed, dp_rank=0, dp_size=1):
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"data-parallel rank {dp_rank} is outside dp_size {dp_size}")
         self.root = cfg.data_dir if cfg.dataset == "default" else cfg.dataset  # holds manifest.json + shards
         self.seq_len, self.tok, self.manifest = cfg.seq_len, tok, read_manifest(self.root)
         self.micro_batch_size, self.accum, self.rank, self.world_size = micro_batch_size, accum, dp_rank, dp_size

@@ -65,7 +65,7 @@ def main():
         size += len(texts[-1].encode("utf-8"))
     t0 = time.perf_counter()
     tok = train_bpe(texts, 16384)
-    dt, n = time.perf_counter() - t0, sum(map(len, tok.encode_batch(texts)))
+    dt, n = time.perf_counter() - t0, sum(map(len, tok.enc.encode_ordinary_batch(texts)))
     print(f"train_bpe: 16384 vocab on {size / 1e6:.1f} MB ({len(texts)} files) in {dt:.1f} s; "
           f"{size / n:.2f} bytes/token; load average {os.getloadavg()[0]:.1f}")
     try:  # the peer: HF tokenizers' BpeTrainer (Rust) on the same text, pre-tokenizer and vocabulary size

@@ -94,14 +94,11 @@ def test_hand_checked_merges():
         train_bpe(["ab"], 100)
 
 
-def test_chunk_counting_and_the_cpu_count_fallback(monkeypatch):
+def test_chunk_counting():
     texts = corpus()
     split = tokenizers.pre_tokenizers.Split(tokenizers.Regex(data.LLAMA3_PATTERN), "isolated")  # the oracle
     want = collections.Counter(c for t in texts for c, _ in split.pre_tokenize_str(t))
     assert data._chunk_counts(iter(texts)) == want
-    monkeypatch.delattr(data.os, "sched_getaffinity", raising=False)  # macOS and Windows have no affinity mask
-    tok = Tokenizer.byte_level()
-    assert data._n_cpus() >= 1 and tok.encode_batch(texts[:3]) == [tok.encode(t) for t in texts[:3]]
 
 
 def test_vocab_layout_and_specials(tok):
@@ -112,7 +109,6 @@ def test_vocab_layout_and_specials(tok):
     text = "x<|end_of_text|>y<|im_start|><think>"
     ids = tok.encode(text)
     assert not set(ids) & set(tok.specials.values()) and tok.decode(ids) == text
-    assert tok.encode_batch([text, MIXED]) == [ids, tok.encode(MIXED)]
     tb = tok.token_bytes()
     assert tb[ids].sum() == len(text.encode()) and (tb[-len(names):] == 0).all() and (tb[:256] == 1).all()
 
@@ -175,7 +171,7 @@ def test_hf_agreement_on_unseen_source(tmp_path):
     t.save(path)
     hf = tokenizers.Tokenizer.from_file(path)
     unseen = texts[cut:]
-    assert [e.ids for e in hf.encode_batch(unseen, add_special_tokens=False)] == t.encode_batch(unseen)
+    assert [e.ids for e in hf.encode_batch(unseen, add_special_tokens=False)] == [t.encode(u) for u in unseen]
 
 
 def tiny_hf(merges_as_lists=False, drop=()):
