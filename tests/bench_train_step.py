@@ -1,6 +1,6 @@
 """Training-step benchmark: forward + backward time of Model vs transformers' SmolLM3 on the same weights.
 
-    python tests/bench_train_step.py [CONFIG] [--key=value ...]   # default: config/tiny.py at vocab 8192, [8, 512]
+    python tests/bench_train_step.py [CONFIG] [--key=value ...]   # default: tiny.py, d_model 256, vocab 8192, [8, 512]
 
 Both compute the mean next-token loss of the same rows in fp32 (the loss values are compared) and run backward;
 the two alternate, so a busy machine slows both alike, and the median times give the ratio (ours / theirs,
@@ -19,8 +19,8 @@ from data import DataConfig  # noqa: E402
 from model import Model, ModelConfig  # noqa: E402
 from train import TrainConfig  # noqa: E402
 
-# the shape issue 12 measured: tiny's model at a larger vocabulary, 8 rows of 512 tokens
-DEFAULTS = ["--vocab_size=8192", "--micro_batch_size=8", "--seq_len=512"]
+# the shape issue 12 measured: tiny's earlier model (d_model 256, d_ff 688) at a larger vocabulary, 8 rows of 512
+DEFAULTS = ["--d_model=256", "--d_ff=688", "--vocab_size=8192", "--micro_batch_size=8", "--seq_len=512"]
 
 
 def bench_train_step(cfg, rows, seq_len, repeats=10, threads=2):

@@ -263,7 +263,7 @@ def test_ablation_configs_change_only_attention_or_mlp():
                 "moe_bias_update", "moe_aux_loss"}
     for base, mla, moe, counts in [("smollm3_1b_ablation", "ablation_mla", "ablation_moe",
                                     (1_234_771_968, 2_179_778_560, 1_236_060_160)),
-                                   ("tiny", "tiny_mla", "tiny_moe", (3_926_656, 5_938_432, 3_956_992))]:
+                                   ("tiny", "tiny_mla", "tiny_moe", (1_305_920, 1_867_904, 1_314_944))]:
         b, _ = resolve(base)
         (ns_a, a), (ns_e, e) = resolve(mla), resolve(moe)
         assert {k for k in ns_a if ns_a[k] != b[k]} <= mla_keys | {"out_dir", "attn_impl"}
