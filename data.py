@@ -819,8 +819,9 @@ def math_text(question, lines, answer):
 
 # (c) post-training sets, in the conversational formats TRL uses. SFT: {"messages": [...]}, half /think
 # (the worked steps inside <think>, then the answer) and half /no_think (the answer alone), a fifth of
-# them two-turn. Preference: {"prompt": [...], "chosen": [assistant], "rejected": [assistant]}, where the
-# rejected reply slips in its last equation, so it differs from the chosen one only where it goes wrong.
+# them two-turn. Preference: {"prompt": [...], "chosen": [assistant], "rejected": [assistant]}, /think, where
+# the rejected reply's answer contradicts its own worked steps: an error a tiny model can see without the
+# arithmetic (one that slips in an equation, or a /no_think guess, is as likely as the chosen one to it).
 # RL: {"prompt": [user], "answer": "N"}. Eval: {"question", "answer", "solution"} for generative exact
 # match and {"question", "choices", "label"} for multiple-choice log-likelihood scoring.
 DEFAULT_SIZES = {"math_train": 50_000, "math_val": 2_000, "sft_train": 4_000, "sft_val": 200,
@@ -849,13 +850,10 @@ def _sft_row(rng, problems):
 
 def _pref_row(rng, problem):
     question, lines, answer = problem
-    think = rng.random() < 0.5
     wrong = answer + rng.choice([d for d in (-10, -2, -1, 1, 2, 10) if answer + d >= 0])
-    head, _, tail = lines[-1].rpartition(f"= {answer}")
-    slipped = lines[:-1] + [f"{head}= {wrong}{tail}"]
-    return {"prompt": [_system(rng, think), {"role": "user", "content": question}],
-            "chosen": [{"role": "assistant", "content": _reply(lines, answer, think)}],
-            "rejected": [{"role": "assistant", "content": _reply(slipped, wrong, think)}]}
+    return {"prompt": [_system(rng, True), {"role": "user", "content": question}],
+            "chosen": [{"role": "assistant", "content": _reply(lines, answer, True)}],
+            "rejected": [{"role": "assistant", "content": _reply(lines, wrong, True)}]}
 
 
 def _mc_row(rng, problem):

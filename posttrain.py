@@ -994,15 +994,15 @@ STAGES = {"mid": ("config/tiny_mid.py", "pretrain", "mid"), "sft": ("config/tiny
 
 
 @torch.no_grad()
-def checkpoint_metrics(path, pc, data_dir, chat=True):
+def checkpoint_metrics(path, pc, data_dir, device, chat=True):
     """Held-out numbers of one checkpoint: math bpb (64 rows of the math val shard), exact match and format share
     in /think and /no_think (eval.exact_match on math_test), and the share of pref_val pairs whose chosen reply
-    the model gives more log-probability than the rejected one (chat=False: bpb only)."""
-    model, tok = Model.from_pretrained(path, attn_impl="sdpa").float().eval(), Tokenizer.load(path)
+    the model gives more log-probability than the rejected one (chat=False: bpb only). In float32 on `device`."""
+    model, tok = Model.from_pretrained(path, attn_impl="sdpa").float().to(device).eval(), Tokenizer.load(path)
     out = {}
     x, y, pos = (t[:64] for t in file_rows(os.path.join(data_dir, "math", "val_00000.bin"), tok, 256))
     out["math_bpb"] = evaluate(model, {"math": (x, y, pos)}, torch.from_numpy(tok.token_bytes()), 16,
-                               contextlib.nullcontext(), torch.device("cpu"))[1]["math"]
+                               contextlib.nullcontext(), device)[1]["math"]
     if not chat:
         return out
     rows = task_rows("math", "")[:pc.eval_questions]
@@ -1012,7 +1012,7 @@ def checkpoint_metrics(path, pc, data_dir, chat=True):
     pairs = PreferenceLoader(os.path.join(data_dir, "pref_val.jsonl"), tok, 640, 16)
     n, wins = min(pc.eval_pairs, len(pairs.pairs)), 0
     for i in range(0, n, 16):
-        chosen, rejected = pair_logps(model, *pairs.rows(range(i, min(i + 16, n))), torch.device("cpu"))
+        chosen, rejected = pair_logps(model, *pairs.rows(range(i, min(i + 16, n))), device)
         wins += (chosen > rejected).sum().item()
     out["pref_acc"] = wins / n
     return out
@@ -1089,15 +1089,16 @@ def pipeline(argv):
 
     metrics = json.loads(Path(metrics_path).read_text()) if os.path.isfile(metrics_path) else {}
     init_dir = os.path.join(root, "init")
+    mc, _, tc = train.resolve(pre_ns)
+    device = train.setup_device(tc, mc, 0)[0]   # the run's device (CUDA where present) scores every checkpoint
     if not os.path.isfile(os.path.join(init_dir, "config.json")):   # the untrained model: pretraining's "before"
         tok = Tokenizer.load(os.path.join(checkpoint_dir(dirs["pretrain"], "pipeline"), "tokenizer.json"))
-        mc = train.resolve(pre_ns)[0]
         torch.manual_seed(pre_ns.seed)
         Model(dataclasses.replace(mc, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)).save_pretrained(init_dir)
         tok.save(os.path.join(init_dir, "tokenizer.json"))
     for stage, d in [("init", init_dir), *dirs.items()]:
         if stage not in metrics:
-            metrics[stage] = checkpoint_metrics(checkpoint_dir(d, "pipeline"), pc, pre_ns.data_dir,
+            metrics[stage] = checkpoint_metrics(checkpoint_dir(d, "pipeline"), pc, pre_ns.data_dir, device,
                                                 chat=stage not in ("init", "pretrain"))
             atomic_write(metrics_path, lambda p: Path(p).write_text(json.dumps(metrics, indent=1)))
     mid_evals = [r for r in train.read_log(os.path.join(dirs["mid"], "log.jsonl")) if r["kind"] == "eval"]

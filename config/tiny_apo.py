@@ -1,5 +1,5 @@
-"""Tiny APO-zero (CPU): the tiny SFT checkpoint on the embedded preference pairs (the rejected reply slips in its
-last equation), against the SFT model as the reference.
+"""Tiny APO-zero (CPU): the tiny SFT checkpoint on the embedded preference pairs (the rejected reply's answer
+contradicts its own worked steps), against the SFT model as the reference.
     python posttrain.py dpo config/tiny_apo.py          # --loss_type=dpo | ipo | apo_down for the others"""
 init_from = "out/tiny_sft"    # the SFT run (its newest checkpoint); also the reference model
 out_dir = "out/tiny_apo"

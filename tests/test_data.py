@@ -392,6 +392,8 @@ def test_generated_math_answers_verify():
         q, chosen, rejected = row["prompt"][-1]["content"], row["chosen"][0]["content"], row["rejected"][0]["content"]
         good, bad = ev.extract_answer(chosen), ev.extract_answer(rejected)
         assert good != bad
+        # the rejected reply is the chosen one up to its final answer, which contradicts the worked steps
+        assert rejected.rsplit("\n", 1)[0] == chosen.rsplit("\n", 1)[0] and chosen.startswith("<think>")
         if "<think>" in chosen:
             _check_solution(q, chosen.split("\n")[1:-2], int(good))
         m = re.fullmatch(r"(?:Compute|Evaluate) (.*)\.", q)
