@@ -3,7 +3,6 @@
     python data.py default config/tiny.py          # embedded corpus + tokenizer.json for a config (~5 s)
     python data.py prepare --out data/web --tokenizer data/default/tokenizer.json --source web a.jsonl b.parquet
     python data.py prepare --out data/web --tokenizer data/default/tokenizer.json --source web --split val v.jsonl
-    python data.py bench                           # loader throughput + memory, tokenizer training time
 
 Train on a prepared directory with `--dataset=data/web --tokenizer=PATH --mixture="{'web': 1.0}"`. Under
 torchrun, build data once (rank 0, or before launching): the steps are idempotent, not a lock.
@@ -15,7 +14,7 @@ Sections:
   default corpus  this Python's stdlib as "code", generated math with worked solutions, post-training sets
   loader          DataConfig, load_tokenizer; Loader, a pure function of (seed, sample index) over a staged
                   mixture (the SFT / preference / prompt loaders are in posttrain.py)
-  command line    prepare, default, bench
+  command line    prepare, default (benchmark: tests/bench_data.py)
 """
 import argparse
 import base64
@@ -34,7 +33,6 @@ import random
 import struct
 import sys
 import sysconfig
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -70,8 +68,7 @@ class Tokenizer:
 
     def __init__(self, ranks, specials, pattern=LLAMA3_PATTERN):
         n = len(ranks)
-        missing = [s for s in ("<|begin_of_text|>", "<|end_of_text|>") if s not in specials]
-        if missing:
+        if missing := [s for s in ("<|begin_of_text|>", "<|end_of_text|>") if s not in specials]:
             raise ValueError(f"tokenizer lacks the special tokens {missing}")
         if sorted(ranks.values()) != list(range(n)):
             outside = sorted(set(ranks.values()) - set(range(n)))
@@ -129,8 +126,7 @@ class Tokenizer:
         split = {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False}
         model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                 "merges": merges,
-                 "vocab": {_bytes_to_str(t): r for t, r in sorted(self.ranks.items(), key=_by_id)}}
+                 "merges": merges, "vocab": {_bytes_to_str(t): r for t, r in sorted(self.ranks.items(), key=_by_id)}}
         doc = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
                "pre_tokenizer": {"type": "Sequence", "pretokenizers": [split, byte_level]},
                "post_processor": None, "decoder": byte_level, "model": model}
@@ -147,8 +143,7 @@ class Tokenizer:
         def fail(msg):
             raise ValueError(f"{path}: {msg}")
         try:
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
+            doc = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             fail(f"not a JSON tokenizer file ({e})")
         model = doc.get("model") if isinstance(doc, dict) else None
@@ -177,18 +172,15 @@ class Tokenizer:
             if not isinstance(t, dict) or not isinstance(t.get("content"), str) or not isinstance(t.get("id"), int):
                 fail(f"expected added_tokens entries with 'content' and 'id', got {str(t)[:60]}")
             added[t["content"]] = t["id"]
-        wrong = [s for s, i in vocab.items() if s in added and added[s] != i]
-        if wrong:
+        if wrong := [s for s, i in vocab.items() if s in added and added[s] != i]:
             fail(f"token {wrong[0]!r} has id {vocab[wrong[0]]} in model.vocab but {added[wrong[0]]} in added_tokens")
         try:
             ranks = {_str_to_bytes(s): i for s, i in vocab.items() if s not in added}
         except KeyError as e:
             fail(f"model.vocab has a token with {e.args[0]!r}, a character outside the ByteLevel alphabet")
-        taken = [(s, i) for s, i in added.items() if i in set(ranks.values())]
-        if taken:
+        if taken := [(s, i) for s, i in added.items() if i in set(ranks.values())]:
             fail(f"added token {taken[0][0]!r} has id {taken[0][1]}, which model.vocab gives to another token")
-        missing = [b for b in range(256) if bytes([b]) not in ranks]
-        if missing:
+        if missing := [b for b in range(256) if bytes([b]) not in ranks]:
             fail(f"model.vocab lacks the single-byte tokens for bytes {missing[:8]}; byte-level BPE needs all 256")
         _check_merges(ranks, merges, model.get("ignore_merges", False), fail)
         try:
@@ -205,9 +197,8 @@ def _byte_to_char():
     """GPT-2's ByteLevel alphabet: printable Latin-1 bytes stand for themselves, the other 68 bytes (space,
     control characters, ...) for chr(256 + k) in byte order, so every token is a printable string."""
     keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    out = {b: chr(b) for b in keep}
-    out.update({b: chr(256 + k) for k, b in enumerate(b for b in range(256) if b not in out)})
-    return out
+    rest = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + k) for k, b in enumerate(rest)}}
 
 
 _B2C = _byte_to_char()
@@ -247,9 +238,8 @@ def _check_merges(ranks, merges_raw, ignore_merges, fail):
     if ignore_merges:
         # Llama-3's layout: HF takes a chunk that is a token whole, as tiktoken does, and every split of a
         # token into two tokens is listed, so both merge the same pairs in the same order.
-        unlisted = [(t[:i], t[i:]) for t in ranks for i in range(1, len(t))
-                    if t[:i] in ranks and t[i:] in ranks and (t[:i], t[i:]) not in listed]
-        if unlisted:
+        if unlisted := [(t[:i], t[i:]) for t in ranks for i in range(1, len(t))
+                        if t[:i] in ranks and t[i:] in ranks and (t[:i], t[i:]) not in listed]:
             a, b = min(unlisted, key=lambda s: ranks[s[0] + s[1]])
             fail(f"model.merges lacks the merge {_bytes_to_str(a)!r} + {_bytes_to_str(b)!r} -> id {ranks[a + b]}: "
                  "tiktoken merges any two adjacent tokens that form a token, so every such split must be listed "
@@ -262,10 +252,7 @@ def _check_merges(ranks, merges_raw, ignore_merges, fail):
     # into that one token, no unlisted split ever fires, and tiktoken's whole-chunk lookup agrees as well.
     for t in ranks:
         parts = [bytes([c]) for c in t]
-        while True:
-            pairs = [k for k in range(len(parts) - 1) if (parts[k], parts[k + 1]) in listed]
-            if not pairs:
-                break
+        while pairs := [k for k in range(len(parts) - 1) if (parts[k], parts[k + 1]) in listed]:
             k = min(pairs, key=lambda k: ranks[parts[k] + parts[k + 1]])
             parts[k:k + 2] = [parts[k] + parts[k + 1]]
         if parts != [t]:
@@ -284,7 +271,7 @@ def _n_cpus():
 
 
 # Encoding and chunk counting run in this process: a pool of 2 processes gained nothing measurable on 2 cores
-# (`bench`, old vs new back to back, load 3-4: prepare 14.5/13.8 s vs 15.2/10.6 s, train_bpe 9.5/15.4 s vs
+# (tests/bench_data.py, old vs new in turn, load 3-4: prepare 14.5/13.8 s vs 15.2/10.6 s, train_bpe 9.5/15.4 s vs
 # 13.6/9.0 s; pickling Counters back from the pool costs what the second core gains), nor did tiktoken's threads.
 def _chunk_counts(texts):
     """Counter of pre-token chunks over an iterable of texts."""
@@ -295,9 +282,8 @@ def _chunk_counts(texts):
 
 
 def train_bpe(texts, vocab_size):
-    """Byte-level BPE on an iterable of strings -> Tokenizer of exactly vocab_size ids (specials included).
-    Each merge touches only the chunks holding its pair and updates pair counts by difference (a lazy
-    max-heap); the most frequent pair wins, ties the smallest (left id, right id), so it is deterministic."""
+    """Byte-level BPE on strings -> Tokenizer of exactly vocab_size ids (specials included). The most frequent pair
+    wins, ties the smallest (left id, right id); each merge updates only the chunks holding its pair."""
     n_merges = vocab_size - 256 - len(SPECIALS)
     if n_merges < 0:
         raise ValueError(f"vocab_size must be >= {256 + len(SPECIALS)} (256 bytes + specials), got {vocab_size}")
@@ -452,9 +438,8 @@ def render_chat_text(messages, add_generation_prompt=False, **options):
 
 
 def render_chat(tok, messages, add_generation_prompt=False, **options):
-    """-> (ids, mask): mask is 1 exactly on what the model generates (assistant content, its <think> block in
-    /think mode, its <|im_end|>). Adjacent text with the same mask is encoded together, so ids equal HF's
-    tokenization of the rendered string except where a mask boundary falls inside what would be one token."""
+    """-> (ids, mask), mask 1 on what the model generates (assistant content, <think> block, <|im_end|>). Text of one
+    mask is encoded together: ids equal HF's tokenization of the string except where a mask boundary splits a token."""
     segs = []
     for text, special, loss in _chat_segments(messages, add_generation_prompt, **options):
         if special and text not in tok.specials:
@@ -561,13 +546,11 @@ def _parquet_texts(path, field):
     if field not in pf.schema_arrow.names:
         raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)}; choose "
                          "another with --field)")
-    row = 0
-    for batch in pf.iter_batches(columns=[field], batch_size=4096):
-        for text in batch.column(0).to_pylist():
-            row += 1
-            if not isinstance(text, str):
-                raise ValueError(f"{path}: row {row}: column {field!r} is {type(text).__name__}, expected a string")
-            yield text
+    texts = (t for batch in pf.iter_batches(columns=[field], batch_size=4096) for t in batch.column(0).to_pylist())
+    for row, text in enumerate(texts, start=1):
+        if not isinstance(text, str):
+            raise ValueError(f"{path}: row {row}: column {field!r} is {type(text).__name__}, expected a string")
+        yield text
 
 
 def iter_documents(path, field="text"):
@@ -587,8 +570,7 @@ def iter_documents(path, field="text"):
     else:
         raise ValueError(f"{path}: unsupported input type (expected {', '.join(TEXT_SUFFIXES)}, .jsonl or .parquet)")
     n_docs = 0
-    for text in filter(None, texts):
-        n_docs += 1
+    for n_docs, text in enumerate(filter(None, texts), start=1):
         yield text
     if n_docs == 0:
         raise ValueError(f"{path}: empty file (no documents)")
@@ -634,11 +616,10 @@ def read_manifest(root):
     if not os.path.isfile(path):
         raise ValueError(f"{path} not found: prepare the dataset first (`python data.py prepare ...`, "
                          f"or `python data.py default CONFIG` for the embedded corpus)")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{path}: malformed manifest ({e})") from None
+    try:
+        return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: malformed manifest ({e})") from None
 
 
 def prepare(files, out_dir, tok, source, split="train", field="text", shard_bytes=1 << 28):
@@ -661,21 +642,6 @@ def prepare(files, out_dir, tok, source, split="train", field="text", shard_byte
     if manifest["tokenizer_hash"] != tok.hash:
         raise ValueError(f"{manifest_path}: {out_dir} holds shards of tokenizer {manifest['tokenizer_hash']}, "
                          f"not of this one ({tok.hash}); prepare into another directory")
-    new_dirs = [d for d in (out_dir, os.path.join(out_dir, source)) if not os.path.isdir(d)]
-    os.makedirs(os.path.join(out_dir, source), exist_ok=True)
-    try:
-        entry = _prepare_shards(files, out_dir, tok, source, split, field, shard_bytes)
-    except BaseException:
-        for d in reversed(new_dirs):  # a failed first run leaves no empty directories behind
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
-        raise
-    manifest["sources"].setdefault(source, {})[split] = entry
-    _write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
-    return entry
-
-
-def _prepare_shards(files, out_dir, tok, source, split, field, shard_bytes):
     itemsize = 2 if tok.n_vocab <= 1 << 16 else 4  # uint16 ids while they fit
     plan = []  # (relative path, input files, digest, (n_tokens, n_docs) if already complete else None)
     for i, unit in enumerate(_plan_shards(files, shard_bytes)):
@@ -689,163 +655,164 @@ def _prepare_shards(files, out_dir, tok, source, split, field, shard_bytes):
             done = None
         plan.append((name, unit, digest, done))
     todo = sum(os.path.getsize(f) for _, unit, _, done in plan if done is None for f in unit)
+    new_dirs = [d for d in (out_dir, os.path.join(out_dir, source)) if not os.path.isdir(d)]
+    os.makedirs(os.path.join(out_dir, source), exist_ok=True)
     shards = []
-    with tqdm(total=todo, unit="B", unit_scale=True, desc=f"{source}/{split}", disable=not todo) as bar:
-        for name, unit, digest, done in plan:
-            if done is None:  # each document followed by the end-of-text token
-                chunks = ((tok.encode(text) + [tok.eos_id], 1) for text in _documents(unit, field, bar))
-                done = write_shard(os.path.join(out_dir, name), chunks, tok.hash, itemsize, digest)
-            shards.append({"path": name, "tokens": done[0], "documents": done[1]})
-    return {"files": [os.path.abspath(f) for f in files], "documents": sum(s["documents"] for s in shards),
-            "tokens": sum(s["tokens"] for s in shards), "tokenizer_hash": tok.hash, "shards": shards}
+    try:
+        with tqdm(total=todo, unit="B", unit_scale=True, desc=f"{source}/{split}", disable=not todo) as bar:
+            for name, unit, digest, done in plan:
+                if done is None:  # each document followed by the end-of-text token
+                    chunks = ((tok.encode(text) + [tok.eos_id], 1) for text in _documents(unit, field, bar))
+                    done = write_shard(os.path.join(out_dir, name), chunks, tok.hash, itemsize, digest)
+                shards.append({"path": name, "tokens": done[0], "documents": done[1]})
+    except BaseException:
+        for d in reversed(new_dirs):  # a failed first run leaves no empty directories behind
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        raise
+    entry = {"files": [os.path.abspath(f) for f in files], "documents": sum(s["documents"] for s in shards),
+             "tokens": sum(s["tokens"] for s in shards), "tokenizer_hash": tok.hash, "shards": shards}
+    manifest["sources"].setdefault(source, {})[split] = entry
+    _write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    return entry
 
 # ------------------------------------------------------------------------------ embedded default corpus
 
 # (a) code: the standard library of the running interpreter. Its test suites are left out (they are large
 # and repetitive); files whose path hash falls in 3 of 100 buckets are the validation split, which keeps
 # the choice fixed across machines with the same Python and independent of directory order.
-_STDLIB_SKIP = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
-
-
 def stdlib_files():
     """-> (train files, val files): the .py files of this interpreter's standard library, sorted."""
     root = sysconfig.get_paths()["stdlib"]
     train, val = [], []
     for d, dirs, files in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if x not in _STDLIB_SKIP)
+        dirs[:] = sorted(x for x in dirs if x not in {"site-packages", "test", "tests", "idle_test", "__pycache__"})
         for name in sorted(files):
             path = os.path.join(d, name)
             if name.endswith(".py") and os.path.getsize(path) > 0:  # empty __init__.py files are no documents
-                rel = os.path.relpath(path, root)
-                (val if zlib.crc32(rel.encode()) % 100 < 3 else train).append(path)
+                (val if zlib.crc32(os.path.relpath(path, root).encode()) % 100 < 3 else train).append(path)
     return train, val
 
 
 # (b) math: short, regular word and arithmetic problems with worked solutions. Every solution line holds
 # exactly one equation `a op b = c` (integers, no negatives), and the last line states the result of the
-# last equation, so any answer can be re-derived from the text. A dict of small generators, one per kind.
+# last equation, so any answer can be re-derived from the text. One small generator per kind.
 _NAMES = ("Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Isla", "Jack", "Lena", "Max", "Nora",
           "Omar", "Priya", "Sam")
 _ITEMS = ("apples", "pencils", "stickers", "marbles", "books", "cookies", "cards", "shells", "stamps", "eggs")
 
 
-def _eq(a, op, b):
-    """-> ("a op b = c", c)"""
-    c = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
-    return f"{a} {op} {b} = {c}", c
+def _solved(question, *steps):
+    """-> (question, solution lines, answer): step (before, a, op, b, after) is the line "before a op b = c after."
+    and the answer is the last c."""
+    lines = []
+    for before, a, op, b, after in steps:
+        c = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+        lines.append(" ".join(filter(None, (before, f"{a} {op} {b} = {c}", after))) + ".")
+    return question, lines, c
 
 
 def _chain(rng):
     acc = rng.randint(10, 99)
-    expr, lines = str(acc), []
+    expr, steps = str(acc), []
     for _ in range(rng.randint(2, 3)):
         op = "-" if acc > 10 and rng.random() < 0.5 else "+"
         b = rng.randint(1, min(acc, 99)) if op == "-" else rng.randint(2, 99)
-        eq, acc = _eq(acc, op, b)
-        expr += f" {op} {b}"
-        lines.append(eq + ".")
-    return f"Compute {expr}.", lines, acc
+        steps.append(("", acc, op, b, ""))
+        expr, acc = expr + f" {op} {b}", acc - b if op == "-" else acc + b
+    return _solved(f"Compute {expr}.", *steps)
 
 
 def _product(rng):
     a, b = rng.randint(12, 99), rng.randint(12, 99)
     tens, ones = b - b % 10, b % 10
     if ones == 0:
-        return f"Compute {a} * {b}.", [_eq(a, "*", b)[0] + "."], a * b
-    (e1, p1), (e2, p2) = _eq(a, "*", tens), _eq(a, "*", ones)
-    return f"Compute {a} * {b}.", [f"{e1}.", f"{e2}.", _eq(p1, "+", p2)[0] + "."], a * b
+        return _solved(f"Compute {a} * {b}.", ("", a, "*", b, ""))
+    return _solved(f"Compute {a} * {b}.", ("", a, "*", tens, ""), ("", a, "*", ones, ""),
+                   ("", a * tens, "+", a * ones, ""))
 
 
 def _quotient(rng):
     d, q = rng.randint(2, 12), rng.randint(2, 40)
-    return f"Compute {d * q} / {d}.", [_eq(d * q, "/", d)[0] + "."], q
+    return _solved(f"Compute {d * q} / {d}.", ("", d * q, "/", d, ""))
 
 
 def _precedence(rng):
     a, b, c = rng.randint(2, 20), rng.randint(2, 12), rng.randint(2, 12)
     form = rng.randrange(4)
     if form == 0:
-        (e1, _), (e2, r) = _eq(b, "*", c), _eq(a, "+", b * c)
-        return f"Evaluate {a} + {b} * {c}.", [f"Multiply first: {e1}.", f"Then {e2}."], r
+        return _solved(f"Evaluate {a} + {b} * {c}.", ("Multiply first:", b, "*", c, ""), ("Then", a, "+", b * c, ""))
     if form == 1:
-        (e1, _), (e2, r) = _eq(a, "+", b), _eq(a + b, "*", c)
-        return f"Evaluate ({a} + {b}) * {c}.", [f"Parentheses first: {e1}.", f"Then {e2}."], r
+        return _solved(f"Evaluate ({a} + {b}) * {c}.", ("Parentheses first:", a, "+", b, ""),
+                       ("Then", a + b, "*", c, ""))
     if form == 2:
         c = rng.randint(1, a * b)
-        (e1, _), (e2, r) = _eq(a, "*", b), _eq(a * b, "-", c)
-        return f"Evaluate {a} * {b} - {c}.", [f"Multiply first: {e1}.", f"Then {e2}."], r
+        return _solved(f"Evaluate {a} * {b} - {c}.", ("Multiply first:", a, "*", b, ""), ("Then", a * b, "-", c, ""))
     d = rng.randint(1, c - 1)
-    (e1, _), (e2, _), (e3, r) = _eq(c, "-", d), _eq(b, "*", c - d), _eq(a, "+", b * (c - d))
-    return (f"Evaluate {a} + {b} * ({c} - {d}).",
-            [f"Parentheses first: {e1}.", f"Then multiply: {e2}.", f"Finally {e3}."], r)
+    return _solved(f"Evaluate {a} + {b} * ({c} - {d}).", ("Parentheses first:", c, "-", d, ""),
+                   ("Then multiply:", b, "*", c - d, ""), ("Finally", a, "+", b * (c - d), ""))
 
 
 def _shopping(rng):
     name, n, p = rng.choice(_NAMES), rng.randint(2, 9), rng.randint(2, 15)
     bill = rng.choice([b for b in (20, 50, 100, 200) if b >= n * p])
-    (e1, _), (e2, r) = _eq(n, "*", p), _eq(bill, "-", n * p)
-    return (f"{name} buys {n} notebooks at {p} dollars each and pays with a {bill} dollar bill. "
-            f"How much change does {name} get?",
-            [f"The notebooks cost {e1} dollars.", f"The change is {e2} dollars."], r)
+    return _solved(f"{name} buys {n} notebooks at {p} dollars each and pays with a {bill} dollar bill. How much "
+                   f"change does {name} get?", ("The notebooks cost", n, "*", p, "dollars"),
+                   ("The change is", bill, "-", n * p, "dollars"))
 
 
 def _sharing(rng):
     name, item, k, q = rng.choice(_NAMES), rng.choice(_ITEMS), rng.randint(2, 9), rng.randint(2, 25)
-    return (f"{name} has {k * q} {item} and shares them equally among {k} friends. How many {item} does each "
-            f"friend get?", [f"Each friend gets {_eq(k * q, '/', k)[0]} {item}."], q)
+    return _solved(f"{name} has {k * q} {item} and shares them equally among {k} friends. How many {item} does "
+                   f"each friend get?", ("Each friend gets", k * q, "/", k, item))
 
 
 def _travel(rng):
     v, t = rng.randint(3, 12) * 10, rng.randint(2, 9)
-    return (f"A train travels at {v} kilometers per hour for {t} hours. How far does it travel?",
-            [f"It travels {_eq(v, '*', t)[0]} kilometers."], v * t)
+    return _solved(f"A train travels at {v} kilometers per hour for {t} hours. How far does it travel?",
+                   ("It travels", v, "*", t, "kilometers"))
 
 
 def _savings(rng):
     name, a, w = rng.choice(_NAMES), rng.randint(3, 20), rng.randint(2, 12)
     s = rng.randint(1, a * w)
-    (e1, _), (e2, r) = _eq(a, "*", w), _eq(a * w, "-", s)
-    return (f"{name} saves {a} dollars each week. After {w} weeks, {name} spends {s} dollars. "
-            f"How many dollars are left?", [f"{name} saves {e1} dollars.", f"{e2} dollars are left."], r)
+    return _solved(f"{name} saves {a} dollars each week. After {w} weeks, {name} spends {s} dollars. How many "
+                   f"dollars are left?", (f"{name} saves", a, "*", w, "dollars"),
+                   ("", a * w, "-", s, "dollars are left"))
 
 
 def _chairs(rng):
     r, c = rng.randint(3, 15), rng.randint(4, 12)
     k = rng.randint(1, r * c)
-    (e1, _), (e2, free) = _eq(r, "*", c), _eq(r * c, "-", k)
-    return (f"A hall has {r} rows of {c} chairs. {k} chairs are taken. How many chairs are free?",
-            [f"There are {e1} chairs.", f"{e2} chairs are free."], free)
+    return _solved(f"A hall has {r} rows of {c} chairs. {k} chairs are taken. How many chairs are free?",
+                   ("There are", r, "*", c, "chairs"), ("", r * c, "-", k, "chairs are free"))
 
 
 def _ages(rng):
     a, d, y = rng.randint(5, 40), rng.randint(2, 30), rng.randint(2, 20)
     n1, n2 = rng.sample(_NAMES, 2)
-    (e1, _), (e2, r) = _eq(a, "+", d), _eq(a + d, "+", y)
-    return (f"{n1} is {a} years old. {n2} is {d} years older than {n1}. How old will {n2} be in {y} years?",
-            [f"{n2} is {e1} years old now.", f"In {y} years {n2} will be {e2}."], r)
+    return _solved(f"{n1} is {a} years old. {n2} is {d} years older than {n1}. How old will {n2} be in {y} years?",
+                   (f"{n2} is", a, "+", d, "years old now"), (f"In {y} years {n2} will be", a + d, "+", y, ""))
 
 
 def _boxes(rng):
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     b, c, e = rng.randint(2, 9), rng.randint(3, 12), rng.randint(1, 20)
     g = rng.randint(1, b * c + e)
-    (e1, _), (e2, _), (e3, r) = _eq(b, "*", c), _eq(b * c, "+", e), _eq(b * c + e, "-", g)
-    return (f"{name} has {b} boxes with {c} {item} in each box and {e} more {item} on the table. {name} gives "
-            f"away {g} {item}. How many {item} does {name} have left?",
-            [f"The boxes hold {e1} {item}.", f"With the table that is {e2}.", f"After giving some away: {e3}."], r)
+    return _solved(f"{name} has {b} boxes with {c} {item} in each box and {e} more {item} on the table. {name} gives "
+                   f"away {g} {item}. How many {item} does {name} have left?", ("The boxes hold", b, "*", c, item),
+                   ("With the table that is", b * c, "+", e, ""), ("After giving some away:", b * c + e, "-", g, ""))
 
 
-MATH_KINDS = {"chain": _chain, "product": _product, "quotient": _quotient, "precedence": _precedence,
-              "shopping": _shopping, "sharing": _sharing, "travel": _travel, "savings": _savings,
-              "chairs": _chairs, "ages": _ages, "boxes": _boxes}
+MATH_KINDS = (_chain, _product, _quotient, _precedence, _shopping, _sharing, _travel, _savings, _chairs, _ages, _boxes)
 
 
 def math_problems(seed, n, exclude=frozenset(), unique=False):
     """n problems [(question, solution lines, answer)] from a seeded generator. A question in `exclude`
     (the held-out sets) is drawn again, and with unique=True so is any question already drawn."""
-    rng, kinds, out, seen = random.Random(seed), list(MATH_KINDS.values()), [], set(exclude)
+    rng, out, seen = random.Random(seed), [], set(exclude)
     while len(out) < n:
-        problem = rng.choice(kinds)(rng)
+        problem = rng.choice(MATH_KINDS)(rng)
         if problem[0] not in seen:
             out.append(problem)
             if unique:
@@ -920,18 +887,16 @@ def default_sets(sizes=DEFAULT_SIZES):
     # sft_train draws two problems per conversation; the second is used when the conversation is two-turn
     pairs = zip(p["sft_train"][::2], p["sft_train"][1::2])
     sft = [_sft_row(rng, pair if rng.random() < 0.2 else pair[:1]) for pair in pairs]
-    return {
-        "math_train": [{"text": math_text(*x)} for x in p["math_train"]],
-        "math_val": [{"text": math_text(*x)} for x in p["math_val"]],
-        "sft_train": sft,
-        "sft_val": [_sft_row(rng, [x]) for x in p["sft_val"]],
-        "pref_train": [_pref_row(rng, x) for x in p["pref_train"]],
-        "pref_val": [_pref_row(rng, x) for x in p["pref_val"]],
-        "rl_train": [{"prompt": [{"role": "user", "content": q}], "answer": str(a)} for q, _, a in p["rl_train"]],
-        "math_test": [{"question": q, "answer": str(a), "solution": "\n".join(lines) + f"\nThe answer is {a}."}
-                      for q, lines, a in p["math_test"]],
-        "math_mc_test": [_mc_row(rng, x) for x in p["math_mc_test"]],
-    }
+    return {"math_train": [{"text": math_text(*x)} for x in p["math_train"]],
+            "math_val": [{"text": math_text(*x)} for x in p["math_val"]],
+            "sft_train": sft,
+            "sft_val": [_sft_row(rng, [x]) for x in p["sft_val"]],
+            "pref_train": [_pref_row(rng, x) for x in p["pref_train"]],
+            "pref_val": [_pref_row(rng, x) for x in p["pref_val"]],
+            "rl_train": [{"prompt": [{"role": "user", "content": q}], "answer": str(a)} for q, _, a in p["rl_train"]],
+            "math_test": [{"question": q, "answer": str(a), "solution": "\n".join(lines) + f"\nThe answer is {a}."}
+                          for q, lines, a in p["math_test"]],
+            "math_mc_test": [_mc_row(rng, x) for x in p["math_mc_test"]]}
 
 
 def prepare_default(data_dir, vocab_size):
@@ -1101,25 +1066,22 @@ def _counts(levels, n, n_sources):
     counts = [0] * n_sources
     for idx, P in levels:
         c = (n * P + _ONE // 2) >> 24
-        counts[idx] = counts[idx] + c
-        n = n - c
+        counts[idx], n = c, n - c  # each source has one level
     return counts
 
 
 class Loader:
-    """Pretraining batches of rows cut from each source's shards: row r is tokens [r*T, r*T + T + 1) (T =
-    seq_len; rows do not cross shards), so each token is a target once per epoch. A micro-batch takes
-    count_k(end) - count_k(start) rows of source k (its in-stage sample range), drawn on from where that
-    source stopped through its epoch permutations, rows grouped by source."""
+    """Pretraining batches: row r of a source is tokens [r*T, r*T + T + 1) of its shards (T = seq_len; rows do not
+    cross shards), so each token is a target once per epoch. A micro-batch takes count_k(end) - count_k(start) rows
+    of source k (its in-stage sample range), drawn on from where k stopped through its epoch permutations."""
 
     def __init__(self, cfg, tok, micro_batch_size, accum, seed, dp_rank=0, dp_size=1):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"data-parallel rank {dp_rank} is outside dp_size {dp_size}")
         self.root = cfg.data_dir if cfg.dataset == "default" else cfg.dataset  # holds manifest.json + shards
-        self.seq_len, self.eos_id, self.n_vocab = cfg.seq_len, tok.eos_id, tok.n_vocab
+        self.seq_len, self.tok, self.manifest = cfg.seq_len, tok, read_manifest(self.root)
         self.micro_batch_size, self.accum, self.rank, self.world_size = micro_batch_size, accum, dp_rank, dp_size
         self.G = micro_batch_size * accum * dp_size
-        self.tok_hash, self.manifest = tok.hash, read_manifest(self.root)
         if self.manifest["tokenizer_hash"] != tok.hash:
             raise ValueError(f"{self.root}/manifest.json: the dataset was tokenized with "
                              f"{self.manifest['tokenizer_hash']}, but the tokenizer {cfg.tokenizer!r} is {tok.hash}")
@@ -1130,12 +1092,10 @@ class Loader:
         self._keys = [_key(seed, *s.encode()) for s in self.sources]  # a name, not a path: data may move
         self._starts = [start for start, _ in self.schedule]
         self._levels = [_levels(weights, self.sources) for _, weights in self.schedule]
-        self._offsets, drawn = [], [0] * len(self.sources)  # per stage: each source's draws before it
-        for k, start in enumerate(self._starts):
-            self._offsets.append(drawn)
-            if k + 1 < len(self._starts):
-                counts = _counts(self._levels[k], (self._starts[k + 1] - start) * self.G, len(self.sources))
-                drawn = [a + b for a, b in zip(drawn, counts)]
+        self._offsets = [[0] * len(self.sources)]  # per stage: each source's draws before it
+        for k in range(1, len(self._starts)):
+            counts = _counts(self._levels[k - 1], (self._starts[k] - self._starts[k - 1]) * self.G, len(self.sources))
+            self._offsets.append([a + b for a, b in zip(self._offsets[-1], counts)])
 
     def _stream(self, source, split):
         """(memmaps of the source's shards, row starts [n_shards + 1], shard paths) for one split, opened once."""
@@ -1147,7 +1107,7 @@ class Loader:
                                  f"(have: {', '.join(have)})")
             paths = [os.path.join(self.root, s["path"]) for s in entry["shards"]]
             # plain ndarray views of the memmaps: slicing a np.memmap builds a memmap object each time
-            maps = [open_shard(p, self.tok_hash).view(np.ndarray) for p in paths]
+            maps = [open_shard(p, self.tok.hash).view(np.ndarray) for p in paths]
             starts = [0, *itertools.accumulate((len(m) - 1) // self.seq_len for m in maps)]
             if starts[-1] == 0:
                 raise ValueError(f"source {source!r} ({split}) has fewer than seq_len + 1 = {self.seq_len + 1} tokens")
@@ -1164,21 +1124,18 @@ class Loader:
             a = (r - starts[s]) * self.seq_len
             buf[i] = maps[s][a:a + self.seq_len + 1]
             where.append((paths[s], a))
-        if buf.max() >= self.n_vocab:
-            i, t = (int(v[0]) for v in np.nonzero(buf >= self.n_vocab))
+        if buf.max() >= self.tok.n_vocab:
+            i, t = (int(v[0]) for v in np.nonzero(buf >= self.tok.n_vocab))
             raise ValueError(f"{where[i][0]}: token id {buf[i, t]} at offset {where[i][1] + t} is outside the "
-                             f"vocabulary ({self.n_vocab} ids): a corrupt shard, or another tokenizer's")
-        return _with_pos(buf, self.eos_id)
-
-    def stage_at(self, step):
-        return bisect.bisect_right(self._starts, step) - 1
+                             f"vocabulary ({self.tok.n_vocab} ids): a corrupt shard, or another tokenizer's")
+        return _with_pos(buf, self.tok.eos_id)
 
     def weights_at(self, step):
-        return dict(self.schedule[self.stage_at(step)][1])
+        return dict(self.schedule[bisect.bisect_right(self._starts, step) - 1][1])
 
     def locate(self, step, micro_step):
         """-> (source index [B], row [B]) of a micro-batch: the whole data order, without reading tokens."""
-        k, S = self.stage_at(step), len(self.sources)
+        k, S = bisect.bisect_right(self._starts, step) - 1, len(self.sources)  # the step's stage
         j = _first_index(step, micro_step, self.micro_batch_size, self.accum, self.rank, self.world_size)
         j -= self._starts[k] * self.G  # the micro-batch's first in-stage sample
         lo, hi = _counts(self._levels[k], j, S), _counts(self._levels[k], j + self.micro_batch_size, S)
@@ -1213,8 +1170,7 @@ def _prepare_main(argv):
     p.add_argument("--field", default="text", help=".jsonl text field / .parquet column (default: text)")
     p.add_argument("--shard_mb", type=int, default=256, help="text files are grouped into shards of about this size")
     a = p.parse_args(argv)
-    tok = Tokenizer.load(a.tokenizer)
-    entry = prepare(a.files, a.out, tok, a.source, a.split, a.field, a.shard_mb << 20)
+    entry = prepare(a.files, a.out, Tokenizer.load(a.tokenizer), a.source, a.split, a.field, a.shard_mb << 20)
     print(f"{a.source}/{a.split}: {entry['documents']:,} documents, {entry['tokens']:,} tokens, "
           f"{len(entry['shards'])} shards in {a.out}")
 
@@ -1224,61 +1180,7 @@ def _default_main(argv):
     prepare_default(ns.data_dir, ns.vocab_size)     # the BPE vocabulary is the model's
 
 
-def _bench_main(argv):
-    """prepare and Loader throughput on three synthetic sources with the SmolLM3 3-stage curriculum, the
-    anonymous memory (Linux RssAnon: what would grow if the loader kept state per step) over 10,000 steps,
-    and train_bpe's time on the first ~10 MB of this interpreter's standard library (the default corpus' code)."""
-    if argv:
-        raise SystemExit("usage: python data.py bench")
-    seq_len, micro_batch_size, mb_per_source, n_batches, total_steps = 2048, 8, 16, 3000, 1_000_000
-
-    def rss_anon():
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("RssAnon"))
-    with tempfile.TemporaryDirectory() as d:
-        tok, rng, t0 = Tokenizer.byte_level(), np.random.default_rng(0), time.perf_counter()
-        for source in ("web", "code", "math"):
-            letters = rng.integers(97, 123, size=mb_per_source << 20, dtype=np.uint8)
-            letters[rng.random(len(letters)) < 0.15] = 32
-            text, cuts = letters.tobytes().decode(), np.cumsum(rng.geometric(1 / 3000, size=len(letters) // 1000))
-            cuts = [0, *cuts[cuts < len(text)].tolist(), len(text)]
-            with open(os.path.join(d, f"{source}.jsonl"), "w") as f:
-                f.writelines(json.dumps({"text": text[a:b]}) + "\n" for a, b in zip(cuts, cuts[1:]) if b > a)
-            prepare([os.path.join(d, f"{source}.jsonl")], d, tok, source)
-        print(f"prepare: 3 x {mb_per_source} MB of synthetic text in {time.perf_counter() - t0:.1f} s")
-        third = total_steps // 3
-        cfg = DataConfig(data_dir=d, seq_len=seq_len, mixture={"web": 0.85, "code": 0.12, "math": 0.03},
-                         stages=[[third, {"web": 0.75, "code": 0.15, "math": 0.10}],
-                                 [2 * third, {"web": 0.63, "code": 0.24, "math": 0.13}]])
-        loader = Loader(cfg, tok, micro_batch_size, accum=1, seed=0)
-        steps = np.random.default_rng(1).integers(0, total_steps, size=n_batches).tolist()
-        for step in steps[:100]:  # warm the page cache
-            loader.get(step, 0)
-        t0 = time.perf_counter()
-        for step in steps:
-            loader.get(step, 0)
-        dt = time.perf_counter() - t0
-        print(f"loader: {n_batches * micro_batch_size * seq_len / dt / 1e6:.1f}M tokens/s ({dt / n_batches * 1e6:.0f} "
-              f"us per {micro_batch_size}x{seq_len} micro-batch, random steps in [0, {total_steps:,}))")
-        before, t0 = rss_anon(), time.perf_counter()
-        for step in range(0, total_steps, 100):
-            loader.locate(step, 0)
-        print(f"indices of {total_steps // 100:,} steps spread over {total_steps:,} in "
-              f"{time.perf_counter() - t0:.1f} s: RssAnon {before:.1f} -> {rss_anon():.1f} MiB")
-    texts, size = [], 0
-    for path in stdlib_files()[0]:
-        if size >= 10 << 20:
-            break
-        texts += iter_documents(path)
-        size += len(texts[-1].encode("utf-8"))
-    t0 = time.perf_counter()
-    tok = train_bpe(texts, 16384)
-    dt, n = time.perf_counter() - t0, sum(map(len, tok.encode_batch(texts)))
-    print(f"train_bpe: 16384 vocab on {size / 1e6:.1f} MB ({len(texts)} files) in {dt:.1f} s; "
-          f"{size / n:.2f} bytes/token")
-
-
-COMMANDS = {"default": _default_main, "prepare": _prepare_main, "bench": _bench_main}
+COMMANDS = {"default": _default_main, "prepare": _prepare_main}
 
 
 def main(argv):

@@ -8,6 +8,7 @@
     python posttrain.py merge out/tiny_final out/tiny_apo:0.9 out/tiny_mid:0.1     # 0.9 x APO + 0.1 x mid
     python posttrain.py grpo config/tiny_grpo.py --init_from=out/tiny_apo  # RLVR on the embedded arithmetic prompts
     python posttrain.py pipeline config/tiny.py    # CPU, from nothing: pretrain -> mid -> SFT -> APO -> GRPO -> merge
+    torchrun --standalone --nproc_per_node=2 posttrain.py sft config/tiny_sft.py --init_from=out/tiny   # DP 2
 
 Every method starts from a checkpoint (init_from: a run directory, one of its checkpoints, or any HF
 SmolLM3-layout directory; the tokenizer is the one beside it) and runs train.run_loop, so optimizer groups,
@@ -17,15 +18,24 @@ jsonl lines {"messages": [{"role", "content"}, ...], "enable_thinking": optional
 chat template; pairs are {"prompt", "chosen", "rejected"}, each a message list or a plain string. "default"
 data are the embedded sets of data_dir (sft_train/sft_val, pref_train/pref_val, written if missing);
 mid-training's default is the SFT conversations with every token in the loss. A conversation or pair longer
-than seq_len is skipped or truncated (overlong), and counted in log.jsonl's "data" line.
+than seq_len is skipped or truncated (overlong), and counted in log.jsonl's "data" line. The template's
+"Today Date" is the run's first day (chat_date, kept in run.json and the checkpoints), so a run resumed on
+another day trains on the same tokens.
+
+Under torchrun every method is data parallel (parallel.DDP; tp=1): each rank reads its share of each step's
+rows, and the loss stays the whole batch's (SFT's per-token mean and GRPO's token-level sums are normalised by
+counts gathered from every rank; a preference step has the same number of pairs on every rank; a GRPO group is
+rolled out and scored on one rank, each rank sampling with its own seed); rank 0 logs, evaluates and writes.
 
 Sections
   loaders       pack_bfd, SFTLoader (packing, per-conversation positions), PreferenceLoader, PromptLoader
-  loop glue     PostConfig, setup (start checkpoint, model, optimizer, resume), fit (run.json, log, run_loop)
+  loop glue     PostConfig, setup (start checkpoint, model, optimizer, DDP, resume, chat date), gathered (across
+                DP ranks), fit (run.json, log, run_loop, moe_step)
   SFT and mid   sft_batches, sft_loss (the per-token mean over the whole step), token_mean_loss, sft
   preference    LOSSES, pair_logps, reference log-probs (frozen copy or a table), dpo
   GRPO          GRPOConfig, overlong_penalty, completion_reward (eval's checker), group_advantages, token_weights
-                (grpo / dapo / dr_grpo), k3_kl, grpo_token_loss (clipped ratio), token_logprobs, rollout, grpo
+                (grpo / dapo / dr_grpo), k3_kl, grpo_token_loss (clipped ratio), token_logprobs, rollout,
+                rollout_stats, grpo
   merge         merge (weighted sum of HF-layout checkpoints, shapes and configs checked)
   pipeline      PipelineConfig, STAGES, checkpoint_metrics (eval.py's numbers), pipeline_table, pipeline
   command line  main
@@ -34,8 +44,10 @@ import bisect
 import collections
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -43,10 +55,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import parallel
 import train
 from config import load, pick
 from data import (_ROLES, DataConfig, Tokenizer, _draw, _field, _first_index, _key, default_sets, load_tokenizer,
@@ -107,12 +121,14 @@ def _messages(key, value):
     return value
 
 
-def _chat_xy(tok, messages, n_prompt=0, all_tokens=False, enable_thinking=True):
-    """Render a conversation -> (x, y) int64 arrays: y[t] = ids[t+1] where that token is the model's to
-    generate after the first n_prompt messages (every token with all_tokens), else -100. Not truncated."""
-    ids, mask = render_chat(tok, messages, enable_thinking=enable_thinking)
+def _chat_xy(tok, messages, n_prompt=0, all_tokens=False, enable_thinking=True, today=None):
+    """Render a conversation (its system turn dated `today`) -> (x, y) int64 arrays: y[t] = ids[t+1] where that
+    token is the model's to generate after the first n_prompt messages (every token with all_tokens), else -100.
+    Not truncated."""
+    ids, mask = render_chat(tok, messages, enable_thinking=enable_thinking, today=today)
     # turns are encoded one by one, so the prompt's rendering is a prefix of the conversation's
-    prompt_len = len(render_chat(tok, messages[:n_prompt], enable_thinking=enable_thinking)[0]) if n_prompt else 0
+    prompt_len = len(render_chat(tok, messages[:n_prompt], enable_thinking=enable_thinking, today=today)[0]) \
+        if n_prompt else 0
     ids, mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool) | all_tokens
     mask[:prompt_len] = False
     return ids[:-1], np.where(mask[1:], ids[1:], -100)
@@ -170,13 +186,14 @@ class _Shuffled:
 class SFTLoader(_Shuffled):
     """SFT conversations ({"messages": [...], "enable_thinking": bool} per line) packed best-fit-decreasing into
     rows of seq_len, each with its own positions 0, 1, ... and targets (y = -100 but on assistant output, or on
-    every token with all_tokens), then padding (pos = -1). `counts`: examples read, skipped or truncated."""
+    every token with all_tokens), then padding (pos = -1). `counts`: examples read, skipped or truncated. `today`:
+    the date in the template's metadata (a datetime.date; None: today)."""
 
     def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1, overlong="skip",
-                 all_tokens=False):
+                 all_tokens=False, today=None):
         fields = [("messages", list), ("enable_thinking", bool, True)]
         docs = _rows(path, fields, lambda messages, think: [
-            _chat_xy(tok, _messages("messages", messages), all_tokens=all_tokens, enable_thinking=think)])
+            _chat_xy(tok, _messages("messages", messages), all_tokens=all_tokens, enable_thinking=think, today=today)])
         docs, self.counts = _fit(docs, seq_len, overlong, path)
         docs = [d for d, in docs]
         self.bins = pack_bfd([len(x) for x, _ in docs], seq_len)
@@ -199,7 +216,8 @@ class PreferenceLoader(_Shuffled):
     optional "enable_thinking"), one per row: y = -100 on the prompt and on padding, so the sum of -CE over
     y != -100 is the completion's log-probability. `counts`: pairs read, skipped or truncated."""
 
-    def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1, overlong="skip"):
+    def __init__(self, path, tok, seq_len, micro_batch_size, accum=1, seed=0, rank=0, world_size=1, overlong="skip",
+                 today=None):
         self.tok = tok
 
         def render(prompt, chosen, rejected, think):
@@ -208,7 +226,8 @@ class PreferenceLoader(_Shuffled):
                 raise ValueError("prompt, chosen and rejected must all be message lists or all strings")
             if isinstance(prompt, str):
                 return [_text_xy(tok, prompt, reply) for reply in (chosen, rejected)]
-            return [_chat_xy(tok, prompt + reply, len(prompt), enable_thinking=think) for reply in (chosen, rejected)]
+            return [_chat_xy(tok, prompt + reply, len(prompt), enable_thinking=think, today=today)
+                    for reply in (chosen, rejected)]
         fields = [("prompt", object), ("chosen", object), ("rejected", object), ("enable_thinking", bool, True)]
         self.pairs, self.counts = _fit(_rows(path, fields, render), seq_len, overlong, path)
         self._setup(len(self.pairs), micro_batch_size, accum, seed, rank, world_size, path, "preference")
@@ -230,10 +249,11 @@ class PromptLoader(_Shuffled):
     ids rendered with the generation prompt, answers as strings); the line's enable_thinking beats the loader's,
     a /think or /no_think in the prompt's system turn beats both (the template's rule)."""
 
-    def __init__(self, path, tok, micro_batch_size, accum=1, seed=0, rank=0, world_size=1, enable_thinking=True):
+    def __init__(self, path, tok, micro_batch_size, accum=1, seed=0, rank=0, world_size=1, enable_thinking=True,
+                 today=None):
         fields = [("prompt", list), ("answer", str), ("enable_thinking", bool, enable_thinking)]
         rows = _rows(path, fields, lambda prompt, answer, think: (
-            render_chat(tok, _messages("prompt", prompt), True, enable_thinking=think)[0], answer))
+            render_chat(tok, _messages("prompt", prompt), True, enable_thinking=think, today=today)[0], answer))
         self.prompts, self.answers = [ids for ids, _ in rows], [answer for _, answer in rows]
         self._setup(len(self.prompts), micro_batch_size, accum, seed, rank, world_size, path, "rl")
 
@@ -258,6 +278,8 @@ class PostConfig:
                                     # "frozen": a frozen copy of the start model scores every batch
     attn_impl: str = "sdpa"         # how to run attention ("triton" on GPU); a checkpoint does not record it
     act_ckpt: bool = False          # recompute each layer in backward (ModelConfig.act_ckpt)
+    chat_date: str = ""             # "YYYY-MM-DD": the chat template's "Today Date"; "": the day the run started
+                                    # (kept in run.json and the checkpoints, so a resumed run sees the same tokens)
 
 
 # The dataclasses whose fields a post-training config may set; TrainConfig's keys mean what they mean for
@@ -282,7 +304,30 @@ class Run:
     ckpt: str | None                # the checkpoint resumed from, or None
     start: int
     config: dict
+    today: datetime.date            # the date every conversation of the run is rendered with
+    grid: object = None             # parallel.Grid under torchrun (data parallel), else None
     log: train.Logger | None = None
+
+    @property
+    def dp(self):
+        return self.grid.dp if self.grid else 1
+
+    @property
+    def dp_rank(self):
+        return self.grid.dp_rank if self.grid else 0
+
+    @property
+    def master(self):               # rank 0 logs, evaluates and writes
+        return self.dp_rank == 0
+
+
+def gathered(run, t):
+    """Tensor t [n, ...] of every DP rank, concatenated in rank order (the global batch's order); t in one process."""
+    if not run.grid:
+        return t
+    parts = [torch.empty_like(t.to(run.device)) for _ in range(run.dp)]
+    dist.all_gather(parts, t.to(run.device), group=run.grid.dp_group)
+    return torch.cat(parts).to(t.device)
 
 
 def checkpoint_dir(path, what):
@@ -308,7 +353,10 @@ def resolve(ns):
               (pc.beta > 0, f"beta={pc.beta} must be > 0"),
               (pc.ref_logps in ("precompute", "frozen"),
                f"ref_logps={pc.ref_logps!r} must be 'precompute' or 'frozen'"),
-              (tc.init_from, "init_from: post-training starts from a checkpoint; pass --init_from=RUN_OR_CHECKPOINT")]
+              (tc.init_from, "init_from: post-training starts from a checkpoint; pass --init_from=RUN_OR_CHECKPOINT"),
+              (tc.tp == 1 and tc.zero == 0, "tp and zero: posttrain.py runs data parallel only (tp=1, zero=0)"),
+              (not pc.chat_date or re.fullmatch(r"\d{4}-\d{2}-\d{2}", pc.chat_date),
+               f"chat_date={pc.chat_date!r} must be a date YYYY-MM-DD or '' (the day the run started)")]
     errors = [msg for ok, msg in checks if not ok]
     if errors:
         raise ValueError("config: " + "; ".join(errors))
@@ -317,15 +365,18 @@ def resolve(ns):
 
 def setup(ns, method, **overrides):
     """Check the config, find the start (init_from, or out_dir's latest checkpoint with --resume=True), build the
-    model, optimizers, guard and Step, restore a resumed run. Writes nothing. `overrides`: ModelConfig fields."""
+    model, optimizers, guard and Step, restore a resumed run. Writes nothing. `overrides`: ModelConfig fields.
+    Under torchrun every rank trains on its share of each step's rows (parallel.DDP, as in train.py)."""
     dc, tc, pc = resolve(ns)
-    if train.dist_env()[1] > 1:
-        raise ValueError(f"WORLD_SIZE={train.dist_env()[1]}: posttrain.py runs one process (no torchrun yet)")
+    _, world, local_rank = train.dist_env()
     init = checkpoint_dir(tc.init_from, "init_from")
     mc = Model.config_from_hf(os.path.join(init, "config.json"), attn_impl=pc.attn_impl, act_ckpt=pc.act_ckpt,
                               **overrides)
-    train.check_config(mc, dc, tc)
-    device, autocast = train.setup_device(tc, mc, 0)
+    train.check_config(mc, dc, tc, world)
+    device, autocast = train.setup_device(tc, mc, local_rank)
+    if device.type == "cuda":                                  # NCCL's barrier and collectives use this GPU
+        torch.cuda.set_device(device)
+    grid = parallel.init(1, mc, tc.dist_timeout_s) if world > 1 else None
     ckpt, _ = train.find_start(tc, mc)
     tok_file = os.path.join(init, "tokenizer.json")
     tok = Tokenizer.load(tok_file) if dc.tokenizer == "default" and os.path.isfile(tok_file) else load_tokenizer(dc)
@@ -334,20 +385,35 @@ def setup(ns, method, **overrides):
     torch.manual_seed(tc.seed)
     model = load_model(init, pc, device, **overrides)
     model.train()
-    opts = train.build_optimizers(model, tc, device)
-    update = train.Step(opts, train.Guard(tc.spike_factor), tc, autocast)
-    config, start = {**vars(ns), "method": method, "init_path": init}, 0
+    opts, guard = train.build_optimizers(model, tc, device), train.Guard(tc.spike_factor)
+    saved = train.load_checkpoint(ckpt, model, opts, grid) if ckpt else {}
+    # the template's date: the configured one, else the one the run started with (a resumed run renders the
+    # same tokens on any later day), else today's
+    chat_date = pc.chat_date or saved.get("config", {}).get("chat_date") or datetime.date.today().isoformat()
+    try:
+        today = datetime.date.fromisoformat(chat_date)
+    except ValueError:
+        raise ValueError(f"chat_date={chat_date!r}: not a date (expected YYYY-MM-DD)") from None
+    if grid:                   # rank 0's date on every rank: a start at midnight may straddle two days
+        day = torch.tensor([today.toordinal()], device=device)
+        dist.broadcast(day, 0)
+        today = datetime.date.fromordinal(int(day))
+        chat_date = today.isoformat()
+    config, start = {**vars(ns), "chat_date": chat_date, "method": method, "init_path": init}, 0
+    master = not grid or grid.rank == 0
     if ckpt:
-        saved = train.load_checkpoint(ckpt, model, opts)
         start = saved["step"]
-        update.guard.load_state_dict(saved["guard"])
+        guard.load_state_dict(saved["guard"])
         changed = {k: (saved["config"].get(k), v) for k, v in config.items()
                    if saved["config"].get(k) != v and k != "resume"}
-        print(f"resuming from {ckpt} at step {start}" + (f"; config changes: {changed}" if changed else ""))
-    else:
+        if master:
+            print(f"resuming from {ckpt} at step {start}" + (f"; config changes: {changed}" if changed else ""))
+    elif master:
         print(f"{method}: starting from {init}")
+    # DDP's hooks sit on the parameters (rank 0's, broadcast): the plain module runs, compiled or not
+    update = train.Step(opts, guard, tc, autocast, ddp=parallel.DDP(model, grid.dp_group) if grid else None)
     fwd = torch.compile(model) if train.use_compile(tc, device) else model
-    return Run(dc, tc, pc, device, autocast, model, fwd, opts, update, tok, init, ckpt, start, config)
+    return Run(dc, tc, pc, device, autocast, model, fwd, opts, update, tok, init, ckpt, start, config, today, grid)
 
 
 def data_file(run, path, name):
@@ -355,44 +421,61 @@ def data_file(run, path, name):
     if path != "default":
         return path
     path = os.path.join(run.dc.data_dir, f"{name}.jsonl")
-    if not os.path.isfile(path):
+    if run.master and not os.path.isfile(path):
         os.makedirs(run.dc.data_dir, exist_ok=True)
         for set_name, rows in default_sets().items():
             target = os.path.join(run.dc.data_dir, f"{set_name}.jsonl")
             if not os.path.isfile(target):
                 text = "".join(json.dumps(r) + "\n" for r in rows)
                 atomic_write(target, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    if run.grid:
+        dist.barrier()                                         # the other ranks wait for rank 0's files
     return path
 
 
 def fit(run, batches, loss_fn, held_out, extra=None, counts=None, rows_per_example=1):
     """Open the run (run.json, log.jsonl cut back to the start step) and run train.run_loop: a fresh run logs
     the data `counts` and a held-out eval at step 0 first (the before), every run ends in a checkpoint.
-    rows_per_example: rows of seq_len per batch_size unit (a preference pair is two)."""
-    tc, model = run.tc, run.model
-    os.makedirs(tc.out_dir, exist_ok=True)
-    info = train.start_run(tc.out_dir, run.config, run.device, run.start, run.ckpt)
-    print(json.dumps(run.config, indent=1))
-    print(f"python {info['python']}, torch {info['torch']}, device {info['device']}, commit {info['git_commit']}")
+    rows_per_example: rows of seq_len per batch_size unit (a preference pair is two). Under torchrun rank 0
+    logs, evaluates (held_out, in eval mode) and writes; every rank trains and joins the checkpoint's gather."""
+    tc, model, master = run.tc, run.model, run.master
     tokens_per_step, peak = rows_per_example * tc.batch_size * run.dc.seq_len, train.peak_flops(run.device)
-    print(f"{model.num_params():,} parameters; up to {tokens_per_step:,} tokens per step: {tc.batch_size} "
-          f"{'pairs' if rows_per_example == 2 else 'rows'} ({tc.micro_batch_size} x "
-          f"{tc.batch_size // tc.micro_batch_size} accum) of <= {run.dc.seq_len} tokens")
-    run.log = train.Logger(tc.out_dir, run.start, tc, tokens_per_step, model.flops_per_token(run.dc.seq_len), peak,
-                           True)
+    if master:
+        os.makedirs(tc.out_dir, exist_ok=True)
+        info = train.start_run(tc.out_dir, run.config, run.device, run.start, run.ckpt)
+        print(json.dumps(run.config, indent=1))
+        print(f"python {info['python']}, torch {info['torch']}, device {info['device']}, commit {info['git_commit']}")
+        print(f"{model.num_params():,} parameters; up to {tokens_per_step:,} tokens per step: {tc.batch_size} "
+              f"{'pairs' if rows_per_example == 2 else 'rows'} ({tc.micro_batch_size} x "
+              f"{tc.batch_size // (tc.micro_batch_size * run.dp)} accum x {run.dp} dp) of <= {run.dc.seq_len} tokens")
+    run.log = train.Logger(tc.out_dir, run.start, tc, tokens_per_step, model.flops_per_token(run.dc.seq_len),
+                           peak and peak * run.dp, master)
+
+    def evaluate(done):   # eval mode: an MoE router counts only the training forwards' load (Model.moe_step)
+        if master:
+            model.eval()
+            held_out(done)
+            model.train()
+
+    def step_extra():     # every rank: moe_step all-reduces the experts' load, then moves the balance biases
+        return {**(extra() if extra else {}), **model.moe_step()}
+
     if run.start == 0:
         if counts:
             run.log.write({"kind": "data", "step": 0, **counts})
             run.log.say(f"data: {counts}")
-        held_out(0)
+        evaluate(0)
         run.log.restart_clock()
 
     def save(done):
         state = {"step": done, "guard": run.update.guard.state_dict(), "config": run.config}
-        train.save_checkpoint(tc.out_dir, model, run.opts, state, tc.keep_ckpts, run.tok)
+        train.save_checkpoint(tc.out_dir, model, run.opts, state, tc.keep_ckpts, run.tok, run.grid)
 
-    train.run_loop(tc, run.start, run.update, run.log, batches, loss_fn, save, run.start if run.ckpt else None,
-                   held_out, extra)
+    with parallel.settling(run.grid):  # a collective failed: if a rank is lost, the heartbeat names it and exits
+        train.run_loop(tc, run.start, run.update, run.log, batches, loss_fn, save, run.start if run.ckpt else None,
+                       evaluate, step_extra)
+    if run.grid:
+        parallel.shutdown(model)
     evals = [r for r in train.read_log(run.log.path) if r["kind"] == "eval"]
     return {"step": tc.max_steps, "run_dir": tc.out_dir, "skips": run.update.guard.skips,
             "first_eval": evals[0] if evals else None, "last_eval": evals[-1] if evals else None}
@@ -405,16 +488,17 @@ def sft(ns, all_tokens=False):
     every token) of conversations packed into rows; the loss is the mean over every target token of the step."""
     run = setup(ns, "mid" if all_tokens else "sft")
     dc, tc, pc = run.dc, run.tc, run.pc
-    accum = tc.batch_size // tc.micro_batch_size
+    accum = tc.batch_size // (tc.micro_batch_size * run.dp)
     loaders = {"train": SFTLoader(data_file(run, pc.train_data, "sft_train"), run.tok, dc.seq_len,
-                                  tc.micro_batch_size, accum, tc.seed, overlong=pc.overlong, all_tokens=all_tokens)}
+                                  tc.micro_batch_size, accum, tc.seed, run.dp_rank, run.dp, pc.overlong, all_tokens,
+                                  run.today)}
     val_path = data_file(run, pc.val_data, "sft_val")
     if val_path:
         loaders["val"] = SFTLoader(val_path, run.tok, dc.seq_len, tc.micro_batch_size, overlong=pc.overlong,
-                                   all_tokens=all_tokens)
+                                   all_tokens=all_tokens, today=run.today)
 
     def batches(step):
-        return sft_batches(loaders["train"], step, accum)
+        return sft_batches(loaders["train"], step, accum, run)
 
     def loss_fn(batch):
         return sft_loss(run.fwd, batch, run.device)
@@ -429,14 +513,16 @@ def sft(ns, all_tokens=False):
     return fit(run, batches, loss_fn, held_out, counts=counts)
 
 
-def sft_batches(loader, step, accum):
-    """The step's micro-batches (x, y, pos, scale). Step backpropagates each micro-batch's loss / accum and logs
-    their mean, so with scale = accum / n (n: the target tokens of the whole step) a micro-batch's token sum
-    x scale makes the step's loss and gradient the per-token mean over the whole batch: a short conversation
-    weighs what its tokens weigh, not what a mean of per-micro-batch means would give it."""
+def sft_batches(loader, step, accum, run=None):
+    """This rank's micro-batches (x, y, pos, scale) of the step. Step backpropagates each micro-batch's loss /
+    accum and logs their mean, and DDP averages over the dp ranks, so with scale = accum x dp / n (n: the target
+    tokens of the whole step, all ranks: all-reduced) a micro-batch's token sum x scale makes the step's loss and
+    gradient the per-token mean over the whole batch: a short conversation weighs what its tokens weigh, not
+    what a mean of per-micro-batch (or per-rank) means would give it."""
     micro = [loader.get(step, m) for m in range(accum)]
     n = sum(int((y != -100).sum()) for _, y, _ in micro)
-    return [(x, y, pos, accum / max(n, 1)) for x, y, pos in micro]
+    n, dp = (int(gathered(run, torch.tensor([n])).sum()), run.dp) if run else (n, 1)
+    return [(x, y, pos, accum * dp / max(n, 1)) for x, y, pos in micro]
 
 
 def sft_loss(model, batch, device):
@@ -503,16 +589,19 @@ def reference_tables(run, loaders, paths):
     path = os.path.join(run.tc.out_dir, "ref_logps.safetensors")
     meta = {"init": _sha256(os.path.join(run.init, "model.safetensors")), "seq_len": str(run.dc.seq_len),
             "overlong": run.pc.overlong, **{split: _sha256(p) for split, p in paths.items()}}
+    fresh = False
     if os.path.isfile(path):
         with safe_open(path, framework="pt") as f:
-            if f.metadata() == meta:
-                return load_file(path)
-    ref = load_model(run.init, run.pc, run.device, z_loss=0.0)
-    tables = {split: logps_table(ref, loader, run.tc.micro_batch_size, run.autocast, run.device)
-              for split, loader in loaders.items()}
-    os.makedirs(run.tc.out_dir, exist_ok=True)
-    atomic_write(path, lambda p: save_file(tables, p, metadata=meta))
-    return tables
+            fresh = f.metadata() == meta
+    if run.master and not fresh:
+        ref = load_model(run.init, run.pc, run.device, z_loss=0.0)
+        tables = {split: logps_table(ref, loader, run.tc.micro_batch_size, run.autocast, run.device)
+                  for split, loader in loaders.items()}
+        os.makedirs(run.tc.out_dir, exist_ok=True)
+        atomic_write(path, lambda p: save_file(tables, p, metadata=meta))
+    if run.grid:
+        dist.barrier()                                         # the other ranks wait for rank 0's table
+    return load_file(path)
 
 
 def dpo(ns):
@@ -520,11 +609,12 @@ def dpo(ns):
     start model as the reference (a frozen copy, or its log-probs precomputed once)."""
     run = setup(ns, "dpo", z_loss=0.0)      # log-probs are the plain cross-entropy: no z-loss term
     dc, tc, pc = run.dc, run.tc, run.pc
-    accum = tc.batch_size // tc.micro_batch_size
+    accum = tc.batch_size // (tc.micro_batch_size * run.dp)
     paths = {"train": data_file(run, pc.train_data, "pref_train"), "val": data_file(run, pc.val_data, "pref_val")}
     paths = {split: p for split, p in paths.items() if p}    # val_data "": no held-out pairs
-    loaders = {split: PreferenceLoader(p, run.tok, dc.seq_len, tc.micro_batch_size, accum, tc.seed,
-                                       overlong=pc.overlong) for split, p in paths.items()}
+    # every rank the same number of pairs a step: the mean of the ranks' means is the mean over the batch's pairs
+    loaders = {split: PreferenceLoader(p, run.tok, dc.seq_len, tc.micro_batch_size, accum, tc.seed, run.dp_rank,
+                                       run.dp, pc.overlong, run.today) for split, p in paths.items()}
     if pc.ref_logps == "precompute":
         tables = reference_tables(run, loaders, paths)
 
@@ -554,8 +644,9 @@ def dpo(ns):
         stats.append(s)
         return loss.mean()
 
-    def extra():
-        out = {k: torch.stack([s[k] for s in stats]).mean().item() for k in stats[0]}
+    def extra():   # the means over every rank's pairs
+        means = gathered(run, torch.stack([torch.stack([s[k] for s in stats]).mean() for k in stats[0]])[None])
+        out = dict(zip(stats[0], means.mean(0).tolist()))
         stats.clear()
         return out
 
@@ -634,17 +725,19 @@ def group_advantages(rewards, group_size, scale=True):
     return torch.where(r.amax(1, keepdim=True) > r.amin(1, keepdim=True), a, 0.0).view(-1)
 
 
-def token_weights(mask, agg, max_len):
+def token_weights(mask, agg, max_len, sequences=None, tokens=None):
     """Per-token weights [N, T] that turn a per-token loss into the batch loss by one weighted sum, so any
-    split into micro-batches sums to the same loss. grpo: mean over each sequence, then over sequences;
-    dapo: sum over all tokens / total tokens; dr_grpo: sum / (sequences x max_len, the generation budget)."""
+    split into micro-batches (or ranks) sums to the same loss. grpo: mean over each sequence, then over
+    sequences; dapo: sum over all tokens / total tokens; dr_grpo: sum / (sequences x max_len, the generation
+    budget). sequences, tokens: the whole batch's, when `mask` is one rank's share (default: mask's own)."""
     m = mask.float()
+    sequences = len(m) if sequences is None else sequences
     if agg == "grpo":
-        return m / m.sum(1, keepdim=True).clamp(min=1) / len(m)
+        return m / m.sum(1, keepdim=True).clamp(min=1) / sequences
     if agg == "dapo":
-        return m / m.sum().clamp(min=1)
+        return m / (m.sum() if tokens is None else torch.tensor(float(tokens))).clamp(min=1)
     if agg == "dr_grpo":
-        return m / (len(m) * max_len)
+        return m / (sequences * max_len)
     raise ValueError(f"loss_agg must be 'grpo', 'dapo' or 'dr_grpo', got {agg!r}")
 
 
@@ -674,7 +767,8 @@ def token_logprobs(model, x, y, pos, temperature):
 
 def rollout(model, tok, prompts, answers, gc, generator):
     """G completions of every prompt (batched generate with the KV cache) -> (rows (x, y, pos) [N*G, T] whose
-    targets are the completion tokens only, rewards [N*G], stats: lengths, correct answers, tokens/s)."""
+    targets are the completion tokens only, scores [N*G, 3] float64: reward, length, correct answer (0/1),
+    seconds of generation)."""
     stop, g = [t for t in (tok.im_end_id, tok.eos_id) if t is not None], gc.group_size
     batch = [p for p in prompts for _ in range(g)]
     model.eval()
@@ -690,12 +784,18 @@ def rollout(model, tok, prompts, answers, gc, generator):
     rewards = [completion_reward(tok, out, answers[i // g], thinks[i // g], gc) for i, out in enumerate(outs)]
     rows = [(np.asarray(p + o[:-1], dtype=np.int64), np.asarray([-100] * (len(p) - 1) + o, dtype=np.int64))
             for p, o in zip(batch, outs)]
-    lengths = [len(o) for o in outs]
-    stats = {"completion_length": sum(lengths) / len(outs), "completion_length_max": max(lengths),
-             "correct": sum(check_answer(completion_text(tok, o), answers[i // g])
-                            for i, o in enumerate(outs)) / len(outs),
-             "rollout_tok_per_s": sum(lengths) / seconds}
-    return tuple(map(torch.from_numpy, _padded(tok, rows, max(len(x) for x, _ in rows)))), torch.tensor(rewards), stats
+    correct = [check_answer(completion_text(tok, o), answers[i // g]) for i, o in enumerate(outs)]
+    scores = torch.tensor([rewards, [len(o) for o in outs], correct], dtype=torch.float64).T
+    return tuple(map(torch.from_numpy, _padded(tok, rows, max(len(x) for x, _ in rows)))), scores, seconds
+
+
+def rollout_stats(scores, group_size, seconds):
+    """The log's numbers of a step's rollout, scores [N*G, 3] (rollout's, of every rank) and its wall time."""
+    rewards, lengths = scores[:, 0].float(), scores[:, 1]
+    return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+            "zero_std_groups": (rewards.view(-1, group_size).std(1) == 0).float().mean().item(),
+            "completion_length": lengths.mean().item(), "completion_length_max": int(lengths.max()),
+            "correct": scores[:, 2].mean().item(), "rollout_tok_per_s": lengths.sum().item() / seconds}
 
 
 def grpo(ns):
@@ -709,8 +809,9 @@ def grpo(ns):
     tc, tok, mu, g = run.tc, run.tok, gc.num_iterations, gc.group_size
     checks = [(gc.loss_agg in ("grpo", "dapo", "dr_grpo"),
                f"loss_agg={gc.loss_agg!r} must be 'grpo', 'dapo' or 'dr_grpo'"),
-              (g >= 2 and tc.batch_size % g == 0,
-               f"batch_size={tc.batch_size} must be a multiple of group_size={g} >= 2"),
+              # a group stays on one rank: its advantages need only its own rewards
+              (g >= 2 and tc.batch_size % (g * run.dp) == 0,
+               f"batch_size={tc.batch_size} must be a multiple of group_size={g} >= 2 x dp={run.dp}"),
               (0 <= gc.overlong_cache < gc.max_new_tokens,
                f"overlong_cache={gc.overlong_cache} must be in [0, max_new_tokens={gc.max_new_tokens})"),
               (gc.temperature > 0, f"temperature={gc.temperature} must be > 0 (greedy samples of a group are all one)"),
@@ -720,8 +821,8 @@ def grpo(ns):
     errors = [msg for ok, msg in checks if not ok]
     if errors:
         raise ValueError("config: " + "; ".join(errors))
-    loader = PromptLoader(data_file(run, gc.rl_data, "rl_train"), tok, tc.batch_size // g, seed=tc.seed,
-                          enable_thinking=gc.enable_thinking)
+    loader = PromptLoader(data_file(run, gc.rl_data, "rl_train"), tok, tc.batch_size // (g * run.dp), seed=tc.seed,
+                          rank=run.dp_rank, world_size=run.dp, enable_thinking=gc.enable_thinking, today=run.today)
     ref = load_model(run.init, run.pc, run.device, z_loss=0.0).eval().requires_grad_(False) if gc.kl_beta else None
     generator = torch.Generator(run.device)
     held = task_rows("math", "")[:gc.eval_questions] if gc.eval_questions else []   # eval.py's math_test
@@ -731,27 +832,35 @@ def grpo(ns):
     def scored(model, rows):   # under the loss's autocast: the first update's ratio is then exactly 1
         if model is None:
             return None
+        training = model.training
+        model.eval()           # an MoE router counts the load of training forwards only
         with run.autocast:
-            return torch.cat([token_logprobs(model, *(t.to(run.device) for t in r), gc.temperature).float().cpu()
-                              for r in rows])
+            out = torch.cat([token_logprobs(model, *(t.to(run.device) for t in r), gc.temperature).float().cpu()
+                             for r in rows])
+        model.train(training)
+        return out
 
     def batches(step):
         if step % mu:                                        # the same rollout again, against its old log-probs
             return buffer
-        # the rollout of step s is a function of (seed, s, weights): a resumed run samples what it would have
-        generator.manual_seed(tc.seed * 1_000_003 + step)
+        # the rollout of step s on DP rank r is a function of (seed, s, r, weights): a resumed run samples what it
+        # would have, and no two ranks draw the same samples
+        generator.manual_seed(tc.seed * 1_000_003 + step * run.dp + run.dp_rank)
         prompts, answers = loader.get(step // mu, 0)
-        (x, y, pos), rewards, stats_ = rollout(run.model, tok, prompts, answers, gc, generator)
-        adv = group_advantages(rewards, g, gc.scale_rewards)
-        w = token_weights(y != -100, gc.loss_agg, gc.max_new_tokens)
+        (x, y, pos), scores, seconds = rollout(run.model, tok, prompts, answers, gc, generator)
+        adv = group_advantages(scores[:, 0].float(), g, gc.scale_rewards)
+        # normalised by the whole batch's sequences and completion tokens (all ranks): DDP's mean of the ranks'
+        # gradients is then the gradient of the one-process loss
+        counts = gathered(run, torch.tensor([[len(y), int((y != -100).sum())]])).sum(0).tolist()
+        w = token_weights(y != -100, gc.loss_agg, gc.max_new_tokens, *counts)
         part = [slice(i, i + tc.micro_batch_size) for i in range(0, len(x), tc.micro_batch_size)]
         rows = [(x[s], y[s], pos[s]) for s in part]
         old, ref_lp = scored(run.model if mu > 1 else None, rows), scored(ref, rows)
         buffer[:] = [(*r, adv[s], w[s], None if old is None else old[s], None if ref_lp is None else ref_lp[s])
                      for r, s in zip(rows, part)]
-        spread = rewards.view(-1, g).std(1)
-        stats.update(stats_, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
-                     zero_std_groups=(spread == 0).float().mean().item(), clipped=0, tokens=0)
+        seconds = gathered(run, torch.tensor([seconds])).max().item()    # the slowest rank's
+        stats.update(rollout_stats(gathered(run, scores), g, seconds), clipped=0, completion_tokens=0,
+                     tokens=int(gathered(run, (pos >= 0).sum()[None]).sum()))
         return buffer
 
     def loss_fn(batch):
@@ -760,20 +869,21 @@ def grpo(ns):
         per_token, clip = grpo_token_loss(logp, logp.detach() if old is None else old, adv, gc, ref_lp)
         mask = y != -100
         stats["clipped"] = stats["clipped"] + (clip & mask).sum()
-        stats["tokens"] = stats["tokens"] + mask.sum()
-        # Step backpropagates loss / (number of micro-batches): the weights already make the sum the batch loss
-        return (per_token * w).sum() * len(buffer)
+        stats["completion_tokens"] = stats["completion_tokens"] + mask.sum()
+        # Step backpropagates loss / (number of micro-batches) and DDP averages over the dp ranks: the weights
+        # already make the sum over all ranks the batch loss
+        return (per_token * w).sum() * len(buffer) * run.dp
 
-    def extra():
-        clip_frac = (stats["clipped"] / max(int(stats["tokens"]), 1)).item()
-        stats.update(clipped=0, tokens=0)
-        return {k: v for k, v in stats.items() if k not in ("clipped", "tokens")} | {"clip_frac": clip_frac}
+    def extra():   # "tokens": what the update trained on (every rank), which the log's tok_per_s counts
+        clipped, n = gathered(run, torch.stack([stats["clipped"], stats["completion_tokens"]])[None]).sum(0).tolist()
+        stats.update(clipped=0, completion_tokens=0)
+        return {k: v for k, v in stats.items() if k not in ("clipped", "completion_tokens")} | {
+            "clip_frac": clipped / max(n, 1)}
 
     def held_out(done):
         if held:
             em, _, form = exact_match(run.model, tok, held, True, gc.enable_thinking,
                                       max_new_tokens=gc.max_new_tokens, batch_size=gc.rollout_batch)
-            run.model.train()
             run.log.held_out(done, {}, extra={"exact_match": em, "format": form})
 
     return fit(run, batches, loss_fn, held_out, extra)

@@ -1,6 +1,7 @@
 """posttrain.py's GRPO against hand-derived values and direct float64 computations: group advantages, DAPO's
 overlong penalty, the clipped ratio loss under each aggregation, zero gradient from a group of equal rewards,
-rewards of tricky completions through eval's checker, k3 KL against the exact KL, and the rollout's rows."""
+rewards of tricky completions through eval's checker, k3 KL against the exact KL, the rollout's rows and scores,
+and the log's trained tokens and tokens/s."""
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 import data
 import posttrain as pt
+import train
 from data import Tokenizer
 from model import Model, ModelConfig
 
@@ -192,10 +194,15 @@ def test_rollout_rows_groups_and_the_prefilled_no_think_prompt(tok):
         outs.extend(real_generate(batch, *args, num_samples=num_samples))
         return outs[-len(batch) * num_samples:]
     model.generate = generate
-    (x, y, pos), rewards, stats = pt.rollout(model, tok, prompts, ["5", "2"], gc, torch.Generator().manual_seed(0))
+    (x, y, pos), scores, seconds = pt.rollout(model, tok, prompts, ["5", "2"], gc, torch.Generator().manual_seed(0))
     assert seen == [([prompts[0]], 3), ([prompts[1]], 3)]          # rollout_batch 4: one whole group per call
-    assert x.shape[0] == y.shape[0] == 6 and rewards.shape == (6,) and stats["rollout_tok_per_s"] > 0
-    assert stats["completion_length"] == sum(map(len, outs)) / 6
+    assert x.shape[0] == y.shape[0] == 6 and scores.shape == (6, 3) and seconds > 0
+    want = [[pt.completion_reward(tok, o, ["5", "2"][r // 3], True, gc), len(o),
+             float(pt.check_answer(pt.completion_text(tok, o), ["5", "2"][r // 3]))] for r, o in enumerate(outs)]
+    assert scores.tolist() == want
+    stats = pt.rollout_stats(scores, 3, seconds)
+    assert stats["completion_length"] == sum(map(len, outs)) / 6 and stats["completion_length_max"] == max(map(len, outs))
+    assert stats["rollout_tok_per_s"] == pytest.approx(sum(map(len, outs)) / seconds)
     for r in range(6):
         p, o = prompts[r // 3], outs[r]
         n = len(p) + len(o) - 1
@@ -233,9 +240,29 @@ def test_grpo_runs_logs_and_resumes_exactly(tmp_path, tok):
     assert all(k in r for r in log for k in keys + ("clip_frac",))
     assert [log[0][k] for k in keys] == [log[1][k] for k in keys]          # one rollout, two updates
     assert log[0]["clip_frac"] == 0.0                                      # the first update: ratio exactly 1
+    # tokens trained (tok_per_s counts these): each completion's row, its prompt then all but its stop token
+    loader = pt.PromptLoader(str(tmp_path / "rl.jsonl"), tok, 2, seed=train.TrainConfig.seed)
+    for r in log:
+        prompts = loader.get((r["step"] - 1) // 2, 0)[0]
+        assert r["tokens"] == 4 * sum(len(p) for p in prompts) + round(8 * r["completion_length"]) - 8
     run(tmp_path / "b", 2)
     resumed = run(tmp_path / "b", 4, resume=True)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_logged_tokens_per_second_counts_the_tokens_a_step_reports(tmp_path):
+    """GRPO's steps vary in size: the log's tok_per_s is extra["tokens"] / step time, else tokens_per_step / time."""
+    log = train.Logger(str(tmp_path), 0, train.TrainConfig(max_steps=2), 1000, 6, None, True)
+    r, guard = train.StepResult(1.0, 1.0, 1e-3, None, 1.0), train.Guard(0.0)
+    log.t_last -= 2.0                                                      # a step of 2 s ...
+    log.train_step(1, r, guard, {"tokens": 10})
+    log.restart_clock()                                                    # as run_loop does after each step
+    log.t_last -= 4.0                                                      # ... then one of 4 s
+    log.train_step(2, r, guard)
+    log.bar.close()
+    first, second = train.read_log(str(tmp_path / "log.jsonl"))
+    assert first["tok_per_s"] == pytest.approx(10 / 2, rel=1e-2) and first["tokens"] == 10
+    assert second["tok_per_s"] == pytest.approx(1000 / 4, rel=1e-2)
 
 
 def test_pipeline_table_marks_each_stage_against_its_parent():

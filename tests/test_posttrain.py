@@ -2,9 +2,11 @@
 against per-conversation forwards and a float64 per-token mean; each preference loss against its formula on
 hand-chosen log-ratios and at its limits; completion log-probs against log_softmax by hand; the merge against
 tensor-by-tensor averages; an uninterrupted run for SIGKILL-and-resume of SFT and DPO (every logged number
-equal). Tiny models with data.py's byte-level tokenizer."""
+equal) and for a resume on another day (the chat date pinned); pretraining's moe_step for tiny_moe's balance
+bias after SFT steps. Tiny models with data.py's byte-level tokenizer (DP runs: test_posttrain_dp.py)."""
 import contextlib
 import copy
+import datetime
 import glob
 import hashlib
 import json
@@ -15,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -473,6 +476,70 @@ def test_kill_and_resume_gives_the_same_losses(tmp_path, init_dir, method):
     field = "messages" if method == "sft" else "rejected"
     assert str(e.value) == f"posttrain.py: {bad}:2: missing field '{field}'"
     assert snapshot() == before
+
+
+def _day(date):
+    """A stand-in for the datetime module whose date.today() is `date` (posttrain and data.py ask it)."""
+    class Day(datetime.date):
+        @classmethod
+        def today(cls):
+            return cls(date.year, date.month, date.day)
+    return types.SimpleNamespace(date=Day)
+
+
+def test_a_run_resumed_on_another_day_renders_the_day_it_started(tmp_path, init_dir, monkeypatch):
+    """SFT started on 1 March and resumed at step 3 on 2 March gives the uninterrupted run's losses: the template's
+    "Today Date" is pinned in run.json and the checkpoints. A fresh run on 2 March differs (the date is in every
+    system turn), unless given --chat_date of the first day."""
+    cfg = _run_config(tmp_path, init_dir, _method_files(tmp_path, "sft"))
+
+    def run(day, out, *extra):
+        for module in (data, pt):
+            monkeypatch.setattr(module, "datetime", _day(day))
+        pt.main(["sft", cfg, f"--out_dir={tmp_path / out}", *extra])
+        return _records(tmp_path / out)
+
+    march1, march2 = datetime.date(2026, 3, 1), datetime.date(2026, 3, 2)
+    ref = run(march1, "ref")
+    shutil.copytree(tmp_path / "ref", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "ckpt_000006")
+    (tmp_path / "resumed" / "latest").write_text("ckpt_000003\n")
+    assert run(march2, "resumed", "--resume=True") == ref
+    history = json.loads((tmp_path / "resumed" / "run.json").read_text())["history"]
+    assert [h["config"]["chat_date"] for h in history] == ["2026-03-01", "2026-03-01"]
+    other = run(march2, "other")
+    assert [r["loss"] for r in other if r["kind"] == "train"] != [r["loss"] for r in ref if r["kind"] == "train"]
+    assert run(march2, "pinned", "--chat_date='2026-03-01'") == ref
+    with pytest.raises(SystemExit) as e:
+        pt.main(["sft", cfg, f"--out_dir={tmp_path / 'bad'}", "--chat_date='1 March'"])
+    assert "chat_date='1 March' must be a date YYYY-MM-DD" in str(e.value)
+
+
+def test_moe_balance_bias_moves_after_each_posttrain_step_as_in_pretraining(tmp_path, byte_tok, init_dir):
+    """config/tiny_moe.py's shape, 2 SFT steps of 2 micro-batches with held-out evals at steps 0, 1 and 2: after
+    each step the bias moves by moe_bias_update x sign(mean load - load) of that step's training forwards alone,
+    as train.py's pretraining does (Model.moe_step after the update); the evals count nothing."""
+    ns = load([os.path.join(ROOT, "config", "tiny_moe.py")], ModelConfig, strict=False)
+    start = tmp_path / "moe"
+    _save_model(start, byte_tok, **{**vars(ns), "vocab_size": 264})       # the byte-level tokenizer's vocabulary
+    files = _method_files(tmp_path, "sft")
+    cfg = _run_config(tmp_path, str(start), files, max_steps=2, warmup_steps=1, eval_interval=1, ckpt_interval=1)
+    pt.main(["sft", cfg, f"--out_dir={tmp_path / 'run'}"])
+    loader = pt.SFTLoader(files["train_data"], byte_tok, 256, 1, accum=2, seed=train.TrainConfig.seed)
+    before = str(start)
+    for step in (0, 1):
+        model = Model.from_pretrained(before).train()         # the weights this step trained from
+        for m in range(2):
+            model(*loader.get(step, m), reduction="sum")
+        model.moe_step()
+        after = os.path.join(tmp_path, "run", f"ckpt_{step + 1:06d}")
+        got = Model.from_pretrained(after)
+        for layer, want in zip(got.moe(), model.moe()):
+            assert torch.equal(layer.balance_bias, want.balance_bias), f"step {step + 1}"
+            assert layer.balance_bias.abs().max() > 0
+        before = after
+    log = [r for r in _records(tmp_path / "run") if r["kind"] == "train"]
+    assert all(len(r["moe_load_max_mean"]) == 3 for r in log)  # layers 1-3 are MoE
 
 
 def test_bad_lines_name_file_line_and_field(tmp_path, byte_tok):
