@@ -255,18 +255,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)     # [B, Hkv, S, D]
         rep = cfg.n_heads // cfg.n_kv_heads
-        if mask is not None and rep > 1 and T == 1:
-            # decoding: the rep query heads sharing a KV head become rep query rows of that head, so the
-            # cache is read as is (no GQA expansion) and the [B, 1, 1, S] mask covers every row
-            o = F.scaled_dot_product_attention(q.reshape(B, cfg.n_kv_heads, rep, -1), k, v, attn_mask=mask)
-            o = o.reshape(B, cfg.n_heads, 1, -1)
-        else:
-            if mask is not None and rep > 1 and q.is_cuda:
-                # CUDA's fused kernels may not take a mask and GQA together; the fallback, the math kernel,
-                # holds [B, H, T, T] scores. Expanding K/V keeps the fused kernel.
-                k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=k.shape[1] != q.shape[1])
+        if mask is not None and rep > 1 and q.is_cuda:
+            # CUDA's fused kernels may not take a mask and GQA together; the fallback, the math kernel,
+            # holds [B, H, T, T] scores. Expanding K/V keeps the fused kernel.
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=k.shape[1] != q.shape[1])
         o = o.transpose(1, 2)                              # [B, T, H, D]
         if pos is not None:
             # a padding query saw only itself (Model.sdpa_mask); its output is 0 by contract
@@ -407,20 +401,18 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Static, preallocated per layer [B, heads, S, dim] (ModelConfig.cache_dims: GQA's keys and values, MLA's
-    latent and rope key), an additive attention mask per row [B, S] (0: a real token's key; -inf: padding or
-    a column not yet written) and RoPE's cos/sin for every position [S, 1, D]. A decode step writes its
-    column by an index tensor (`col`) and reads the whole cache under the mask, so every step has the same
-    shapes and no Python-side state (what torch.compile needs to compile it once)."""
+    """Static, preallocated per layer [B, heads, S, dim] (ModelConfig.cache_dims), an additive mask per row [B, S]
+    (0: a real token's key; -inf: padding, or not yet written), RoPE's cos/sin per position [S, 1, 1, D]. A step
+    writes its column by an index tensor (`col`) and reads every column under the mask: the same shapes each step
+    and no Python-side state (what torch.compile needs to compile it once)."""
 
     def __init__(self, cfg, batch, max_len, device, dtype):
         zeros = lambda heads, dim: torch.zeros(batch, heads, max_len, dim, device=device, dtype=dtype)
         dims = [cfg.cache_dims(i) for i in range(cfg.n_layers)]
         self.k, self.v = [zeros(*k) for k, _ in dims], [zeros(*v) for _, v in dims]
         self.mask = torch.full((batch, max_len), float("-inf"), device=device, dtype=dtype)
-        cos, sin = rope_cos_sin(torch.arange(max_len, device=device)[None], cfg, dtype)  # [1, S, 1, D]
-        self.cos, self.sin = cos[0], sin[0]
         self.window, self.columns = cfg.sliding_window, torch.arange(max_len, device=device)
+        self.cos, self.sin = (t[0, :, None] for t in rope_cos_sin(self.columns[None], cfg, dtype))  # [S, 1, 1, D]
         self.col = None   # the columns update() writes: the prompt's at prefill, then one per decode step
         self.stop = 0     # the columns update() returns: the prompt's at prefill, then all (masked)
 
@@ -577,29 +569,50 @@ class Model(nn.Module):
         cache.col, cache.stop = cache.columns[P:P + 1].clone(), cache.mask.shape[1]
         return (h[:, -1] @ self.head_weight.t()).float()
 
+    def decode_weights(self):
+        """Per layer, a decode step's weights [in, out]: q/k/v and gate/up concatenated, the RMSNorm weight before
+        each folded in; None unless every layer is SmolLM3's (not MLA, MoE, qk-norm, TP shards). A copy per call."""
+        if not (self.cfg.is_smollm3 and not self.cfg.qk_norm and type(self.layers[0].attn.q) is nn.Linear):
+            return None
+        cat = lambda norm, *ms: torch.cat([m.weight.t() for m in ms], 1) * (1 if norm is None else norm.weight[:, None])
+        return [(cat(l.attn_norm, l.attn.q, l.attn.k, l.attn.v), cat(None, l.attn.o),
+                 cat(l.mlp_norm, l.mlp.gate, l.mlp.up), cat(None, l.mlp.down)) for l in self.layers]
+
     def decode_one_token(self, tok, pos, cache):
-        """Append one token per row (tok, pos: [B]) at the cache's next column -> next-token logits [B, V].
-        Tensor ops only (the column is a tensor too): the same graph every step."""
-        # doc_causal_mask's last row for a row of one document: its real cached keys, the new one included;
-        # an additive mask, so SDPA does not convert a boolean one in every layer
+        """Append one token per row (tok, pos: [B]) at the cache's next column -> next-token logits [B, V]; tensor ops
+        only (the column too): one graph every step. decode_weights: ~25 ops a layer, not Block's ~60 (per-op bound)."""
+        cfg, B, (H, Hkv, D) = self.cfg, tok.shape[0], (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim)
+        # doc_causal_mask's last row: the row's real cached keys and the new one; additive (no bool -> float per layer)
         mask = cache.mask.index_fill_(1, cache.col, 0.0)                    # [B, S]
         if cache.window is not None:
             mask = torch.where(cache.columns > cache.col - cache.window, mask, float("-inf"))
-        rope = cache.cos[pos][:, None], cache.sin[pos][:, None]            # [B, 1, 1, D]
-        # pos None: no padding among the new tokens, so Attention skips zeroing it
-        h = self.hidden(tok[:, None], None, mask[:, None, None], cache, rope)
+        mask, cos, sin = mask[:, None, None], cache.cos[pos], cache.sin[pos]  # [B, 1, 1, S], [B, 1, 1, D]
+        if cache.weights is None:  # the layers' own forward; pos None: no padding to zero among the new tokens
+            h = self.hidden(tok[:, None], None, mask, cache, (cos, sin))[:, 0]
+        else:
+            h = self.tok_emb(tok)                                           # [B, C]
+            for i, (layer, (w_qkv, w_o, w_gate_up, w_down)) in enumerate(zip(self.layers, cache.weights)):
+                qkv = (F.rms_norm(h, (cfg.d_model,), None, cfg.rms_eps) @ w_qkv).view(B, H + 2 * Hkv, 1, D)
+                qk, v = qkv.split([H + Hkv, Hkv], 1)                       # [B, H + Hkv, 1, D], [B, Hkv, 1, D]
+                if layer.attn.use_rope:
+                    qk = apply_rope(qk, cos, sin)                          # queries and keys in one go
+                k, v = cache.update(i, qk[:, H:], v)                       # [B, Hkv, S, D]
+                # GQA: a KV head's rep query heads are rep query rows of it, so the cache is read as is
+                o = F.scaled_dot_product_attention(qk[:, :H].view(B, Hkv, H // Hkv, D), k, v, attn_mask=mask)
+                h = torch.addmm(h, o.view(B, H * D), w_o)                  # h + o @ w_o in one op
+                gate, up = (F.rms_norm(h, (cfg.d_model,), None, cfg.rms_eps) @ w_gate_up).chunk(2, -1)
+                h = torch.addmm(h, F.silu(gate) * up, w_down)
+            h = self.norm(h)
         cache.col.add_(1)
-        return (h[:, -1] @ self.head_weight.t()).float()
+        return (h @ self.head_weight.t()).float()
 
     # inference mode: no autograd bookkeeping (version counters, views) in the hundreds of small ops a step
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None,
                  num_samples=1, compile=False):
-        """The new tokens of each prompt (a list of token ids), up to and including its first stop id;
-        temperature 0 = greedy. One device-to-host copy per step.
-        num_samples=G: G continuations of each prompt (rows p*G .. p*G+G-1 for prompt p), which share one
-        prefill: the cache is expanded G times after it (GRPO's groups).
-        compile: the decode step under torch.compile (compiled once per batch size and cache length)."""
+        """The new tokens of each prompt (a list of token ids), up to and including its first stop id; temperature
+        0 = greedy; one device-to-host copy per step. num_samples=G: G continuations of each prompt (rows p*G ..
+        p*G+G-1) sharing one prefill (GRPO's groups). compile: the decode step under torch.compile (once per shape)."""
         cfg, dev = self.cfg, self.tok_emb.weight.device
         B, lens, G = len(prompts), [len(p) for p in prompts], num_samples
         if B == 0:
@@ -614,23 +627,20 @@ class Model(nn.Module):
         bad = [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]
         if bad:
             raise ValueError(f"generate: prompt token id {bad[0]} is outside the vocabulary (vocab_size {cfg.vocab_size})")
-        # left-pad so every row's next token lands in the same column; padding has pos -1, so its id (0,
-        # whatever pad_id is) is never seen
+        # left-pad so every row's next token lands in one column; padding's pos -1 hides its id (0, not pad_id)
         x = torch.tensor([[0] * (P - n) + list(p) for p, n in zip(prompts, lens)], device=dev)
         pos = torch.tensor([[-1] * (P - n) + list(range(n)) for n in lens], device=dev)
         cache = KVCache(cfg, B, P + max_new_tokens, dev, self.tok_emb.weight.dtype)
         logits = self.prefill(x, pos, cache)
+        cache.weights = self.decode_weights()
         next_pos = torch.tensor(lens, device=dev)
         if G > 1:
             cache.expand(G)
             logits, next_pos = logits.repeat_interleave(G, 0), next_pos.repeat_interleave(G, 0)
-        step = self.decode_one_token
-        if compile:
-            if "_compiled_decode" not in self.__dict__:
-                # not fullgraph: a layer dynamo cannot trace (MoE's data-dependent routing) breaks the graph
-                # instead of failing; tests hold the GQA step to one graph
-                self._compiled_decode = torch.compile(self.decode_one_token)
-            step = self._compiled_decode
+        if compile and "_compiled_decode" not in self.__dict__:
+            # not fullgraph: what dynamo cannot trace (MoE's routing) breaks the graph; tests hold GQA's to one graph
+            self._compiled_decode = torch.compile(self.decode_one_token)
+        step = self._compiled_decode if compile else self.decode_one_token
         out, done, stop = [[] for _ in range(B * G)], [False] * (B * G), {int(s) for s in stop_ids}
         for t in range(max_new_tokens):
             nxt = sample(logits, temperature, top_k, top_p, generator)          # [B * G]
