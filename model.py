@@ -9,12 +9,11 @@
     model.generate(prompts, n, num_samples=G)   # G samples per prompt sharing its prefill (GRPO); compile=True
     Model.from_pretrained(dir) / model.save_pretrained(dir)    # transformers' SmolLM3 layout (MLA / MoE: ours)
 
-pos holds per-document positions: 0 at each document start, -1 for padding (nothing attends to or from
-it, and its attention output is 0); pos None is one causal sequence per row. A bf16 model gives
-transformers' SmolLM3ForCausalLM bf16 logits bit-for-bit, and so does an fp32 model under bf16 autocast.
-Beyond SmolLM3: attention = "mla" (DeepSeek-V2's latent attention: the latent is what the KV cache holds) and
-n_experts > 0 (MoE MLPs; train.py calls model.moe_step() after each update), each equal to transformers'
-DeepseekV3 modules in tests/test_mla_moe.py.
+pos holds per-document positions: 0 at each document start, -1 for padding (nothing attends to or from it, and
+its attention output is 0); pos None is one causal sequence per row. A bf16 model gives transformers'
+SmolLM3ForCausalLM bf16 logits bit-for-bit, and so does an fp32 model under bf16 autocast. Beyond SmolLM3:
+attention = "mla" (DeepSeek-V2's latent attention) and n_experts > 0 (MoE MLPs; train.py calls model.moe_step()
+after each update), each equal to transformers' DeepseekV3 modules in tests/test_mla_moe.py.
 
 Sections: ModelConfig · RMSNorm, RoPE (+ YaRN) · doc_causal_mask (the one attention mask, kernels.py's twin's too) ·
 Attention (attn_impl "sdpa": CPU, reference; "triton": kernels.py, GPU), MLA, MLP, MoE, Block · KVCache · Model
@@ -174,10 +173,9 @@ def rope_frequencies(cfg):
     inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
     if s == 1.0:
         return inv_freq, 1.0
-    # YaRN (Peng et al., 2023): pairs that turn more than 32 times over the original context keep their
-    # frequency, pairs that turn less than once are interpolated (frequency / factor), a linear ramp over the
-    # pair index blends between; pair i turns r times at index d * ln(L / (2 pi r)) / (2 ln theta). The
-    # 0.1 ln(factor) + 1 scale on cos and sin sharpens the attention logits, as the paper prescribes.
+    # YaRN (Peng et al., 2023): pairs that turn more than 32 times over the original context keep their frequency,
+    # pairs that turn less than once are interpolated (frequency / factor), a linear ramp over the pair index blends
+    # between (pair i turns r times at index d * ln(L / (2 pi r)) / (2 ln theta)); cos, sin scaled 0.1 ln(factor) + 1.
     index_at = lambda turns: d * math.log(cfg.yarn_original_max_position / (2 * math.pi * turns)) / (2 * math.log(theta))
     lo, hi = max(math.floor(index_at(32)), 0), min(math.ceil(index_at(1)), d - 1)
     interp = ((torch.arange(d // 2, dtype=torch.float32) - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
@@ -189,8 +187,7 @@ def rope_cos_sin(pos, cfg, dtype=torch.float32):
     inv_freq, scale = rope_frequencies(cfg)
     # angles in fp32, cos/sin rounded to the residual stream's dtype as transformers does (bit-exact bf16);
     # under autocast the residual stream is fp32 and so is RoPE
-    ang = pos.float()[..., None] * inv_freq.to(pos.device)  # [B, T, D/2]
-    ang = torch.cat([ang, ang], dim=-1)[:, :, None]
+    ang = (pos.float()[..., None] * inv_freq.to(pos.device)).repeat(1, 1, 2)[:, :, None]  # [B, T, 1, D]
     return (ang.cos() * scale).to(dtype), (ang.sin() * scale).to(dtype)
 
 
@@ -202,9 +199,8 @@ def apply_rope(x, cos, sin):
 def doc_causal_mask(pos, window=None, doc_masking=True):
     """Boolean attention mask [B, 1, T, T] (True = may attend) from per-document positions pos [B, T]."""
     i = torch.arange(pos.shape[1], device=pos.device)
-    allowed = (i[None, :] <= i[:, None])[None]                 # [1, T, T] causal
-    if window is not None:
-        allowed = allowed & (i[:, None] - i[None, :] < window)[None]
+    d = i[:, None] - i[None, :]                                # query index - key index
+    allowed = ((d >= 0) & (d < (window or len(i))))[None]      # [1, T, T] causal, within the window
     real = pos >= 0                                            # padding (pos -1) is invisible both ways
     allowed = allowed & real[:, :, None] & real[:, None, :]
     if doc_masking:
@@ -281,11 +277,9 @@ class MLA(nn.Module):
         self.rope_dim = cfg.cache_dims(layer_idx)[1][1]
         C, H, r, dn, dv = cfg.d_model, cfg.n_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim
         if cfg.q_lora_rank:
-            self.q_down = nn.Linear(C, cfg.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_eps)
+            self.q_down, self.q_norm = nn.Linear(C, cfg.q_lora_rank, bias=False), RMSNorm(cfg.q_lora_rank, cfg.rms_eps)
         self.q = nn.Linear(cfg.q_lora_rank or C, H * (dn + self.rope_dim), bias=False)
-        self.kv_down = nn.Linear(C, r + self.rope_dim, bias=False)
-        self.kv_norm = RMSNorm(r, cfg.rms_eps)
+        self.kv_down, self.kv_norm = nn.Linear(C, r + self.rope_dim, bias=False), RMSNorm(r, cfg.rms_eps)
         self.kv_up = nn.Linear(r, H * (dn + dv), bias=False)
         self.o = nn.Linear(H * dv, C, bias=False)
 
@@ -302,15 +296,13 @@ class MLA(nn.Module):
             k_rope = apply_rope(k_rope, cos, sin)
         if cache is not None:
             c, k_rope = cache.update(self.layer_idx, c, k_rope)                       # [B, 1, S, r], [B, 1, S, dr]
-        # keys and values of every head from the latent: training's form. Decoding could instead fold kv_up
-        # into the query and the output projection (DeepSeek-V2's "absorb") and never expand the cache.
+        # every head's keys and values from the latent (decoding could fold kv_up into q and o: DeepSeek's absorb)
         k_nope, v = self.kv_up(c).view(B, -1, H, dn + cfg.v_head_dim).transpose(1, 2).split([dn, cfg.v_head_dim], -1)
         k = torch.cat([k_nope, k_rope.expand(-1, H, -1, -1)], dim=-1)                  # [B, H, S, dn + dr]
         o = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, attn_mask=mask, is_causal=mask is None)
-        o = o.transpose(1, 2)                                                          # [B, T, H, dv]
         if pos is not None:
-            o = o.masked_fill((pos < 0)[:, :, None, None], 0.0)                        # padding's output is 0
-        return self.o(o.reshape(B, T, -1))
+            o = o.masked_fill((pos < 0)[:, None, :, None], 0.0)                        # padding's output is 0
+        return self.o(o.transpose(1, 2).reshape(B, T, -1))                             # [B, T, H * dv]
 
 
 class MLP(nn.Module):
@@ -326,13 +318,12 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Mixture of experts in place of the MLP: a router scores n_experts SwiGLU experts per token in fp32
-    (softmax, or DeepSeek-V3's sigmoid); the top n_experts_active run, weighted by their (renormalised) scores,
-    beside n_shared_experts on every token. Balance: moe_aux_loss * E * sum_i f_i P_i (Switch; f_i: share of
-    the assignments, P_i: mean normalised score) + the router z-loss, in Model.forward's mean loss; or DeepSeek-V3's
-    loss-free bias, which only chooses (Model.moe_step moves it). With moe_capacity_factor, an expert takes its
-    first `capacity` assignments in token order (a dropped one keeps the residual). Dispatch sorts them by expert,
-    one matmul each, one host sync (the counts, which breaks torch.compile's graph): a grouped matmul is faster."""
+    """Mixture of experts in place of the MLP: a router scores n_experts SwiGLU experts per token in fp32 (softmax,
+    or DeepSeek-V3's sigmoid); the top n_experts_active run, weighted by their (renormalised) scores, beside
+    n_shared_experts on every token. Balance: moe_aux_loss * E * sum_i f_i P_i (Switch; f_i: share of assignments,
+    P_i: mean normalised score) + router z-loss, in the mean loss; or DeepSeek-V3's bias, which only chooses
+    (Model.moe_step moves it). An expert over its capacity drops its last assignments in token order (the token keeps
+    its residual). Dispatch sorts by expert, one matmul each and one host sync (breaks torch.compile's graph)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -346,8 +337,7 @@ class MoE(nn.Module):
 
     def forward(self, x):
         cfg, E, k = self.cfg, self.cfg.n_experts, self.cfg.n_experts_active
-        xf = x.reshape(-1, x.shape[-1])                                # [N, C]
-        N = xf.shape[0]
+        xf, N = x.reshape(-1, x.shape[-1]), x.shape[:-1].numel()       # [N, C]
         with torch.autocast(x.device.type, enabled=False):            # routing in fp32, also under autocast
             logits = F.linear(xf.float(), self.router.weight.float())  # [N, E]
         scores = logits.softmax(-1) if cfg.router_score == "softmax" else logits.sigmoid()
@@ -357,7 +347,6 @@ class MoE(nn.Module):
             weight = weight / (weight.sum(-1, keepdim=True) + 1e-20)
         flat = chosen.flatten()                                        # assignment a is token a // k's
         counts, order = torch.bincount(flat, minlength=E), flat.argsort(stable=True)  # by expert, then token order
-        # an assignment's rank within its expert; no capacity factor: every one fits
         cap = math.ceil(cfg.moe_capacity_factor * N * k / E) if cfg.moe_capacity_factor else N * k
         rank = torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts)[flat[order]]
         order, kept = order[rank < cap], counts.clamp(max=cap)
@@ -437,10 +426,9 @@ class Model(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if not self.tok_emb.weight.is_meta:  # meta (summary, from_pretrained) has no values to draw
-            for m in self.modules():
-                if isinstance(m, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(m.weight, mean=0.0, std=cfg.init_std)
+        for m in [] if self.tok_emb.weight.is_meta else self.modules():  # meta (summary, from_pretrained): none
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=cfg.init_std)
 
     @property
     def head_weight(self):
@@ -480,9 +468,8 @@ class Model(nn.Module):
         h = self.hidden(x, pos, mask)
         if y is None:
             return (h @ self.head_weight.t()).float()
-        # Logits within loss_budget_mb: the LM head and CE in one pass. Beyond it, chunks of that size, each under
-        # activation checkpointing, so peak memory is one chunk's logits (4096 tokens at a 128k vocab would hold
-        # 2 GB of fp32 logits) at the price of a second LM-head matmul in backward.
+        # Logits within loss_budget_mb: LM head and CE in one pass; beyond, checkpointed chunks of that size, so peak
+        # memory is one chunk's logits (4096 tokens x 128k vocab = 2 GB fp32) for a second LM-head matmul in backward.
         h, yf, n = h.flatten(0, 1), y.flatten(), cfg.loss_chunk
         chunked = n < len(yf) and torch.is_grad_enabled()
         ce = functools.partial(checkpoint, _chunk_ce, use_reentrant=False) if chunked else _chunk_ce
@@ -513,10 +500,8 @@ class Model(nn.Module):
             if self.cfg.moe_bias_update:
                 m.balance_bias += self.cfg.moe_bias_update * torch.sign(l.mean() - l)
             m.load, m.dropped = 0, 0
-        stats = {"moe_load_max_mean": [round(v, 3) for v in (load.max(1).values / load.mean(1)).tolist()]}
-        if self.cfg.moe_capacity_factor:
-            stats["moe_dropped"] = (dropped.sum() / load.sum()).item()
-        return stats
+        dropped = {"moe_dropped": (dropped.sum() / load.sum()).item()} if self.cfg.moe_capacity_factor else {}
+        return {"moe_load_max_mean": [round(v, 3) for v in (load.max(1).values / load.mean(1)).tolist()], **dropped}
 
     # ---- accounting -------------------------------------------------------------------------------
     def num_params(self, non_embedding=False, active=False):
@@ -527,8 +512,7 @@ class Model(nn.Module):
         return sum(p.numel() for p in self.parameters()) - non_embedding * sum(p.numel() for p in embeddings) - idle
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward): 6 N + 6 * H * (D_qk + D_v) * T_ctx per layer
-        (= 12 L H D T_ctx for GQA); N counts a MoE's active parameters."""
+        """Training FLOPs per token: 6 N (active matmul params) + 6 H (D_qk + D_v) T_ctx a layer (GQA: 12 L H D T)."""
         cfg = self.cfg
         # N: non-embedding parameters + one V x C LM-head matmul, tied or not (the embedding is a lookup)
         n_matmul = self.num_params(non_embedding=True, active=True) + cfg.vocab_size * cfg.d_model
@@ -619,11 +603,9 @@ class Model(nn.Module):
 
     # ---- HF SmolLM3 checkpoints: config.json + model.safetensors, as SmolLM3ForCausalLM reads them ---
     def save_pretrained(self, path, state_dict=None):
-        """Write config.json + model.safetensors (each atomically): this model's weights, or `state_dict`'s
-        (train.py's, gathered from tensor-parallel shards); an MLA / MoE model keeps our names and fields."""
+        """config.json + model.safetensors, atomically (MLA / MoE: our names, fields); state_dict: TP-gathered."""
         from safetensors.torch import save_file
         cfg = self.cfg
-        # MLA / MoE: no transformers class holds it; config.json is our fields
         conf = {"model_type": "nanosmol", **asdict(cfg)} if not cfg.is_smollm3 else {
             "architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3", "hidden_act": "silu",
             **{hf_key: getattr(cfg, k) for k, hf_key in HF_KEYS.items()},
@@ -695,11 +677,10 @@ class Model(nn.Module):
                 return ModelConfig(**{**kw, **overrides})
             except ValueError as e:
                 raise ValueError(f"{path}: {e}") from None
-        with open(path) as f:
-            try:
-                hf = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        try:
+            hf = json.loads(pathlib.Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
         if hf.get("model_type") == "nanosmol":
             unknown = sorted(set(hf) - set(hints) - {"model_type"})
             check(not unknown, f"{path}: unknown ModelConfig field(s) {', '.join(unknown)}")
