@@ -239,8 +239,7 @@ class Attention(nn.Module):
         if cfg.attn_impl == "triton" and cache is None:
             # on a CPU only under Triton's interpreter (tests at tiny sizes); train.py refuses it for real runs
             if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-                raise RuntimeError("attn_impl='triton' needs a CUDA GPU (or TRITON_INTERPRET=1); "
-                                   "use attn_impl='sdpa' on CPU")
+                raise RuntimeError("attn_impl='triton' needs a CUDA GPU (or TRITON_INTERPRET=1); on CPU use 'sdpa'")
             import kernels  # imported here so that the CPU path never needs triton
             return self.o(kernels.flash_attention(q, k, v, pos, cfg.sliding_window).reshape(B, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
@@ -630,8 +629,7 @@ class Model(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
-        """Load a transformers SmolLM3 directory (ours or a released one); `overrides` set ModelConfig fields.
-        Tensors keep the checkpoint's dtype: a released bf16 checkpoint loads as bf16 (.float() to train)."""
+        """A SmolLM3 directory (ours or a released one), in its dtype (bf16 stays bf16); overrides: ModelConfig's."""
         from safetensors import safe_open
         cfg = cls.config_from_hf(os.path.join(path, "config.json"), **overrides)
         with torch.device("meta"):
@@ -728,8 +726,7 @@ class Model(nn.Module):
         types = get("layer_types", list[str]) or ["sliding_attention" if window and i in nope else "full_attention" for i in range(n_layers)]
         windowed = {t == "sliding_attention" for t in types[:n_layers]} if window else {False}
         check(len(windowed) == 1, f"{path}: a sliding window on only some layers (layer_types) is not supported")
-        # special ids: absent takes the config class's default, null means none; a list eos keeps its
-        # first id (generate() takes its stop ids explicitly)
+        # special ids: absent = its class's default, null = none; a list eos keeps its first (generate: stop_ids)
         for k, hf_key, default in [("bos_id", "bos_token_id", 128000 if smol else 1),
                                    ("eos_id", "eos_token_id", 128001 if smol else 2),
                                    ("pad_id", "pad_token_id", 128004 if smol else None)]:
