@@ -21,12 +21,14 @@ Sections:
   multiple choice  parsers of the public formats, pairs (CF / MCF prompts, k-shot), model_scorer, mc_metrics
   signal           spearman, kendall_tau, signal (monotonicity, noise, above random, consistency)
   tokenizer        tokenizer_metrics (fertility, continued words, bytes per token), its command
-  command line     EvalConfig, TASKS, run, random_baseline, signal / report commands (train.py's plots), main
+  plots            plot_curves (SVG line plots: train.py's loss.svg, the report's)
+  command line     EvalConfig, TASKS, run, random_baseline, signal / report commands, main
 """
 import argparse
 import collections
 import datetime
 import functools
+import html
 import itertools
 import json
 import math
@@ -481,6 +483,66 @@ def _tokenizer_main(argv):
               f"{m['continued']:>12.1%}{n['continued']:>8.1%}{m['bytes_per_token']:>13.2f}{n['bytes_per_token']:>7.2f}")
 
 
+# --------------------------------------------------------------------------------------------- plots
+
+_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+
+
+def _ticks(lo, hi, n=6):
+    """About n round tick values in [lo, hi] (steps of 1, 2 or 5 x 10^k) and the decimals to print them with."""
+    raw = (hi - lo) / n
+    mag = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    decimals = max(0, -math.floor(math.log10(step)))
+    return [(k * step, decimals) for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def plot_curves(path, series, width=800, height=480, xlabel="step", ylabel="loss", max_points=2000):
+    """Line plot of `series` = [(label, [(x, y), ...]), ...] as SVG (text: no plotting package, opens in any
+    browser). A series longer than `max_points` is drawn through every k-th point, counted back from its
+    last, so the curve still ends where the run is."""
+    points = [p for _, pts in series for p in pts]
+    if not points:
+        return
+    left, right, top, bottom = 56, width - 16, 28, height - 40
+    x0 = min(x for x, _ in points)
+    x1 = max(max(x for x, _ in points), x0 + 1)
+    # The first few percent of steps sit near ln(vocab); letting them set the y range would flatten the rest.
+    late = [y for x, y in points if x >= x0 + 0.05 * (x1 - x0)] or [y for _, y in points]
+    y0, y1 = min(y for _, y in points), max(late)
+    margin = 0.05 * (y1 - y0) or 0.5
+    y0, y1 = y0 - margin, y1 + margin
+
+    def px(x):
+        return left + (x - x0) / (x1 - x0) * (right - left)
+
+    def py(y):
+        return bottom - (y - y0) / (y1 - y0) * (bottom - top)
+
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+           f'<clipPath id="area"><rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}"/></clipPath>']
+    for v, d in _ticks(x0, x1):
+        svg.append(f'<line x1="{px(v):.1f}" y1="{top}" x2="{px(v):.1f}" y2="{bottom}" stroke="#ddd"/>'
+                   f'<text x="{px(v):.1f}" y="{bottom + 16}" text-anchor="middle">{v:.{d}f}</text>')
+    for v, d in _ticks(y0, y1):
+        svg.append(f'<line x1="{left}" y1="{py(v):.1f}" x2="{right}" y2="{py(v):.1f}" stroke="#ddd"/>'
+                   f'<text x="{left - 6}" y="{py(v) + 4:.1f}" text-anchor="end">{v:.{d}f}</text>')
+    svg.append(f'<path d="M{left},{top}V{bottom}H{right}" fill="none" stroke="black"/>'
+               f'<text x="{(left + right) / 2}" y="{height - 8}" text-anchor="middle">{html.escape(xlabel)}</text>'
+               f'<text x="{left}" y="{top - 10}">{html.escape(ylabel)}</text>')
+    for k, (label, pts) in enumerate(series):
+        color, pts = _COLORS[k % len(_COLORS)], sorted(pts)
+        pts = pts[::-math.ceil(len(pts) / max_points)][::-1] if pts else pts
+        svg.append(f'<polyline points="{" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)}" fill="none" '
+                   f'stroke="{color}" stroke-width="1.5" clip-path="url(#area)"/>'
+                   # the legend: each label in its curve's colour, top right
+                   f'<text x="{right - 8}" y="{top + 16 * (k + 1)}" text-anchor="end" fill="{color}">'
+                   f'{html.escape(label)}</text>')
+    text = "\n".join(svg + ["</svg>\n"])
+    atomic_write(path, lambda p: pathlib.Path(p).write_text(text, encoding="utf-8"))
+
+
 # -------------------------------------------------------------------------------------- command line
 
 @dataclass
@@ -634,12 +696,12 @@ def report(run_dirs, cfg, out):
                + " | ".join(f"{s:.4f}" for _, s in scores) + " |" for step, tokens, scores in table]
         md.append("")
         losses.append((name, [(r["step"], r["loss"]) for r in steps if not r["skipped"]]))
-    train.plot_curves(os.path.join(out, "loss.svg"), losses)
+    plot_curves(os.path.join(out, "loss.svg"), losses)
     md += ["## plots", "", "![train loss](loss.svg)", ""]
     for task, points in curves.items():
         runs = dict.fromkeys(r for r, _, _ in points)
         file = regex.sub(r"[^\w.-]", "_", task) + ".svg"
-        train.plot_curves(os.path.join(out, file), [(r, [(t, s) for q, t, s in points if q == r]) for r in runs],
+        plot_curves(os.path.join(out, file), [(r, [(t, s) for q, t, s in points if q == r]) for r in runs],
                           xlabel="tokens", ylabel=task)
         md += [f"![{task}]({file})", ""]
     text = "\n".join(md)

@@ -10,9 +10,9 @@ parallelism with a vocab-parallel embedding, LM head and cross-entropy, optional
     torchrun --standalone --nproc_per_node=8 parallel.py bench   # collectives' bus bandwidth, matmul TFLOP/s
     python -m pytest -q tests/test_parallel.py tests/test_parallel_tools.py
 
-train.py builds the grid from --tp, shards the model with TPModel when tp > 1, and syncs gradients over the DP
-group with DDP or, with --zero=1, with ZeRO1; its checkpoints gather the shards (tp_gather, ZeRO1.state_dict),
-so they are whole whatever the layout, and load back into any layout (tp_shard, ZeRO1.load_state_dict).
+train.py builds the grid from --tp and calls setup: TPModel shards the model when tp > 1, and DDP or, with
+--zero=1, ZeRO1 syncs the gradients over the DP group. Its checkpoints gather the shards through Layout (tp_gather,
+ZeRO1.state_dict, every rank's RNG), so they are whole whatever the layout, and load back into any layout.
 
 SPModel adds sequence parallelism to TPModel (tested against one process and torch's DTensor plan; train.py
 does not run it yet). The planner predicts per-GPU memory, communication and step time for a layout from the
@@ -25,7 +25,7 @@ rank ends the others with an error instead of a hang. Tests: tests/test_parallel
 processes on gloo, fp32, compared against single-process runs and torch's own DDP).
 
 Sections
-  grid            Grid, check_layout, init, shutdown, Heartbeat (lost-rank detection through the store)
+  grid            Grid, check_layout, init, shutdown, settling, Heartbeat (lost-rank detection through the store)
   DDP             Bucket, DDP (reverse-order ~25 MB buckets, post-accumulate-grad hooks, no_sync, finish)
   ZeRO-1          ZeRO1 (flat shards per param group: reduce-scatter, clip over shards, step, all-gather;
                   state_dict / load_state_dict in the full AdamW's format)
@@ -34,8 +34,9 @@ Sections
                   tp_gather / tp_shard (a param's full tensor from shards and back), clip_grad_norm
   TP model        TPModel (shards a same-seed single-process Model in place; vocab-parallel loss)
   sequence par.   gather_seq, scatter_seq (Korthikanti's g, g-bar), SeqParallelEmbedding, SPModel
-  planner         PlanConfig, layer_activation_bytes, tp_allreduce_bytes, sp_comm_bytes, plan, plan_report,
-                  check_fits
+  train.py's side setup (model, optimizers, clip, DP sync for train.Step), Layout (checkpoint gathers, RNG)
+  planner         PEAK_FLOPS, PlanConfig, layer_activation_bytes, tp_allreduce_bytes, sp_comm_bytes, plan,
+                  plan_report, check_fits
   cluster bench   BenchConfig, bench (nccl-tests' algbw / busbw; bf16 matmul), bench_report
   command line    main: plan | bench
 """
@@ -125,6 +126,18 @@ def shutdown(*models):
         if isinstance(t, Heartbeat):
             t.stop()
     dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def settling(grid):
+    """Around train.py's loop: an error in a collective is raised only after Heartbeat.settle (which, when a rank
+    was lost, names it and exits instead); in one process (grid None) it is raised as it is."""
+    try:
+        yield
+    except RuntimeError as e:
+        if grid:
+            grid.heartbeat.settle(e)
+        raise
 
 
 class Heartbeat(threading.Thread):
@@ -663,14 +676,77 @@ class SPModel(TPModel):
         model.tok_emb = SeqParallelEmbedding(model.tok_emb, group)
 
 
+# ---------------------------------------------------------------- train.py's side
+
+def setup(model, grid, zero, build_optimizers):
+    """train.py's wiring: shard `model` in place when tp > 1 (each rank keeps its slice of the same-seed weights),
+    build its optimizers (build_optimizers(model)), sync the grads over DP with ZeRO1 (zero=1) or DDP. Returns
+    train.Step's pieces: (net, the module computing the loss; opts; clip_grad_norm; ddp); grid None: one process."""
+    tp = grid.tp_group if grid and grid.tp > 1 else None
+    net = TPModel(model, tp) if tp else model
+    opts, clip, sync = build_optimizers(model), torch.nn.utils.clip_grad_norm_, None
+    if tp:                                                     # the norm over every TP shard
+        clip = functools.partial(clip_grad_norm, group=tp)
+    if grid and zero:                                          # ZeRO-1's reduce-scatter replaces DDP's all-reduce
+        opts = [ZeRO1(opts[0], grid.dp_group, tp)]
+        clip, sync = opts[0].clip_grad_norm, opts[0]
+    elif grid:   # DDP's hooks sit on the parameters (rank 0's, broadcast): the plain module runs, compiled or not
+        sync = DDP(model, grid.dp_group)
+    return net, opts, clip, sync
+
+
+class Layout:
+    """Where a model's tensors live on the grid, for train.py's checkpoints: the full tensors of its TP shards and
+    back, and every rank's RNG states; identities in one process (grid None)."""
+
+    def __init__(self, grid, model):
+        self.grid, self.rank = grid, grid.rank if grid else 0
+        self.params = dict(model.named_parameters()) if grid and grid.tp > 1 else {}
+        self.device = next(model.parameters()).device
+
+    def full(self, name, t):
+        """The full tensor of t, parameter `name`'s value or optimizer state (collective under TP)."""
+        return tp_gather(t, self.params[name], self.grid.tp_group) if name in self.params else t
+
+    def local(self, name, t):
+        """This rank's TP shard of the full tensor t of parameter `name` (full's inverse)."""
+        return tp_shard(t, self.params[name], self.grid.tp_group) if name in self.params else t
+
+    def rng_states(self):
+        """Every rank's RNG states as {rng/torch/{rank}, rng/cuda/{rank}: uint8 tensor} (all-gathered)."""
+        mine = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            mine["cuda"] = torch.cuda.get_rng_state(self.device)
+        parts, sizes = [torch.cat(list(mine.values()))], [v.numel() for v in mine.values()]
+        if self.grid:
+            flat = parts[0].to(self.device)                    # NCCL gathers GPU tensors only
+            parts = [torch.empty_like(flat) for _ in range(self.grid.world)]
+            dist.all_gather(parts, flat)
+        return {f"rng/{k}/{r}": v.cpu().clone() for r, part in enumerate(parts)
+                for k, v in zip(mine, part.split(sizes))}
+
+    def set_rng_states(self, tensors):
+        """This rank's RNG states from rng_states()'s; a rank the saving run lacked takes rank 0's."""
+        torch.set_rng_state(tensors.get(f"rng/torch/{self.rank}", tensors["rng/torch/0"]))
+        cuda = tensors.get(f"rng/cuda/{self.rank}", tensors.get("rng/cuda/0"))
+        if self.device.type == "cuda" and cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
+
+
 # ---------------------------------------------------------------- planner
+
+# Dense bf16 tensor-core peaks (vendor data sheets; the sheets' larger numbers assume 2:4 sparsity), matched in
+# this order against torch.cuda.get_device_name() by train.peak_flops (MFU): the PCIe and NVL cards before the
+# SXM parts they contain.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+              "A100": 312e12}
 
 @dataclasses.dataclass
 class PlanConfig:
     gpus: int = 8
     tp: int = 1
     gpu_mem: str = "80GB"               # "80GB" (10^9 bytes), "141GiB" (2^30)
-    gpu: str = "H100"                   # a key of train.PEAK_FLOPS: its dense bf16 peak
+    gpu: str = "H100"                   # a key of PEAK_FLOPS: its dense bf16 peak
     mfu: float = 0.3                    # the predicted step time assumes this fraction of the peak
     tp_busbw: float = 360.0             # GB/s bus bandwidth inside a TP group (H100 NVLink, nccl-tests scale)
     dp_busbw: float = 40.0              # GB/s across nodes (8 x 400 Gb/s InfiniBand per node); measure: bench
@@ -932,7 +1008,7 @@ def main(argv):
     """python parallel.py plan CONFIG [--key=value ...] | torchrun ... parallel.py bench [--key=value ...]"""
     from config import load, pick
     from data import DataConfig
-    from train import PEAK_FLOPS, TrainConfig                 # here: train.py imports this file
+    from train import TrainConfig                             # here: train.py imports this file
     if not argv or argv[0] not in ("plan", "bench"):
         sys.exit("usage: python parallel.py plan CONFIG [--gpus=N --tp=N --gpu_mem=80GB --mfu=0.3 ...]\n"
                  "       torchrun --nproc_per_node=N parallel.py bench [--max_bytes=N --iters=N ...]")
@@ -943,7 +1019,7 @@ def main(argv):
             mc, tc = ModelConfig(**pick(ns, ModelConfig)), TrainConfig(**pick(ns, TrainConfig))
             pc = PlanConfig(**pick(ns, PlanConfig))
             if pc.gpu not in PEAK_FLOPS:
-                raise ValueError(f"gpu={pc.gpu!r}: expected one of {', '.join(PEAK_FLOPS)} (train.PEAK_FLOPS)")
+                raise ValueError(f"gpu={pc.gpu!r}: expected one of {', '.join(PEAK_FLOPS)} (parallel.PEAK_FLOPS)")
             p = plan(mc, ns.seq_len, tc.batch_size, tc.micro_batch_size, pc, PEAK_FLOPS[pc.gpu], tc.dtype == "bfloat16")
             print(plan_report(p, pc, mc, ns.seq_len, PEAK_FLOPS[pc.gpu]))
             check_fits(p, pc)

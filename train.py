@@ -6,22 +6,20 @@
     torchrun --standalone --nproc_per_node=2 train.py config/tiny.py --micro_batch_size=8   # DP 2 (parallel.py)
     torchrun --standalone --nproc_per_node=4 train.py config/tiny.py --micro_batch_size=8 --tp=2 --zero=1  # DP 2 x TP 2
 
-Steps count completed updates: the update at data position s is logged as step s+1, and a checkpoint at
-step s holds the state after s updates. The loader's order is a pure function of (seed, sample index), so
-the data position is all the data state there is, and a resumed run matches an uninterrupted one bit for bit.
-Under torchrun every rank trains (DP x TP, parallel.py); rank 0 logs and writes checkpoints, consolidated (TP
-shards and ZeRO-1 optimizer shards gathered), so a checkpoint resumes under any layout and transformers reads it.
+Steps count completed updates: the update at data position s is logged as step s+1, and a checkpoint at step s
+holds the state after s updates. The loader's order is a pure function of (seed, sample index), so the data
+position is all the data state there is: a resumed run matches an uninterrupted one bit for bit. Under torchrun
+every rank trains (DP x TP, parallel.setup); rank 0 logs and writes whole checkpoints: any layout, or HF, loads them.
 
 Sections
   configuration   TrainConfig, dist_env, check_config, resolve
   schedule        get_lr (warmup, then WSD or cosine)
   optimizers      newton_schulz, Muon, build_optimizers, set_lr
   one step        Guard (NaN / spike skips), Step (accumulate, clip, guard, update)
-  checkpoints     save_checkpoint, checkpoint_problem, latest_checkpoint, load_checkpoint, check_architecture
-  setup           setup_device, find_start, start_run (run.json history)
+  checkpoints     save_checkpoint, checkpoint_problem, latest_checkpoint, load_weights, load_checkpoint
+  setup           setup_device, find_start (architectures checked), start_run (run.json history)
   logging         Logger (log.jsonl, tqdm, tokens/s, MFU), read_log
-  plot            plot_curves (loss.svg)
-  the loop        train, run_loop (the step loop posttrain.py's methods share too), write_samples
+  the loop        train (samples.txt at the end), run_loop (the step loop posttrain.py's methods share too)
   benchmark       bench (--bench=N: step time, tokens/s, MFU, peak memory), main
 """
 import collections
@@ -29,7 +27,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import html
 import importlib.util
 import json
 import math
@@ -51,14 +48,10 @@ from tqdm import tqdm
 
 from config import load, pick
 from data import DataConfig, Loader, load_tokenizer, prepare_default
-from eval import evaluate
+from eval import evaluate, plot_curves
 import parallel
 from model import Model, ModelConfig, atomic_write, fsync
 
-# Dense bf16 tensor-core peaks (vendor data sheets; the sheets' larger numbers assume 2:4 sparsity), matched in
-# this order against torch.cuda.get_device_name(): the PCIe and NVL cards before the SXM parts they contain.
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989e12, "H200": 989e12,
-              "A100": 312e12}
 # The spike guard's reference is an EMA of accepted losses with a ~20-step horizon: slow enough to ignore
 # noise, fast enough to follow a falling loss, so a spike is measured against where the run actually is.
 LOSS_EMA_BETA = 0.95
@@ -125,8 +118,7 @@ def dist_env():
 
 
 def check_config(mc, dc, tc, world_size=1):
-    """Raise one ValueError listing every inconsistency between the model, data and train settings (the
-    parallel layout's first, alone: parallel.check_layout)."""
+    """One ValueError listing every inconsistency of the settings (the parallel layout's first, alone)."""
     parallel.check_layout(world_size, tc.tp, mc)
     dp = world_size // tc.tp
     longest = max((len(p.encode()) for p in tc.sample_prompts), default=0)  # bytes >= tokens
@@ -200,15 +192,13 @@ def get_lr(step, tc):
 # ---------------------------------------------------------------- optimizers
 
 def newton_schulz(g, steps):
-    """Approximately orthogonalise a matrix: U S V^T -> U f(S) V^T with f(s) ~ 1 on the singular values.
-    Quintic iteration X <- aX + b(XX^T)X + c(XX^T)^2 X on X = G/||G||_F (so every singular value is <= 1);
-    modded-nanogpt's coefficients trade exact convergence for a steep slope at 0, so 5 steps push all values
-    into ~[0.7, 1.2]. Runs in bf16 on GPU (the iteration tolerates it, and it is the cost of Muon)."""
+    """Approximately orthogonalise G (U S V^T -> U f(S) V^T, f(s) ~ 1): X <- aX + b(XX^T)X + c(XX^T)^2 X on
+    X = G/||G||_F; modded-nanogpt's coefficients trade exact convergence for a steep slope at 0 (5 steps put
+    every s in ~[0.7, 1.2]). bf16 on GPU: the iteration tolerates it, and it is the cost of Muon."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
     tall = x.size(0) > x.size(1)
-    if tall:                                                  # iterate on the smaller Gram matrix
-        x = x.mT
+    x = x.mT if tall else x                                    # iterate on the smaller Gram matrix
     x = x / (x.norm() + 1e-7)
     for _ in range(steps):
         gram = x @ x.mT                                        # [r, r], r = min(rows, cols)
@@ -231,30 +221,23 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"].mul_(mom).add_(p.grad)
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buf = self.state[p]["momentum_buffer"].mul_(mom).add_(p.grad)
                 update = newton_schulz(p.grad.add(buf, alpha=mom), group["ns_steps"])
                 p.mul_(1.0 - lr * wd)
                 p.add_(update.to(p.dtype), alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
 
 
 def build_optimizers(model, tc, device):
-    """[AdamW] or [Muon, AdamW]. Weight decay on matrices only: none on norms, and none on embeddings unless
-    `wd_embeddings` (the playbook's stability ablation, after OLMo 2). Groups carry `param_names` and the
-    `base_lr` that set_lr scales, so Muon follows the one schedule at muon_lr * get_lr(s) / lr."""
+    """[AdamW] or [Muon, AdamW]. Weight decay on matrices only, on embeddings only with `wd_embeddings` (the
+    playbook's stability ablation, after OLMo 2). set_lr scales each group's `base_lr`: Muon's is muon_lr."""
     decay, no_decay, matrices = [], [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_emb = "emb" in name or "lm_head" in name
-        if tc.optimizer == "muon" and p.dim() == 2 and not is_emb:
-            matrices.append((name, p))
-        elif p.dim() < 2 or "norm" in name or ("emb" in name and not tc.wd_embeddings):
-            no_decay.append((name, p))
-        else:
-            decay.append((name, p))
+        if p.requires_grad:
+            muon = tc.optimizer == "muon" and p.dim() == 2 and "emb" not in name and "lm_head" not in name
+            no_wd = p.dim() < 2 or "norm" in name or ("emb" in name and not tc.wd_embeddings)
+            (matrices if muon else no_decay if no_wd else decay).append((name, p))
     adam_groups = [dict(params=ps, weight_decay=wd, base_lr=tc.lr)
                    for ps, wd in ((decay, tc.weight_decay), (no_decay, 0.0)) if ps]
     fused = device.type == "cuda"  # the CPU path stays the reference for-loop implementation
@@ -267,9 +250,8 @@ def build_optimizers(model, tc, device):
 
 def set_lr(opts, lr, peak_lr):
     """Scale every group's base LR by lr / peak_lr (the schedule's factor)."""
-    for opt in opts:
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * lr / peak_lr
+    for group in (g for opt in opts for g in opt.param_groups):
+        group["lr"] = group["base_lr"] * lr / peak_lr
 
 
 # ---------------------------------------------------------------- one step
@@ -291,8 +273,7 @@ class Guard:
         skip = ("nonfinite_loss" if not math.isfinite(loss) else "nonfinite_grad" if not math.isfinite(grad_norm)
                 else "spike" if self.spike_factor and loss > self.spike_factor * self.mean() else None)
         if skip:
-            self.skips += 1
-            self.skips_in_row += 1
+            self.skips, self.skips_in_row = self.skips + 1, self.skips_in_row + 1
         else:
             self.skips_in_row = 0
             self.loss_ema = LOSS_EMA_BETA * self.loss_ema + (1 - LOSS_EMA_BETA) * loss
@@ -311,12 +292,9 @@ StepResult = collections.namedtuple("StepResult", "loss grad_norm lr skipped mea
 
 
 class Step:
-    """One optimizer update over a step's micro-batches: forward under `autocast`, backward of loss / accum (so the
-    gradient is that of the mean micro-batch loss; pretraining rows have no ignored targets, so this is the
-    per-token mean), clip, ask the guard, update or skip, zero the grads. posttrain.py supplies its own batches
-    and loss_fn; parallel.py passes wrapped optimizers and a `clip_grad_norm` that reduces over its shards, and
-    its DDP (or ZeRO1, whose reduce-scatter is in its clip) as `ddp`: micro-steps but the last under no_sync,
-    then finish (the mean grads) and the mean loss."""
+    """One update over a step's micro-batches: forward under `autocast`, backward of loss / accum (the mean
+    micro-batch loss's gradient), clip, ask the guard, update or skip, zero the grads. parallel.setup gives
+    clip_grad_norm (over its shards) and ddp (DDP or ZeRO1): micro-steps but the last under no_sync, then DP means."""
 
     def __init__(self, opts, guard, tc, autocast, clip_grad_norm=torch.nn.utils.clip_grad_norm_, ddp=None):
         self.opts, self.guard, self.autocast, self.clip_grad_norm, self.ddp = opts, guard, autocast, clip_grad_norm, ddp
@@ -339,12 +317,10 @@ class Step:
         grad_norm = self.clip_grad_norm(self.params, self.max_norm)
         # The step's one host sync, loss and grad norm together: the guard needs both before it may step.
         loss_v, norm_v = torch.stack([loss, grad_norm]).tolist()
-        mean = self.guard.mean()
-        skipped = self.guard.check(loss_v, norm_v)
-        if not skipped:
-            for opt in self.opts:
-                opt.step()
+        mean, skipped = self.guard.mean(), self.guard.check(loss_v, norm_v)   # the mean before this step
         for opt in self.opts:
+            if not skipped:
+                opt.step()
             opt.zero_grad(set_to_none=True)
         return StepResult(loss_v, norm_v, lr, skipped, mean)
 
@@ -374,42 +350,18 @@ def optimizer_kind(opt):
     return "AdamW" if isinstance(opt, parallel.ZeRO1) else type(opt).__name__
 
 
-def _tp_local(model, grid, to_full):
-    """(parameter name, tensor) -> the full tensor (to_full) or this rank's TP shard of a full one; the
-    identity without TP."""
-    if not grid or grid.tp == 1:
-        return lambda name, t: t
-    params, fn = dict(model.named_parameters()), parallel.tp_gather if to_full else parallel.tp_shard
-    return lambda name, t: fn(t, params[name], grid.tp_group) if name in params else t
-
-
-def rng_states(device, grid):
-    """Every rank's RNG states as {rng/torch/{rank}, rng/cuda/{rank}: uint8 tensor} (gathered under torchrun)."""
-    mine = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(device)
-    parts = [torch.cat(list(mine.values()))]
-    if grid:
-        flat = parts[0].to(device)                            # NCCL gathers GPU tensors only
-        parts = [torch.empty_like(flat) for _ in range(grid.world)]
-        dist.all_gather(parts, flat)
-    sizes = [v.numel() for v in mine.values()]
-    return {f"rng/{k}/{r}": v.cpu().clone() for r, part in enumerate(parts) for k, v in zip(mine, part.split(sizes))}
-
-
 def save_checkpoint(run_dir, model, opts, state, keep, tok=None, grid=None):
-    """Write run_dir/ckpt_{step:06d}, point `latest` at it, keep the newest `keep`; returns its path. Every file
-    is written atomically into a temporary directory, renamed into place before `latest` is replaced, so after
-    a kill or a power loss `latest` names a complete checkpoint. Under torchrun every rank calls it (gathering
-    TP shards, ZeRO-1 shards and RNG states is collective) and rank 0 writes the whole model."""
-    full = _tp_local(model, grid, to_full=True)
-    weights = {k: full(k, v) for k, v in model.state_dict().items()}
-    tensors = rng_states(next(model.parameters()).device, grid)
+    """Write run_dir/ckpt_{step:06d} (files written into a temporary directory, renamed into place before `latest`
+    moves to it: after a kill `latest` names a complete checkpoint), keep the newest `keep`; returns its path.
+    Under torchrun every rank calls it (gathering TP shards, ZeRO-1 shards and RNG states) and rank 0 writes."""
+    par = parallel.Layout(grid, model)                         # the gathers (collective): identities in one process
+    weights = {k: par.full(k, v) for k, v in model.state_dict().items()}
+    tensors = par.rng_states()
     for opt in opts:
         sd, names = _named_state(opt)
-        tensors.update({f"optim/{pname}/{key}": full(pname, value).detach().cpu().contiguous()
+        tensors.update({f"optim/{pname}/{key}": par.full(pname, value).detach().cpu().contiguous()
                         for idx, pname in names for key, value in sd["state"].get(idx, {}).items()})
-    if grid and grid.rank != 0:
+    if par.rank != 0:
         return None
     state = {**state, "optimizers": [optimizer_kind(opt) for opt in opts]}
     name = f"ckpt_{state['step']:06d}"
@@ -430,8 +382,7 @@ def save_checkpoint(run_dir, model, opts, state, keep, tok=None, grid=None):
         os.chmod(d, 0o755)
         for f in files:
             os.chmod(os.path.join(d, f), 0o644)
-    if os.path.exists(final):                                  # one `latest` never named, or a corrupt one
-        shutil.rmtree(final)
+    shutil.rmtree(final, ignore_errors=True)                   # one `latest` never named, or a corrupt one
     os.replace(tmp, final)
     fsync(run_dir)                                             # the rename is on disk before `latest` moves
     atomic_write(os.path.join(run_dir, "latest"), lambda p: Path(p).write_text(name + "\n"))
@@ -489,19 +440,19 @@ def latest_checkpoint(run_dir):
 
 def load_weights(model, path, grid=None):
     """Model.from_pretrained(path)'s weights into `model` (under TP: this rank's shard of each)."""
-    local = _tp_local(model, grid, to_full=False)
+    local = parallel.Layout(grid, model).local
     model.load_state_dict({k: local(k, v) for k, v in Model.from_pretrained(path).state_dict().items()})
 
 
 def load_checkpoint(path, model, opts, grid=None):
-    """Restore weights, optimizer state and this rank's RNG from checkpoint `path` (any layout wrote it; a rank
-    the saving run lacked takes rank 0's RNG); returns its trainer/state.json dict."""
+    """Restore weights, optimizer state and this rank's RNG from checkpoint `path`, whatever layout wrote it;
+    returns its trainer/state.json dict."""
     state = json.loads(Path(path, TRAINER_STATE).read_text(encoding="utf-8"))
     kinds = [optimizer_kind(opt) for opt in opts]
     if state["optimizers"] != kinds:
         raise ValueError(f"{path} holds the state of optimizers {state['optimizers']}, this run uses {kinds}")
     load_weights(model, path, grid)
-    local = _tp_local(model, grid, to_full=False)
+    par = parallel.Layout(grid, model)
     tensors = load_file(os.path.join(path, TRAINER_TENSORS))
     per_param = {}
     for key, value in tensors.items():
@@ -510,47 +461,33 @@ def load_checkpoint(path, model, opts, grid=None):
             per_param.setdefault(pname, {})[slot] = value
     for opt in opts:
         sd, names = _named_state(opt)
-        sd["state"].update({idx: {k: local(pname, v) for k, v in per_param.pop(pname).items()}
+        sd["state"].update({idx: {k: par.local(pname, v) for k, v in per_param.pop(pname).items()}
                             for idx, pname in names if pname in per_param})
         opt.load_state_dict(sd)
     if per_param:
         raise ValueError(f"{path}: optimizer state for parameters this model lacks: {sorted(per_param)[:5]}")
-    rank, device = grid.rank if grid else 0, next(model.parameters()).device
-    torch.set_rng_state(tensors.get(f"rng/torch/{rank}", tensors["rng/torch/0"]))
-    cuda = tensors.get(f"rng/cuda/{rank}", tensors.get("rng/cuda/0"))
-    if device.type == "cuda" and cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
+    par.set_rng_states(tensors)
     return state
-
-
-def check_architecture(path, mc, key):
-    """One line naming every architecture field where checkpoint `path`'s config.json differs from `mc`."""
-    theirs = Model.config_from_hf(os.path.join(path, "config.json"))
-    diff = [f"{k}: {getattr(theirs, k)} vs {getattr(mc, k)}" for k in ARCH_KEYS if getattr(theirs, k) != getattr(mc, k)]
-    if diff:
-        raise ValueError(f"{key}: {path} holds another architecture (theirs vs ours): {', '.join(diff)}")
 
 
 # ---------------------------------------------------------------- setup
 
 def setup_device(tc, mc, local_rank):
     """(device, autocast context), checked before any data work: an unusable attn_impl fails in seconds."""
-    if tc.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(tc.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={tc.device!r} but CUDA is not available")
+    cuda = torch.cuda.is_available()
+    device = torch.device(tc.device if tc.device != "auto" else f"cuda:{local_rank}" if cuda else "cpu")
+    if device.type == "cuda" and not cuda:
+        raise ValueError(f"device={tc.device!r} but CUDA is not available")
     if mc.attn_impl == "triton" and (device.type != "cuda" or importlib.util.find_spec("triton") is None):
         raise ValueError(f"attn_impl='triton' needs a CUDA device and the triton package (device is {device}); "
                          "use --attn_impl=sdpa")
-    if device.type == "cuda":                                  # fp32 matmuls may use TF32
+    if device.type == "cuda":                                  # fp32 matmuls may use TF32; NCCL uses this GPU
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.set_device(device)
     # bf16 autocast for the forward only; no loss scaler, as bf16 has fp32's exponent range
-    if device.type == "cuda" and tc.dtype == "bfloat16":
-        return device, torch.autocast(device.type, dtype=torch.bfloat16)
-    return device, contextlib.nullcontext()
+    bf16 = device.type == "cuda" and tc.dtype == "bfloat16"
+    return device, torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def use_compile(tc, device):
@@ -561,31 +498,21 @@ def use_compile(tc, device):
 
 def find_start(tc, mc):
     """(checkpoint to resume from, checkpoint to init_from): either or both None, architectures checked."""
-    has_ckpt = os.path.isfile(os.path.join(tc.out_dir, "latest"))
-    if has_ckpt and not tc.resume:
+    if os.path.isfile(os.path.join(tc.out_dir, "latest")) and not tc.resume:
         raise ValueError(f"{tc.out_dir} already holds checkpoints: pass --resume=True or choose another --out_dir")
-    ckpt, init = latest_checkpoint(tc.out_dir) if has_ckpt else None, None
+    ckpt, init = latest_checkpoint(tc.out_dir), None          # None: no `latest` there
     if not ckpt and tc.init_from:
-        init = latest_checkpoint(tc.init_from) if os.path.isfile(os.path.join(tc.init_from, "latest")) else tc.init_from
+        init = latest_checkpoint(tc.init_from) or tc.init_from
         if not os.path.isfile(os.path.join(init, "config.json")):
             raise ValueError(f"init_from={tc.init_from!r}: expected a run, checkpoint or HF model directory "
                              "with config.json")
     for path, key in ((ckpt, "resume"), (init, "init_from")):
-        if path:
-            check_architecture(path, mc, key)
+        theirs = Model.config_from_hf(os.path.join(path, "config.json")) if path else mc
+        diff = [f"{k}: {getattr(theirs, k)} vs {getattr(mc, k)}" for k in ARCH_KEYS
+                if getattr(theirs, k) != getattr(mc, k)]
+        if diff:
+            raise ValueError(f"{key}: {path} holds another architecture (theirs vs ours): {', '.join(diff)}")
     return ckpt, init
-
-
-def git_commit():
-    """HEAD of the repository holding this file (+ '-dirty' with local changes), or 'unknown'."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
-                              text=True, timeout=10)
-    try:
-        head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return head.stdout.strip() + "-dirty" * bool(dirty) if head.returncode == 0 else "unknown"
 
 
 def device_name(device):
@@ -593,10 +520,17 @@ def device_name(device):
 
 
 def start_run(run_dir, config, device, start, ckpt):
-    """Append this start (config, versions, device, commit) to run.json's history; a fresh run starts a new one."""
-    name = device_name(device)
-    run = {"config": config, "python": platform.python_version(), "torch": torch.__version__, "device": name,
-           "git_commit": git_commit(), "argv": sys.argv, "world_size": dist_env()[1],
+    """Append this start (config, versions, device, commit) to run.json's history; a fresh run starts a new one.
+    The commit is HEAD of the repository holding this file (+ '-dirty' with local changes), or 'unknown'."""
+    git = functools.partial(subprocess.run, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                            text=True, timeout=10)
+    try:
+        head, dirty = git(["git", "rev-parse", "HEAD"]), git(["git", "status", "--porcelain", "--untracked-files=no"])
+        commit = head.stdout.strip() + "-dirty" * bool(dirty.stdout.strip()) if head.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        commit = "unknown"
+    run = {"config": config, "python": platform.python_version(), "torch": torch.__version__,
+           "device": device_name(device), "git_commit": commit, "argv": sys.argv, "world_size": dist_env()[1],
            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "start_step": start, "resumed_from": ckpt}
     path = os.path.join(run_dir, "run.json")
     history = json.loads(Path(path).read_text()).get("history", []) if ckpt and os.path.isfile(path) else []
@@ -605,10 +539,8 @@ def start_run(run_dir, config, device, start, ckpt):
 
 
 def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""   # no peak on a CPU
+    return next((v for k, v in parallel.PEAK_FLOPS.items() if k in name), None)
 
 
 # ---------------------------------------------------------------- logging
@@ -665,10 +597,9 @@ class Logger:
             for k, v in extra.items()))
         if self.master:   # loss.svg: train loss of accepted steps and held-out loss per source
             records = read_log(self.path)
-            evals = [r for r in records if r["kind"] == "eval"]
-            train_pts = [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and not r["skipped"]]
-            series = [("train", train_pts)] + [(f"val {s}", [(r["step"], r["val_loss"][s]) for r in evals])
-                                               for s in evals[-1]["val_loss"]]
+            series = [("train", [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and not r["skipped"]])]
+            series += [(f"val {s}", [(r["step"], r["val_loss"][s]) for r in records if r["kind"] == "eval"])
+                       for s in val_loss]
             plot_curves(os.path.join(os.path.dirname(self.path), "loss.svg"), series)
 
 
@@ -690,66 +621,6 @@ def _json_float(v):
     return v if math.isfinite(v) else str(v)  # JSON has no NaN/inf; keep them readable
 
 
-# ---------------------------------------------------------------- loss-curve plot
-
-_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
-
-
-def _ticks(lo, hi, n=6):
-    """About n round tick values in [lo, hi] (steps of 1, 2 or 5 x 10^k) and the decimals to print them with."""
-    raw = (hi - lo) / n
-    mag = 10.0 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    decimals = max(0, -math.floor(math.log10(step)))
-    return [(k * step, decimals) for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
-
-
-def plot_curves(path, series, width=800, height=480, xlabel="step", ylabel="loss", max_points=2000):
-    """Line plot of `series` = [(label, [(x, y), ...]), ...] as SVG (text: no plotting package, opens in any
-    browser). A series longer than `max_points` is drawn through every k-th point, counted back from its
-    last, so the curve still ends where the run is."""
-    points = [p for _, pts in series for p in pts]
-    if not points:
-        return
-    left, right, top, bottom = 56, width - 16, 28, height - 40
-    x0 = min(x for x, _ in points)
-    x1 = max(max(x for x, _ in points), x0 + 1)
-    # The first few percent of steps sit near ln(vocab); letting them set the y range would flatten the rest.
-    late = [y for x, y in points if x >= x0 + 0.05 * (x1 - x0)] or [y for _, y in points]
-    y0, y1 = min(y for _, y in points), max(late)
-    margin = 0.05 * (y1 - y0) or 0.5
-    y0, y1 = y0 - margin, y1 + margin
-
-    def px(x):
-        return left + (x - x0) / (x1 - x0) * (right - left)
-
-    def py(y):
-        return bottom - (y - y0) / (y1 - y0) * (bottom - top)
-
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-           f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
-           f'<clipPath id="area"><rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}"/></clipPath>']
-    for v, d in _ticks(x0, x1):
-        svg.append(f'<line x1="{px(v):.1f}" y1="{top}" x2="{px(v):.1f}" y2="{bottom}" stroke="#ddd"/>'
-                   f'<text x="{px(v):.1f}" y="{bottom + 16}" text-anchor="middle">{v:.{d}f}</text>')
-    for v, d in _ticks(y0, y1):
-        svg.append(f'<line x1="{left}" y1="{py(v):.1f}" x2="{right}" y2="{py(v):.1f}" stroke="#ddd"/>'
-                   f'<text x="{left - 6}" y="{py(v) + 4:.1f}" text-anchor="end">{v:.{d}f}</text>')
-    svg.append(f'<path d="M{left},{top}V{bottom}H{right}" fill="none" stroke="black"/>'
-               f'<text x="{(left + right) / 2}" y="{height - 8}" text-anchor="middle">{html.escape(xlabel)}</text>'
-               f'<text x="{left}" y="{top - 10}">{html.escape(ylabel)}</text>')
-    for k, (label, pts) in enumerate(series):
-        color, pts = _COLORS[k % len(_COLORS)], sorted(pts)
-        pts = pts[::-math.ceil(len(pts) / max_points)][::-1] if pts else pts
-        svg.append(f'<polyline points="{" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)}" fill="none" '
-                   f'stroke="{color}" stroke-width="1.5" clip-path="url(#area)"/>'
-                   # the legend: each label in its curve's colour, top right
-                   f'<text x="{right - 8}" y="{top + 16 * (k + 1)}" text-anchor="end" fill="{color}">'
-                   f'{html.escape(label)}</text>')
-    text = "\n".join(svg + ["</svg>\n"])
-    atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
-
-
 # ---------------------------------------------------------------- the loop
 
 def train(ns):
@@ -758,8 +629,6 @@ def train(ns):
     rank, world, local_rank = dist_env()
     master, run_dir = rank == 0, tc.out_dir
     device, autocast = setup_device(tc, mc, local_rank)
-    if device.type == "cuda":                                  # NCCL's barrier and collectives use this GPU
-        torch.cuda.set_device(device)
     # under torchrun: tc.tp-way tensor parallel within groups of consecutive ranks, data parallel across them
     grid = parallel.init(tc.tp, mc, tc.dist_timeout_s) if world > 1 else None
     ckpt, init = find_start(tc, mc)                            # before the corpus: bad paths fail in seconds
@@ -777,13 +646,8 @@ def train(ns):
 
     torch.manual_seed(tc.seed)
     model = Model(mc).to(device)
-    model.train()
     sizes = model.num_params(), model.num_params(non_embedding=True), model.flops_per_token(dc.seq_len)  # unsharded
-    # TP shards `model` in place, each rank keeping its slice of the same-seed weights; `net` computes the loss
-    net = parallel.TPModel(model, grid.tp_group) if tc.tp > 1 else model
-    opts = build_optimizers(model, tc, device)
-    if grid and tc.zero:
-        opts = [parallel.ZeRO1(opts[0], grid.dp_group, grid.tp_group if tc.tp > 1 else None)]
+    net, opts, clip, sync = parallel.setup(model, grid, tc.zero, lambda m: build_optimizers(m, tc, device))
     # the TP ranks of one DP group read the same rows
     dp, dp_rank = (grid.dp, grid.dp_rank) if grid else (1, 0)
     accum = tc.batch_size // (tc.micro_batch_size * dp)
@@ -819,13 +683,6 @@ def train(ns):
               f"x {dp} dp) x {dc.seq_len}, tp {tc.tp}{', ZeRO-1' * bool(grid and tc.zero)}; MFU peak: "
               + (f"{peak / 1e12:.0f} TFLOP/s (dense bf16) x {world}" if peak else "n/a on this device"))
     log = Logger(run_dir, start, tc, tokens_per_step, sizes[2], peak and peak * world, master)
-    clip, sync = torch.nn.utils.clip_grad_norm_, None
-    if tc.tp > 1:                                              # the norm over every TP shard
-        clip = functools.partial(parallel.clip_grad_norm, group=grid.tp_group)
-    if grid and tc.zero:                                       # ZeRO-1's reduce-scatter replaces DDP's all-reduce
-        clip, sync = opts[0].clip_grad_norm, opts[0]
-    elif grid:   # DDP's hooks sit on the parameters (rank 0's, broadcast): the plain module runs, compiled or not
-        sync = parallel.DDP(model, grid.dp_group)
     update = Step(opts, guard, tc, autocast, clip_grad_norm=clip, ddp=sync)
     fwd = torch.compile(net) if use_compile(tc, device) else net  # eval and generate use the uncompiled modules
 
@@ -833,13 +690,9 @@ def train(ns):
         x, y, pos = (t.to(device, non_blocking=True) for t in batch)
         return fwd(x, y, pos)[1]
 
-    weights = None
-
-    def batches(step):
-        nonlocal weights
-        if loader.weights_at(step) != weights:
-            weights = loader.weights_at(step)
-            log.say(f"step {step}: data mixture {weights}")
+    def batches(step):                                         # the first step's data mixture, then each change
+        if step == start or loader.weights_at(step) != loader.weights_at(step - 1):
+            log.say(f"step {step}: data mixture {loader.weights_at(step)}")
         return [loader.get(step, m) for m in range(accum)]
 
     def save(done):                                            # every rank gathers its shards, rank 0 writes
@@ -850,17 +703,20 @@ def train(ns):
         if dp_rank == 0:
             log.held_out(done, *evaluate(net, val_sets, token_bytes, tc.micro_batch_size, autocast, device))
 
-    try:
+    with parallel.settling(grid):      # a collective failed: if a rank is lost, the heartbeat names it and exits
         run_loop(tc, start, update, log, batches, lm_loss, save, start if ckpt else None, held_out,
                  model.moe_step)    # MoE: after each update, the routers' balance biases move; expert load logged
-    except RuntimeError as e:
-        if grid:                       # a collective failed: if a rank is lost, the heartbeat names it and exits
-            grid.heartbeat.settle(e)
-        raise
     samples = []
-    if master:   # generate runs one process: under TP, on the consolidated checkpoint just written
+    if master and tc.sample_tokens and tc.sample_prompts:   # one process generates: under TP, from the checkpoint
         sampler = Model.from_pretrained(latest_checkpoint(run_dir)).to(device) if tc.tp > 1 else model
-        samples = write_samples(sampler, tok, tc, run_dir, device)
+        sampler.eval()                                         # fp32 weights, no autocast: the KV cache is fp32
+        gen = torch.Generator(device=device).manual_seed(tc.seed)
+        outs = sampler.generate([tok.encode(p) for p in tc.sample_prompts], tc.sample_tokens,
+                                temperature=tc.sample_temperature, stop_ids=(tok.eos_id,), generator=gen)
+        samples = [p + tok.decode([t for t in out if t != tok.eos_id]) for p, out in zip(tc.sample_prompts, outs)]
+        text = "".join(f"--- sample {i}\n{s}\n" for i, s in enumerate(samples))
+        atomic_write(os.path.join(run_dir, "samples.txt"), lambda p: Path(p).write_text(text, encoding="utf-8"))
+        print(text, end="")
     last_eval = next((r for r in reversed(read_log(log.path)) if r["kind"] == "eval"), None)
     if grid:
         parallel.shutdown(model)
@@ -869,11 +725,9 @@ def train(ns):
 
 
 def run_loop(tc, start, update, log, batches, loss_fn, save, saved_step, held_out, extra=None):
-    """The step loop pretraining and every post-training method share. Each step s from `start`: update(batches(s),
-    loss_fn, get_lr(s, tc)) (batches: the step's micro-batches), logged with extra() (the method's own numbers)
-    when given; held_out(done) every eval_interval steps and at the end; save(done) every ckpt_interval steps and
-    at the end; Diverged past max_skips skips in a row. `saved_step`: the resumed checkpoint's step, or None.
-    Ctrl-C becomes one KeyboardInterrupt naming the step reached and the latest checkpoint."""
+    """The step loop of pretraining and every post-training method: update(batches(s), loss_fn, get_lr(s, tc)),
+    logged with extra() (a method's own numbers); held_out(done), save(done) at their intervals and the end; Diverged
+    past max_skips skips in a row. `saved_step`: the resumed checkpoint's step or None, which Ctrl-C's error names."""
     guard, done = update.guard, start
     try:
         for step in range(start, tc.max_steps):
@@ -897,21 +751,6 @@ def run_loop(tc, start, update, log, batches, loss_fn, save, saved_step, held_ou
         log.bar.close()
 
 
-def write_samples(model, tok, tc, run_dir, device):
-    """Continue each sample prompt with the trained model; written to samples.txt and printed."""
-    if not (tc.sample_tokens and tc.sample_prompts):
-        return []
-    gen = torch.Generator(device=device).manual_seed(tc.seed)
-    model.eval()                                               # fp32 weights, no autocast: the KV cache is fp32
-    outs = model.generate([tok.encode(p) for p in tc.sample_prompts], tc.sample_tokens,
-                          temperature=tc.sample_temperature, stop_ids=(tok.eos_id,), generator=gen)
-    samples = [p + tok.decode([t for t in out if t != tok.eos_id]) for p, out in zip(tc.sample_prompts, outs)]
-    text = "".join(f"--- sample {i}\n{s}\n" for i, s in enumerate(samples))
-    atomic_write(os.path.join(run_dir, "samples.txt"), lambda p: Path(p).write_text(text, encoding="utf-8"))
-    print(text, end="")
-    return samples
-
-
 # ---------------------------------------------------------------- benchmark
 
 # Untimed steps before the clock starts: the first runs the allocator's and (with compile) the compiler's
@@ -921,18 +760,16 @@ BENCH_WARMUP = 2
 
 def bench(ns):
     """`--bench=N`: N optimizer steps of the configured shape on random tokens (one document per row, so the
-    mask path is training's), timed after BENCH_WARMUP untimed ones; no corpus, tokenizer or file. Prints and
-    returns step time, tokens/s (per device), MFU where the peak is known, peak memory and the settings."""
+    mask path is training's), timed after BENCH_WARMUP untimed ones; no corpus, tokenizer or file. Prints the
+    step time, tokens/s (per device), MFU where the peak is known, peak memory and the settings."""
     mc, dc, tc = resolve(ns)
-    rank, world, local_rank = dist_env()
-    if world > 1:
-        raise ValueError(f"WORLD_SIZE={world}: --bench runs one process")
-    device, autocast = setup_device(tc, mc, local_rank)
+    if dist_env()[1] > 1:
+        raise ValueError(f"WORLD_SIZE={dist_env()[1]}: --bench runs one process")
+    device, autocast = setup_device(tc, mc, dist_env()[2])
     torch.manual_seed(tc.seed)
     model = Model(mc).to(device)
-    model.train()
     update = Step(build_optimizers(model, tc, device), Guard(0.0), tc, autocast)
-    compiled = use_compile(tc, device)
+    compiled, cuda = use_compile(tc, device), device.type == "cuda"
     fwd = torch.compile(model) if compiled else model
     accum, B, T = tc.batch_size // tc.micro_batch_size, tc.micro_batch_size, dc.seq_len
     pos = torch.arange(T, device=device).expand(B, T)
@@ -940,7 +777,7 @@ def bench(ns):
     def lm_loss(tokens):
         return fwd(tokens[:, :-1], tokens[:, 1:], pos)[1]
 
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     seconds = 0.0
     for step in range(BENCH_WARMUP + tc.bench):
@@ -949,24 +786,16 @@ def bench(ns):
         update(batches, lm_loss, get_lr(step, tc))            # ends in the step's host sync (loss, grad norm)
         seconds += (time.perf_counter() - t0) * (step >= BENCH_WARMUP)
     step_s, peak = seconds / tc.bench, peak_flops(device)
-    tok_s = tc.batch_size * T / step_s
-    if device.type == "cuda":
-        memory = torch.cuda.max_memory_allocated(device)
-    else:                                                      # Linux reports the peak resident set in KiB
-        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = {"device": device_name(device), "steps": tc.bench, "step_s": step_s, "tok_per_s": tok_s,
-              "tok_per_s_per_device": tok_s / world, "mfu": model.flops_per_token(T) * tok_s / peak if peak else None,
-              "peak_memory_gb": memory / 1e9, "peak_memory_kind": "cuda max allocated" if device.type == "cuda"
-              else "peak RSS", "attn_impl": mc.attn_impl, "compile": compiled, "act_ckpt": mc.act_ckpt,
-              "autocast": "bf16" if device.type == "cuda" and tc.dtype == "bfloat16" else "off",
-              "tokens_per_step": tc.batch_size * T, "rows": f"{B} x {accum} accum x {T}"}
-    print(f"bench: {model.num_params():,} parameters on {result['device']}; {result['rows']} tokens/step; "
-          f"attn_impl={mc.attn_impl} compile={compiled} act_ckpt={mc.act_ckpt} autocast={result['autocast']}")
+    tok_s = tc.batch_size * T / step_s                         # one process: per device too
+    mfu = f"{100 * model.flops_per_token(T) * tok_s / peak:.1f}%" if peak else "n/a"
+    memory = (torch.cuda.max_memory_allocated(device) if cuda     # Linux reports the peak resident set in KiB
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(f"bench: {model.num_params():,} parameters on {device_name(device)}; {B} x {accum} accum x {T} tokens/step; "
+          f"attn_impl={mc.attn_impl} compile={compiled} act_ckpt={mc.act_ckpt} "
+          f"autocast={'bf16' if cuda and tc.dtype == 'bfloat16' else 'off'}")
     print(f"bench: {tc.bench} steps after {BENCH_WARMUP} warm-up: {1000 * step_s:.1f} ms/step, {tok_s:,.0f} tokens/s "
-          f"({tok_s / world:,.0f} per device), MFU "
-          + ("n/a" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%")
-          + f", peak memory {memory / 1e9:.2f} GB ({result['peak_memory_kind']})")
-    return result
+          f"({tok_s:,.0f} per device), MFU {mfu}, peak memory {memory / 1e9:.2f} GB "
+          f"({'cuda max allocated' if cuda else 'peak RSS'})")
 
 
 def main(argv):

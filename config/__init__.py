@@ -1,16 +1,15 @@
 """Config loading: `python X.py config/NAME.py --key=value ...` -> one flat, typed namespace.
 
-A config file is data, not code: only `name = literal` lines (numbers, strings, bools, None, lists,
-dicts, tuples, and arithmetic between numbers such as `2_000 * 4096`), parsed with `ast`, never executed.
-A first line `base = "other.py"` reads that file first, so an ablation holds only what it changes.
-Each entry point names the dataclasses it reads; their fields are the known keys:
+A config file is data, not code: `name = literal` lines (numbers, strings, bools, None, lists, dicts, tuples,
+arithmetic between numbers such as `2_000 * 4096`) parsed with `ast`, never executed; a first line
+`base = "other.py"` reads that file first, so an ablation holds only what it changes. The known keys are the
+fields of the dataclasses each entry point names; unknown keys and wrong types (element by element) are one-line
+ValueErrors naming the file:line or the override. With `prog`, -h/--help prints the keys and exits 0, and no
+arguments print them and exit 2:
 
     from config import load, pick
     ns = load(sys.argv[1:], ModelConfig, DataConfig, TrainConfig, prog="python train.py")
-    mc = ModelConfig(**pick(ns, ModelConfig))
-
-Unknown keys and wrong types (checked element by element) are one-line ValueErrors naming the file:line or
-the override. With `prog`, -h/--help prints the keys and exits 0, and no arguments print them and exit 2."""
+    mc = ModelConfig(**pick(ns, ModelConfig))"""
 import ast
 import contextlib
 import dataclasses
@@ -20,35 +19,30 @@ import sys
 import types
 import typing
 
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow, ast.Mod: operator.mod}
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+        ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow, ast.Mod: operator.mod, ast.USub: operator.neg,
+        ast.UAdd: operator.pos}
 
 
-def _literal(node, where):
-    """Evaluate a literal expression (plus number arithmetic) without executing anything."""
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        a, b = _number(node.left, where), _number(node.right, where)
+def _literal(node, where, operand=False):
+    """Evaluate a literal expression (plus arithmetic between numbers) without executing anything."""
+    if isinstance(node, (ast.BinOp, ast.UnaryOp)) and type(node.op) in _OPS:
+        operands = (node.left, node.right) if isinstance(node, ast.BinOp) else (node.operand,)
         try:
-            return _BINOPS[type(node.op)](a, b)
+            value = _OPS[type(node.op)](*(_literal(n, where, operand=True) for n in operands))
         except ArithmeticError as e:
             raise ValueError(f"{where}: {ast.unparse(node)}: {e}") from None
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        v = _number(node.operand, where)
-        return -v if isinstance(node.op, ast.USub) else v
-    if isinstance(node, (ast.List, ast.Tuple)):
-        return [_literal(e, where) for e in node.elts]
-    if isinstance(node, ast.Dict) and None not in node.keys:  # a None key is a `**` unpacking
-        return {_literal(k, where): _literal(v, where) for k, v in zip(node.keys, node.values)}
-    if isinstance(node, ast.Constant):
-        return node.value
-    raise ValueError(f"{where}: expected a literal value, got `{ast.unparse(node)}`")
-
-
-def _number(node, where):
-    v = _literal(node, where)
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
+    elif isinstance(node, (ast.List, ast.Tuple)):
+        value = [_literal(e, where) for e in node.elts]
+    elif isinstance(node, ast.Dict) and None not in node.keys:  # a None key is a `**` unpacking
+        value = {_literal(k, where): _literal(v, where) for k, v in zip(node.keys, node.values)}
+    elif isinstance(node, ast.Constant):
+        value = node.value
+    else:
+        raise ValueError(f"{where}: expected a literal value, got `{ast.unparse(node)}`")
+    if operand and (not isinstance(value, (int, float)) or isinstance(value, bool)):
         raise ValueError(f"{where}: arithmetic is only allowed between numbers")
-    return v
+    return value
 
 
 def parse_file(path, _seen=()):
@@ -110,10 +104,9 @@ def check_type(value, tp, where):
         for a in args:
             with contextlib.suppress(ValueError):
                 return check_type(value, a, where)
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is typing.Any or tp is type(None) and value is None or tp in (str, bool) and isinstance(value, tp):
         return value
-    if tp is int and number and isinstance(value, int) or tp is float and number:
+    if tp in (int, float) and isinstance(value, (int, tp)) and not isinstance(value, bool):  # an int is a float too
         return tp(value)
     if (origin is list or tp is list) and isinstance(value, (list, tuple)):
         return [check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
@@ -121,10 +114,6 @@ def check_type(value, tp, where):
         return {check_type(k, args[0], f"{where} key"): check_type(v, args[1], f"{where}[{k!r}]")
                 for k, v in value.items()} if args else value
     raise ValueError(f"{where}: expected {_name(tp)}, got {type(value).__name__} {value!r}")
-
-
-def _accepts_str(tp):
-    return tp is str or typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)
 
 
 def _name(tp):
@@ -137,15 +126,14 @@ def _name(tp):
 
 
 def load(argv, *classes, prog=None, strict=True):
-    """Parse `[CONFIG_FILE] [--key=value ...]` into a SimpleNamespace of every key of `classes`, absent keys at
-    their default; `prog`: see above. `strict=False` skips file keys the named classes do not own
-    (`python model.py` reads a training config's model keys)."""
+    """Parse `[CONFIG_FILE] [--key=value ...]` into a SimpleNamespace of every key of `classes` (absent: its
+    default); `prog`: see above. `strict=False` skips file keys they do not own (model.py reads a training config)."""
     fields = schema(*classes)
     if prog is not None and (not argv or any(a in ("-h", "--help") for a in argv)):
         print(usage(prog, fields), file=sys.stdout if argv else sys.stderr)
         raise SystemExit(0 if argv else 2)
-    values, raws, config_file = {}, {}, None
-    for arg in argv:
+    values, raws = {}, {}
+    for i, arg in enumerate(argv):
         if arg.startswith("--"):
             if "=" not in arg:
                 raise ValueError(f"override {arg!r}: expected --key=value")
@@ -157,11 +145,11 @@ def load(argv, *classes, prog=None, strict=True):
             values[key], raws[key] = (val, f"override --{key}"), raw
         elif "=" in arg and not os.path.isfile(arg):
             raise ValueError(f"{arg!r}: overrides start with two dashes (did you mean --{arg}?)")
-        elif config_file is not None or raws:
+        elif i > 0:  # after the file or an override
             raise ValueError(f"config file {arg!r}: give one config file, before the --key=value overrides")
         else:
-            config_file = arg
             values.update({k: v for k, v in parse_file(arg).items() if strict or k in fields})
+    ns = {k: default for k, (_, default, _) in fields.items()}
     for key, (val, where) in values.items():
         if key not in fields:
             close = [k for k in fields if k.replace("_", "") == key.replace("_", "") or k.startswith(key[:4])][:3]
@@ -172,12 +160,12 @@ def load(argv, *classes, prog=None, strict=True):
             val = check_type(val, tp, where_key)
         except ValueError:
             # an override (they come after the file): --out_dir=2024 or --init_from=1e3 is the text as typed
-            if key not in raws or not _accepts_str(tp):
+            union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+            if key not in raws or str not in (typing.get_args(tp) if union else (tp,)):
                 raise
             val = raws[key]
-        values[key] = (val, where)
-    ns = {k: default for k, (_, default, _) in fields.items()}
-    return types.SimpleNamespace(**ns | {k: val for k, (val, _) in values.items()})
+        ns[key] = val
+    return types.SimpleNamespace(**ns)
 
 
 def pick(ns, cls):

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 
 import pytest
 import torch
@@ -570,41 +569,6 @@ def test_overfits_one_repeated_batch(tmp_path, corpus, monkeypatch):
     train.train(ns)
     losses = [r["loss"] for r in train_records(ns.out_dir)]
     assert losses[0] > 5.0 and losses[-1] < 0.05                # ln(264) = 5.58 -> memorised
-
-
-# ---------------------------------------------------------------- plot
-
-def test_loss_svg_draws_the_data(tmp_path):
-    path = str(tmp_path / "p.svg")
-    curve = [(10 * i, 5 / (1 + i)) for i in range(501)]               # longer than max_points: thinned
-    evals = [(1000 * k, 0.5 + 0.1 * k) for k in range(6)]
-    train.plot_curves(path, [("train", curve), ("val a&b", evals)], width=400, height=300, max_points=100)
-    svg = "{http://www.w3.org/2000/svg}"
-    root = ET.parse(path).getroot()                                   # well-formed: the & is escaped
-    area = root.find(f"{svg}clipPath/{svg}rect").attrib
-    top, bottom = float(area["y"]), float(area["y"]) + float(area["height"])
-    drawn = [[tuple(map(float, xy.split(","))) for xy in line.get("points").split()]
-             for line in root.iter(f"{svg}polyline")]
-    assert len(drawn) == 2 and len(drawn[1]) == len(evals) and 80 <= len(drawn[0]) <= 100
-    # The eval points fix the affine data -> pixel map; every drawn point must invert to a data point.
-    (ax, ay), (bx, by) = drawn[1][0], drawn[1][-1]
-    sx, sy = (bx - ax) / 5000, (by - ay) / 0.5
-
-    def data(px, py):
-        return (px - ax) / sx, 0.5 + (py - ay) / sy
-    for (px, py), (x, y) in zip(drawn[1], evals):
-        assert data(px, py) == pytest.approx((x, y), abs=1e-3)
-    steps = [data(px, py) for px, py in drawn[0]]
-    assert steps[-1][0] == pytest.approx(5000, abs=0.1)                # the curve ends at the last step
-    for x, y in steps:
-        i = round(x / 10)
-        assert abs(x - 10 * i) < 1 and y == pytest.approx(5 / (1 + i), abs=2e-3), (x, y)
-    # up is smaller y; the evals lie inside the plot area, the first steps (loss > 1) above it, clipped
-    assert sy < 0 and top <= ay <= bottom and top <= by <= bottom and drawn[0][0][1] < top
-    ticks = [t for t in root.iter(f"{svg}text") if t.get("text-anchor") == "middle" and t.text[0].isdigit()]
-    assert [t.text for t in ticks] == ["0", "1000", "2000", "3000", "4000", "5000"]
-    assert all(float(t.get("x")) == pytest.approx(ax + sx * float(t.text), abs=0.2) for t in ticks)
-    assert "val a&b" in [t.text for t in root.iter(f"{svg}text")]
 
 
 # ---------------------------------------------------------------- shipped configs
