@@ -9,21 +9,15 @@
     model.generate(prompts, n, num_samples=G)   # G samples per prompt sharing its prefill (GRPO); compile=True
     Model.from_pretrained(dir) / model.save_pretrained(dir)    # transformers' SmolLM3 layout (MLA / MoE: ours)
 
-pos holds per-document positions: 0 at each document start, -1 for padding (nothing attends to or from
-it, and its attention output is 0); pos None is one causal sequence per row. A bf16 model gives
-transformers' SmolLM3ForCausalLM bf16 logits bit-for-bit, and so does an fp32 model under bf16 autocast.
-Beyond SmolLM3: attention = "mla" (DeepSeek-V2's latent attention, its latent is what the KV cache holds)
-and n_experts > 0 (MoE MLPs; train.py calls model.moe_step() after each update), each equal to
-transformers' DeepseekV3 modules in tests/test_mla_moe.py.
+pos holds per-document positions: 0 at each document start, -1 for padding (nothing attends to or from it, and
+its attention output is 0); pos None is one causal sequence per row. A bf16 model gives transformers'
+SmolLM3ForCausalLM bf16 logits bit-for-bit, and so does an fp32 model under bf16 autocast. Beyond SmolLM3:
+attention = "mla" (DeepSeek-V2's latent attention) and n_experts > 0 (MoE MLPs; train.py calls model.moe_step()
+after each update), each equal to transformers' DeepseekV3 modules in tests/test_mla_moe.py.
 
-Sections:
-    ModelConfig                 the knobs, their checks, the special ids, nope_layers
-    RMSNorm, RoPE (+ YaRN)      rope_frequencies, rope_cos_sin, apply_rope
-    doc_causal_mask             the one attention mask (kernels.py's PyTorch twin uses it too)
-    Attention, MLA, MLP, MoE    attn_impl "sdpa" (CPU, reference) or "triton" (kernels.py, GPU; GQA only)
-    Block
-    KVCache, Model              forward and loss, MoE balance, accounting, generation, HF checkpoints
-    HF names, atomic_write, sample, summary, main
+Sections: ModelConfig · RMSNorm, RoPE (+ YaRN) · doc_causal_mask (the one attention mask, kernels.py's twin's too) ·
+Attention (attn_impl "sdpa": CPU, reference; "triton": kernels.py, GPU), MLA, MLP, MoE, Block · KVCache · Model
+(forward and loss, MoE balance, accounting, generation, HF checkpoints) · HF names, atomic_write, sample, summary, main
 """
 import functools
 import json
@@ -38,6 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+
+def check(ok, msg):
+    """The one-line error of bad input (a config, a checkpoint): ValueError(msg) unless ok."""
+    if not ok:
+        raise ValueError(msg)
 
 
 @dataclass
@@ -91,11 +91,10 @@ class ModelConfig:
 
     def __post_init__(self):
         for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "loss_budget_mb", "max_position_embeddings"):
-            if getattr(self, k) <= 0:
-                raise ValueError(f"model config: {k} must be > 0, got {getattr(self, k)}")
+            check(getattr(self, k) > 0, f"model config: {k} must be > 0, got {getattr(self, k)}")
         if self.head_dim is None:
-            if self.d_model % self.n_heads:
-                raise ValueError(f"model config: d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) unless head_dim is set")
+            check(self.d_model % self.n_heads == 0, f"model config: d_model ({self.d_model}) must be divisible by "
+                  f"n_heads ({self.n_heads}) unless head_dim is set")
             self.head_dim = self.d_model // self.n_heads
         checks = [(self.n_heads % self.n_kv_heads == 0, f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"),
                   (self.head_dim > 0 and self.head_dim % 2 == 0, f"head_dim ({self.head_dim}) must be even and > 0 for RoPE"),
@@ -123,8 +122,7 @@ class ModelConfig:
                     f"{k} {getattr(self, k)} is outside the vocabulary (vocab_size {self.vocab_size})")
                    for k in ("bos_id", "eos_id", "pad_id")]
         for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"model config: {msg}")
+            check(ok, f"model config: {msg}")
 
     @property
     def loss_chunk(self):
@@ -146,8 +144,7 @@ class ModelConfig:
         return self.attention == "gqa" and not self.n_experts
 
     def cache_dims(self, layer):
-        """(heads, dim) of the two tensors a layer caches per token: GQA's keys and values; MLA's latent and
-        its rope key, shared by the heads (none in a NoPE layer)."""
+        """(heads, dim) of a layer's two cached tensors: GQA's keys and values; MLA's latent and shared rope key."""
         if self.attention == "mla":
             return (1, self.kv_lora_rank), (1, 0 if layer in self.nope_layers else self.qk_rope_head_dim)
         return (self.n_kv_heads, self.head_dim), (self.n_kv_heads, self.head_dim)
@@ -161,8 +158,7 @@ def nope_layers(n_layers, interval):
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         # normalise in fp32 (as SmolLM3 does) and cast back before the weight, matching transformers bit-for-bit
@@ -177,10 +173,9 @@ def rope_frequencies(cfg):
     inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
     if s == 1.0:
         return inv_freq, 1.0
-    # YaRN (Peng et al., 2023): pairs that turn more than 32 times over the original context keep their
-    # frequency, pairs that turn less than once are interpolated (frequency / factor), a linear ramp over the
-    # pair index blends between; pair i turns r times at index d * ln(L / (2 pi r)) / (2 ln theta). The
-    # 0.1 ln(factor) + 1 scale on cos and sin sharpens the attention logits, as the paper prescribes.
+    # YaRN (Peng et al., 2023): pairs that turn more than 32 times over the original context keep their frequency,
+    # pairs that turn less than once are interpolated (frequency / factor), a linear ramp over the pair index blends
+    # between (pair i turns r times at index d * ln(L / (2 pi r)) / (2 ln theta)); cos, sin scaled 0.1 ln(factor) + 1.
     index_at = lambda turns: d * math.log(cfg.yarn_original_max_position / (2 * math.pi * turns)) / (2 * math.log(theta))
     lo, hi = max(math.floor(index_at(32)), 0), min(math.ceil(index_at(1)), d - 1)
     interp = ((torch.arange(d // 2, dtype=torch.float32) - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
@@ -192,8 +187,7 @@ def rope_cos_sin(pos, cfg, dtype=torch.float32):
     inv_freq, scale = rope_frequencies(cfg)
     # angles in fp32, cos/sin rounded to the residual stream's dtype as transformers does (bit-exact bf16);
     # under autocast the residual stream is fp32 and so is RoPE
-    ang = pos.float()[..., None] * inv_freq.to(pos.device)  # [B, T, D/2]
-    ang = torch.cat([ang, ang], dim=-1)[:, :, None]
+    ang = (pos.float()[..., None] * inv_freq.to(pos.device)).repeat(1, 1, 2)[:, :, None]  # [B, T, 1, D]
     return (ang.cos() * scale).to(dtype), (ang.sin() * scale).to(dtype)
 
 
@@ -204,11 +198,9 @@ def apply_rope(x, cos, sin):
 
 def doc_causal_mask(pos, window=None, doc_masking=True):
     """Boolean attention mask [B, 1, T, T] (True = may attend) from per-document positions pos [B, T]."""
-    T = pos.shape[1]
-    i = torch.arange(T, device=pos.device)
-    allowed = (i[None, :] <= i[:, None])[None]                 # [1, T, T] causal
-    if window is not None:
-        allowed = allowed & (i[:, None] - i[None, :] < window)[None]
+    i = torch.arange(pos.shape[1], device=pos.device)
+    d = i[:, None] - i[None, :]                                # query index - key index
+    allowed = ((d >= 0) & (d < (window or len(i))))[None]      # [1, T, T] causal, within the window
     real = pos >= 0                                            # padding (pos -1) is invisible both ways
     allowed = allowed & real[:, :, None] & real[:, None, :]
     if doc_masking:
@@ -247,8 +239,7 @@ class Attention(nn.Module):
         if cfg.attn_impl == "triton" and cache is None:
             # on a CPU only under Triton's interpreter (tests at tiny sizes); train.py refuses it for real runs
             if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-                raise RuntimeError("attn_impl='triton' needs a CUDA GPU (or TRITON_INTERPRET=1); "
-                                   "use attn_impl='sdpa' on CPU")
+                raise RuntimeError("attn_impl='triton' needs a CUDA GPU (or TRITON_INTERPRET=1); on CPU use 'sdpa'")
             import kernels  # imported here so that the CPU path never needs triton
             return self.o(kernels.flash_attention(q, k, v, pos, cfg.sliding_window).reshape(B, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
@@ -269,11 +260,9 @@ class Attention(nn.Module):
 
 
 class MLA(nn.Module):
-    """Multi-head latent attention (DeepSeek-V2, 2024). Keys and values come up (kv_up) from one latent per
-    token, c = RMSNorm(kv_down x) of kv_lora_rank; a decoupled rope key RoPE(kv_down x) of qk_rope_head_dim,
-    one for all heads, completes each head's key. The KV cache holds only c and the rope key. Queries come
-    from x, or from their own normalised latent when q_lora_rank > 0. Scores are scaled by 1/sqrt(qk dims).
-    RNoPE: a NoPE layer has no rope part at all (its q/k heads are qk_nope_head_dim wide)."""
+    """Multi-head latent attention (DeepSeek-V2, 2024): every head's key and value come up (kv_up) from one latent
+    per token, c = RMSNorm(kv_down x), each key completed by a rope key shared by the heads; the cache holds c and
+    that key. Queries come from x, or from their own latent (q_lora_rank > 0). A NoPE layer has no rope part."""
 
     def __init__(self, cfg, layer_idx):
         super().__init__()
@@ -281,11 +270,9 @@ class MLA(nn.Module):
         self.rope_dim = cfg.cache_dims(layer_idx)[1][1]
         C, H, r, dn, dv = cfg.d_model, cfg.n_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim
         if cfg.q_lora_rank:
-            self.q_down = nn.Linear(C, cfg.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_eps)
+            self.q_down, self.q_norm = nn.Linear(C, cfg.q_lora_rank, bias=False), RMSNorm(cfg.q_lora_rank, cfg.rms_eps)
         self.q = nn.Linear(cfg.q_lora_rank or C, H * (dn + self.rope_dim), bias=False)
-        self.kv_down = nn.Linear(C, r + self.rope_dim, bias=False)
-        self.kv_norm = RMSNorm(r, cfg.rms_eps)
+        self.kv_down, self.kv_norm = nn.Linear(C, r + self.rope_dim, bias=False), RMSNorm(r, cfg.rms_eps)
         self.kv_up = nn.Linear(r, H * (dn + dv), bias=False)
         self.o = nn.Linear(H * dv, C, bias=False)
 
@@ -293,26 +280,22 @@ class MLA(nn.Module):
         """As Attention.forward."""
         B, T, _ = x.shape
         cfg, H, dn, dr = self.cfg, self.cfg.n_heads, self.cfg.qk_nope_head_dim, self.rope_dim
-        q = self.q(self.q_norm(self.q_down(x)) if cfg.q_lora_rank else x)
-        q = q.view(B, T, H, dn + dr).transpose(1, 2)                                   # [B, H, T, dn + dr]
+        q = self.q(self.q_norm(self.q_down(x)) if cfg.q_lora_rank else x).view(B, T, H, -1).transpose(1, 2)
         c, k_rope = self.kv_down(x)[:, None].split([cfg.kv_lora_rank, dr], dim=-1)    # [B, 1, T, r], [B, 1, T, dr]
         c = self.kv_norm(c)
         if dr:
             cos, sin = (t.transpose(1, 2) for t in rope)                               # [B, 1, T, dr]
-            q = torch.cat([q[..., :dn], apply_rope(q[..., dn:], cos, sin)], dim=-1)
+            q = torch.cat([q[..., :dn], apply_rope(q[..., dn:], cos, sin)], dim=-1)    # [B, H, T, dn + dr]
             k_rope = apply_rope(k_rope, cos, sin)
         if cache is not None:
             c, k_rope = cache.update(self.layer_idx, c, k_rope)                       # [B, 1, S, r], [B, 1, S, dr]
-        S = c.shape[2]
-        # keys and values of every head from the latent: training's form. Decoding could instead fold kv_up
-        # into the query and the output projection (DeepSeek-V2's "absorb") and never expand the cache.
-        k_nope, v = self.kv_up(c).view(B, S, H, dn + cfg.v_head_dim).transpose(1, 2).split([dn, cfg.v_head_dim], -1)
-        k = torch.cat([k_nope, k_rope.expand(B, H, S, dr)], dim=-1)                    # [B, H, S, dn + dr]
+        # every head's keys and values from the latent (decoding could fold kv_up into q and o: DeepSeek's absorb)
+        k_nope, v = self.kv_up(c).view(B, -1, H, dn + cfg.v_head_dim).transpose(1, 2).split([dn, cfg.v_head_dim], -1)
+        k = torch.cat([k_nope, k_rope.expand(-1, H, -1, -1)], dim=-1)                  # [B, H, S, dn + dr]
         o = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, attn_mask=mask, is_causal=mask is None)
-        o = o.transpose(1, 2)                                                          # [B, T, H, dv]
         if pos is not None:
-            o = o.masked_fill((pos < 0)[:, :, None, None], 0.0)                        # padding's output is 0
-        return self.o(o.reshape(B, T, -1))
+            o = o.masked_fill((pos < 0)[:, None, :, None], 0.0)                        # padding's output is 0
+        return self.o(o.transpose(1, 2).reshape(B, T, -1))                             # [B, T, H * dv]
 
 
 class MLP(nn.Module):
@@ -328,36 +311,26 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Mixture of experts in place of the MLP: a router scores n_experts SwiGLU experts per token (fp32;
-    softmax, or DeepSeek-V3's sigmoid), the top n_experts_active run and their outputs are summed with the
-    (optionally renormalised) scores as weights; n_shared_experts run on every token (one MLP of their summed
-    width). Balance: the load-balancing loss moe_aux_loss * E * sum_i f_i P_i (Switch; f_i = share of the
-    assignments, P_i = mean normalised score; 1 x coefficient at a uniform load) plus the router z-loss,
-    summed over layers into Model.forward's mean loss; or DeepSeek-V3's auxiliary-loss-free bias, added to
-    the scores for choosing only and moved by Model.moe_step after each update. With moe_capacity_factor, an
-    expert takes at most capacity assignments, first come (token order) first served; the rest are dropped
-    (the token keeps its residual).
-    Dispatch: assignments are sorted by expert and each expert runs one matmul on its rows — E small
-    matmuls per layer and one host sync (the per-expert counts), which also breaks torch.compile's graph
-    there; the gather and scatter move tokens * k rows of d_model. Readable, not fast: a grouped matmul
-    would be one launch."""
+    """Mixture of experts in place of the MLP: a router scores n_experts SwiGLU experts per token in fp32 (softmax,
+    or DeepSeek-V3's sigmoid); the top n_experts_active run, weighted by their (renormalised) scores, beside
+    n_shared_experts on every token. Balance: moe_aux_loss * E * sum_i f_i P_i (Switch; f_i: share of assignments,
+    P_i: mean normalised score) + router z-loss, in the mean loss; or DeepSeek-V3's bias, which only chooses
+    (Model.moe_step moves it). An expert over its capacity drops its last assignments in token order (the token keeps
+    its residual). Dispatch sorts by expert, one matmul each and one host sync (breaks torch.compile's graph)."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.cfg = cfg
-        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.cfg, self.router = cfg, nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         d = cfg.d_expert or cfg.d_ff
         self.experts = nn.ModuleList(MLP(cfg, d) for _ in range(cfg.n_experts))
         if cfg.n_shared_experts:
             self.shared = MLP(cfg, cfg.n_shared_experts * d)
         self.register_buffer("balance_bias", torch.zeros(cfg.n_experts))  # saved: the router's state
-        self.aux_loss = None
-        self.load, self.dropped = 0, 0      # assignments per expert and dropped ones since the last moe_step
+        self.aux_loss, self.load, self.dropped = None, 0, 0  # load, dropped: assignments since the last moe_step
 
     def forward(self, x):
         cfg, E, k = self.cfg, self.cfg.n_experts, self.cfg.n_experts_active
-        xf = x.reshape(-1, x.shape[-1])                                # [N, C]
-        N = xf.shape[0]
+        xf, N = x.reshape(-1, x.shape[-1]), x.shape[:-1].numel()       # [N, C]
         with torch.autocast(x.device.type, enabled=False):            # routing in fp32, also under autocast
             logits = F.linear(xf.float(), self.router.weight.float())  # [N, E]
         scores = logits.softmax(-1) if cfg.router_score == "softmax" else logits.sigmoid()
@@ -366,13 +339,10 @@ class MoE(nn.Module):
         if cfg.router_norm_topk:
             weight = weight / (weight.sum(-1, keepdim=True) + 1e-20)
         flat = chosen.flatten()                                        # assignment a is token a // k's
-        counts = torch.bincount(flat, minlength=E)
-        order = flat.argsort(stable=True)                              # by expert, token order within one
-        kept = counts
-        if cfg.moe_capacity_factor:
-            cap = math.ceil(cfg.moe_capacity_factor * N * k / E)
-            rank = torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts)[flat[order]]
-            order, kept = order[rank < cap], counts.clamp(max=cap)
+        counts, order = torch.bincount(flat, minlength=E), flat.argsort(stable=True)  # by expert, then token order
+        cap = math.ceil(cfg.moe_capacity_factor * N * k / E) if cfg.moe_capacity_factor else N * k
+        rank = torch.arange(N * k, device=x.device) - (counts.cumsum(0) - counts)[flat[order]]
+        order, kept = order[rank < cap], counts.clamp(max=cap)
         token = order // k
         ys = torch.cat([e(xf[t]) for e, t in zip(self.experts, token.split(kept.tolist()))])
         out = torch.zeros_like(xf).index_add(0, token, ys * weight.flatten()[order, None].to(ys.dtype))
@@ -447,10 +417,9 @@ class Model(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if not self.tok_emb.weight.is_meta:  # meta (summary, from_pretrained) has no values to draw
-            for m in self.modules():
-                if isinstance(m, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(m.weight, mean=0.0, std=cfg.init_std)
+        for m in [] if self.tok_emb.weight.is_meta else self.modules():  # meta (summary, from_pretrained): none
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=cfg.init_std)
 
     @property
     def head_weight(self):
@@ -482,27 +451,22 @@ class Model(nn.Module):
         cfg = self.cfg
         if pos is not None and not cfg.doc_masking:
             # one sequence of the row's real tokens: RoPE counts them (0..T-1 when the row has no padding)
-            real = pos >= 0
-            pos = torch.where(real, real.cumsum(1) - 1, -1)
+            pos = torch.where(pos >= 0, (pos >= 0).cumsum(1) - 1, -1)
         # one SDPA mask for all layers; None: causal (no pos, no window), or the Triton kernel's own from pos
         mask = None
         if cfg.attn_impl == "sdpa" and (pos is not None or cfg.sliding_window is not None):
-            mask = self.sdpa_mask(pos if pos is not None else torch.arange(x.shape[1], device=x.device)[None])
+            mask = self.sdpa_mask(torch.arange(x.shape[1], device=x.device)[None] if pos is None else pos)
         h = self.hidden(x, pos, mask)
         if y is None:
             return (h @ self.head_weight.t()).float()
-        # Logits within loss_budget_mb: the LM head and CE in one pass. Beyond it, chunks of that size, each under
-        # activation checkpointing, so peak memory is one chunk's logits (4096 tokens at a 128k vocab would hold
-        # 2 GB of fp32 logits) at the price of a second LM-head matmul in backward.
-        B, T, C = h.shape
-        h, yf = h.reshape(B * T, C), y.reshape(B * T)
-        n = cfg.loss_chunk
-        chunked = n < B * T and torch.is_grad_enabled()
+        # Logits within loss_budget_mb: LM head and CE in one pass; beyond, checkpointed chunks of that size, so peak
+        # memory is one chunk's logits (4096 tokens x 128k vocab = 2 GB fp32) for a second LM-head matmul in backward.
+        h, yf, n = h.flatten(0, 1), y.flatten(), cfg.loss_chunk
+        chunked = n < len(yf) and torch.is_grad_enabled()
         ce = functools.partial(checkpoint, _chunk_ce, use_reentrant=False) if chunked else _chunk_ce
-        per_token = torch.cat([ce(h[i:i + n], self.head_weight, yf[i:i + n], cfg.z_loss)
-                               for i in range(0, B * T, n)]).view(B, T)
+        per_token = torch.cat([ce(h[i:i + n], self.head_weight, yf[i:i + n], cfg.z_loss) for i in range(0, len(yf), n)])
         if reduction == "none":
-            return None, per_token
+            return None, per_token.view_as(y)
         loss = per_token.sum() / (1 if reduction == "sum" else (y != -100).sum().clamp(min=1))
         for m in self.moe() if reduction == "mean" else []:  # the training loss adds the balance losses
             loss = loss + m.aux_loss
@@ -514,26 +478,21 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def moe_step(self):
-        """After each update (train.py): move the auxiliary-loss-free balance biases towards the experts
-        loaded below the mean (b_i += moe_bias_update * sign(mean load - load_i)), from the assignments
-        counted since the last call, all ranks together; returns their stats for the log: max / mean
-        assignments per expert for each MoE layer, and the share of assignments dropped by the capacity."""
+        """After each update (train.py), from the assignments all ranks counted since the last call: move the balance
+        biases (b_i += moe_bias_update * sign(mean load - load_i)); -> max / mean load per layer, dropped share."""
         moe = self.moe()
         if not moe or not torch.is_tensor(moe[0].load):
             return {}
-        load = torch.stack([m.load for m in moe]).float()                     # [MoE layers, E]
-        dropped = torch.stack([torch.as_tensor(m.dropped, device=load.device) for m in moe]).float()
+        counts = torch.stack([torch.cat([m.load, m.dropped[None]]) for m in moe]).float()  # [MoE layers, E + 1]
         if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(load)
-            torch.distributed.all_reduce(dropped)
+            torch.distributed.all_reduce(counts)
+        load, dropped = counts[:, :-1], counts[:, -1]
         for m, l in zip(moe, load):
             if self.cfg.moe_bias_update:
                 m.balance_bias += self.cfg.moe_bias_update * torch.sign(l.mean() - l)
             m.load, m.dropped = 0, 0
-        stats = {"moe_load_max_mean": [round(v, 3) for v in (load.max(1).values / load.mean(1)).tolist()]}
-        if self.cfg.moe_capacity_factor:
-            stats["moe_dropped"] = (dropped.sum() / load.sum()).item()
-        return stats
+        dropped = {"moe_dropped": (dropped.sum() / load.sum()).item()} if self.cfg.moe_capacity_factor else {}
+        return {"moe_load_max_mean": [round(v, 3) for v in (load.max(1).values / load.mean(1)).tolist()], **dropped}
 
     # ---- accounting -------------------------------------------------------------------------------
     def num_params(self, non_embedding=False, active=False):
@@ -544,18 +503,16 @@ class Model(nn.Module):
         return sum(p.numel() for p in self.parameters()) - non_embedding * sum(p.numel() for p in embeddings) - idle
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward): 6 N + 6 * H * (D_qk + D_v) * T_ctx per layer
-        (= 12 L H D T_ctx for GQA); N counts a MoE's active parameters."""
+        """Training FLOPs per token: 6 N (active matmul params) + 6 H (D_qk + D_v) T_ctx a layer (GQA: 12 L H D T)."""
         cfg = self.cfg
         # N: non-embedding parameters + one V x C LM-head matmul, tied or not (the embedding is a lookup)
         n_matmul = self.num_params(non_embedding=True, active=True) + cfg.vocab_size * cfg.d_model
         # scores and values cost 2 * H * D_qk + 2 * H * D_v per key, x3 for fwd+bwd; a causal query sees T/2
         # keys on average (PaLM's 12 L H D T counts the full square), capped by the window; doc masking not counted
         t_ctx = seq_len / 2 if cfg.sliding_window is None else min(seq_len / 2, cfg.sliding_window)
-        if cfg.attention == "mla":  # MLA's heads are qk_nope (+ qk_rope in a RoPE layer) and v_head_dim wide
-            dims = sum(cfg.qk_nope_head_dim + cfg.cache_dims(i)[1][1] + cfg.v_head_dim for i in range(cfg.n_layers))
-        else:
-            dims = cfg.n_layers * 2 * cfg.head_dim
+        # D_qk + D_v: MLA's heads are qk_nope (+ qk_rope in a RoPE layer) and v_head_dim wide
+        dims = (sum(cfg.qk_nope_head_dim + cfg.cache_dims(i)[1][1] + cfg.v_head_dim for i in range(cfg.n_layers))
+                if cfg.attention == "mla" else cfg.n_layers * 2 * cfg.head_dim)
         return 6 * n_matmul + 6 * cfg.n_heads * dims * t_ctx
 
     # ---- generation (gpt-fast's shape: prefill, then one decode step per token) ---------------------
@@ -654,44 +611,35 @@ class Model(nn.Module):
         return out
 
     # ---- HF SmolLM3 checkpoints: config.json + model.safetensors, as SmolLM3ForCausalLM reads them ---
-    def hf_config(self):
+    def save_pretrained(self, path, state_dict=None):
+        """config.json + model.safetensors, atomically (MLA / MoE: our names, fields); state_dict: TP-gathered."""
+        from safetensors.torch import save_file
         cfg = self.cfg
-        if not cfg.is_smollm3:  # MLA / MoE: no transformers class holds it; config.json is our fields
-            return {"model_type": "nanosmol", **asdict(cfg)}
-        return {
-            "architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3",
+        conf = {"model_type": "nanosmol", **asdict(cfg)} if not cfg.is_smollm3 else {
+            "architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3", "hidden_act": "silu",
             **{hf_key: getattr(cfg, k) for k, hf_key in HF_KEYS.items()},
-            "hidden_act": "silu", "rope_theta": cfg.rope_theta,
+            "rope_theta": cfg.rope_theta, "no_rope_layer_interval": cfg.nope_interval,
+            "no_rope_layers": [int(i not in cfg.nope_layers) for i in range(cfg.n_layers)],
             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta} if cfg.yarn_factor == 1.0 else
                 {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.yarn_factor,
                  "original_max_position_embeddings": cfg.yarn_original_max_position},
-            "no_rope_layer_interval": cfg.nope_interval,
-            "no_rope_layers": [int(i not in cfg.nope_layers) for i in range(cfg.n_layers)],
             # transformers applies its window only to "sliding_attention" layers: ours is every layer
             "use_sliding_window": cfg.sliding_window is not None, "sliding_window": cfg.sliding_window,
             "layer_types": ["sliding_attention" if cfg.sliding_window else "full_attention"] * cfg.n_layers,
-            "attention_bias": False, "mlp_bias": False,
-            "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id,
-            "torch_dtype": str(self.tok_emb.weight.dtype).removeprefix("torch."),
+            "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id, "mlp_bias": False,
+            "torch_dtype": str(self.tok_emb.weight.dtype).removeprefix("torch."), "attention_bias": False,
             # ours only; transformers ignores them (qk_norm's weights are saved under Qwen3's names)
-            "nanosmol": {k: getattr(cfg, k) for k in NANOSMOL_KEYS},
-        }
-
-    def save_pretrained(self, path, state_dict=None):
-        """Write config.json + model.safetensors (each atomically): this model's weights, or `state_dict`'s
-        (train.py's, gathered from tensor-parallel shards); an MLA / MoE model keeps our tensor names."""
-        from safetensors.torch import save_file
+            "nanosmol": {k: getattr(cfg, k) for k in NANOSMOL_KEYS}}
         os.makedirs(path, exist_ok=True)
-        name = hf_name if self.cfg.is_smollm3 else str
+        name = hf_name if cfg.is_smollm3 else str
         tensors = {name(k): v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
         atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        text = json.dumps(self.hf_config(), indent=2)
+        text = json.dumps(conf, indent=2)
         atomic_write(os.path.join(path, "config.json"), lambda p: pathlib.Path(p).write_text(text))
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
-        """Load a transformers SmolLM3 directory (ours or a released one); `overrides` set ModelConfig fields.
-        Tensors keep the checkpoint's dtype: a released bf16 checkpoint loads as bf16 (.float() to train)."""
+        """A SmolLM3 directory (ours or a released one), in its dtype (bf16 stays bf16); overrides: ModelConfig's."""
         from safetensors import safe_open
         cfg = cls.config_from_hf(os.path.join(path, "config.json"), **overrides)
         with torch.device("meta"):
@@ -699,86 +647,75 @@ class Model(nn.Module):
         name = hf_name if cfg.is_smollm3 else str
         expected = {name(k): (k, v.shape) for k, v in model.state_dict().items()}  # file's name -> ours, shape
         # transformers' order of preference: one model.safetensors, else the shards an index names
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(os.path.join(path, "model.safetensors")):
-            files = ["model.safetensors"]
-        elif os.path.isfile(index):
+        files, index = ["model.safetensors"], os.path.join(path, "model.safetensors.index.json")
+        if not os.path.isfile(os.path.join(path, files[0])):
+            check(os.path.isfile(index), f"{path}: neither model.safetensors nor model.safetensors.index.json found")
             weight_map = json.loads(pathlib.Path(index).read_text()).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{index}: expected a 'weight_map' of tensor name -> shard file")
+            check(isinstance(weight_map, dict), f"{index}: expected a 'weight_map' of tensor name -> shard file")
             files = sorted(set(weight_map.values()))
-        else:
-            raise ValueError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
         state, source = {}, {}
         for f in files:
             with safe_open(os.path.join(path, f), framework="pt") as sf:
                 for k in sf.keys():
                     if k == "lm_head.weight" and cfg.tie_embeddings or k.endswith("rotary_emb.inv_freq"):
                         continue  # tied: a copy of the embedding; inv_freq: a derived buffer old checkpoints kept
-                    if k not in expected:
-                        raise ValueError(f"{path}/{f}: unexpected tensor {k!r}")
-                    if k in source:
-                        raise ValueError(f"{path}/{f}: tensor {k!r} is also in {source[k]}")
+                    check(k in expected, f"{path}/{f}: unexpected tensor {k!r}")
+                    check(k not in source, f"{path}/{f}: tensor {k!r} is also in {source.get(k)}")
                     (name, shape), t = expected[k], sf.get_tensor(k)
-                    if t.shape != shape:
-                        raise ValueError(f"{path}/{f}: tensor {k!r} has shape {tuple(t.shape)}, "
-                                         f"expected {tuple(shape)}")
+                    check(t.shape == shape, f"{path}/{f}: tensor {k!r} has shape {tuple(t.shape)}, "
+                                            f"expected {tuple(shape)}")
                     state[name], source[k] = t, f
         missing = sorted(set(expected) - set(source))
-        if missing:
-            raise ValueError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        check(not missing, f"{path}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         model.load_state_dict(state, assign=True)
         return model
 
     @staticmethod
     def config_from_hf(path, **overrides):
-        """ModelConfig from a transformers config.json, read the way SmolLM3Config (or LlamaConfig) reads it.
-        What SmolLM3ForCausalLM would compute differently from our model is an error, not a silent mismatch."""
+        """ModelConfig from a config.json: ours (model_type "nanosmol"), or transformers' SmolLM3 / Llama one read as
+        its config class reads it; what SmolLM3ForCausalLM would compute differently from ours is an error."""
         from config import check_type
-        with open(path) as f:
-            try:
-                hf = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
         hints = typing.get_type_hints(ModelConfig)
-        if hf.get("model_type") == "nanosmol":  # ours (MLA / MoE): ModelConfig's fields as they are
-            kw = {**{k: v for k, v in hf.items() if k != "model_type"}, **overrides}
-            unknown = sorted(set(kw) - set(hints))
-            if unknown:
-                raise ValueError(f"{path}: unknown ModelConfig field(s) {', '.join(unknown)}")
-            kw = {k: check_type(v, hints[k], f"{path}: {k}") for k, v in kw.items()}
+        for k, v in overrides.items():
+            check(k in hints, f"from_pretrained: unknown ModelConfig field {k!r}")
+            overrides[k] = check_type(v, hints[k], f"from_pretrained: {k}")
+
+        def build(kw):  # the file's fields, then the overrides; the config's own errors name the file
             try:
-                return ModelConfig(**kw)
+                return ModelConfig(**{**kw, **overrides})
             except ValueError as e:
                 raise ValueError(f"{path}: {e}") from None
+        try:
+            hf = json.loads(pathlib.Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        if hf.get("model_type") == "nanosmol":
+            unknown = sorted(set(hf) - set(hints) - {"model_type"})
+            check(not unknown, f"{path}: unknown ModelConfig field(s) {', '.join(unknown)}")
+            return build({k: check_type(v, hints[k], f"{path}: {k}") for k, v in hf.items() if k != "model_type"})
 
         def get(key, tp, default=None):  # hf[key] of type tp, default when absent or null (HF's unset)
             return default if hf.get(key) is None else check_type(hf[key], tp, f"{path}: {key}")
         smol = hf.get("model_type") == "smollm3"
-        if not smol and hf.get("model_type") != "llama":
-            raise ValueError(f"{path}: model_type {hf.get('model_type')!r}, expected 'smollm3' (or 'llama', 'nanosmol')")
+        check(smol or hf.get("model_type") == "llama",
+              f"{path}: model_type {hf.get('model_type')!r}, expected 'smollm3' (or 'llama', 'nanosmol')")
         for k in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]:
-            if hf.get(k) is None:
-                raise ValueError(f"{path}: missing key {k!r}")
+            check(hf.get(k) is not None, f"{path}: missing key {k!r}")
         unsupported = [f"{k}={hf[k]!r}" for k, ok in [("attention_bias", False), ("mlp_bias", False),
                                                       ("hidden_act", "silu")] if hf.get(k, ok) != ok]
-        if unsupported:
-            raise ValueError(f"{path}: {', '.join(unsupported)} is not supported (no biases, SiLU)")
+        check(not unsupported, f"{path}: {', '.join(unsupported)} is not supported (no biases, SiLU)")
         kw = {k: get(hf_key, hints[k]) for k, hf_key in HF_KEYS.items() if hf.get(hf_key) is not None}
         # absent: the defaults of transformers' config classes
         kw = {"n_kv_heads": kw["n_heads"], "max_position_embeddings": 32768, "tie_embeddings": smol, **kw}
-        n_layers = kw["n_layers"]
-        interval = get("no_rope_layer_interval", int, 4 if smol else 0)
+        n_layers, interval = kw["n_layers"], get("no_rope_layer_interval", int, 4 if smol else 0)
         rope = get("no_rope_layers", list[int])
         if rope is not None:  # authoritative (1 = RoPE, 0 = NoPE); the interval is what it is made of
-            if len(rope) < n_layers:
-                raise ValueError(f"{path}: no_rope_layers has {len(rope)} entries for {n_layers} layers")
+            check(len(rope) >= n_layers, f"{path}: no_rope_layers has {len(rope)} entries for {n_layers} layers")
             nope = [i for i, r in enumerate(rope[:n_layers]) if not r]
             if nope != nope_layers(n_layers, interval):
                 interval = nope[0] + 1 if nope else 0
-                if nope != nope_layers(n_layers, interval):
-                    raise ValueError(f"{path}: no_rope_layers {rope[:n_layers]} is not a periodic RNoPE pattern "
-                                     f"(NoPE layers {nope}, not every nope_interval-th layer)")
+            check(nope == nope_layers(n_layers, interval), f"{path}: no_rope_layers {rope[:n_layers]} is not a "
+                  f"periodic RNoPE pattern (NoPE layers {nope}, not every nope_interval-th layer)")
         # transformers: rope_parameters (or legacy rope_scaling) wins over a top-level rope_theta
         rope_params = get("rope_parameters", dict) or get("rope_scaling", dict) or {}
         theta = check_type(rope_params.get("rope_theta") or hf.get("rope_theta") or 2e6, float, f"{path}: rope_theta")
@@ -786,9 +723,8 @@ class Model(nn.Module):
         odd = {k: rope_params[k] for k, ok in [("beta_fast", 32), ("beta_slow", 1), ("attention_factor", None), ("mscale", None),
                                                ("mscale_all_dim", None), ("truncate", True), ("partial_rotary_factor", 1.0)]
                if rope_params.get(k) not in (None, ok)}
-        if kind not in ("default", "yarn") or odd:
-            raise ValueError(f"{path}: RoPE {kind!r} {odd or ''} is not supported (expected 'default', or 'yarn' "
-                             "with its default beta_fast/beta_slow/attention factor)")
+        check(kind in ("default", "yarn") and not odd, f"{path}: RoPE {kind!r} {odd or ''} is not supported (expected "
+              "'default', or 'yarn' with its default beta_fast/beta_slow/attention factor)")
         if kind == "yarn":
             max_pos = kw["max_position_embeddings"]
             orig = rope_params.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings") or max_pos
@@ -799,10 +735,8 @@ class Model(nn.Module):
         nope = nope_layers(n_layers, interval)
         types = get("layer_types", list[str]) or ["sliding_attention" if window and i in nope else "full_attention" for i in range(n_layers)]
         windowed = {t == "sliding_attention" for t in types[:n_layers]} if window else {False}
-        if len(windowed) > 1:
-            raise ValueError(f"{path}: a sliding window on only some layers (layer_types) is not supported")
-        # special ids: absent takes the config class's default, null means none; a list eos keeps its
-        # first id (generate() takes its stop ids explicitly)
+        check(len(windowed) == 1, f"{path}: a sliding window on only some layers (layer_types) is not supported")
+        # special ids: absent = its class's default, null = none; a list eos keeps its first (generate: stop_ids)
         for k, hf_key, default in [("bos_id", "bos_token_id", 128000 if smol else 1),
                                    ("eos_id", "eos_token_id", 128001 if smol else 2),
                                    ("pad_id", "pad_token_id", 128004 if smol else None)]:
@@ -811,14 +745,7 @@ class Model(nn.Module):
         ours = get("nanosmol", dict, {})
         kw.update({k: check_type(ours[k], hints[k], f"{path}: nanosmol.{k}") for k in NANOSMOL_KEYS if k in ours})
         kw.update(rope_theta=theta, nope_interval=interval, sliding_window=window if True in windowed else None)
-        for k, v in overrides.items():
-            if k not in hints:
-                raise ValueError(f"from_pretrained: unknown ModelConfig field {k!r}")
-            kw[k] = check_type(v, hints[k], f"from_pretrained: {k}")
-        try:
-            return ModelConfig(**kw)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        return build(kw)
 
 
 # ModelConfig field -> config.json key, where the value is the same
@@ -827,22 +754,15 @@ HF_KEYS = {"vocab_size": "vocab_size", "d_model": "hidden_size", "d_ff": "interm
            "head_dim": "head_dim", "max_position_embeddings": "max_position_embeddings", "rms_eps": "rms_norm_eps",
            "tie_embeddings": "tie_word_embeddings", "init_std": "initializer_range"}
 NANOSMOL_KEYS = ("qk_norm", "doc_masking", "z_loss")
-
-# our module name -> transformers' SmolLM3 module name (the parameter suffix, ".weight", is shared)
-HF_NAMES = {"tok_emb": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head",
+# our module names -> transformers' SmolLM3 ones, part by part (layer indices and ".weight" stay as they are)
+HF_NAMES = {"tok_emb": "model.embed_tokens", "norm": "model.norm", "layers": "model.layers", "attn": "self_attn",
             "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
-            "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
-            "attn.o": "self_attn.o_proj", "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm",
-            "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}
+            **{p: f"{p}_proj" for p in ("q", "k", "v", "o", "gate", "up", "down")}}
 
 
 def hf_name(name):
     """layers.3.attn.q.weight -> model.layers.3.self_attn.q_proj.weight"""
-    module, param = name.rsplit(".", 1)
-    if module.startswith("layers."):
-        _, i, rest = module.split(".", 2)
-        return f"model.layers.{i}.{HF_NAMES[rest]}.{param}"
-    return f"{HF_NAMES[module]}.{param}"
+    return ".".join(HF_NAMES.get(part, part) for part in name.split("."))
 
 
 def fsync(path):
@@ -883,23 +803,20 @@ def summary(cfg, seq_len=4096):
     """Human-readable architecture summary, computed on the meta device (no weights allocated)."""
     with torch.device("meta"):
         model = Model(cfg)
-    n, n_ne, nope = model.num_params(), model.num_params(non_embedding=True), cfg.nope_layers
-    kv_bytes = 2 * sum(h * d for i in range(cfg.n_layers) for h, d in cfg.cache_dims(i))  # bf16
-    gqa_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2  # K and V, bf16
-    lines = [f"{k:>24} = {v}" for k, v in asdict(cfg).items()]
-    lines += ["",
-              f"{'parameters':>24} = {n:,}",
-              f"{'non-embedding':>24} = {n_ne:,}",
-              f"{'FLOPs/token @' + str(seq_len):>24} = {model.flops_per_token(seq_len):,.0f} (6N + attention)",
-              f"{'KV cache/token (bf16)':>24} = {kv_bytes:,} bytes ({kv_bytes * seq_len / 2**20:,.1f} MiB per {seq_len}-token sequence)",
-              f"{'NoPE layers':>24} = {nope if nope else 'none'} ({len(nope)} of {cfg.n_layers})"]
-    if cfg.attention == "mla":
-        lines.insert(-1, f"{'GQA KV cache/token':>24} = {gqa_bytes:,} bytes with {cfg.n_kv_heads} KV heads of {cfg.head_dim} "
-                         f"(the MLA latent + rope key: {gqa_bytes / kv_bytes:.2f}x smaller)")
-    if cfg.n_experts:
-        lines.insert(-4, f"{'active parameters':>24} = {model.num_params(active=True):,} per token ({len(cfg.moe_layers)} MoE "
-                         f"layers: top-{cfg.n_experts_active} of {cfg.n_experts} experts + {cfg.n_shared_experts} shared)")
-    return "\n".join(lines)
+    nope = cfg.nope_layers
+    kv = 2 * sum(h * d for i in range(cfg.n_layers) for h, d in cfg.cache_dims(i))  # bf16
+    gqa = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2  # K and V, bf16
+    rows = {"parameters": f"{model.num_params():,}",  # rows whose value is falsy (no MoE, no MLA) are left out
+            "active parameters": cfg.n_experts and f"{model.num_params(active=True):,} per token ({len(cfg.moe_layers)}"
+            f" MoE layers: top-{cfg.n_experts_active} of {cfg.n_experts} experts + {cfg.n_shared_experts} shared)",
+            "non-embedding": f"{model.num_params(non_embedding=True):,}",
+            f"FLOPs/token @{seq_len}": f"{model.flops_per_token(seq_len):,.0f} (6N + attention)",
+            "KV cache/token (bf16)": f"{kv:,} bytes ({kv * seq_len / 2**20:,.1f} MiB per {seq_len}-token sequence)",
+            "GQA KV cache/token": cfg.attention == "mla" and f"{gqa:,} bytes with {cfg.n_kv_heads} KV heads of "
+            f"{cfg.head_dim} (the MLA latent + rope key: {gqa / kv:.2f}x smaller)",
+            "NoPE layers": f"{nope if nope else 'none'} ({len(nope)} of {cfg.n_layers})"}
+    return "\n".join([f"{k:>24} = {v}" for k, v in asdict(cfg).items()] + [""]
+                     + [f"{k:>24} = {v}" for k, v in rows.items() if v])
 
 
 def main(argv):
