@@ -978,11 +978,11 @@ def merge(out, specs):
 @dataclass
 class PipelineConfig:
     pipeline_dir: str = "out/pipeline"
-    pretrain_steps: int = 120       # optimizer steps per stage (the stage configs' max_steps are for longer runs)
+    pretrain_steps: int = 300       # optimizer steps per stage (the stage configs' max_steps are for longer runs)
     mid_steps: int = 30
-    sft_steps: int = 50
-    apo_steps: int = 25
-    grpo_steps: int = 16
+    sft_steps: int = 150
+    apo_steps: int = 75
+    grpo_steps: int = 30
     eval_questions: int = 64        # held-out math_test questions per mode (/think, /no_think)
     eval_pairs: int = 100           # held-out pref_val pairs
     merge_weights: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.1])   # GRPO model, mid-training
