@@ -374,8 +374,6 @@ def setup(ns, method, **overrides):
                               **overrides)
     train.check_config(mc, dc, tc, world)
     device, autocast = train.setup_device(tc, mc, local_rank)
-    if device.type == "cuda":                                  # NCCL's barrier and collectives use this GPU
-        torch.cuda.set_device(device)
     grid = parallel.init(1, mc, tc.dist_timeout_s) if world > 1 else None
     ckpt, _ = train.find_start(tc, mc)
     tok_file = os.path.join(init, "tokenizer.json")
@@ -385,7 +383,9 @@ def setup(ns, method, **overrides):
     torch.manual_seed(tc.seed)
     model = load_model(init, pc, device, **overrides)
     model.train()
-    opts, guard = train.build_optimizers(model, tc, device), train.Guard(tc.spike_factor)
+    # train.py's wiring at tp 1: DDP's hooks sit on the parameters (rank 0's, broadcast), so the plain module runs
+    _, opts, clip, sync = parallel.setup(model, grid, 0, lambda m: train.build_optimizers(m, tc, device))
+    guard = train.Guard(tc.spike_factor)
     saved = train.load_checkpoint(ckpt, model, opts, grid) if ckpt else {}
     # the template's date: the configured one, else the one the run started with (a resumed run renders the
     # same tokens on any later day), else today's
@@ -410,8 +410,7 @@ def setup(ns, method, **overrides):
             print(f"resuming from {ckpt} at step {start}" + (f"; config changes: {changed}" if changed else ""))
     elif master:
         print(f"{method}: starting from {init}")
-    # DDP's hooks sit on the parameters (rank 0's, broadcast): the plain module runs, compiled or not
-    update = train.Step(opts, guard, tc, autocast, ddp=parallel.DDP(model, grid.dp_group) if grid else None)
+    update = train.Step(opts, guard, tc, autocast, clip_grad_norm=clip, ddp=sync)
     fwd = torch.compile(model) if train.use_compile(tc, device) else model
     return Run(dc, tc, pc, device, autocast, model, fwd, opts, update, tok, init, ckpt, start, config, today, grid)
 
