@@ -11,7 +11,8 @@ Sections:
   tokenizer       byte-level BPE on tiktoken; tokenizer.json (ours and HF's) is the one file format; train_bpe
   chat template   SmolLM3's, exactly: render_chat_text (the string), render_chat (ids + loss mask)
   shards          128-byte header + uint16/uint32 ids; read_jsonl / iter_documents; prepare -> manifest.json
-  default corpus  this Python's stdlib as "code", generated math with worked solutions, post-training sets
+  default corpus  this Python's stdlib as "code", generated math with worked solutions (and the problems of
+                  the post-training and test sets)
   loader          DataConfig, load_tokenizer; Loader, a pure function of (seed, sample index) over a staged
                   mixture (the SFT / preference / prompt loaders are in posttrain.py)
   command line    prepare, default (benchmark: tests/bench_data.py)
@@ -817,88 +818,35 @@ def math_text(question, lines, answer):
     return f"Problem: {question}\nSolution:\n" + "\n".join(lines) + f"\nThe answer is {answer}."
 
 
-# (c) post-training sets, in the conversational formats TRL uses. SFT: {"messages": [...]}, half /think
-# (the worked steps inside <think>, then the answer) and half /no_think (the answer alone), a fifth of
-# them two-turn. Preference: {"prompt": [...], "chosen": [assistant], "rejected": [assistant]}, /think, where
-# the rejected reply's answer contradicts its own worked steps: an error a tiny model can see without the
-# arithmetic (one that slips in an equation, or a /no_think guess, is as likely as the chosen one to it).
-# RL: {"prompt": [user], "answer": "N"}. Eval: {"question", "answer", "solution"} for generative exact
-# match and {"question", "choices", "label"} for multiple-choice log-likelihood scoring.
-DEFAULT_SIZES = {"math_train": 50_000, "math_val": 2_000, "sft_train": 4_000, "sft_val": 200,
-                 "pref_train": 2_000, "pref_val": 200, "rl_train": 2_000, "math_test": 500, "math_mc_test": 500}
+# (c) the problems of every embedded set. The held-out sets (seeds 1-5) hold unique questions that no training
+# set (seeds 100-103) draws. posttrain.py makes the SFT / preference / RL rows of them, eval.py the test rows.
+DEFAULT_SIZES = {"math_test": 500, "math_mc_test": 500, "math_val": 2_000, "sft_val": 200, "pref_val": 200,
+                 "math_train": 50_000, "sft_train": 8_000, "pref_train": 2_000, "rl_train": 2_000}
 _HELD_OUT = ("math_test", "math_mc_test", "math_val", "sft_val", "pref_val")
-_PERSONAS = ("", "You are a helpful assistant. ", "You are a careful math tutor. ", "Answer briefly. ")
 
 
-def _system(rng, think):
-    return {"role": "system", "content": rng.choice(_PERSONAS) + ("/think" if think else "/no_think")}
+@functools.cache
+def _held_out_questions():
+    return frozenset(q for name in _HELD_OUT for q, _, _ in problems(name))
 
 
-def _reply(lines, answer, think):
-    final = f"The answer is {answer}."
-    return "<think>\n" + "\n".join(lines) + f"\n</think>\n{final}" if think else final
-
-
-def _sft_row(rng, problems):
-    think = rng.random() < 0.5
-    messages = [_system(rng, think)]
-    for question, lines, answer in problems:
-        messages += [{"role": "user", "content": question},
-                     {"role": "assistant", "content": _reply(lines, answer, think)}]
-    return {"messages": messages}
-
-
-def _pref_row(rng, problem):
-    question, lines, answer = problem
-    wrong = answer + rng.choice([d for d in (-10, -2, -1, 1, 2, 10) if answer + d >= 0])
-    return {"prompt": [_system(rng, True), {"role": "user", "content": question}],
-            "chosen": [{"role": "assistant", "content": _reply(lines, answer, True)}],
-            "rejected": [{"role": "assistant", "content": _reply(lines, wrong, True)}]}
-
-
-def _mc_row(rng, problem):
-    question, _, answer = problem
-    choices = {answer}
-    while len(choices) < 4:
-        choices.add(max(0, answer + rng.choice((-10, -3, -2, -1, 1, 2, 3, 10))))
-    choices = sorted(choices)
-    rng.shuffle(choices)
-    return {"question": question, "choices": [str(c) for c in choices], "label": choices.index(answer)}
-
-
-def default_sets(sizes=DEFAULT_SIZES):
-    """{name: JSON rows} of the generated math corpus, post-training sets and test sets (deterministic).
-    Held-out questions are unique and never appear in a training set."""
-    held = {name: math_problems(i + 1, sizes[name], unique=True) for i, name in enumerate(_HELD_OUT)}
-    exclude = frozenset(q for problems in held.values() for q, _, _ in problems)
-    p = {**held, **{name: math_problems(i + 100, sizes[name] * (1 + (name == "sft_train")), exclude)
-                    for i, name in enumerate(("math_train", "sft_train", "pref_train", "rl_train"))}}
-    rng = random.Random(0)
-    # sft_train draws two problems per conversation; the second is used when the conversation is two-turn
-    pairs = zip(p["sft_train"][::2], p["sft_train"][1::2])
-    sft = [_sft_row(rng, pair if rng.random() < 0.2 else pair[:1]) for pair in pairs]
-    return {"math_train": [{"text": math_text(*x)} for x in p["math_train"]],
-            "math_val": [{"text": math_text(*x)} for x in p["math_val"]],
-            "sft_train": sft,
-            "sft_val": [_sft_row(rng, [x]) for x in p["sft_val"]],
-            "pref_train": [_pref_row(rng, x) for x in p["pref_train"]],
-            "pref_val": [_pref_row(rng, x) for x in p["pref_val"]],
-            "rl_train": [{"prompt": [{"role": "user", "content": q}], "answer": str(a)} for q, _, a in p["rl_train"]],
-            "math_test": [{"question": q, "answer": str(a), "solution": "\n".join(lines) + f"\nThe answer is {a}."}
-                          for q, lines, a in p["math_test"]],
-            "math_mc_test": [_mc_row(rng, x) for x in p["math_mc_test"]]}
+def problems(name, n=None):
+    """The first n (default: all) problems [(question, solution lines, answer)] of embedded set `name`."""
+    n = DEFAULT_SIZES[name] if n is None else n
+    if name in _HELD_OUT:
+        return math_problems(1 + _HELD_OUT.index(name), n, unique=True)
+    return math_problems(100 + list(DEFAULT_SIZES).index(name) - len(_HELD_OUT), n, _held_out_questions())
 
 
 def prepare_default(data_dir, vocab_size):
-    """The default corpus in data_dir: the .jsonl sets, a tokenizer.json of vocab_size ids trained on a sample,
-    the train/val shards of sources "code" and "math". Idempotent: what is complete is kept (a rerun takes ~1 s)."""
+    """The default corpus in data_dir: math_train/math_val.jsonl, a tokenizer.json of vocab_size ids trained on
+    a sample, the train/val shards of sources "code" and "math". Idempotent: what is complete is kept (a rerun takes ~1 s)."""
     t0 = time.perf_counter()
     os.makedirs(data_dir, exist_ok=True)
-    paths = {name: os.path.join(data_dir, f"{name}.jsonl") for name in DEFAULT_SIZES}
-    if not all(os.path.isfile(p) for p in paths.values()):
-        for name, rows in default_sets().items():
-            if not os.path.isfile(paths[name]):
-                _write_text(paths[name], "".join(json.dumps(r) + "\n" for r in rows))
+    paths = {name: os.path.join(data_dir, f"{name}.jsonl") for name in ("math_train", "math_val")}
+    for name, path in paths.items():
+        if not os.path.isfile(path):
+            _write_text(path, "".join(json.dumps({"text": math_text(*x)}) + "\n" for x in problems(name)))
     code_train, code_val = stdlib_files()
     tok_path = os.path.join(data_dir, "tokenizer.json")
     if os.path.isfile(tok_path):
@@ -923,7 +871,7 @@ def prepare_default(data_dir, vocab_size):
 @dataclass
 class DataConfig:
     """Pretraining data: where it lives, row length, and the per-source mixture over training steps."""
-    data_dir: str = "data/default"  # the embedded corpus, its tokenizer and the post-training sets live here
+    data_dir: str = "data/default"  # the embedded corpus and its tokenizer (posttrain.py writes its sets here)
     tokenizer: str = "default"       # "default": <data_dir>/tokenizer.json; else a tokenizer.json or its folder
     dataset: str = "default"         # "default": the embedded corpus in data_dir; else a `data.py prepare` --out
     seq_len: int = 1024

@@ -27,7 +27,6 @@ Sections:
 import argparse
 import collections
 import datetime
-import functools
 import html
 import itertools
 import json
@@ -46,8 +45,7 @@ import regex
 import torch
 
 from config import load, schema, usage
-from data import (Tokenizer, _field, _with_pos, default_sets, iter_documents, open_shard, read_jsonl,
-                  render_chat)
+from data import Tokenizer, _field, _with_pos, iter_documents, open_shard, problems, read_jsonl, render_chat
 from model import Model, atomic_write
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -265,9 +263,17 @@ def _winogrande(path, no, o):
             "ctxs": [head + opt for opt in options], "cont": " " + tail.strip()}
 
 
-def _math_mc(path, no, o):  # data.py's embedded set: question, choices, label
-    choices = _field(path, no, o, "choices", list)
-    return _qa(_field(path, no, o, "question", str), choices, _index(path, no, o, "label", len(choices)))
+def _math_mc():
+    """data.py's held-out math_mc_test problems, each answer among three near misses (seeded)."""
+    rng, rows = random.Random(0), []
+    for question, _, answer in problems("math_mc_test"):
+        choices = {answer}
+        while len(choices) < 4:
+            choices.add(max(0, answer + rng.choice((-10, -3, -2, -1, 1, 2, 3, 10))))
+        choices = sorted(choices)
+        rng.shuffle(choices)
+        rows.append(_qa(question, [str(c) for c in choices], choices.index(answer)))
+    return rows
 
 
 def _letters(n):
@@ -366,8 +372,7 @@ def mc_metrics(tok, questions, scores, golds):
     return {name: h / max(len(questions), 1) for name, h in hits.items()}
 
 
-PARSERS = {"hellaswag": _hellaswag, "arc": _arc, "mmlu": _mmlu, "piqa": _piqa, "winogrande": _winogrande,
-           "math_mc": _math_mc}
+PARSERS = {"hellaswag": _hellaswag, "arc": _arc, "mmlu": _mmlu, "piqa": _piqa, "winogrande": _winogrande}
 
 
 def read_task(path, parser):
@@ -572,18 +577,13 @@ TASKS = {"hellaswag": ("hellaswag", "hellaswag.jsonl"), "arc_easy": ("arc", "arc
          "gsm8k": ("gsm8k", "gsm8k_test.jsonl"), "math": ("gsm8k", None)}
 
 
-@functools.cache
-def _embedded():
-    return default_sets()
-
-
 def task_rows(name, data_dir):
     """The parsed questions of task `name`: multiple-choice rows, or [(question, gold)] for generative ones."""
     parser, file = TASKS[name]
-    if file is None and parser == "gsm8k":
-        return [(r["question"], r["answer"]) for r in _embedded()["math_test"]]
-    if file is None:
-        return [_math_mc("math_mc_test", i + 1, r) for i, r in enumerate(_embedded()["math_mc_test"])]
+    if name == "math":
+        return [(q, str(a)) for q, _, a in problems("math_test")]
+    if name == "math_mc":
+        return _math_mc()
     path = os.path.join(data_dir, file)
     return gsm8k_rows(path) if parser == "gsm8k" else read_task(path, PARSERS[parser])
 

@@ -28,6 +28,7 @@ counts gathered from every rank; a preference step has the same number of pairs 
 rolled out and scored on one rank, each rank sampling with its own seed); rank 0 logs, evaluates and writes.
 
 Sections
+  embedded sets default_sets: SFT, preference and RL rows of data.py's generated problems (data_file writes them)
   loaders       pack_bfd, SFTLoader (packing, per-conversation positions), PreferenceLoader, PromptLoader
   loop glue     PostConfig, setup (start checkpoint, model, optimizer, DDP, resume, chat date), gathered (across
                 DP ranks), fit (run.json, log, run_loop, moe_step)
@@ -47,6 +48,7 @@ import dataclasses
 import datetime
 import json
 import os
+import random
 import re
 import sys
 import time
@@ -63,10 +65,59 @@ from safetensors.torch import load_file, save_file
 import parallel
 import train
 from config import load, pick
-from data import (_ROLES, DataConfig, Tokenizer, _draw, _field, _first_index, _key, default_sets, load_tokenizer,
-                  read_jsonl, render_chat)
+from data import (_ROLES, DataConfig, Tokenizer, _draw, _field, _first_index, _key, load_tokenizer, problems, read_jsonl,
+                  render_chat)
 from eval import check_answer, completion_text, evaluate, exact_match, file_rows, follows_format, task_rows
 from model import Model, atomic_write
+
+# ----------------------------------------------------------------------------------------- embedded sets
+# The default data, in TRL's conversational formats, made of data.py's generated problems. SFT {"messages"}: half
+# /think (the worked steps inside <think>, then the answer), half /no_think (the answer alone), a fifth of them
+# two-turn. Preference {"prompt", "chosen", "rejected"}, /think, where the rejected reply's answer contradicts its
+# own worked steps: an error a tiny model can see without the arithmetic (one that slips in an equation, or a
+# /no_think guess, is as likely as the chosen one to it). RL {"prompt": [user], "answer": "N"}.
+_PERSONAS = ("", "You are a helpful assistant. ", "You are a careful math tutor. ", "Answer briefly. ")
+
+
+def _system(rng, think):
+    return {"role": "system", "content": rng.choice(_PERSONAS) + ("/think" if think else "/no_think")}
+
+
+def _reply(lines, answer, think):
+    final = f"The answer is {answer}."
+    return "<think>\n" + "\n".join(lines) + f"\n</think>\n{final}" if think else final
+
+
+def _sft_row(rng, problems):
+    think = rng.random() < 0.5
+    messages = [_system(rng, think)]
+    for question, lines, answer in problems:
+        messages += [{"role": "user", "content": question},
+                     {"role": "assistant", "content": _reply(lines, answer, think)}]
+    return {"messages": messages}
+
+
+def _pref_row(rng, problem):
+    question, lines, answer = problem
+    wrong = answer + rng.choice([d for d in (-10, -2, -1, 1, 2, 10) if answer + d >= 0])
+    return {"prompt": [_system(rng, True), {"role": "user", "content": question}],
+            "chosen": [{"role": "assistant", "content": _reply(lines, answer, True)}],
+            "rejected": [{"role": "assistant", "content": _reply(lines, wrong, True)}]}
+
+
+def default_sets(n=None):
+    """{name: rows} of the embedded sft_train/sft_val, pref_train/pref_val and rl_train sets (deterministic);
+    n: at most n rows each (tests)."""
+    rng = random.Random(0)
+    # sft_train's problems come in pairs; the second is used when the conversation is two-turn
+    two = problems("sft_train", n and 2 * n)
+    sft = [_sft_row(rng, pair if rng.random() < 0.2 else pair[:1]) for pair in zip(two[::2], two[1::2])]
+    return {"sft_train": sft, "sft_val": [_sft_row(rng, [x]) for x in problems("sft_val", n)],
+            "pref_train": [_pref_row(rng, x) for x in problems("pref_train", n)],
+            "pref_val": [_pref_row(rng, x) for x in problems("pref_val", n)],
+            "rl_train": [{"prompt": [{"role": "user", "content": q}], "answer": str(a)}
+                         for q, _, a in problems("rl_train", n)]}
+
 
 # ---------------------------------------------------------------------------------------------- loaders
 

@@ -15,6 +15,7 @@ import torch
 
 import data
 import eval as ev
+import posttrain as pt
 from data import DataConfig, Loader, Tokenizer
 
 
@@ -364,19 +365,15 @@ def _check_solution(question, lines, answer):
 
 
 def test_generated_math_answers_verify():
-    sizes = {k: 300 for k in data.DEFAULT_SIZES}
-    sets = data.default_sets(sizes)
-    assert {k: len(v) for k, v in sets.items()} == sizes
-    for row in sets["math_train"] + sets["math_val"]:
-        m = re.fullmatch(r"Problem: (.*)\nSolution:\n(.*)\nThe answer is (\d+)\.", row["text"], re.S)
-        _check_solution(m.group(1), m.group(2).split("\n"), int(m.group(3)))
-        assert ev.extract_answer(row["text"]) == m.group(3)
-    for row in sets["math_test"]:
-        lines = row["solution"].split("\n")
-        _check_solution(row["question"], lines[:-1], int(row["answer"]))
-        assert lines[-1] == f"The answer is {row['answer']}."
+    sets = {name: data.problems(name, 300) for name in data.DEFAULT_SIZES}
+    for name in ("math_train", "math_val", "math_test"):
+        for q, lines, a in sets[name]:
+            _check_solution(q, lines, a)
+            assert ev.extract_answer(data.math_text(q, lines, a)) == str(a)
+    rows = pt.default_sets(300)
+    assert {k: len(v) for k, v in rows.items()} == {k: 300 for k in rows}
     think = 0
-    for row in sets["sft_train"] + sets["sft_val"]:
+    for row in rows["sft_train"] + rows["sft_val"]:
         msgs = row["messages"]
         assert msgs[0]["role"] == "system" and msgs[0]["content"].endswith(("/think", "/no_think"))
         for q, a in zip(msgs[1::2], msgs[2::2]):
@@ -387,8 +384,8 @@ def test_generated_math_answers_verify():
                 think += 1
             else:
                 assert re.fullmatch(r"The answer is \d+\.", a["content"])
-    assert 0.4 < think / len(sets["sft_train"] + sets["sft_val"]) < 0.6
-    for row in sets["pref_train"]:
+    assert 0.4 < think / len(rows["sft_train"] + rows["sft_val"]) < 0.6
+    for row in rows["pref_train"]:
         q, chosen, rejected = row["prompt"][-1]["content"], row["chosen"][0]["content"], row["rejected"][0]["content"]
         good, bad = ev.extract_answer(chosen), ev.extract_answer(rejected)
         assert good != bad
@@ -399,21 +396,20 @@ def test_generated_math_answers_verify():
         m = re.fullmatch(r"(?:Compute|Evaluate) (.*)\.", q)
         if m:
             assert _evaluate(m.group(1)) == int(good) != int(bad)
-    for row in sets["rl_train"]:
+    for row in rows["rl_train"]:
         m = re.fullmatch(r"(?:Compute|Evaluate) (.*)\.", row["prompt"][0]["content"])
         if m:
             assert _evaluate(m.group(1)) == int(row["answer"])
-    for row in sets["math_mc_test"]:
+    for row in ev._math_mc():
         assert len(set(row["choices"])) == 4
-        m = re.fullmatch(r"(?:Compute|Evaluate) (.*)\.", row["question"])
+        m = re.fullmatch(r"(?:Compute|Evaluate) (.*)\.", row["stem"])
         if m:
-            assert _evaluate(m.group(1)) == int(row["choices"][row["label"]])
-    held = {r["question"] for r in sets["math_test"]}
+            assert _evaluate(m.group(1)) == int(row["choices"][row["gold"]])
+    held = {q for q, _, _ in sets["math_test"]}
     assert len(held) == 300
-    train_q = {re.search(r"Problem: (.*)\n", r["text"]).group(1) for r in sets["math_train"]}
-    train_q |= {r["prompt"][0]["content"] for r in sets["rl_train"]}
-    assert not held & train_q
-    assert data.default_sets(sizes) == sets  # deterministic
+    train_q = {q for name in ("math_train", "sft_train", "pref_train", "rl_train") for q, _, _ in sets[name]}
+    assert not held & train_q and not {q for q, _, _ in data.problems("pref_val")} & train_q
+    assert pt.default_sets(300) == rows and data.problems("math_test", 300) == sets["math_test"]  # deterministic
 
 
 def test_prepare_default_builds_once(tmp_path):

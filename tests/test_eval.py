@@ -11,6 +11,7 @@ import torch
 
 import data
 import eval as ev
+import posttrain as pt
 from data import Tokenizer
 from model import Model, ModelConfig
 from test_tokenizer import tiny_hf, write
@@ -72,10 +73,9 @@ def test_strip_think_and_check_answer():
 
 
 def test_generated_math_answers_extract():
-    sets = data.default_sets({k: 50 for k in data.DEFAULT_SIZES})
-    for row in sets["math_test"]:
-        assert ev.check_answer(row["solution"], row["answer"])
-    for row in sets["sft_val"]:
+    for q, lines, a in data.problems("math_test", 50):
+        assert ev.check_answer(data.math_text(q, lines, a), str(a))
+    for row in pt.default_sets(50)["sft_val"]:
         assert ev.extract_answer(row["messages"][-1]["content"]) is not None
 
 
@@ -135,9 +135,6 @@ FORMATS = {
                    {"stem": "Tom gave Ann a gift because _ was kind.", "choices": ["Tom", "Ann"], "gold": 0,
                     "ctxs": ["Tom gave Ann a gift because Tom", "Tom gave Ann a gift because Ann"],
                     "cont": " was kind."}),
-    "math_mc": ({"question": "Compute 1 + 1.", "choices": ["3", "2"], "label": 1},
-                {"stem": "Compute 1 + 1.", "choices": ["3", "2"], "gold": 1,
-                 "ctx": "Question: Compute 1 + 1.\nAnswer:"}),
 }
 
 
