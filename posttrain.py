@@ -381,6 +381,12 @@ def gathered(run, t):
     return torch.cat(parts).to(t.device)
 
 
+def real_tokens(run, positions):
+    """The tokens of a step that are not padding (pos >= 0), summed over every DP rank: the log's tok_per_s counts
+    these, not the rows' padded length."""
+    return int(gathered(run, torch.tensor([sum(int((p >= 0).sum()) for p in positions)])).sum())
+
+
 def checkpoint_dir(path, what):
     """A run directory's newest intact checkpoint, else `path` itself; it must hold an HF config.json."""
     if os.path.isfile(os.path.join(path, "latest")):
@@ -547,8 +553,12 @@ def sft(ns, all_tokens=False):
         loaders["val"] = SFTLoader(val_path, run.tok, dc.seq_len, tc.micro_batch_size, overlong=pc.overlong,
                                    all_tokens=all_tokens, today=run.today)
 
+    tokens = [0]
+
     def batches(step):
-        return sft_batches(loaders["train"], step, accum, run)
+        out = sft_batches(loaders["train"], step, accum, run)
+        tokens[0] = real_tokens(run, [pos for _, _, pos, _ in out])
+        return out
 
     def loss_fn(batch):
         return sft_loss(run.fwd, batch, run.device)
@@ -560,7 +570,7 @@ def sft(ns, all_tokens=False):
             run.log.held_out(done, {run.config["method"]: token_mean_loss(run, *rows)})
 
     counts = {k: loader.counts for k, loader in loaders.items()}
-    return fit(run, batches, loss_fn, held_out, counts=counts)
+    return fit(run, batches, loss_fn, held_out, lambda: {"tokens": tokens[0]}, counts)
 
 
 def sft_batches(loader, step, accum, run=None):
@@ -683,11 +693,13 @@ def dpo(ns):
         return LOSSES[pc.loss_type](pc.beta, rw, rl), reward_stats(pc.beta, rw.detach(), rl.detach(),
                                                                    *(p.detach() for p in policy))
 
+    stats, tokens = [], [0]
+
     def batches(step):
         items = [loaders["train"].indices(step, m).tolist() for m in range(accum)]
-        return [(idx, *loaders["train"].rows(idx)) for idx in items]
-
-    stats = []
+        out = [(idx, *loaders["train"].rows(idx)) for idx in items]
+        tokens[0] = real_tokens(run, [pos for _, chosen, rejected in out for _, _, pos in (chosen, rejected)])
+        return out
 
     def loss_fn(batch):
         loss, s = pair_loss("train", *batch, run.fwd)
@@ -698,7 +710,7 @@ def dpo(ns):
         means = gathered(run, torch.stack([torch.stack([s[k] for s in stats]).mean() for k in stats[0]])[None])
         out = dict(zip(stats[0], means.mean(0).tolist()))
         stats.clear()
-        return out
+        return out | {"tokens": tokens[0]}
 
     @torch.no_grad()
     def held_out(done):
