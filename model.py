@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 def check(ok, msg):
-    """The one-line error of bad input (a config, a checkpoint): ValueError(msg) unless ok."""
+    """The one-line error of bad input (a config, a checkpoint, an argument): ValueError(msg) unless ok."""
     if not ok:
         raise ValueError(msg)
 
@@ -446,8 +446,7 @@ class Model(nn.Module):
         return self.norm(h)
 
     def forward(self, x, y=None, pos=None, reduction="mean"):
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        check(reduction in ("mean", "sum", "none"), f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         cfg = self.cfg
         if pos is not None and not cfg.doc_masking:
             # one sequence of the row's real tokens: RoPE counts them (0..T-1 when the row has no padding)
@@ -574,16 +573,13 @@ class Model(nn.Module):
         B, lens, G = len(prompts), [len(p) for p in prompts], num_samples
         if B == 0:
             return []
-        if G < 1:
-            raise ValueError(f"generate: num_samples must be >= 1, got {G}")
-        if min(lens) == 0:
-            raise ValueError("generate: every prompt needs at least one token")
+        check(G >= 1, f"generate: num_samples must be >= 1, got {G}")
+        check(min(lens) > 0, "generate: every prompt needs at least one token")
         P = max(lens)
-        if P + max_new_tokens > cfg.max_position_embeddings:
-            raise ValueError(f"generate: prompt {P} + {max_new_tokens} new tokens exceeds max_position_embeddings {cfg.max_position_embeddings}")
-        bad = [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise ValueError(f"generate: prompt token id {bad[0]} is outside the vocabulary (vocab_size {cfg.vocab_size})")
+        check(P + max_new_tokens <= cfg.max_position_embeddings, f"generate: prompt {P} + {max_new_tokens} new tokens "
+              f"exceeds max_position_embeddings {cfg.max_position_embeddings}")
+        bad = next((t for p in prompts for t in p if not 0 <= t < cfg.vocab_size), None)
+        check(bad is None, f"generate: prompt token id {bad} is outside the vocabulary (vocab_size {cfg.vocab_size})")
         # left-pad so every row's next token lands in one column; padding's pos -1 hides its id (0, not pad_id)
         x = torch.tensor([[0] * (P - n) + list(p) for p, n in zip(prompts, lens)], device=dev)
         pos = torch.tensor([[-1] * (P - n) + list(range(n)) for n in lens], device=dev)
