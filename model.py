@@ -584,26 +584,29 @@ class Model(nn.Module):
         x = torch.tensor([[0] * (P - n) + list(p) for p, n in zip(prompts, lens)], device=dev)
         pos = torch.tensor([[-1] * (P - n) + list(range(n)) for n in lens], device=dev)
         cache = KVCache(cfg, B, P + max_new_tokens, dev, self.tok_emb.weight.dtype)
-        logits = self.prefill(x, pos, cache)
-        cache.weights = self.decode_weights()
-        next_pos = torch.tensor(lens, device=dev)
-        if G > 1:
-            cache.expand(G)
-            logits, next_pos = logits.repeat_interleave(G, 0), next_pos.repeat_interleave(G, 0)
         if compile and "_compiled_decode" not in self.__dict__:
             # not fullgraph: what dynamo cannot trace (MoE's routing) breaks the graph; tests hold GQA's to one graph
             self._compiled_decode = torch.compile(self.decode_one_token)
         step = self._compiled_decode if compile else self.decode_one_token
         out, done, stop = [[] for _ in range(B * G)], [False] * (B * G), {int(s) for s in stop_ids}
-        for t in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_k, top_p, generator)          # [B * G]
-            for b, tok in enumerate(nxt.tolist()):  # the step's one device -> host sync
-                if not done[b]:
-                    out[b].append(tok)
-                    done[b] = tok in stop
-            if all(done) or t == max_new_tokens - 1:
-                break
-            logits = step(nxt, next_pos + t, cache)
+        # autocast off: prefill and steps run in the weights' dtype, the cache's (under autocast what they write varies:
+        # GQA's k/v bf16, MLA's latents fp32), and bf16 weights give the same tokens with autocast or without
+        with torch.autocast(dev.type, enabled=False):
+            logits = self.prefill(x, pos, cache)
+            cache.weights = self.decode_weights()
+            next_pos = torch.tensor(lens, device=dev)
+            if G > 1:
+                cache.expand(G)
+                logits, next_pos = logits.repeat_interleave(G, 0), next_pos.repeat_interleave(G, 0)
+            for t in range(max_new_tokens):
+                nxt = sample(logits, temperature, top_k, top_p, generator)          # [B * G]
+                for b, tok in enumerate(nxt.tolist()):  # the step's one device -> host sync
+                    if not done[b]:
+                        out[b].append(tok)
+                        done[b] = tok in stop
+                if all(done) or t == max_new_tokens - 1:
+                    break
+                logits = step(nxt, next_pos + t, cache)
         return out
 
     # ---- HF SmolLM3 checkpoints: config.json + model.safetensors, as SmolLM3ForCausalLM reads them ---
