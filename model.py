@@ -227,9 +227,8 @@ class Attention(nn.Module):
         mask: SDPA's bool mask [B, 1, T, S], or None for causal (the Triton kernel masks from pos itself)."""
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q(x).view(B, T, cfg.n_heads, cfg.head_dim)     # [B, T, H, D]
-        k = self.k(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)  # [B, T, Hkv, D]
-        v = self.v(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        q = self.q(x).view(B, T, cfg.n_heads, cfg.head_dim)                                  # [B, T, H, D]
+        k, v = (p(x).view(B, T, cfg.n_kv_heads, cfg.head_dim) for p in (self.k, self.v))  # [B, T, Hkv, D]
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
@@ -432,8 +431,7 @@ class Model(nn.Module):
         return doc_causal_mask(pos, self.cfg.sliding_window, self.cfg.doc_masking) | eye
 
     def hidden(self, x, pos, mask, cache=None, rope=None):
-        """Final-norm hidden states [B, T, C] of tokens x at positions pos (see Attention for pos and mask);
-        rope: (cos, sin) when the caller has them (decoding reads them from the cache)."""
+        """Final-norm hidden states [B, T, C] (pos, mask: see Attention); rope: (cos, sin) if the caller has them."""
         h = self.tok_emb(x)
         if rope is None:
             rope_pos = torch.arange(x.shape[1], device=x.device)[None] if pos is None else pos.clamp(min=0)
