@@ -78,9 +78,12 @@ def _load_rows(X, row, col, t, T, stride, BLOCK: tl.constexpr, D: tl.constexpr, 
 
 
 @triton.jit
-def _visible(LO, b, i, j, T):
-    """Query i of row b sees key j (broadcastable token indices): lo[i] <= j <= i."""
-    return (j <= i) & (j >= tl.load(LO + b * T + i, mask=i < T, other=0))
+def _masked(x, fill, LO, b, i, j, T, PHASE: tl.constexpr):
+    """x where query i of row b sees key j (broadcastable token indices: lo[i] <= j <= i), else fill; PHASE 1's
+    blocks are fully visible: x as it is."""
+    if PHASE != 1:
+        x = tl.where((j <= i) & (j >= tl.load(LO + b * T + i, mask=i < T, other=0)), x, fill)
+    return x
 
 
 @triton.jit
@@ -106,10 +109,8 @@ def _fwd_steps(acc, l_i, m_i, q, K, V, LO, b, m0, col, T, stride_k, stride_v, qk
     for n0 in range(n_start, n_end, BLOCK_N):
         k = _load_rows(K, b * T + n0, col, n0, T, stride_k, BLOCK_N, D, USE_DESC)
         v = _load_rows(V, b * T + n0, col, n0, T, stride_v, BLOCK_N, D, USE_DESC)
-        s = tl.dot(q, tl.trans(k))                                          # [BM, BN] raw scores
-        if PHASE != 1:
-            j = n0 + tl.arange(0, BLOCK_N)
-            s = tl.where(_visible(LO, b, offs_m[:, None], j[None, :], T), s, float("-inf"))
+        s = _masked(tl.dot(q, tl.trans(k)), float("-inf"), LO, b, offs_m[:, None],       # [BM, BN] raw scores
+                    (n0 + tl.arange(0, BLOCK_N))[None, :], T, PHASE)
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -173,9 +174,8 @@ def _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, LO, HI, b, h, n0, T, H, stride_
         # rows past T get lse = +inf, hence P = 0: they add nothing
         lse = tl.load(LSE + stat0 + offs_m, mask=offs_m < T, other=float("inf"))
         delta = tl.load(DELTA + stat0 + offs_m, mask=offs_m < T, other=0.0)
-        pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])   # [BN, BM]
-        if PHASE != 1:
-            pT = tl.where(_visible(LO, b, offs_m[None, :], offs_n[:, None], T), pT, 0.0)
+        pT = _masked(tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0,    # [BN, BM]
+                     LO, b, offs_m[None, :], offs_n[:, None], T, PHASE)
         dv = tl.dot(pT.to(DTYPE), do, dv)
         dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])               # [BN, BM]
         dk = tl.dot(dsT.to(DTYPE), q, dk)
@@ -216,10 +216,8 @@ def _dq_steps(dq, q, do, lse, delta, K, V, LO, b, m0, col, T, stride_k, stride_v
     for n0 in range(n_start, n_end, BLOCK_N):
         k = _load_rows(K, b * T + n0, col, n0, T, stride_k, BLOCK_N, D, USE_DESC)
         v = _load_rows(V, b * T + n0, col, n0, T, stride_v, BLOCK_N, D, USE_DESC)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])   # [BM, BN]
-        if PHASE != 1:
-            j = n0 + tl.arange(0, BLOCK_N)
-            p = tl.where(_visible(LO, b, offs_m[:, None], j[None, :], T), p, 0.0)
+        p = _masked(tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0,      # [BM, BN]
+                    LO, b, offs_m[:, None], (n0 + tl.arange(0, BLOCK_N))[None, :], T, PHASE)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq = tl.dot(ds.to(DTYPE), k, dq)
     return dq
