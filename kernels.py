@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from model import doc_causal_mask
+from model import check, doc_causal_mask
 
 LOG2E = 1.4426950408889634
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -53,8 +53,7 @@ def attention_ref(q, k, v, pos=None, window=None):
     if pos is None:
         pos = torch.arange(T, device=q.device).expand(B, T)
     qh = q.transpose(1, 2)                                        # [B, H, T, D]
-    kh = k.transpose(1, 2).repeat_interleave(G, dim=1)            # [B, H, T, D]
-    vh = v.transpose(1, 2).repeat_interleave(G, dim=1)
+    kh, vh = (t.transpose(1, 2).repeat_interleave(G, dim=1) for t in (k, v))   # [B, H, T, D]
     mask = doc_causal_mask(pos.to(q.device), window)              # [B, 1, T, T]
     s = (qh @ kh.transpose(-1, -2) / math.sqrt(D)).masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1).masked_fill(~mask, 0.0)          # rows that see nothing: 0, not NaN
@@ -79,9 +78,12 @@ def _load_rows(X, row, col, t, T, stride, BLOCK: tl.constexpr, D: tl.constexpr, 
 
 
 @triton.jit
-def _visible(LO, b, i, j, T):
-    """Query i of row b sees key j (broadcastable token indices): lo[i] <= j <= i."""
-    return (j <= i) & (j >= tl.load(LO + b * T + i, mask=i < T, other=0))
+def _masked(x, fill, LO, b, i, j, T, PHASE: tl.constexpr):
+    """x where query i of row b sees key j (broadcastable token indices: lo[i] <= j <= i), else fill; PHASE 1's
+    blocks are fully visible: x as it is."""
+    if PHASE != 1:
+        x = tl.where((j <= i) & (j >= tl.load(LO + b * T + i, mask=i < T, other=0)), x, fill)
+    return x
 
 
 @triton.jit
@@ -107,10 +109,8 @@ def _fwd_steps(acc, l_i, m_i, q, K, V, LO, b, m0, col, T, stride_k, stride_v, qk
     for n0 in range(n_start, n_end, BLOCK_N):
         k = _load_rows(K, b * T + n0, col, n0, T, stride_k, BLOCK_N, D, USE_DESC)
         v = _load_rows(V, b * T + n0, col, n0, T, stride_v, BLOCK_N, D, USE_DESC)
-        s = tl.dot(q, tl.trans(k))                                          # [BM, BN] raw scores
-        if PHASE != 1:
-            j = n0 + tl.arange(0, BLOCK_N)
-            s = tl.where(_visible(LO, b, offs_m[:, None], j[None, :], T), s, float("-inf"))
+        s = _masked(tl.dot(q, tl.trans(k)), float("-inf"), LO, b, offs_m[:, None],       # [BM, BN] raw scores
+                    (n0 + tl.arange(0, BLOCK_N))[None, :], T, PHASE)
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -174,9 +174,8 @@ def _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, LO, HI, b, h, n0, T, H, stride_
         # rows past T get lse = +inf, hence P = 0: they add nothing
         lse = tl.load(LSE + stat0 + offs_m, mask=offs_m < T, other=float("inf"))
         delta = tl.load(DELTA + stat0 + offs_m, mask=offs_m < T, other=0.0)
-        pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])   # [BN, BM]
-        if PHASE != 1:
-            pT = tl.where(_visible(LO, b, offs_m[None, :], offs_n[:, None], T), pT, 0.0)
+        pT = _masked(tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :]), 0.0,    # [BN, BM]
+                     LO, b, offs_m[None, :], offs_n[:, None], T, PHASE)
         dv = tl.dot(pT.to(DTYPE), do, dv)
         dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])               # [BN, BM]
         dk = tl.dot(dsT.to(DTYPE), q, dk)
@@ -217,10 +216,8 @@ def _dq_steps(dq, q, do, lse, delta, K, V, LO, b, m0, col, T, stride_k, stride_v
     for n0 in range(n_start, n_end, BLOCK_N):
         k = _load_rows(K, b * T + n0, col, n0, T, stride_k, BLOCK_N, D, USE_DESC)
         v = _load_rows(V, b * T + n0, col, n0, T, stride_v, BLOCK_N, D, USE_DESC)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])   # [BM, BN]
-        if PHASE != 1:
-            j = n0 + tl.arange(0, BLOCK_N)
-            p = tl.where(_visible(LO, b, offs_m[:, None], j[None, :], T), p, 0.0)
+        p = _masked(tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]), 0.0,      # [BM, BN]
+                    LO, b, offs_m[:, None], (n0 + tl.arange(0, BLOCK_N))[None, :], T, PHASE)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq = tl.dot(ds.to(DTYPE), k, dq)
     return dq
@@ -369,9 +366,8 @@ _attn_fwd_op.register_autograd(_attn_backward, setup_context=_attn_setup_context
 
 
 def flash_attention(q, k, v, pos=None, window=None, tma=None):
-    """Causal attention with document masking (pos), GQA and an optional sliding window: q [B, T, H, D],
-    k/v [B, T, Hkv, D] (any strides), pos [B, T] int or None -> o [B, T, H, D] (contiguous). tma None: TMA
-    where the device has it."""
+    """Causal attention, document-masked by pos [B, T] (int, or None), GQA, optional sliding window: q [B, T, H, D],
+    k/v [B, T, Hkv, D] (any strides) -> o [B, T, H, D] (contiguous). tma None: TMA where the device has it."""
     if torch.is_autocast_enabled(q.device.type):    # as F.linear and SDPA would; autograd casts gradients back
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = (t.to(dtype) if t.is_floating_point() else t for t in (q, k, v))
@@ -379,14 +375,12 @@ def flash_attention(q, k, v, pos=None, window=None, tma=None):
     if k.dim() != 4 or k.shape != v.shape or k.shape[:2] != (B, T) or k.shape[3] != D or H % k.shape[2] or B * T == 0:
         raise ValueError(f"kernels.flash_attention: k/v {tuple(k.shape)} do not fit q {tuple(q.shape)} "
                          f"(q [B,T,H,D], k/v [B,T,Hkv,D]; B, T >= 1; H a multiple of Hkv)")
-    if D not in (16, 32, 64, 128):
-        raise ValueError(f"kernels.flash_attention: head_dim must be 16, 32, 64 or 128, got {D}")
+    check(D in (16, 32, 64, 128), f"kernels.flash_attention: head_dim must be 16, 32, 64 or 128, got {D}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _TL_DTYPE or not (q.device == k.device == v.device):
         raise ValueError(f"kernels.flash_attention: q, k, v must share one device and one of float16/"
                          f"bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype} on {q.device}, {k.device}, {v.device}")
-    if q.is_cuda and q.dtype == torch.float32:
-        raise ValueError("kernels.flash_attention: on GPU use float16 or bfloat16 (float32 is for the "
-                         "CPU interpreter tests), or call it under torch.autocast")
+    check(not (q.is_cuda and q.dtype == torch.float32), "kernels.flash_attention: on GPU use float16 or bfloat16 "
+          "(float32 is for the CPU interpreter tests), or call it under torch.autocast")
     if pos is not None and (pos.shape != (B, T) or pos.dtype.is_floating_point):
         raise ValueError(f"kernels.flash_attention: pos must be an integer tensor [B, T] = [{B}, {T}], "
                          f"got {pos.dtype} {tuple(pos.shape)}")
@@ -396,9 +390,8 @@ def flash_attention(q, k, v, pos=None, window=None, tma=None):
     if interpreted and q.dtype == torch.bfloat16:   # it returns garbage (errors ~1e8) from a bfloat16 tl.dot
         raise ValueError("kernels.flash_attention: the Triton interpreter miscomputes bfloat16 matmuls; use "
                          "float16 or float32 under TRITON_INTERPRET=1")
-    if not interpreted and not q.is_cuda:
-        raise ValueError(f"kernels.flash_attention: needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), "
-                         f"got a tensor on {q.device}; use the PyTorch twin on CPU")
+    check(interpreted or q.is_cuda, "kernels.flash_attention: needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU "
+          f"tensors), got a tensor on {q.device}; use the PyTorch twin on CPU")
     if tma is None:   # TMA descriptors on NVIDIA Hopper and later (ROCm reports its own "capabilities")
         tma = interpreted or torch.version.hip is None and torch.cuda.get_device_capability(q.device)[0] >= 9
     pos = torch.arange(T, device=q.device).expand(B, T) if pos is None else pos.to(q.device)

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 def check(ok, msg):
-    """The one-line error of bad input (a config, a checkpoint): ValueError(msg) unless ok."""
+    """The one-line error of bad input (a config, a checkpoint, an argument): ValueError(msg) unless ok."""
     if not ok:
         raise ValueError(msg)
 
@@ -227,9 +227,8 @@ class Attention(nn.Module):
         mask: SDPA's bool mask [B, 1, T, S], or None for causal (the Triton kernel masks from pos itself)."""
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.q(x).view(B, T, cfg.n_heads, cfg.head_dim)     # [B, T, H, D]
-        k = self.k(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)  # [B, T, Hkv, D]
-        v = self.v(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        q = self.q(x).view(B, T, cfg.n_heads, cfg.head_dim)                                  # [B, T, H, D]
+        k, v = (p(x).view(B, T, cfg.n_kv_heads, cfg.head_dim) for p in (self.k, self.v))  # [B, T, Hkv, D]
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
@@ -432,8 +431,7 @@ class Model(nn.Module):
         return doc_causal_mask(pos, self.cfg.sliding_window, self.cfg.doc_masking) | eye
 
     def hidden(self, x, pos, mask, cache=None, rope=None):
-        """Final-norm hidden states [B, T, C] of tokens x at positions pos (see Attention for pos and mask);
-        rope: (cos, sin) when the caller has them (decoding reads them from the cache)."""
+        """Final-norm hidden states [B, T, C] (pos, mask: see Attention); rope: (cos, sin) if the caller has them."""
         h = self.tok_emb(x)
         if rope is None:
             rope_pos = torch.arange(x.shape[1], device=x.device)[None] if pos is None else pos.clamp(min=0)
@@ -446,8 +444,7 @@ class Model(nn.Module):
         return self.norm(h)
 
     def forward(self, x, y=None, pos=None, reduction="mean"):
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        check(reduction in ("mean", "sum", "none"), f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         cfg = self.cfg
         if pos is not None and not cfg.doc_masking:
             # one sequence of the row's real tokens: RoPE counts them (0..T-1 when the row has no padding)
@@ -574,40 +571,40 @@ class Model(nn.Module):
         B, lens, G = len(prompts), [len(p) for p in prompts], num_samples
         if B == 0:
             return []
-        if G < 1:
-            raise ValueError(f"generate: num_samples must be >= 1, got {G}")
-        if min(lens) == 0:
-            raise ValueError("generate: every prompt needs at least one token")
+        check(G >= 1, f"generate: num_samples must be >= 1, got {G}")
+        check(min(lens) > 0, "generate: every prompt needs at least one token")
         P = max(lens)
-        if P + max_new_tokens > cfg.max_position_embeddings:
-            raise ValueError(f"generate: prompt {P} + {max_new_tokens} new tokens exceeds max_position_embeddings {cfg.max_position_embeddings}")
-        bad = [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise ValueError(f"generate: prompt token id {bad[0]} is outside the vocabulary (vocab_size {cfg.vocab_size})")
+        check(P + max_new_tokens <= cfg.max_position_embeddings, f"generate: prompt {P} + {max_new_tokens} new tokens "
+              f"exceeds max_position_embeddings {cfg.max_position_embeddings}")
+        bad = next((t for p in prompts for t in p if not 0 <= t < cfg.vocab_size), None)
+        check(bad is None, f"generate: prompt token id {bad} is outside the vocabulary (vocab_size {cfg.vocab_size})")
         # left-pad so every row's next token lands in one column; padding's pos -1 hides its id (0, not pad_id)
         x = torch.tensor([[0] * (P - n) + list(p) for p, n in zip(prompts, lens)], device=dev)
         pos = torch.tensor([[-1] * (P - n) + list(range(n)) for n in lens], device=dev)
         cache = KVCache(cfg, B, P + max_new_tokens, dev, self.tok_emb.weight.dtype)
-        logits = self.prefill(x, pos, cache)
-        cache.weights = self.decode_weights()
-        next_pos = torch.tensor(lens, device=dev)
-        if G > 1:
-            cache.expand(G)
-            logits, next_pos = logits.repeat_interleave(G, 0), next_pos.repeat_interleave(G, 0)
         if compile and "_compiled_decode" not in self.__dict__:
             # not fullgraph: what dynamo cannot trace (MoE's routing) breaks the graph; tests hold GQA's to one graph
             self._compiled_decode = torch.compile(self.decode_one_token)
         step = self._compiled_decode if compile else self.decode_one_token
         out, done, stop = [[] for _ in range(B * G)], [False] * (B * G), {int(s) for s in stop_ids}
-        for t in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_k, top_p, generator)          # [B * G]
-            for b, tok in enumerate(nxt.tolist()):  # the step's one device -> host sync
-                if not done[b]:
-                    out[b].append(tok)
-                    done[b] = tok in stop
-            if all(done) or t == max_new_tokens - 1:
-                break
-            logits = step(nxt, next_pos + t, cache)
+        # autocast off: prefill and steps run in the weights' dtype, the cache's (under autocast what they write varies:
+        # GQA's k/v bf16, MLA's latents fp32), and bf16 weights give the same tokens with autocast or without
+        with torch.autocast(dev.type, enabled=False):
+            logits = self.prefill(x, pos, cache)
+            cache.weights = self.decode_weights()
+            next_pos = torch.tensor(lens, device=dev)
+            if G > 1:
+                cache.expand(G)
+                logits, next_pos = logits.repeat_interleave(G, 0), next_pos.repeat_interleave(G, 0)
+            for t in range(max_new_tokens):
+                nxt = sample(logits, temperature, top_k, top_p, generator)          # [B * G]
+                for b, tok in enumerate(nxt.tolist()):  # the step's one device -> host sync
+                    if not done[b]:
+                        out[b].append(tok)
+                        done[b] = tok in stop
+                if all(done) or t == max_new_tokens - 1:
+                    break
+                logits = step(nxt, next_pos + t, cache)
         return out
 
     # ---- HF SmolLM3 checkpoints: config.json + model.safetensors, as SmolLM3ForCausalLM reads them ---

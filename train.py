@@ -11,16 +11,7 @@ holds the state after s updates. The loader's order is a pure function of (seed,
 position is all the data state there is: a resumed run matches an uninterrupted one bit for bit. Under torchrun
 every rank trains (DP x TP, parallel.setup); rank 0 logs and writes whole checkpoints: any layout, or HF, loads them.
 
-Sections
-  configuration   TrainConfig, dist_env, check_config, resolve
-  schedule        get_lr (warmup, then WSD or cosine)
-  optimizers      newton_schulz, Muon, build_optimizers, set_lr
-  one step        Guard (NaN / spike skips), Step (accumulate, clip, guard, update)
-  checkpoints     save_checkpoint, checkpoint_problem, latest_checkpoint, load_weights, load_checkpoint
-  setup           setup_device, find_start (architectures checked), start_run (run.json history)
-  logging         Logger (log.jsonl, tqdm, tokens/s, MFU), read_log
-  the loop        train (samples.txt at the end), run_loop (the step loop posttrain.py's methods share too)
-  benchmark       bench (--bench=N: step time, tokens/s, MFU, peak memory), main
+Sections: configuration · schedule · optimizers · one step · checkpoints · setup · logging · the loop · benchmark.
 """
 import collections
 import contextlib
@@ -38,7 +29,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,7 +40,7 @@ from config import load, pick
 from data import DataConfig, Loader, load_tokenizer, prepare_default
 from eval import evaluate, plot_curves
 import parallel
-from model import Model, ModelConfig, atomic_write, fsync
+from model import Model, ModelConfig, atomic_write, check, fsync
 
 # The spike guard's reference is an EMA of accepted losses with a ~20-step horizon: slow enough to ignore
 # noise, fast enough to follow a falling loss, so a spike is measured against where the run actually is.
@@ -62,7 +52,7 @@ ARCH_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head
              "moe_layer_interval", "moe_first_dense")
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainConfig:
     out_dir: str = "out/run"            # run directory: log.jsonl, run.json, loss.svg, checkpoints
     seed: int = 1337
@@ -157,8 +147,7 @@ def check_config(mc, dc, tc, world_size=1):
         (tc.grad_clip >= 0 and tc.weight_decay >= 0, "grad_clip and weight_decay must be >= 0"),
         (0 <= tc.beta1 < 1 and 0 <= tc.beta2 < 1 and tc.eps > 0, "need 0 <= beta1, beta2 < 1 and eps > 0")]
     errors = [msg for ok, msg in checks if not ok]
-    if errors:
-        raise ValueError("config: " + "; ".join(errors))
+    check(not errors, "config: " + "; ".join(errors))
 
 
 # The dataclasses whose fields a training config may set (config.load reads exactly these).
@@ -292,9 +281,8 @@ StepResult = collections.namedtuple("StepResult", "loss grad_norm lr skipped mea
 
 
 class Step:
-    """One update over a step's micro-batches: forward under `autocast`, backward of loss / accum (the mean
-    micro-batch loss's gradient), clip, ask the guard, update or skip, zero the grads. parallel.setup gives
-    clip_grad_norm (over its shards) and ddp (DDP or ZeRO1): micro-steps but the last under no_sync, then DP means."""
+    """One update over a step's micro-batches: forward under `autocast`, the mean micro-batch loss's gradient, clip,
+    the guard's update or skip. parallel.setup gives clip_grad_norm and ddp (DDP, ZeRO1: the last micro-step syncs)."""
 
     def __init__(self, opts, guard, tc, autocast, clip_grad_norm=torch.nn.utils.clip_grad_norm_, ddp=None):
         self.opts, self.guard, self.autocast, self.clip_grad_norm, self.ddp = opts, guard, autocast, clip_grad_norm, ddp
@@ -396,8 +384,7 @@ def save_checkpoint(run_dir, model, opts, state, keep, tok=None, grid=None):
 def checkpoint_problem(path):
     """Why checkpoint `path` cannot be resumed from (a file missing, truncated or corrupt), or None."""
     try:
-        with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as f:
-            state = json.load(f)
+        state = json.loads(Path(path, TRAINER_STATE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return f"{TRAINER_STATE} is missing"
     except ValueError:                                     # JSONDecodeError and UnicodeDecodeError included
@@ -464,8 +451,7 @@ def load_checkpoint(path, model, opts, grid=None):
         sd["state"].update({idx: {k: par.local(pname, v) for k, v in per_param.pop(pname).items()}
                             for idx, pname in names if pname in per_param})
         opt.load_state_dict(sd)
-    if per_param:
-        raise ValueError(f"{path}: optimizer state for parameters this model lacks: {sorted(per_param)[:5]}")
+    check(not per_param, f"{path}: optimizer state for parameters this model lacks: {sorted(per_param)[:5]}")
     par.set_rng_states(tensors)
     return state
 
@@ -476,11 +462,9 @@ def setup_device(tc, mc, local_rank):
     """(device, autocast context), checked before any data work: an unusable attn_impl fails in seconds."""
     cuda = torch.cuda.is_available()
     device = torch.device(tc.device if tc.device != "auto" else f"cuda:{local_rank}" if cuda else "cpu")
-    if device.type == "cuda" and not cuda:
-        raise ValueError(f"device={tc.device!r} but CUDA is not available")
-    if mc.attn_impl == "triton" and (device.type != "cuda" or importlib.util.find_spec("triton") is None):
-        raise ValueError(f"attn_impl='triton' needs a CUDA device and the triton package (device is {device}); "
-                         "use --attn_impl=sdpa")
+    check(device.type != "cuda" or cuda, f"device={tc.device!r} but CUDA is not available")
+    check(mc.attn_impl != "triton" or device.type == "cuda" and importlib.util.find_spec("triton") is not None,
+          f"attn_impl='triton' needs a CUDA device and the triton package (device is {device}); use --attn_impl=sdpa")
     if device.type == "cuda":                                  # fp32 matmuls may use TF32; NCCL uses this GPU
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -503,15 +487,13 @@ def find_start(tc, mc):
     ckpt, init = latest_checkpoint(tc.out_dir), None          # None: no `latest` there
     if not ckpt and tc.init_from:
         init = latest_checkpoint(tc.init_from) or tc.init_from
-        if not os.path.isfile(os.path.join(init, "config.json")):
-            raise ValueError(f"init_from={tc.init_from!r}: expected a run, checkpoint or HF model directory "
-                             "with config.json")
+        check(os.path.isfile(os.path.join(init, "config.json")),
+              f"init_from={tc.init_from!r}: expected a run, checkpoint or HF model directory with config.json")
     for path, key in ((ckpt, "resume"), (init, "init_from")):
         theirs = Model.config_from_hf(os.path.join(path, "config.json")) if path else mc
         diff = [f"{k}: {getattr(theirs, k)} vs {getattr(mc, k)}" for k in ARCH_KEYS
                 if getattr(theirs, k) != getattr(mc, k)]
-        if diff:
-            raise ValueError(f"{key}: {path} holds another architecture (theirs vs ours): {', '.join(diff)}")
+        check(not diff, f"{key}: {path} holds another architecture (theirs vs ours): {', '.join(diff)}")
     return ckpt, init
 
 
@@ -538,9 +520,8 @@ def start_run(run_dir, config, device, start, ckpt):
     return run
 
 
-def peak_flops(device):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""   # no peak on a CPU
-    return next((v for k, v in parallel.PEAK_FLOPS.items() if k in name), None)
+def peak_flops(device):   # None on a CPU: no GPU's name is in device_name's "cpu (N cores)"
+    return next((v for k, v in parallel.PEAK_FLOPS.items() if k in device_name(device)), None)
 
 
 # ---------------------------------------------------------------- logging
@@ -640,8 +621,7 @@ def train(ns):
     if grid:
         dist.barrier()                                         # the other ranks wait for rank 0's corpus
     tok = load_tokenizer(dc)
-    if tok.n_vocab > mc.vocab_size:
-        raise ValueError(f"tokenizer has {tok.n_vocab} ids but vocab_size={mc.vocab_size}")
+    check(tok.n_vocab <= mc.vocab_size, f"tokenizer has {tok.n_vocab} ids but vocab_size={mc.vocab_size}")
     # The tokenizer owns the special ids: generate() pads with pad_id and config.json records all three.
     ids = dict(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     mc, config = dataclasses.replace(mc, **ids), {**vars(ns), **ids}
@@ -711,7 +691,7 @@ def train(ns):
     samples = []
     if master and tc.sample_tokens and tc.sample_prompts:   # one process generates: under TP, from the checkpoint
         sampler = Model.from_pretrained(latest_checkpoint(run_dir)).to(device) if tc.tp > 1 else model
-        sampler.eval()                                         # fp32 weights, no autocast: the KV cache is fp32
+        sampler.eval()                                         # fp32 weights; generate turns autocast off anyway
         gen = torch.Generator(device=device).manual_seed(tc.seed)
         outs = sampler.generate([tok.encode(p) for p in tc.sample_prompts], tc.sample_tokens,
                                 temperature=tc.sample_temperature, stop_ids=(tok.eos_id,), generator=gen)
@@ -765,8 +745,7 @@ def bench(ns):
     mask path is training's), timed after BENCH_WARMUP untimed ones; no corpus, tokenizer or file. Prints the
     step time, tokens/s (per device), MFU where the peak is known, peak memory and the settings."""
     mc, dc, tc = resolve(ns)
-    if dist_env()[1] > 1:
-        raise ValueError(f"WORLD_SIZE={dist_env()[1]}: --bench runs one process")
+    check(dist_env()[1] <= 1, f"WORLD_SIZE={dist_env()[1]}: --bench runs one process")
     device, autocast = setup_device(tc, mc, dist_env()[2])
     torch.manual_seed(tc.seed)
     model = Model(mc).to(device)

@@ -157,14 +157,13 @@ def load(argv, *classes, prog=None, strict=True):
             raise ValueError(f"{where}: unknown config key {key!r}{hint}")
         tp, where_key = fields[key][0], f"{where}: key {key!r}"
         try:
-            val = check_type(val, tp, where_key)
+            ns[key] = check_type(val, tp, where_key)
         except ValueError:
             # an override (they come after the file): --out_dir=2024 or --init_from=1e3 is the text as typed
             union = typing.get_origin(tp) in (typing.Union, types.UnionType)
             if key not in raws or str not in (typing.get_args(tp) if union else (tp,)):
                 raise
-            val = raws[key]
-        ns[key] = val
+            ns[key] = raws[key]
     return types.SimpleNamespace(**ns)
 
 

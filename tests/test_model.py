@@ -173,6 +173,24 @@ def test_kv_cache_decoding_matches_full_forward(monkeypatch, n_kv_heads, window)
         assert out[b] == full[len(p) - 1:-1].argmax(-1).tolist()  # greedy = the full forward's argmax
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", [{}, {"n_experts": 4}, {"attention": "mla", "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+                                                         "qk_rope_head_dim": 8, "v_head_dim": 16}])
+def test_generate_under_autocast_equals_generate_without(monkeypatch, dtype, arch):
+    """generate under bf16 autocast (train.py's and posttrain.py's regime) runs in the weights' dtype: the same
+    tokens and step logits as without autocast, for fp32 and bf16 weights, on the decode fast path (GQA) and the
+    layers' own (MoE, MLA). An fp32 model's cache once met autocast's bf16 keys and failed."""
+    m = make(dtype=dtype, **arch)
+    seen = recording_sample(monkeypatch)
+    runs = []
+    for autocast in (False, True):
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            runs.append((m.generate([[5, 6, 7, 8], [9]], 6, num_samples=2), list(seen)))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+
+
 def test_generate_stops_and_samples():
     m = make()
     first = m.generate([[5, 6]], max_new_tokens=1)[0][0]
