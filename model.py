@@ -344,7 +344,8 @@ class MoE(nn.Module):
         order, kept = order[rank < cap], counts.clamp(max=cap)
         token = order // k
         ys = torch.cat([e(xf[t]) for e, t in zip(self.experts, token.split(kept.tolist()))])
-        out = torch.zeros_like(xf).index_add(0, token, ys * weight.flatten()[order, None].to(ys.dtype))
+        # index_add takes one dtype: the experts' (bf16 under autocast, xf fp32), as a dense MLP's output is
+        out = torch.zeros_like(xf, dtype=ys.dtype).index_add(0, token, ys * weight.flatten()[order, None].to(ys.dtype))
         if cfg.n_shared_experts:
             out = out + self.shared(xf)
         probs = scores / scores.sum(-1, keepdim=True)                  # sigmoid scores normalised per token

@@ -91,9 +91,8 @@ def test_mla_nope_layer_has_no_rope_part_and_matches_float64():
                                    attn.o(o.reshape(2, 10, 48)), rtol=0, atol=1e-7)  # RMSNorm runs in fp32
 
 
-@pytest.mark.parametrize("capacity", [0.0, 1.0])
-def test_moe_equals_transformers_deepseek_v3_moe(hf, capacity):
-    m = make(MOE, router_score="sigmoid")
+def deepseek_moe(hf, m):
+    """Layer 0's MoE of m and transformers' DeepseekV3MoE holding its weights, after a random balance bias."""
     ours = m.layers[0].mlp
     torch.manual_seed(2)
     ours.balance_bias.copy_(0.3 * torch.randn(4))                      # changes the choice, not the weights
@@ -104,6 +103,14 @@ def test_moe_equals_transformers_deepseek_v3_moe(hf, capacity):
         "experts.gate_up_proj": torch.stack([torch.cat([x.gate.weight, x.up.weight]) for x in e]),
         "experts.down_proj": torch.stack([x.down.weight for x in e]),
         **{f"shared_experts.{n}_proj.weight": getattr(ours.shared, n).weight for n in ("gate", "up", "down")}})
+    return ours, theirs
+
+
+@pytest.mark.parametrize("capacity", [0.0, 1.0])
+def test_moe_equals_transformers_deepseek_v3_moe(hf, capacity):
+    m = make(MOE, router_score="sigmoid")
+    ours, theirs = deepseek_moe(hf, m)
+    e = ours.experts
     x = torch.randn(3, 8, 32)
     with torch.no_grad():
         want, got = theirs(x), ours(x)
@@ -126,6 +133,47 @@ def test_moe_equals_transformers_deepseek_v3_moe(hf, capacity):
     if capacity:
         assert max(taken) > 12                                          # some assignment was dropped
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+def test_moe_under_bf16_autocast_equals_transformers_deepseek_v3_moe(hf):
+    """fp32 weights under bf16 autocast (train.py on GPU): our output is bf16, as a dense MLP's down projection
+    gives; transformers' fp32 (it adds the bf16 expert outputs, times fp32 weights, in fp32). Tolerance: 1e-2
+    of the output's scale, a few bf16 roundings (2^-8 = 3.9e-3 each; measured 2e-3)."""
+    m = make(MOE, router_score="sigmoid")
+    ours, theirs = deepseek_moe(hf, m)
+    x = torch.randn(3, 8, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = theirs(x), ours(x)
+        assert got.dtype == M.MLP(m.cfg)(x).dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() <= 1e-2 * want.abs().max()
+
+
+@pytest.mark.parametrize("parts", [(MOE,), (MLA, MOE)], ids=["gqa-moe", "mla-moe"])
+def test_moe_model_under_bf16_autocast_equals_fp32(parts):
+    """config/tiny_moe.py's MoE (sigmoid router, bias and balance losses, a dense first layer), plus a capacity, with
+    fp32 weights: under CPU bf16 autocast the loss and every gradient are finite and close to fp32's. Tolerances:
+    loss 1e-3 relative (measured <= 3e-5), each gradient's ||g_bf16 - g_fp32|| / ||g_fp32|| <= 3e-2 (measured
+    <= 1.2e-2: bf16 matmuls); the same expert loads, so no token's routing flipped to make it pass or fail."""
+    m = make(*parts, router_score="sigmoid", moe_first_dense=1, moe_aux_loss=1e-4, moe_z_loss=1e-3,
+             moe_bias_update=1e-3, moe_capacity_factor=1.0).train()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randint(3, 97, (2, 16), generator=gen), torch.randint(0, 97, (2, 16), generator=gen)
+    runs = []
+    for autocast in (False, True):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = m(x, y)[1]
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}, [l.mlp.load for l in m.layers[1:]]))
+        for layer in m.layers[1:]:
+            layer.mlp.load = 0
+    (loss32, grads32, load32), (loss16, grads16, load16) = runs
+    assert loss16.dtype == torch.float32 and torch.isfinite(loss16)
+    assert all(torch.equal(a, b) for a, b in zip(load32, load16))
+    assert abs(loss16 - loss32) <= 1e-3 * loss32
+    for n, g in grads32.items():
+        assert grads16[n].dtype == torch.float32 and torch.isfinite(grads16[n]).all(), n
+        assert (grads16[n] - g).norm() <= 3e-2 * g.norm(), f"{n}: {((grads16[n] - g).norm() / g.norm()).item():.2e}"
 
 
 def test_softmax_router_and_balance_losses_by_hand():
