@@ -447,14 +447,19 @@ class Model(nn.Module):
     def forward(self, x, y=None, pos=None, reduction="mean"):
         check(reduction in ("mean", "sum", "none"), f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         cfg = self.cfg
-        if pos is not None and not cfg.doc_masking:
-            # one sequence of the row's real tokens: RoPE counts them (0..T-1 when the row has no padding)
+        order = (pos < 0).int().argsort(dim=1, stable=True) if pos is not None and not cfg.doc_masking else None
+        if order is not None:
+            # one causal sequence of the row's real tokens: padding moves (stably) to the row's end, where SDPA's mask and
+            # the Triton kernel's (one key range per query) both hide it and a window counts real tokens; RoPE counts them
+            x, pos = x.gather(1, order), pos.gather(1, order)
             pos = torch.where(pos >= 0, (pos >= 0).cumsum(1) - 1, -1)
         # one SDPA mask for all layers; None: causal (no pos, no window), or the Triton kernel's own from pos
         mask = None
         if cfg.attn_impl == "sdpa" and (pos is not None or cfg.sliding_window is not None):
             mask = self.sdpa_mask(torch.arange(x.shape[1], device=x.device)[None] if pos is None else pos)
         h = self.hidden(x, pos, mask)
+        if order is not None:                              # back in the input's order
+            h = h.scatter(1, order[..., None].expand_as(h), h)
         if y is None:
             return (h @ self.head_weight.t()).float()
         # Logits within loss_budget_mb: LM head and CE in one pass; beyond, checkpointed chunks of that size, so peak

@@ -610,7 +610,7 @@ def test_doc_causal_mask_by_hand():
     assert pairs(M.doc_causal_mask(pos, window=2, doc_masking=False)) == {(i, j) for i, j in causal if i - j < 2}
 
 
-@pytest.mark.parametrize("doc_masking,window", [(True, None), (False, None), (True, 3)])
+@pytest.mark.parametrize("doc_masking,window", [(True, None), (False, None), (True, 3), (False, 3)])
 def test_padding_changes_nothing_on_real_tokens(doc_masking, window):
     """Left, middle and right padding (pos -1, y -100): the real tokens' logits, the loss and every
     gradient equal the unpadded rows'; a padding query's attention output is exactly 0; nothing is NaN."""
@@ -628,7 +628,8 @@ def test_padding_changes_nothing_on_real_tokens(doc_masking, window):
     if not doc_masking:  # the reference row is one sequence: padding between documents closes no gap
         pos = None
     zeros = []
-    hook = m.layers[0].attn.register_forward_hook(lambda mod, args, out: zeros.append(out[pp < 0]))
+    # by the pos the layer sees: without doc masking, forward moves each row's padding to its end
+    hook = m.layers[0].attn.register_forward_hook(lambda mod, args, out: zeros.append(out[args[2] < 0]))
     logits = m(xp, pos=pp)
     hook.remove()
     assert not zeros[0].any() and zeros[0].shape[0] == int((pp < 0).sum())
@@ -748,15 +749,27 @@ def test_compiled_training_step_equals_eager_and_does_not_recompile():
     assert not torch._dynamo.utils.counters["recompiles"]
 
 
+def padded(*parts):
+    """pos [1, T] of documents (lengths > 0) and padding runs (-n: n tokens of pos -1)."""
+    return torch.cat([torch.arange(n) if n > 0 else torch.full((-n,), -1) for n in parts])[None]
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="a CPU model: needs Triton's interpreter")
-def test_triton_attention_through_the_model_equals_sdpa():
+@pytest.mark.parametrize("doc_masking,window,padding", [(True, None, False), (True, 3, True), (False, None, True),
+                                                        (False, 3, True)])
+def test_triton_attention_through_the_model_equals_sdpa(doc_masking, window, padding):
     """attn_impl="triton" under Triton's interpreter (conftest.py) at a tiny size: in fp32 the loss and every
-    gradient equal SDPA's within summation-order rounding (atol 1e-5, rtol 1e-4), doc masking, GQA, NoPE."""
+    gradient equal SDPA's within summation-order rounding (atol 1e-5, rtol 1e-4), doc masking, GQA, NoPE.
+    Without doc masking, padding between real tokens (row 0 starts pos [0, 1, -1, 0, 1]) hides only itself from
+    the kernel too, whose mask (one key range per query) cannot skip a key: forward moves padding to the row's end."""
     x, y = torch.randint(3, 97, (2, 16)), torch.randint(0, 97, (2, 16))
-    pos = torch.stack([positions([5, 11])[0], positions([9, 4, 3])[0]])
+    pos = torch.cat([padded(2, -1, 2, 4, -2, 5), padded(-3, 9, -1, 3)]) if padding else \
+        torch.stack([positions([5, 11])[0], positions([9, 4, 3])[0]])
+    y = y.masked_fill(pos < 0, -100)
     results = []
     for impl in ("sdpa", "triton"):
-        m = make(attn_impl=impl, n_layers=2, nope_interval=2, d_model=32, n_heads=2, n_kv_heads=1, d_ff=48).train()
+        m = make(attn_impl=impl, n_layers=2, nope_interval=2, d_model=32, n_heads=2, n_kv_heads=1, d_ff=48,
+                 doc_masking=doc_masking, sliding_window=window).train()
         loss = m(x, y, pos)[1]
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()}))
