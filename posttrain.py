@@ -36,7 +36,7 @@ Sections
   preference    LOSSES, pair_logps, reference log-probs (frozen copy or a table), dpo
   GRPO          GRPOConfig, overlong_penalty, completion_reward (eval's checker), group_advantages, token_weights
                 (grpo / dapo / dr_grpo), k3_kl, grpo_token_loss (clipped ratio), token_logprobs, rollout,
-                rollout_stats, grpo
+                dynamic_sample (DAPO), rollout_stats, grpo
   merge         merge (weighted sum of HF-layout checkpoints, shapes and configs checked)
   pipeline      PipelineConfig, STAGES, checkpoint_metrics (eval.py's numbers), pipeline_table, pipeline
   command line  main
@@ -755,6 +755,8 @@ class GRPOConfig:
     loss_agg: str = "dapo"          # "grpo" | "dapo" | "dr_grpo" (see token_weights)
     num_iterations: int = 1         # optimizer updates per rollout batch, each against the rollout's log-probs
     rollout_batch: int = 64         # completions per generate call, in whole groups (bounds the KV cache)
+    sample_rounds: int = 1          # DAPO's dynamic sampling: up to this many rollouts a step, until its groups
+                                    # all have unequal rewards (1 = off)
     eval_questions: int = 64        # held-out math_test questions for greedy exact match at each eval; 0 = none
 
 
@@ -851,6 +853,25 @@ def rollout(model, tok, prompts, answers, gc, generator):
     return tuple(map(torch.from_numpy, _padded(tok, rows, max(len(x) for x, _ in rows)))), scores, seconds
 
 
+def varied_groups(scores, group_size):
+    """[N] bool: which groups of a rollout's scores [N * G, 3] have unequal rewards (a nonzero advantage)."""
+    r = scores[:, 0].view(-1, group_size)
+    return r.amax(1) > r.amin(1)
+
+
+def dynamic_sample(rounds, group_size, n_groups, pad_id):
+    """DAPO's dynamic sampling over one step's rollouts [((x, y, pos), scores, seconds)]: n_groups groups, those
+    with unequal rewards first (an equal-reward group has zero advantage: no gradient), then the first others, in
+    rollout order -> ((x, y, pos), scores), rows right-padded to the longest kept one."""
+    groups = [(r, i) for r, (_, scores, _) in enumerate(rounds) for i in range(len(scores) // group_size)]
+    kept = sorted(sorted(groups, key=lambda ri: not varied_groups(rounds[ri[0]][1], group_size)[ri[1]])[:n_groups])
+    T = max(rounds[r][0][0].shape[1] for r, _ in kept)
+    rows = tuple(torch.cat([F.pad(rounds[r][0][k][i * group_size:(i + 1) * group_size],
+                                  (0, T - rounds[r][0][k].shape[1]), value=fill) for r, i in kept])
+                 for k, fill in enumerate((pad_id, -100, -1)))
+    return rows, torch.cat([rounds[r][1][i * group_size:(i + 1) * group_size] for r, i in kept])
+
+
 def rollout_stats(scores, group_size, seconds):
     """The log's numbers of a step's rollout, scores [N*G, 3] (rollout's, of every rank) and its wall time."""
     rewards, lengths = scores[:, 0].float(), scores[:, 1]
@@ -883,8 +904,9 @@ def grpo(ns):
     errors = [msg for ok, msg in checks if not ok]
     if errors:
         raise ValueError("config: " + "; ".join(errors))
-    loader = PromptLoader(data_file(run, gc.rl_data, "rl_train"), tok, tc.batch_size // (g * run.dp), seed=tc.seed,
-                          rank=run.dp_rank, world_size=run.dp, enable_thinking=gc.enable_thinking, today=run.today)
+    n_groups = tc.batch_size // (g * run.dp)       # this rank's groups per step
+    loader = PromptLoader(data_file(run, gc.rl_data, "rl_train"), tok, n_groups, gc.sample_rounds, tc.seed,
+                          run.dp_rank, run.dp, gc.enable_thinking, run.today)
     ref = load_model(run.init, run.pc, run.device, z_loss=0.0).eval().requires_grad_(False) if gc.kl_beta else None
     generator = torch.Generator(run.device)
     held = task_rows("math", "")[:gc.eval_questions] if gc.eval_questions else []   # eval.py's math_test
@@ -908,8 +930,14 @@ def grpo(ns):
         # the rollout of step s on DP rank r is a function of (seed, s, r, weights): a resumed run samples what it
         # would have, and no two ranks draw the same samples
         generator.manual_seed(tc.seed * 1_000_003 + step * run.dp + run.dp_rank)
-        prompts, answers = loader.get(step // mu, 0)
-        (x, y, pos), scores, seconds = rollout(run.model, tok, prompts, answers, gc, generator)
+        rounds, signal = [], 0
+        for r in range(gc.sample_rounds):   # round r's prompts are the loader's micro-step r
+            rounds.append(rollout(run.model, tok, *loader.get(step // mu, r), gc, generator))
+            signal += int(varied_groups(rounds[-1][1], g).sum())
+            if signal >= n_groups:
+                break
+        (x, y, pos), scores = dynamic_sample(rounds, g, n_groups, tok.pad_id) if len(rounds) > 1 else rounds[0][:2]
+        seconds = sum(sec for _, _, sec in rounds)
         adv = group_advantages(scores[:, 0].float(), g, gc.scale_rewards)
         # normalised by the whole batch's sequences and completion tokens (all ranks): DDP's mean of the ranks'
         # gradients is then the gradient of the one-process loss
@@ -920,8 +948,9 @@ def grpo(ns):
         old, ref_lp = scored(run.model if mu > 1 else None, rows), scored(ref, rows)
         buffer[:] = [(*r, adv[s], w[s], None if old is None else old[s], None if ref_lp is None else ref_lp[s])
                      for r, s in zip(rows, part)]
-        seconds = gathered(run, torch.tensor([seconds])).max().item()    # the slowest rank's
+        seconds = gathered(run, torch.tensor([sum(sec for _, _, sec in rounds)])).max().item()    # the slowest rank's
         stats.update(rollout_stats(gathered(run, scores), g, seconds), clipped=0, completion_tokens=0,
+                     rollout_rounds=int(gathered(run, torch.tensor([len(rounds)])).max()),
                      tokens=int(gathered(run, (pos >= 0).sum()[None]).sum()))
         return buffer
 

@@ -298,3 +298,22 @@ def test_prompt_modes_per_dataset_and_per_example(tmp_path, tok):
         assert loader.prompts == want
         ends = [tok.decode(p).endswith("<|im_start|>assistant\n<think>\n\n</think>\n") for p in loader.prompts]
         assert ends == [not default, True, False]
+
+
+def test_dynamic_sample_keeps_the_groups_with_unequal_rewards_first():
+    """Three rollouts of two groups of 2 (rewards: equal, unequal | equal, equal | unequal, unequal), rows of
+    different lengths: 3 kept groups are the three unequal ones in rollout order, right-padded; with 4 the first
+    equal one joins them in its place."""
+    def roll(rewards, T, tag):
+        n = len(rewards)
+        x = torch.full((n, T), tag)
+        return (x, x + 100, torch.arange(T).expand(n, T)), torch.tensor([[r, 1, 0] for r in rewards],
+                                                                         dtype=torch.float64), 0.1
+    rounds = [roll([1, 1, 0, 1], 3, 0), roll([0, 0, 1, 1], 5, 1), roll([0, 1, 1, 0], 4, 2)]
+    assert pt.varied_groups(rounds[0][1], 2).tolist() == [False, True]
+    (x, y, pos), scores = pt.dynamic_sample(rounds, 2, 3, pad_id=7)
+    assert scores[:, 0].tolist() == [0, 1, 0, 1, 1, 0] and x.shape == (6, 4)
+    assert x.tolist() == [[0, 0, 0, 7]] * 2 + [[2] * 4] * 4
+    assert y[:2].tolist() == [[100, 100, 100, -100]] * 2 and pos[:2].tolist() == [[0, 1, 2, -1]] * 2
+    (x, _, _), scores = pt.dynamic_sample(rounds, 2, 4, pad_id=7)
+    assert scores[:, 0].tolist() == [1, 1, 0, 1, 0, 1, 1, 0] and x.shape == (8, 4)
