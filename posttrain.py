@@ -73,9 +73,11 @@ from model import Model, atomic_write
 # ----------------------------------------------------------------------------------------- embedded sets
 # The default data, in TRL's conversational formats, made of data.py's generated problems. SFT {"messages"}: half
 # /think (the worked steps inside <think>, then the answer), half /no_think (the answer alone), a fifth of them
-# two-turn. Preference {"prompt", "chosen", "rejected"}, /think, where the rejected reply's answer contradicts its
-# own worked steps: an error a tiny model can see without the arithmetic (one that slips in an equation, or a
-# /no_think guess, is as likely as the chosen one to it). RL {"prompt": [user], "answer": "N"}.
+# two-turn. Preference {"prompt", "chosen", "rejected"}, of graded difficulty: half /think, the rejected reply's
+# answer contradicting its own worked steps (the tiny SFT model ranks ~all of these right), half /no_think, the
+# rejected reply parroting a number of the question (it prefers the parrot ~60% of the time: what APO fixes). An
+# error inside an equation is no use here: telling it takes the arithmetic, which 75 APO steps do not teach
+# (measured: held-out accuracy 0.73 -> 0.69). RL {"prompt": [user], "answer": "N"}.
 _PERSONAS = ("", "You are a helpful assistant. ", "You are a careful math tutor. ", "Answer briefly. ")
 
 
@@ -99,10 +101,13 @@ def _sft_row(rng, problems):
 
 def _pref_row(rng, problem):
     question, lines, answer = problem
-    wrong = answer + rng.choice([d for d in (-10, -2, -1, 1, 2, 10) if answer + d >= 0])
-    return {"prompt": [_system(rng, True), {"role": "user", "content": question}],
-            "chosen": [{"role": "assistant", "content": _reply(lines, answer, True)}],
-            "rejected": [{"role": "assistant", "content": _reply(lines, wrong, True)}]}
+    parrots = [int(n) for n in re.findall(r"\d+", question) if int(n) != answer]
+    think = rng.random() < 0.5 or not parrots
+    wrong = answer + rng.choice([d for d in (-10, -2, -1, 1, 2, 10) if answer + d >= 0]) if think else \
+        rng.choice(parrots)
+    return {"prompt": [_system(rng, think), {"role": "user", "content": question}],
+            "chosen": [{"role": "assistant", "content": _reply(lines, answer, think)}],
+            "rejected": [{"role": "assistant", "content": _reply(lines, wrong, think)}]}
 
 
 def default_sets(n=None):
@@ -1074,8 +1079,8 @@ class PipelineConfig:
     sft_steps: int = 150
     apo_steps: int = 75
     grpo_steps: int = 30
-    eval_questions: int = 64        # held-out math_test questions per mode (/think, /no_think)
-    eval_pairs: int = 100           # held-out pref_val pairs
+    eval_questions: int = 128       # held-out math_test questions per mode (/think, /no_think)
+    eval_pairs: int = 200           # held-out pref_val pairs (all of them)
     merge_weights: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.1])   # GRPO model, mid-training
 
 
@@ -1112,7 +1117,7 @@ def checkpoint_metrics(path, pc, data_dir, device, chat=True):
 # stage -> [(metric, higher is better)] it targets, compared with the checkpoint it started from
 TARGETS = {"pretrain": [("math_bpb", False)], "sft": [(f"{m}_{k}", True) for k in ("think", "no_think")
                                                        for m in ("format", "em")],
-           "apo": [("pref_acc", True)], "grpo": [("em_think", True), ("em_no_think", True)],
+           "apo": [("pref_acc", True)], "grpo": [("em_think", True)],   # its prompts are /think
            "merged": [("em_think", True), ("em_no_think", True)]}
 PARENT = {"pretrain": "init", "mid": "pretrain", "sft": "mid", "apo": "sft", "grpo": "apo", "merged": "grpo"}
 COLUMNS = ["math_bpb", "format_think", "em_think", "format_no_think", "em_no_think", "pref_acc"]

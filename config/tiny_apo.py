@@ -1,10 +1,10 @@
-"""Tiny APO-zero (CPU): the tiny SFT checkpoint on the embedded preference pairs (the rejected reply's answer
-contradicts its own worked steps), against the SFT model as the reference.
+"""Tiny APO-zero (CPU): the tiny SFT checkpoint on the embedded preference pairs (/think: the rejected reply's
+answer contradicts its own worked steps; /no_think: it parrots a number of the question), against the SFT model.
     python posttrain.py dpo config/tiny_apo.py          # --loss_type=dpo | ipo | apo_down for the others"""
 init_from = "out/tiny_sft"    # the SFT run (its newest checkpoint); also the reference model
 out_dir = "out/tiny_apo"
 data_dir = "data/default"     # train_data / val_data "default": pref_train.jsonl / pref_val.jsonl there
-seq_len = 640                 # the longest embedded pair side is 542 tokens: none skipped
+seq_len = 640                 # the longest embedded pair side is 543 tokens: none skipped
 overlong = "skip"
 loss_type = "apo_zero"        # SmolLM3's choice
 beta = 0.1

@@ -385,17 +385,23 @@ def test_generated_math_answers_verify():
             else:
                 assert re.fullmatch(r"The answer is \d+\.", a["content"])
     assert 0.4 < think / len(rows["sft_train"] + rows["sft_val"]) < 0.6
+    think = 0
     for row in rows["pref_train"]:
         q, chosen, rejected = row["prompt"][-1]["content"], row["chosen"][0]["content"], row["rejected"][0]["content"]
         good, bad = ev.extract_answer(chosen), ev.extract_answer(rejected)
         assert good != bad
-        # the rejected reply is the chosen one up to its final answer, which contradicts the worked steps
-        assert rejected.rsplit("\n", 1)[0] == chosen.rsplit("\n", 1)[0] and chosen.startswith("<think>")
-        if "<think>" in chosen:
-            _check_solution(q, chosen.split("\n")[1:-2], int(good))
         m = re.fullmatch(r"(?:Compute|Evaluate) (.*)\.", q)
         if m:
             assert _evaluate(m.group(1)) == int(good) != int(bad)
+        if row["prompt"][0]["content"].endswith("/think"):
+            # the rejected reply is the chosen one up to its final answer, which contradicts the worked steps
+            assert rejected.rsplit("\n", 1)[0] == chosen.rsplit("\n", 1)[0] and chosen.startswith("<think>")
+            _check_solution(q, chosen.split("\n")[1:-2], int(good))
+            think += 1
+        else:   # /no_think: the answer alone; the rejected one is a number of the question
+            assert chosen == f"The answer is {good}." and rejected == f"The answer is {bad}."
+            assert bad in re.findall(r"\d+", q)
+    assert 0.4 < think / len(rows["pref_train"]) < 0.6
     for row in rows["rl_train"]:
         m = re.fullmatch(r"(?:Compute|Evaluate) (.*)\.", row["prompt"][0]["content"])
         if m:

@@ -280,8 +280,8 @@ def test_pipeline_table_marks_each_stage_against_its_parent():
     assert "| sft | 12 | 1.100 | 0.900 | 0.100 | 0.800 | 0.050 | 0.500 |" in rows["sft"]
     assert "em_think 0.100 -> 0.100 **not improved**" in rows["sft"] and "format_think 0.500 -> 0.900 improved" in rows["sft"]
     assert "pref_acc 0.500 -> 0.700 improved" in rows["apo"]
-    assert "em_think 0.100 -> 0.200 improved; em_no_think 0.050 -> 0.050 **not improved**" in rows["grpo"]
-    assert "em_think 0.200 -> 0.150 **not improved**" in rows["merged"]
+    assert rows["grpo"].endswith("| em_think 0.100 -> 0.200 improved |")     # its prompts are /think only
+    assert "em_think 0.200 -> 0.150 **not improved**; em_no_think 0.050 -> 0.050 **not improved**" in rows["merged"]
 
 
 def test_prompt_modes_per_dataset_and_per_example(tmp_path, tok):
