@@ -386,6 +386,12 @@ def gathered(run, t):
     return torch.cat(parts).to(t.device)
 
 
+def balance_loss(model):
+    """The MoE balance losses of the model's last forward (0 for a dense model): each method's training loss adds
+    them, as pretraining's mean loss does (a forward with reduction "sum" or "none" leaves them out)."""
+    return sum((m.aux_loss for m in model.moe()), 0.0)
+
+
 def real_tokens(run, positions):
     """The tokens of a step that are not padding (pos >= 0), summed over every DP rank: the log's tok_per_s counts
     these, not the rows' padded length."""
@@ -566,7 +572,7 @@ def sft(ns, all_tokens=False):
         return out
 
     def loss_fn(batch):
-        return sft_loss(run.fwd, batch, run.device)
+        return sft_loss(run.fwd, batch, run.device) + balance_loss(run.model)
 
     def held_out(done):
         if "val" in loaders:
@@ -709,7 +715,7 @@ def dpo(ns):
     def loss_fn(batch):
         loss, s = pair_loss("train", *batch, run.fwd)
         stats.append(s)
-        return loss.mean()
+        return loss.mean() + balance_loss(run.model)
 
     def extra():   # the means over every rank's pairs
         means = gathered(run, torch.stack([torch.stack([s[k] for s in stats]).mean() for k in stats[0]])[None])
@@ -968,7 +974,7 @@ def grpo(ns):
         stats["completion_tokens"] = stats["completion_tokens"] + mask.sum()
         # Step backpropagates loss / (number of micro-batches) and DDP averages over the dp ranks: the weights
         # already make the sum over all ranks the batch loss
-        return (per_token * w).sum() * len(buffer) * run.dp
+        return (per_token * w).sum() * len(buffer) * run.dp + balance_loss(run.model)
 
     def extra():   # "tokens": what the update trained on (every rank), which the log's tok_per_s counts
         clipped, n = gathered(run, torch.stack([stats["clipped"], stats["completion_tokens"]])[None]).sum(0).tolist()

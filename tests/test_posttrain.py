@@ -518,7 +518,8 @@ def test_a_run_resumed_on_another_day_renders_the_day_it_started(tmp_path, init_
 def test_moe_balance_bias_moves_after_each_posttrain_step_as_in_pretraining(tmp_path, byte_tok, init_dir):
     """config/tiny_moe.py's shape, 2 SFT steps of 2 micro-batches with held-out evals at steps 0, 1 and 2: after
     each step the bias moves by moe_bias_update x sign(mean load - load) of that step's training forwards alone,
-    as train.py's pretraining does (Model.moe_step after the update); the evals count nothing."""
+    as train.py's pretraining does (Model.moe_step after the update); the evals count nothing. The step's loss
+    is the per-token mean plus the balance losses, as pretraining's."""
     ns = load([os.path.join(ROOT, "config", "tiny_moe.py")], ModelConfig, strict=False)
     start = tmp_path / "moe"
     _save_model(start, byte_tok, **{**vars(ns), "vocab_size": 264})       # the byte-level tokenizer's vocabulary
@@ -526,11 +527,15 @@ def test_moe_balance_bias_moves_after_each_posttrain_step_as_in_pretraining(tmp_
     cfg = _run_config(tmp_path, str(start), files, max_steps=2, warmup_steps=1, eval_interval=1, ckpt_interval=1)
     pt.main(["sft", cfg, f"--out_dir={tmp_path / 'run'}"])
     loader = pt.SFTLoader(files["train_data"], byte_tok, 256, 1, accum=2, seed=train.TrainConfig.seed)
-    before = str(start)
+    before, want_loss = str(start), []
     for step in (0, 1):
         model = Model.from_pretrained(before).train()         # the weights this step trained from
+        ce, aux, n = 0.0, 0.0, 0
         for m in range(2):
-            model(*loader.get(step, m), reduction="sum")
+            x, y, pos = loader.get(step, m)
+            ce += model(x, y, pos, reduction="sum")[1].item()
+            aux, n = aux + sum(layer.aux_loss.item() for layer in model.moe()) / 2, n + int((y != -100).sum())
+        want_loss.append(ce / n + aux)                        # the per-token mean + the balance losses' mean
         model.moe_step()
         after = os.path.join(tmp_path, "run", f"ckpt_{step + 1:06d}")
         got = Model.from_pretrained(after)
@@ -540,6 +545,7 @@ def test_moe_balance_bias_moves_after_each_posttrain_step_as_in_pretraining(tmp_
         before = after
     log = [r for r in _records(tmp_path / "run") if r["kind"] == "train"]
     assert all(len(r["moe_load_max_mean"]) == 3 for r in log)  # layers 1-3 are MoE
+    assert [r["loss"] for r in log] == pytest.approx(want_loss, rel=1e-6) and min(want_loss) > 0
 
 
 def test_bad_lines_name_file_line_and_field(tmp_path, byte_tok):
