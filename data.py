@@ -840,7 +840,8 @@ def problems(name, n=None):
 
 def prepare_default(data_dir, vocab_size):
     """The default corpus in data_dir: math_train/math_val.jsonl, a tokenizer.json of vocab_size ids trained on
-    a sample, the train/val shards of sources "code" and "math". Idempotent: what is complete is kept (a rerun takes ~1 s)."""
+    a sample, the train/val shards of sources "code" and "math". Idempotent: what is complete is kept (a rerun
+    takes ~1 s)."""
     t0 = time.perf_counter()
     os.makedirs(data_dir, exist_ok=True)
     paths = {name: os.path.join(data_dir, f"{name}.jsonl") for name in ("math_train", "math_val")}

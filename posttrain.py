@@ -65,8 +65,8 @@ from safetensors.torch import load_file, save_file
 import parallel
 import train
 from config import load, pick
-from data import (_ROLES, DataConfig, Tokenizer, _draw, _field, _first_index, _key, load_tokenizer, problems, read_jsonl,
-                  render_chat)
+from data import (_ROLES, DataConfig, Tokenizer, _draw, _field, _first_index, _key, load_tokenizer, problems,
+                  read_jsonl, render_chat)
 from eval import check_answer, completion_text, evaluate, exact_match, file_rows, follows_format, task_rows
 from model import Model, atomic_write
 
