@@ -1,42 +1,32 @@
 """posttrain.py — SmolLM3 post-training on train.py's loop: mid-training, SFT, preference optimisation
-(DPO, IPO, APO-zero, APO-down) and linear merging of checkpoints.
+(DPO, IPO, APO-zero, APO-down), GRPO with verifiable rewards, linear merging, and the tiny pipeline.
 
     python posttrain.py sft config/tiny_sft.py --init_from=out/tiny       # SFT: loss on assistant tokens
     python posttrain.py mid config/tiny_mid.py --init_from=out/tiny       # mid-training: loss on every token
     python posttrain.py dpo config/tiny_apo.py --init_from=out/tiny_sft   # loss_type dpo | ipo | apo_zero | apo_down
     python posttrain.py sft config/tiny_sft.py --init_from=out/tiny --resume=True   # continue a killed run exactly
-    python posttrain.py merge out/tiny_final out/tiny_apo:0.9 out/tiny_mid:0.1     # 0.9 x APO + 0.1 x mid
     python posttrain.py grpo config/tiny_grpo.py --init_from=out/tiny_apo  # RLVR on the embedded arithmetic prompts
+    python posttrain.py merge out/tiny_final out/tiny_apo:0.9 out/tiny_mid:0.1     # 0.9 x APO + 0.1 x mid
     python posttrain.py pipeline config/tiny.py    # CPU, from nothing: pretrain -> mid -> SFT -> APO -> GRPO -> merge
     torchrun --standalone --nproc_per_node=2 posttrain.py sft config/tiny_sft.py --init_from=out/tiny   # DP 2
 
 Every method starts from a checkpoint (init_from: a run directory, one of its checkpoints, or any HF
-SmolLM3-layout directory; the tokenizer is the one beside it) and runs train.run_loop, so optimizer groups,
-LR schedule, accumulation, clipping, the spike/NaN guard, atomic HF-layout checkpoints, exact resume, tqdm,
-log.jsonl and loss.svg are pretraining's own: a method supplies its batches and its loss. Conversations are
-jsonl lines {"messages": [{"role", "content"}, ...], "enable_thinking": optional bool} rendered with data.py's
-chat template; pairs are {"prompt", "chosen", "rejected"}, each a message list or a plain string. "default"
-data are the embedded sets of data_dir (sft_train/sft_val, pref_train/pref_val, written if missing);
-mid-training's default is the SFT conversations with every token in the loss. A conversation or pair longer
-than seq_len is skipped or truncated (overlong), and counted in log.jsonl's "data" line. The template's
-"Today Date" is the run's first day (chat_date, kept in run.json and the checkpoints), so a run resumed on
-another day trains on the same tokens.
-
-Under torchrun every method is data parallel (parallel.DDP; tp=1): each rank reads its share of each step's
-rows, and the loss stays the whole batch's (SFT's per-token mean and GRPO's token-level sums are normalised by
-counts gathered from every rank; a preference step has the same number of pairs on every rank; a GRPO group is
-rolled out and scored on one rank, each rank sampling with its own seed); rank 0 logs, evaluates and writes.
+SmolLM3-layout directory, with the tokenizer beside it) and runs train.run_loop: optimizer groups, schedule,
+accumulation, clipping, the spike/NaN guard, atomic checkpoints, exact resume and the logs are pretraining's
+own; a method supplies its batches and its loss. Data are jsonl: conversations {"messages": [{"role",
+"content"}, ...], "enable_thinking": optional} rendered with data.py's chat template (dated chat_date, kept
+in the checkpoints, so a resumed run renders the same tokens), pairs {"prompt", "chosen", "rejected"} (message
+lists or strings), prompts {"prompt", "answer"}; "default" means the embedded sets. Under torchrun every
+method is data parallel (tp=1), its loss the whole batch's (token counts gathered from every rank).
 
 Sections
   embedded sets default_sets: SFT, preference and RL rows of data.py's generated problems (data_file writes them)
   loaders       pack_bfd, SFTLoader (packing, per-conversation positions), PreferenceLoader, PromptLoader
-  loop glue     PostConfig, setup (start checkpoint, model, optimizer, DDP, resume, chat date), gathered (across
-                DP ranks), fit (run.json, log, run_loop, moe_step)
+  loop glue     PostConfig, setup (start checkpoint, model, optimizer, DDP, resume, chat date), gathered, fit
   SFT and mid   sft_batches, sft_loss (the per-token mean over the whole step), token_mean_loss, sft
   preference    LOSSES, pair_logps, reference log-probs (frozen copy or a table), dpo
   GRPO          GRPOConfig, overlong_penalty, completion_reward (eval's checker), group_advantages, token_weights
-                (grpo / dapo / dr_grpo), k3_kl, grpo_token_loss (clipped ratio), token_logprobs, rollout,
-                dynamic_sample (DAPO), rollout_stats, grpo
+                (grpo / dapo / dr_grpo), k3_kl, grpo_token_loss (clipped ratio), rollout, dynamic_sample, grpo
   merge         merge (weighted sum of HF-layout checkpoints, shapes and configs checked)
   pipeline      PipelineConfig, STAGES, checkpoint_metrics (eval.py's numbers), pipeline_table, pipeline
   command line  main
@@ -50,6 +40,7 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -211,12 +202,12 @@ def _fit(items, seq_len, overlong, path):
 
 
 def _padded(tok, rows, T):
-    """[(x, y)] -> (x, y, pos) int64 arrays [len(rows), T]: each row from position 0, then padding (pad id,
-    y = -100, pos = -1, which nothing attends to or from)."""
+    """[(x, y) or (x, y, pos)] -> (x, y, pos) int64 arrays [len(rows), T]: each row's tokens at its positions
+    (default 0, 1, ...), then padding (pad id, y = -100, pos = -1, which nothing attends to or from)."""
     x = np.full((len(rows), T), tok.pad_id, dtype=np.int64)
     y, pos = np.full_like(x, -100), np.full_like(x, -1)
-    for r, (xs, ys) in enumerate(rows):
-        x[r, :len(xs)], y[r, :len(ys)], pos[r, :len(xs)] = xs, ys, np.arange(len(xs))
+    for r, (xs, ys, *ps) in enumerate(rows):
+        x[r, :len(xs)], y[r, :len(ys)], pos[r, :len(xs)] = xs, ys, ps[0] if ps else np.arange(len(xs))
     return x, y, pos
 
 
@@ -251,14 +242,10 @@ class SFTLoader(_Shuffled):
         docs = _rows(path, fields, lambda messages, think: [
             _chat_xy(tok, _messages("messages", messages), all_tokens=all_tokens, enable_thinking=think, today=today)])
         docs, self.counts = _fit(docs, seq_len, overlong, path)
-        docs = [d for d, in docs]
-        self.bins = pack_bfd([len(x) for x, _ in docs], seq_len)
+        docs = [(x, y, np.arange(len(x))) for (x, y), in docs]   # positions restart at every conversation
+        self.bins = pack_bfd([len(x) for x, _, _ in docs], seq_len)
         packed = [[np.concatenate(a) for a in zip(*(docs[i] for i in items))] for items in self.bins]
         self.x, self.y, self.pos = _padded(tok, packed, seq_len)
-        for r, items in enumerate(self.bins):  # positions restart at every conversation of a row
-            starts = np.cumsum([0] + [len(docs[i][0]) for i in items])
-            for a, b in zip(starts, starts[1:]):
-                self.pos[r, a:b] = np.arange(b - a)
         self._setup(len(self.bins), micro_batch_size, accum, seed, rank, world_size, path, "sft")
 
     def get(self, step, micro_step):
@@ -364,17 +351,9 @@ class Run:
     grid: object = None             # parallel.Grid under torchrun (data parallel), else None
     log: train.Logger | None = None
 
-    @property
-    def dp(self):
-        return self.grid.dp if self.grid else 1
-
-    @property
-    def dp_rank(self):
-        return self.grid.dp_rank if self.grid else 0
-
-    @property
-    def master(self):               # rank 0 logs, evaluates and writes
-        return self.dp_rank == 0
+    dp = property(lambda self: self.grid.dp if self.grid else 1)
+    dp_rank = property(lambda self: self.grid.dp_rank if self.grid else 0)
+    master = property(lambda self: self.dp_rank == 0)     # rank 0 logs, evaluates and writes
 
 
 def gathered(run, t):
@@ -650,16 +629,13 @@ def logps_table(model, loader, micro_batch_size, autocast, device):
     return torch.cat(out).float().cpu()
 
 
-def _sha256(path):
-    return train.file_digest(path)["sha256"]
-
-
 def reference_tables(run, loaders, paths):
     """{split: [n_pairs, 2] reference log-probs}, computed once by the start model and kept in
     out_dir/ref_logps.safetensors; reused while the start checkpoint, data files and seq_len are the same."""
     path = os.path.join(run.tc.out_dir, "ref_logps.safetensors")
-    meta = {"init": _sha256(os.path.join(run.init, "model.safetensors")), "seq_len": str(run.dc.seq_len),
-            "overlong": run.pc.overlong, **{split: _sha256(p) for split, p in paths.items()}}
+    digest = {split: train.file_digest(p)["sha256"] for split, p in
+              {"init": os.path.join(run.init, "model.safetensors"), **paths}.items()}
+    meta = {"seq_len": str(run.dc.seq_len), "overlong": run.pc.overlong, **digest}
     fresh = False
     if os.path.isfile(path):
         with safe_open(path, framework="pt") as f:
@@ -686,17 +662,13 @@ def dpo(ns):
     # every rank the same number of pairs a step: the mean of the ranks' means is the mean over the batch's pairs
     loaders = {split: PreferenceLoader(p, run.tok, dc.seq_len, tc.micro_batch_size, accum, tc.seed, run.dp_rank,
                                        run.dp, pc.overlong, run.today) for split, p in paths.items()}
-    if pc.ref_logps == "precompute":
-        tables = reference_tables(run, loaders, paths)
+    tables = reference_tables(run, loaders, paths) if pc.ref_logps == "precompute" else None
+    frozen = None if tables else load_model(run.init, pc, run.device, z_loss=0.0).eval().requires_grad_(False)
 
-        def reference(split, items, chosen, rejected):
-            return tables[split][items].to(run.device).unbind(1)
-    else:
-        frozen = load_model(run.init, pc, run.device, z_loss=0.0).eval().requires_grad_(False)
-
-        @torch.no_grad()
-        def reference(split, items, chosen, rejected):
-            return pair_logps(frozen, chosen, rejected, run.device)
+    @torch.no_grad()
+    def reference(split, items, chosen, rejected):
+        return tables[split][items].to(run.device).unbind(1) if tables else pair_logps(frozen, chosen, rejected,
+                                                                                          run.device)
 
     def pair_loss(split, items, chosen, rejected, model):
         policy = pair_logps(model, chosen, rejected, run.device)
@@ -1015,14 +987,10 @@ def merge(out, specs):
         raise ValueError("merge: expected OUT and at least one CHECKPOINT:WEIGHT")
     parts = []
     for spec in specs:
-        path, sep, w = spec.rpartition(":")
-        try:
-            weight = float(w) if sep and path else None
-        except ValueError:
-            weight = None
-        if weight is None:
+        path, _, w = spec.rpartition(":")
+        if not (path and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", w)):
             raise ValueError(f"merge: {spec!r}: expected CHECKPOINT:WEIGHT, e.g. out/tiny_apo:0.9")
-        parts.append((checkpoint_dir(path, "merge"), weight))
+        parts.append((checkpoint_dir(path, "merge"), float(w)))
     total = sum(w for _, w in parts)
     if abs(total - 1) > 1e-6:
         raise ValueError(f"merge: the weights sum to {total:g}; a linear merge's weights sum to 1")
@@ -1056,13 +1024,12 @@ def merge(out, specs):
     # written whole into a temporary directory and renamed, so OUT is either absent or complete
     tmp = f"{out.rstrip('/')}.tmp"
     os.makedirs(tmp, exist_ok=True)
-    atomic_write(os.path.join(tmp, "model.safetensors"), lambda p: save_file(merged, p, metadata={"format": "pt"}))
-    recipe = {"merge": [{"checkpoint": p, "weight": w} for p, w in parts]}
+    save_file(merged, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     for name in ("config.json", "tokenizer.json"):
         if os.path.isfile(os.path.join(base, name)):
-            text = Path(base, name).read_text(encoding="utf-8")
-            atomic_write(os.path.join(tmp, name), lambda p: Path(p).write_text(text, encoding="utf-8"))
-    atomic_write(os.path.join(tmp, "merge.json"), lambda p: Path(p).write_text(json.dumps(recipe, indent=1)))
+            shutil.copyfile(os.path.join(base, name), os.path.join(tmp, name))
+    Path(tmp, "merge.json").write_text(json.dumps({"merge": [{"checkpoint": p, "weight": w} for p, w in parts]},
+                                                  indent=1))
     if os.path.isdir(out):
         os.rmdir(out)
     os.replace(tmp, out)
@@ -1228,9 +1195,7 @@ def main(argv):
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     try:
         if argv[0] == "merge":
-            if len(argv) < 3:
-                raise ValueError("merge: expected OUT and at least one CHECKPOINT:WEIGHT")
-            merge(argv[1], argv[2:])
+            merge(argv[1] if len(argv) > 1 else "", argv[2:])
         elif argv[0] == "pipeline":
             pipeline(argv[1:])
         else:
