@@ -445,7 +445,7 @@ def setup(ns, method, **overrides):
         day = torch.tensor([today.toordinal()], device=device)
         dist.broadcast(day, 0)
         today = datetime.date.fromordinal(int(day))
-        chat_date = today.isoformat()
+    chat_date = today.isoformat()
     config, start = {**vars(ns), "chat_date": chat_date, "method": method, "init_path": init}, 0
     master = not grid or grid.rank == 0
     if ckpt:
@@ -1079,11 +1079,8 @@ def checkpoint_metrics(path, pc, data_dir, device, chat=True):
         out[f"em_{mode}"], _, out[f"format_{mode}"] = exact_match(model, tok, rows, True, think, max_new_tokens=96,
                                                                   batch_size=64)
     pairs = PreferenceLoader(os.path.join(data_dir, "pref_val.jsonl"), tok, 640, 16)
-    n, wins = min(pc.eval_pairs, len(pairs.pairs)), 0
-    for i in range(0, n, 16):
-        chosen, rejected = pair_logps(model, *pairs.rows(range(i, min(i + 16, n))), device)
-        wins += (chosen > rejected).sum().item()
-    out["pref_acc"] = wins / n
+    lp = logps_table(model, pairs, 16, contextlib.nullcontext(), device)[:pc.eval_pairs]
+    out["pref_acc"] = (lp[:, 0] > lp[:, 1]).sum().item() / len(lp)
     return out
 
 
