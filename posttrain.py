@@ -522,9 +522,6 @@ def fit(run, batches, loss_fn, held_out, extra=None, counts=None, rows_per_examp
                        evaluate, step_extra)
     if run.grid:
         parallel.shutdown(model)
-    evals = [r for r in train.read_log(run.log.path) if r["kind"] == "eval"]
-    return {"step": tc.max_steps, "run_dir": tc.out_dir, "skips": run.update.guard.skips,
-            "first_eval": evals[0] if evals else None, "last_eval": evals[-1] if evals else None}
 
 
 # ------------------------------------------------------------------------------------------ SFT and mid
@@ -560,7 +557,7 @@ def sft(ns, all_tokens=False):
             run.log.held_out(done, {run.config["method"]: token_mean_loss(run, *rows)})
 
     counts = {k: loader.counts for k, loader in loaders.items()}
-    return fit(run, batches, loss_fn, held_out, lambda: {"tokens": tokens[0]}, counts)
+    fit(run, batches, loss_fn, held_out, lambda: {"tokens": tokens[0]}, counts)
 
 
 def sft_batches(loader, step, accum, run=None):
@@ -709,7 +706,7 @@ def dpo(ns):
         run.log.held_out(done, {pc.loss_type: mean.pop("loss")}, extra=mean)
 
     counts = {k: loader.counts for k, loader in loaders.items()}
-    return fit(run, batches, loss_fn, held_out, extra, counts, rows_per_example=2)
+    fit(run, batches, loss_fn, held_out, extra, counts, rows_per_example=2)
 
 
 # ------------------------------------------------------------------------------------------------- GRPO
