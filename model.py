@@ -193,8 +193,7 @@ def rope_cos_sin(pos, cfg, dtype=torch.float32):
 
 
 def apply_rope(x, cos, sin):
-    # transformers' rotate_half(x) * sin = cat([-x2, x1]) * sin; with sin's first half negated it is roll(x) * sin,
-    # bit-for-bit (the sign moves exactly) in one op fewer (neg)
+    # rotate_half(x) * sin (transformers) = roll(x) * sin with sin's first half negated: bit-for-bit, one op fewer
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
@@ -550,8 +549,8 @@ class Model(nn.Module):
 
     def decode_one_token(self, tok, pos, cache):
         """Append one token per row (tok, pos: [B]) at the cache's next column -> next-token logits [B, V]; tensor ops
-        only (the column too): one graph every step. decode_weights: ~25 ops a layer, not Block's ~60 (per-op bound)."""
-        cfg, B, (H, Hkv, D) = self.cfg, tok.shape[0], (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim)
+        only (the column too): one graph every step. decode_weights: ~30 ops a layer, not Block's ~60 (per-op bound)."""
+        B, (H, Hkv, D) = tok.shape[0], (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim)
         # doc_causal_mask's last row: the row's real cached keys and the new one; additive (no bool -> float per layer)
         mask = cache.mask.index_fill_(1, cache.col, 0.0)                    # [B, S]
         if cache.window is not None:
