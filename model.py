@@ -183,17 +183,25 @@ def rope_frequencies(cfg):
 
 
 def rope_cos_sin(pos, cfg, dtype=torch.float32):
-    """cos, sin [B, T, 1, D] for positions pos [B, T] >= 0, in `dtype`."""
+    """cos, sin [B, T, 1, D] for positions pos [B, T] >= 0, in `dtype`; sin's first half negated (apply_rope)."""
     inv_freq, scale = rope_frequencies(cfg)
     # angles in fp32, cos/sin rounded to the residual stream's dtype as transformers does (bit-exact bf16);
     # under autocast the residual stream is fp32 and so is RoPE
-    ang = (pos.float()[..., None] * inv_freq.to(pos.device)).repeat(1, 1, 2)[:, :, None]  # [B, T, 1, D]
-    return (ang.cos() * scale).to(dtype), (ang.sin() * scale).to(dtype)
+    ang = (pos.float()[..., None] * inv_freq.to(pos.device))[:, :, None]  # [B, T, 1, D/2]
+    cos, sin = (ang.cos() * scale).to(dtype), (ang.sin() * scale).to(dtype)
+    return cos.repeat(1, 1, 1, 2), torch.cat([-sin, sin], -1)
 
 
 def apply_rope(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    # rotate_half(x) * sin (transformers) = roll(x) * sin with sin's first half negated: bit-for-bit, one op fewer
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+def rms_norm_decode(h, eps):
+    """h / RMS(h) [B, C], no weight, in 4 ops: at a decode step's few rows each op costs more than its math, and
+    F.rms_norm dispatches ~8 (a Python-scalar op ~2x a tensor one, hence eps as a [1] tensor). Statistics in fp32."""
+    n = torch.linalg.vector_norm(h, dim=-1, keepdim=True, dtype=torch.float32)   # [B, 1]
+    return (h * torch.addcmul(eps, n, n, value=1 / h.shape[-1]).rsqrt_()).to(h.dtype)
 
 
 def doc_causal_mask(pos, window=None, doc_masking=True):
@@ -383,6 +391,7 @@ class KVCache:
         self.mask = torch.full((batch, max_len), float("-inf"), device=device, dtype=dtype)
         self.window, self.columns = cfg.sliding_window, torch.arange(max_len, device=device)
         self.cos, self.sin = (t[0, :, None] for t in rope_cos_sin(self.columns[None], cfg, dtype))  # [S, 1, 1, D]
+        self.eps = torch.tensor([cfg.rms_eps], device=device)  # rms_norm_decode's
         self.col = None   # the columns update() writes: the prompt's at prefill, then one per decode step
         self.stop = 0     # the columns update() returns: the prompt's at prefill, then all (masked)
 
@@ -540,8 +549,8 @@ class Model(nn.Module):
 
     def decode_one_token(self, tok, pos, cache):
         """Append one token per row (tok, pos: [B]) at the cache's next column -> next-token logits [B, V]; tensor ops
-        only (the column too): one graph every step. decode_weights: ~25 ops a layer, not Block's ~60 (per-op bound)."""
-        cfg, B, (H, Hkv, D) = self.cfg, tok.shape[0], (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim)
+        only (the column too): one graph every step. decode_weights: ~30 ops a layer, not Block's ~60 (per-op bound)."""
+        B, (H, Hkv, D) = tok.shape[0], (self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim)
         # doc_causal_mask's last row: the row's real cached keys and the new one; additive (no bool -> float per layer)
         mask = cache.mask.index_fill_(1, cache.col, 0.0)                    # [B, S]
         if cache.window is not None:
@@ -552,7 +561,7 @@ class Model(nn.Module):
         else:
             h = self.tok_emb(tok)                                           # [B, C]
             for i, (layer, (w_qkv, w_o, w_gate_up, w_down)) in enumerate(zip(self.layers, cache.weights)):
-                qkv = (F.rms_norm(h, (cfg.d_model,), None, cfg.rms_eps) @ w_qkv).view(B, H + 2 * Hkv, 1, D)
+                qkv = (rms_norm_decode(h, cache.eps) @ w_qkv).view(B, H + 2 * Hkv, 1, D)
                 qk, v = qkv.split([H + Hkv, Hkv], 1)                       # [B, H + Hkv, 1, D], [B, Hkv, 1, D]
                 if layer.attn.use_rope:
                     qk = apply_rope(qk, cos, sin)                          # queries and keys in one go
@@ -560,9 +569,9 @@ class Model(nn.Module):
                 # GQA: a KV head's rep query heads are rep query rows of it, so the cache is read as is
                 o = F.scaled_dot_product_attention(qk[:, :H].view(B, Hkv, H // Hkv, D), k, v, attn_mask=mask)
                 h = torch.addmm(h, o.view(B, H * D), w_o)                  # h + o @ w_o in one op
-                gate, up = (F.rms_norm(h, (cfg.d_model,), None, cfg.rms_eps) @ w_gate_up).chunk(2, -1)
+                gate, up = (rms_norm_decode(h, cache.eps) @ w_gate_up).chunk(2, -1)
                 h = torch.addmm(h, F.silu(gate) * up, w_down)
-            h = self.norm(h)
+            h = rms_norm_decode(h, cache.eps) * self.norm.weight
         cache.col.add_(1)
         return (h @ self.head_weight.t()).float()
 
