@@ -1086,7 +1086,7 @@ class PipelineConfig:
     mid_steps: int = 30
     sft_steps: int = 150
     apo_steps: int = 75
-    grpo_steps: int = 40            # 20 rollouts of two updates each (tiny_grpo.py's num_iterations)
+    grpo_steps: int = 30
     eval_questions: int = 128       # held-out math_test questions per mode (/think, /no_think)
     eval_pairs: int = 200           # held-out pref_val pairs (all of them)
     merge_weights: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.1])   # GRPO model, mid-training
