@@ -120,10 +120,8 @@ def default_sets(n=None):
     return {"sft_train": sft, "sft_val": [_sft_row(rng, [x]) for x in problems("sft_val", n)],
             "pref_train": [_pref_row(rng, x) for x in problems("pref_train", n)],
             "pref_val": [_pref_row(rng, x) for x in problems("pref_val", n)],
-            # RL: the problems of at most two solution steps. The tiny SFT model samples a right answer to ~0% of
-            # the three-step ones (boxes, a * b, a + b * (c - d)), whose groups are then all wrong: no gradient
             "rl_train": [{"prompt": [{"role": "user", "content": q}], "answer": str(a)}
-                         for q, lines, a in problems("rl_train", n) if len(lines) <= 2]}
+                         for q, _, a in problems("rl_train", n)]}
 
 
 # ---------------------------------------------------------------------------------------------- loaders

@@ -3,7 +3,6 @@ overlong penalty, the clipped ratio loss under each aggregation, zero gradient f
 rewards of tricky completions through eval's checker, k3 KL against the exact KL, the rollout's rows and scores,
 and the log's trained tokens and tokens/s."""
 import math
-import re
 
 import pytest
 import torch
@@ -318,17 +317,3 @@ def test_dynamic_sample_keeps_the_groups_with_unequal_rewards_first():
     assert y[:2].tolist() == [[100, 100, 100, -100]] * 2 and pos[:2].tolist() == [[0, 1, 2, -1]] * 2
     (x, _, _), scores = pt.dynamic_sample(rounds, 2, 4, pad_id=7)
     assert scores[:, 0].tolist() == [1, 1, 0, 1, 0, 1, 1, 0] and x.shape == (8, 4)
-
-
-def test_embedded_rl_prompts_are_the_problems_of_at_most_two_steps():
-    """rl_train keeps, in order, every rl_train problem except the three-step forms of data.py's generators, told
-    from the question text alone: boxes, a * b with b not a multiple of 10, a + b * (c - d), three-operator chains."""
-    def three_steps(q):
-        product = re.fullmatch(r"Compute \d+ \* (\d+)\.", q)
-        return ("boxes with" in q or bool(product and int(product.group(1)) % 10)
-                or bool(re.search(r"\(\d+ - \d+\)|^Compute \d+( [+-] \d+){3}\.$", q)))
-    problems = data.problems("rl_train", 300)
-    rows = pt.default_sets(300)["rl_train"]
-    assert [(r["prompt"][0]["content"], r["answer"]) for r in rows] == [(q, str(a)) for q, _, a in problems
-                                                                          if not three_steps(q)]
-    assert 0 < len(rows) < len(problems)
