@@ -917,7 +917,6 @@ def grpo(ns):
             if signal >= n_groups:
                 break
         (x, y, pos), scores = dynamic_sample(rounds, g, n_groups, tok.pad_id) if len(rounds) > 1 else rounds[0][:2]
-        seconds = sum(sec for _, _, sec in rounds)
         adv = group_advantages(scores[:, 0].float(), g, gc.scale_rewards)
         # normalised by the whole batch's sequences and completion tokens (all ranks): DDP's mean of the ranks'
         # gradients is then the gradient of the one-process loss
@@ -957,7 +956,7 @@ def grpo(ns):
                                       max_new_tokens=gc.max_new_tokens, batch_size=gc.rollout_batch)
             run.log.held_out(done, {}, extra={"exact_match": em, "format": form})
 
-    return fit(run, batches, loss_fn, held_out, extra)
+    fit(run, batches, loss_fn, held_out, extra)
 
 
 # ------------------------------------------------------------------------------------------------ merge
