@@ -22,6 +22,7 @@ Sections:
   signal           spearman, kendall_tau, signal (monotonicity, noise, above random, consistency)
   tokenizer        tokenizer_metrics (fertility, continued words, bytes per token), its command
   plots            plot_curves (SVG line plots: train.py's loss.svg, the report's)
+  pipeline table   TARGETS, pipeline_table (posttrain.py pipeline's stage-by-stage table)
   command line     EvalConfig, TASKS, run, random_baseline, signal / report commands, main
 """
 import argparse
@@ -546,6 +547,40 @@ def plot_curves(path, series, width=800, height=480, xlabel="step", ylabel="loss
                    f'{html.escape(label)}</text>')
     text = "\n".join(svg + ["</svg>\n"])
     atomic_write(path, lambda p: pathlib.Path(p).write_text(text, encoding="utf-8"))
+
+
+# ----------------------------------------------------------------------------------- pipeline table
+# posttrain.py's pipeline scores every checkpoint of the tiny recipe (posttrain.checkpoint_metrics); this is its table.
+
+# stage -> [(metric, higher is better)] it targets, compared with the checkpoint it started from
+TARGETS = {"pretrain": [("math_bpb", False)], "sft": [(f"{m}_{k}", True) for k in ("think", "no_think")
+                                                       for m in ("format", "em")],
+           "apo": [("pref_acc", True)], "grpo": [("em_think", True)],   # its prompts are /think
+           "merged": [("em_think", True), ("em_no_think", True)]}
+PARENT = {"pretrain": "init", "mid": "pretrain", "sft": "mid", "apo": "sft", "grpo": "apo", "merged": "grpo"}
+COLUMNS = ["math_bpb", "format_think", "em_think", "format_no_think", "em_no_think", "pref_acc"]
+
+
+def pipeline_table(metrics, times, mid_evals):
+    """Markdown: one row per checkpoint with its held-out metrics, its stage's wall time, and the metrics its
+    stage targets, before -> after, each marked improved or not."""
+    head = ("| checkpoint | stage s | math bpb | /think format | /think EM | /no_think format | /no_think EM | "
+            "pref acc | its stage's targets, before -> after |")
+    lines = [head, "|" + "---|" * 9]
+    for stage, m in metrics.items():
+        if stage == "mid":   # mid-training targets the loss on every token of held-out conversations
+            first, last = (r["val_loss"]["mid"] for r in (mid_evals[0], mid_evals[-1]))
+            targets = [("chat loss", first, last, last < first)]
+        else:
+            before = metrics.get(PARENT.get(stage), {})
+            targets = [(k, before[k], m[k], m[k] > before[k] if up else m[k] < before[k])
+                       for k, up in TARGETS.get(stage, []) if k in m and k in before]
+        cells = [f"{m[k]:.3f}" if k in m else "" for k in COLUMNS]
+        said = "; ".join(f"{k} {a:.3f} -> {b:.3f} {'improved' if ok else '**not improved**'}"
+                         for k, a, b, ok in targets) or "(untrained model)"
+        wall = f"{times[stage]:.0f}" if stage in times else ""
+        lines.append(f"| {stage} | {wall} | " + " | ".join(cells) + f" | {said} |")
+    return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------------------- command line

@@ -578,11 +578,11 @@ class TPModel(nn.Module):
 # instead of all of it: the activations there shrink tp-fold, and each all-reduce becomes a reduce-scatter
 # into the sequence-parallel region plus an all-gather out of it (the same bytes on the wire).
 
-def _seq_gather(x, group):
-    """[B, T/tp, ...] on each rank -> [B, T, ...], the ranks' parts in rank order."""
+def gather_cat(x, group, dim=1):
+    """Every rank's x concatenated along dim, in rank order: [B, T/tp, ...] -> [B, T, ...] for sequence parallelism."""
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, 1)
+    return torch.cat(parts, dim)
 
 
 def _seq_reduce_scatter(x, group):
@@ -600,7 +600,7 @@ class gather_seq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _seq_gather(x, group)
+        return gather_cat(x, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -618,7 +618,7 @@ class scatter_seq(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _seq_gather(grad, ctx.group), None
+        return gather_cat(grad, ctx.group), None
 
 
 class _Local(nn.Module):

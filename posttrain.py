@@ -28,7 +28,7 @@ Sections
   GRPO          GRPOConfig, overlong_penalty, completion_reward (eval's checker), group_advantages, token_weights
                 (grpo / dapo / dr_grpo), k3_kl, grpo_token_loss (clipped ratio), rollout, dynamic_sample, grpo
   merge         merge (weighted sum of HF-layout checkpoints, shapes and configs checked)
-  pipeline      PipelineConfig, STAGES, checkpoint_metrics (eval.py's numbers), pipeline_table, pipeline
+  pipeline      PipelineConfig, STAGES, checkpoint_metrics (eval.py's numbers; eval.pipeline_table), pipeline
   command line  main
 """
 import bisect
@@ -58,7 +58,8 @@ import train
 from config import load, pick
 from data import (_ROLES, DataConfig, Tokenizer, _draw, _field, _first_index, _key, load_tokenizer, problems,
                   read_jsonl, render_chat)
-from eval import check_answer, completion_text, evaluate, exact_match, file_rows, follows_format, task_rows
+from eval import (check_answer, completion_text, evaluate, exact_match, file_rows, follows_format, pipeline_table,
+                  task_rows)
 from model import Model, atomic_write
 
 # ----------------------------------------------------------------------------------------- embedded sets
@@ -358,11 +359,7 @@ class Run:
 
 def gathered(run, t):
     """Tensor t [n, ...] of every DP rank, concatenated in rank order (the global batch's order); t in one process."""
-    if not run.grid:
-        return t
-    parts = [torch.empty_like(t.to(run.device)) for _ in range(run.dp)]
-    dist.all_gather(parts, t.to(run.device), group=run.grid.dp_group)
-    return torch.cat(parts).to(t.device)
+    return parallel.gather_cat(t.to(run.device), run.grid.dp_group, 0).to(t.device) if run.grid else t
 
 
 def balance_loss(model):
@@ -1078,37 +1075,6 @@ def checkpoint_metrics(path, pc, data_dir, device, chat=True):
     lp = logps_table(model, pairs, 16, contextlib.nullcontext(), device)[:pc.eval_pairs]
     out["pref_acc"] = (lp[:, 0] > lp[:, 1]).sum().item() / len(lp)
     return out
-
-
-# stage -> [(metric, higher is better)] it targets, compared with the checkpoint it started from
-TARGETS = {"pretrain": [("math_bpb", False)], "sft": [(f"{m}_{k}", True) for k in ("think", "no_think")
-                                                       for m in ("format", "em")],
-           "apo": [("pref_acc", True)], "grpo": [("em_think", True)],   # its prompts are /think
-           "merged": [("em_think", True), ("em_no_think", True)]}
-PARENT = {"pretrain": "init", "mid": "pretrain", "sft": "mid", "apo": "sft", "grpo": "apo", "merged": "grpo"}
-COLUMNS = ["math_bpb", "format_think", "em_think", "format_no_think", "em_no_think", "pref_acc"]
-
-
-def pipeline_table(metrics, times, mid_evals):
-    """Markdown: one row per checkpoint with its held-out metrics, its stage's wall time, and the metrics its
-    stage targets, before -> after, each marked improved or not."""
-    head = ("| checkpoint | stage s | math bpb | /think format | /think EM | /no_think format | /no_think EM | "
-            "pref acc | its stage's targets, before -> after |")
-    lines = [head, "|" + "---|" * 9]
-    for stage, m in metrics.items():
-        if stage == "mid":   # mid-training targets the loss on every token of held-out conversations
-            first, last = (r["val_loss"]["mid"] for r in (mid_evals[0], mid_evals[-1]))
-            targets = [("chat loss", first, last, last < first)]
-        else:
-            before = metrics.get(PARENT.get(stage), {})
-            targets = [(k, before[k], m[k], m[k] > before[k] if up else m[k] < before[k])
-                       for k, up in TARGETS.get(stage, []) if k in m and k in before]
-        cells = [f"{m[k]:.3f}" if k in m else "" for k in COLUMNS]
-        said = "; ".join(f"{k} {a:.3f} -> {b:.3f} {'improved' if ok else '**not improved**'}"
-                         for k, a, b, ok in targets) or "(untrained model)"
-        wall = f"{times[stage]:.0f}" if stage in times else ""
-        lines.append(f"| {stage} | {wall} | " + " | ".join(cells) + f" | {said} |")
-    return "\n".join(lines)
 
 
 def pipeline(argv):
