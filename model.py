@@ -658,15 +658,8 @@ class Model(nn.Module):
             model = cls(cfg)
         name = hf_name if cfg.is_smollm3 else str
         expected = {name(k): (k, v.shape) for k, v in model.state_dict().items()}  # file's name -> ours, shape
-        # transformers' order of preference: one model.safetensors, else the shards an index names
-        files, index = ["model.safetensors"], os.path.join(path, "model.safetensors.index.json")
-        if not os.path.isfile(os.path.join(path, files[0])):
-            check(os.path.isfile(index), f"{path}: neither model.safetensors nor model.safetensors.index.json found")
-            weight_map = json.loads(pathlib.Path(index).read_text()).get("weight_map")
-            check(isinstance(weight_map, dict), f"{index}: expected a 'weight_map' of tensor name -> shard file")
-            files = sorted(set(weight_map.values()))
         state, source = {}, {}
-        for f in files:
+        for f in cls.tensor_files(path):
             with safe_open(os.path.join(path, f), framework="pt") as sf:
                 for k in sf.keys():
                     if k == "lm_head.weight" and cfg.tie_embeddings or k.endswith("rotary_emb.inv_freq"):
@@ -681,6 +674,17 @@ class Model(nn.Module):
         check(not missing, f"{path}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         model.load_state_dict(state, assign=True)
         return model
+
+    @staticmethod
+    def tensor_files(path):
+        """A checkpoint's safetensors files: model.safetensors, else the shards its index names (transformers' way)."""
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(os.path.join(path, "model.safetensors")):
+            return ["model.safetensors"]
+        check(os.path.isfile(index), f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+        weight_map = json.loads(pathlib.Path(index).read_text()).get("weight_map")
+        check(isinstance(weight_map, dict), f"{index}: expected a 'weight_map' of tensor name -> shard file")
+        return sorted(set(weight_map.values()))
 
     @staticmethod
     def config_from_hf(path, **overrides):

@@ -23,7 +23,7 @@ Sections
   embedded sets default_sets: SFT, preference and RL rows of data.py's generated problems (data_file writes them)
   loaders       pack_bfd, SFTLoader (packing, per-conversation positions), PreferenceLoader, PromptLoader
   loop glue     PostConfig, setup (start checkpoint, model, optimizer, DDP, resume, chat date), gathered, fit
-  SFT and mid   sft_batches, sft_loss (the per-token mean over the whole step), token_mean_loss, sft
+  SFT and mid   sft_batches, sft_loss (the per-token mean over the whole step), sft
   preference    LOSSES, pair_logps, reference log-probs (frozen copy or a table), dpo
   GRPO          GRPOConfig, overlong_penalty, completion_reward (eval's checker), group_advantages, token_weights
                 (grpo / dapo / dr_grpo), k3_kl, grpo_token_loss (clipped ratio), rollout, dynamic_sample, grpo
@@ -550,8 +550,10 @@ def sft(ns, all_tokens=False):
     def held_out(done):
         if "val" in loaders:
             val = loaders["val"]
-            rows = [torch.from_numpy(a[:tc.eval_rows]) for a in (val.x, val.y, val.pos)]
-            run.log.held_out(done, {run.config["method"]: token_mean_loss(run, *rows)})
+            rows = [torch.from_numpy(a[:tc.eval_rows]) for a in (val.x, val.y, val.pos)]   # the mean over their targets
+            loss = evaluate(run.model, {"val": rows}, torch.from_numpy(run.tok.token_bytes()).to(run.device),
+                            tc.micro_batch_size, run.autocast, run.device)[0]["val"]
+            run.log.held_out(done, {run.config["method"]: loss})
 
     counts = {k: loader.counts for k, loader in loaders.items()}
     fit(run, batches, loss_fn, held_out, lambda: {"tokens": tokens[0]}, counts)
@@ -573,17 +575,6 @@ def sft_loss(model, batch, device):
     """A micro-batch's cross-entropy summed over its targets (y != -100), times its scale."""
     x, y, pos, scale = batch
     return model(*(t.to(device, non_blocking=True) for t in (x, y, pos)), reduction="sum")[1] * scale
-
-
-@torch.no_grad()
-def token_mean_loss(run, x, y, pos):
-    """Mean cross-entropy over every target token of rows (x, y, pos), in micro-batches."""
-    total, n, mb = 0.0, 0, run.tc.micro_batch_size
-    for i in range(0, len(x), mb):
-        with run.autocast:
-            total += sft_loss(run.model, (x[i:i + mb], y[i:i + mb], pos[i:i + mb], 1.0), run.device).item()
-        n += int((y[i:i + mb] != -100).sum())
-    return total / max(n, 1)
 
 
 # ------------------------------------------------------------------------------------------- preference
@@ -891,8 +882,6 @@ def grpo(ns):
 
     @torch.no_grad()
     def scored(model, rows):   # under the loss's autocast: the first update's ratio is then exactly 1
-        if model is None:
-            return None
         training = model.training
         model.eval()           # an MoE router counts the load of training forwards only
         with run.autocast:
@@ -921,7 +910,7 @@ def grpo(ns):
         w = token_weights(y != -100, gc.loss_agg, gc.max_new_tokens, *counts)
         part = [slice(i, i + tc.micro_batch_size) for i in range(0, len(x), tc.micro_batch_size)]
         rows = [(x[s], y[s], pos[s]) for s in part]
-        old, ref_lp = scored(run.model if mu > 1 else None, rows), scored(ref, rows)
+        old, ref_lp = (None if m is None else scored(m, rows) for m in (run.model if mu > 1 else None, ref))
         buffer[:] = [(*r, adv[s], w[s], None if old is None else old[s], None if ref_lp is None else ref_lp[s])
                      for r, s in zip(rows, part)]
         seconds = gathered(run, torch.tensor([sum(sec for _, _, sec in rounds)])).max().item()    # the slowest rank's
@@ -958,16 +947,6 @@ def grpo(ns):
 
 # ------------------------------------------------------------------------------------------------ merge
 
-def _tensor_files(path):
-    """The safetensors files of an HF checkpoint: model.safetensors, else the shards its index names."""
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        return [os.path.join(path, "model.safetensors")]
-    index = os.path.join(path, "model.safetensors.index.json")
-    if not os.path.isfile(index):
-        raise ValueError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
-    return [os.path.join(path, f) for f in sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))]
-
-
 # Fields that say how to run a model, not what it computes: checkpoints that differ only here may be merged.
 _RUNTIME_KEYS = ("attn_impl", "act_ckpt", "loss_budget_mb")
 
@@ -995,7 +974,7 @@ def merge(out, specs):
         diff = [f"{k}: {configs[0][k]} vs {v}" for k, v in cfg.items() if k not in _RUNTIME_KEYS and v != configs[0][k]]
         if diff:
             raise ValueError(f"merge: {path} has another model config than {base}: {', '.join(diff)}")
-    handles = [[safe_open(f, framework="pt") for f in _tensor_files(p)] for p, _ in parts]
+    handles = [[safe_open(os.path.join(p, f), framework="pt") for f in Model.tensor_files(p)] for p, _ in parts]
     where = [{k: h for h in hs for k in h.keys()} for hs in handles]
     merged = {}
     for name in sorted(where[0]):
