@@ -407,14 +407,38 @@ class KVCache:
         self.mask = self.mask.repeat_interleave(n, 0)
 
 
+class CrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy + z_loss * logsumexp^2 of fp32 logits [N, V] -> ([N], 0 where y == -100; the logits'
+    buffer, now log-softmax: ignore it). The backward, (softmax (1 + 2 z lse) - onehot(y)) g, is written in that one
+    buffer; autograd's own allocates three more [N, V] (log_softmax's output, nll's zero-filled gradient, the input
+    gradient), and on a CPU first touching them costs ~10% of a small model's training step (BENCHMARKS.md)."""
+
+    @staticmethod
+    def forward(ctx, logits, y, z_loss):
+        valid = y != -100
+        y = y.masked_fill(~valid, 0)
+        lse = torch.logsumexp(logits, -1) if z_loss else None
+        torch.log_softmax(logits, -1, out=logits)  # in place: the caller's logits are not read again
+        ctx.mark_dirty(logits)
+        loss = -logits.gather(1, y[:, None])[:, 0] + (z_loss * lse.square() if z_loss else 0)
+        ctx.save_for_backward(logits, y, valid, lse)
+        ctx.z_loss = z_loss
+        ctx.set_materialize_grads(False)
+        return loss.masked_fill(~valid, 0.0), logits
+
+    @staticmethod
+    def backward(ctx, g, _):
+        lsm, y, valid, lse = ctx.saved_tensors
+        g = g.masked_fill(~valid, 0.0)
+        # lsm.exp_() is the softmax, in place (a second backward of the graph fails autograd's version check)
+        grad = lsm.exp_().mul_((g if lse is None else g * (1 + 2 * ctx.z_loss * lse))[:, None])
+        return grad.scatter_add_(1, y[:, None], -g[:, None]), None, None
+
+
 def _chunk_ce(h, weight, y, z_loss):
     """Per-token cross-entropy (+ z-loss) for one chunk: h [N, C], y [N] -> [N] (0 where y == -100)."""
     # under bf16 autocast the logits leave the matmul in bf16 (as in transformers); the softmax runs in fp32
-    logits = (h @ weight.t()).float()
-    loss = F.cross_entropy(logits, y, ignore_index=-100, reduction="none")
-    if z_loss:
-        loss = loss + z_loss * torch.where(y == -100, 0.0, torch.logsumexp(logits, dim=-1).square())
-    return loss
+    return CrossEntropy.apply((h @ weight.t()).float(), y, z_loss)[0]
 
 
 class Model(nn.Module):

@@ -118,21 +118,23 @@ def test_attention_matches_float64_reference(n_kv_heads, window):
         torch.testing.assert_close(ours.double(), reference_attention(m, layer, x, pos), rtol=0, atol=2e-5)
 
 
-def test_loss_paths_equal_full_cross_entropy():
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_loss_paths_equal_full_cross_entropy(z_loss):
     """Both loss paths, chunked (a budget of 7 rows of 97 fp32 logits: 5 checkpointed chunks, the last one short)
-    and one pass (the default budget), against F.cross_entropy on the full logits: loss to 1e-6, every gradient
-    to 1e-5 relative + 1e-7 absolute (the same fp32 math summed in another order)."""
+    and one pass (the default budget), through CrossEntropy's hand-written backward, against autograd through
+    F.cross_entropy (+ the z-loss) on the full logits: loss to 1e-6, every gradient to 1e-5 relative + 1e-7 absolute
+    (the same fp32 math summed in another order)."""
     x = torch.randint(3, 97, (3, 11))
     y = torch.randint(0, 97, (3, 11))
     y[0, :4] = -100
     valid = y != -100
-    m = make(z_loss=1e-3)
+    m = make(z_loss=z_loss)
     logits = m(x)
     lse = torch.logsumexp(logits, -1)
-    ref = F.cross_entropy(logits.view(-1, 97), y.view(-1), ignore_index=-100) + 1e-3 * lse[valid].square().mean()
+    ref = F.cross_entropy(logits.view(-1, 97), y.view(-1), ignore_index=-100) + z_loss * lse[valid].square().mean()
     ref.backward()
     for budget_mb in (7 * 97 * 4 / 2**20, 1024.0):
-        m2 = make(loss_budget_mb=budget_mb, z_loss=1e-3)
+        m2 = make(loss_budget_mb=budget_mb, z_loss=z_loss)
         _, loss = m2(x, y)
         loss.backward()
         torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
