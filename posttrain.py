@@ -460,16 +460,16 @@ def setup(ns, method, **overrides):
 
 
 def data_file(run, path, name):
-    """A configured data file; "default" is <data_dir>/<name>.jsonl, written with the embedded sets if missing."""
+    """A configured data file; "default" is <data_dir>/<name>.jsonl, the embedded sets, (re)written where a file
+    is missing or differs from them (a recipe changed since it was written)."""
     if path != "default":
         return path
     path = os.path.join(run.dc.data_dir, f"{name}.jsonl")
-    if run.master and not os.path.isfile(path):
+    if run.master:
         os.makedirs(run.dc.data_dir, exist_ok=True)
         for set_name, rows in default_sets().items():
-            target = os.path.join(run.dc.data_dir, f"{set_name}.jsonl")
-            if not os.path.isfile(target):
-                text = "".join(json.dumps(r) + "\n" for r in rows)
+            target, text = os.path.join(run.dc.data_dir, f"{set_name}.jsonl"), "".join(json.dumps(r) + "\n" for r in rows)
+            if not os.path.isfile(target) or Path(target).read_text(encoding="utf-8") != text:
                 atomic_write(target, lambda p: Path(p).write_text(text, encoding="utf-8"))
     if run.grid:
         dist.barrier()                                         # the other ranks wait for rank 0's files

@@ -196,6 +196,24 @@ def _rendered(tok, messages):
     return torch.tensor(ids[:-1]), torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:])])
 
 
+def test_default_data_files_follow_the_embedded_sets(tmp_path):
+    """data_file("default"): every embedded set is written as JSON lines equal to default_sets(); a file that differs
+    (written by an older recipe) is rewritten, one that matches is left alone; a configured path is returned as is."""
+    run = types.SimpleNamespace(dc=types.SimpleNamespace(data_dir=str(tmp_path)), master=True, grid=None)
+    stale = tmp_path / "rl_train.jsonl"
+    stale.write_text('{"prompt": "from an older recipe"}\n')
+    assert pt.data_file(run, "mine.jsonl", "rl_train") == "mine.jsonl"
+    assert stale.read_text() == '{"prompt": "from an older recipe"}\n'
+    assert pt.data_file(run, "default", "rl_train") == str(stale)
+    sets = pt.default_sets()
+    for name, rows in sets.items():
+        assert [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()] == rows, name
+    written = {name: (tmp_path / f"{name}.jsonl").stat().st_mtime_ns for name in sets}
+    time.sleep(0.01)
+    pt.data_file(run, "default", "sft_train")
+    assert {name: (tmp_path / f"{name}.jsonl").stat().st_mtime_ns for name in sets} == written
+
+
 def test_sft_masked_positions_give_zero_gradient(tmp_path, byte_tok, init_dir):
     loader = pt.SFTLoader(_write_jsonl(tmp_path / "c.jsonl", _short_conversations(6)), byte_tok, 640, 2)
     x, y, pos = (torch.from_numpy(a[:2]) for a in (loader.x, loader.y, loader.pos))
