@@ -409,9 +409,8 @@ class KVCache:
 
 class CrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy + z_loss * logsumexp^2 of fp32 logits [N, V] -> ([N], 0 where y == -100; the logits'
-    buffer, now log-softmax: ignore it). The backward, (softmax (1 + 2 z lse) - onehot(y)) g, is written in that one
-    buffer; autograd's own allocates three more [N, V] (log_softmax's output, nll's zero-filled gradient, the input
-    gradient), and on a CPU first touching them costs ~10% of a small model's training step (BENCHMARKS.md)."""
+    buffer, now log-softmax: ignore it). Forward and backward, (softmax (1 + 2 z lse) - onehot(y)) g, run in that one
+    buffer, not autograd's four [N, V] (a CPU first-touches each: ~10-20% of a small model's step, BENCHMARKS.md)."""
 
     @staticmethod
     def forward(ctx, logits, y, z_loss):
