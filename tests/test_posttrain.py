@@ -387,6 +387,47 @@ def test_plain_text_pairs(tmp_path, byte_tok):
 
 # ------------------------------------------------------------------------------------------------ merge
 
+def test_checkpoint_metrics_equal_their_definitions(tmp_path, byte_tok):
+    """The pipeline's scorer against its definitions computed here, on a random model: math bpb = the val shard's
+    next-token nats (float64 log-softmax) / ln 2 / the target tokens' bytes; pref acc = the share of pairs whose
+    chosen reply (+ end of text) has the higher summed log-probability after its prompt (here 2 of 6, so a
+    reversed comparison gives 4 of 6); exact match 0 (random bytes), format shares in [0, 1]."""
+    data_dir = tmp_path / "data"
+    (data_dir / "math").mkdir(parents=True)
+    ids = byte_tok.encode("Problem: Compute 38 + 45.\nSolution:\n38 + 45 = 83.\nThe answer is 83.\n" * 12)
+    data.write_shard(str(data_dir / "math" / "val_00000.bin"), [(ids, 1)], byte_tok.hash, 2)
+    # a short reply is far likelier than a long one under random weights: chosen short in 2 pairs, long in 4
+    short, long = "ab", "qzxv wkjp gmfy"
+    pairs = [{"prompt": f"pair {i}: ", "chosen": short if i < 2 else long, "rejected": long if i < 2 else short}
+             for i in range(6)]
+    _write_jsonl(data_dir / "pref_val.jsonl", pairs)
+    ckpt = str(tmp_path / "model")   # the chat prompts are ~1,400 bytes: a longer context than init_dir's
+    _save_model(ckpt, byte_tok, max_position_embeddings=2048)
+    out = pt.checkpoint_metrics(ckpt, pt.PipelineConfig(eval_questions=2), str(data_dir), torch.device("cpu"))
+    model = Model.from_pretrained(ckpt).float().eval()
+    with torch.no_grad():
+        x = torch.tensor(ids)
+        rows = -(-(len(x) - 1) // 256)
+        nats = n_bytes = 0.0
+        for r in range(rows):
+            inp, tgt = x[r * 256:(r + 1) * 256 + 1][:-1], x[r * 256 + 1:(r + 1) * 256 + 1]
+            logp = torch.log_softmax(model(inp[None])[0, :len(tgt)].double(), -1)
+            nats -= logp.gather(1, tgt[:, None]).sum().item()
+            n_bytes += byte_tok.token_bytes()[tgt.numpy()].sum()
+
+        def logp_reply(prompt, reply):
+            p, r = byte_tok.encode(prompt), byte_tok.encode(reply) + [byte_tok.eos_id]
+            logp = torch.log_softmax(model(torch.tensor([p + r[:-1]]))[0].double(), -1)
+            return sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(r))
+        wins = [logp_reply(q["prompt"], q["chosen"]) > logp_reply(q["prompt"], q["rejected"]) for q in pairs]
+    assert wins == [True, True, False, False, False, False]
+    assert out["pref_acc"] == pytest.approx(sum(wins) / len(wins))
+    # the byte shard is one document (no end-of-text inside), so the scorer's rows are these plain causal rows
+    assert out["math_bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
+    assert out["em_think"] == out["em_no_think"] == 0.0
+    assert 0.0 <= out["format_think"] <= 1.0 and 0.0 <= out["format_no_think"] <= 1.0
+
+
 def test_merge_averages_tensor_by_tensor_and_refuses_mismatches(tmp_path, byte_tok):
     a, b = _save_model(tmp_path / "a", byte_tok, seed=1), _save_model(tmp_path / "b", byte_tok, seed=2)
     out = str(tmp_path / "soup")
