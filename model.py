@@ -633,8 +633,8 @@ class Model(nn.Module):
             # the head is a step's largest read, and one mm of a few rows runs on one CPU thread: as n matmuls over
             # a share of the vocabulary each (one bmm), every thread streams part of it (bit-identical logits;
             # batch 8, 2 threads: 1.09-1.16x a step). One row is a matrix-vector product, threaded already.
-            V, n = self.head_weight.shape[0], torch.get_num_threads() if dev.type == "cpu" and B * G > 1 else 1
-            n = n if V % n == 0 else 1
+            V, n = self.head_weight.shape[0], torch.get_num_threads()
+            n = n if dev.type == "cpu" and B * G > 1 and V % n == 0 else 1
             cache.head = self.head_weight.view(n, V // n, -1).transpose(1, 2)         # [n, C, V / n]
             next_pos = torch.tensor(lens, device=dev)
             if G > 1:

@@ -161,9 +161,13 @@ def recording_sample(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("n_kv_heads,window", [(2, 6), (1, None), (4, None)])
-def test_kv_cache_decoding_matches_full_forward(monkeypatch, n_kv_heads, window):
-    m = make(n_kv_heads=n_kv_heads, sliding_window=window)
+# the last case: a vocabulary of 96 on 2 threads, so generate splits the head into two shares (one bmm)
+@pytest.mark.parametrize("n_kv_heads,window,vocab,threads", [(2, 6, 97, 0), (1, None, 97, 0), (4, None, 97, 0),
+                                                             (2, None, 96, 2)])
+def test_kv_cache_decoding_matches_full_forward(monkeypatch, n_kv_heads, window, vocab, threads):
+    if threads:
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    m = make(n_kv_heads=n_kv_heads, sliding_window=window, vocab_size=vocab)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15]]
     seen = recording_sample(monkeypatch)
     out = m.generate(prompts, max_new_tokens=5)
