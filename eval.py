@@ -7,6 +7,7 @@ generative exact match through the one answer checker, and tokenizer metrics.
     python eval.py signal out/run_a out/run_b ... --tasks=math_mc  # which tasks are usable for ablations
     python eval.py report out/run_a out/run_b --out=report     # report.md + plots: loss, scores vs tokens
     python eval.py tokenizer TOK_A TOK_B FILE... [--field text]  # fertility / continued words, side by side
+    python eval.py chat out/pipeline/merged --think=True         # talk to a checkpoint (--prompt=TEXT: one reply)
 
 CHECKPOINT is any directory in transformers' SmolLM3 layout holding its tokenizer.json (ours carry one).
 Benchmark files, one JSON object a line in their public formats, are read from --data_dir under the file
@@ -17,13 +18,14 @@ Sections:
   loss             evaluate (held-out loss and bpb per source; train.py calls it), file_rows
   answers          strip_think, extract_answer, check_answer, completion_text, follows_format (GRPO's reward
                    calls them)
-  generative       gsm8k_rows, exact_match: chat template, batched model.generate, greedy or avg@k
+  generative       gsm8k_rows, exact_match: chat template, batched model.generate, greedy or avg@k;
+                   chat_reply (a conversation's next turn, its oldest exchanges dropped to fit the context)
   multiple choice  parsers of the public formats, pairs (CF / MCF prompts, k-shot), model_scorer, mc_metrics
   signal           spearman, kendall_tau, signal (monotonicity, noise, above random, consistency)
   tokenizer        tokenizer_metrics (fertility, continued words, bytes per token), its command
   plots            plot_curves (SVG line plots: train.py's loss.svg, the report's)
   pipeline table   TARGETS, pipeline_table (posttrain.py pipeline's stage-by-stage table)
-  command line     EvalConfig, TASKS, run, random_baseline, signal / report commands, main
+  command line     EvalConfig, TASKS, load_checkpoint, run, random_baseline, signal / report / chat commands, main
 """
 import argparse
 import collections
@@ -189,6 +191,23 @@ def exact_match(model, tok, rows, chat=True, think=False, samples=1, temperature
     hits = sum(check_answer(t, rows[i // samples][1]) for i, t in enumerate(texts))
     form = sum(follows_format(tok, out, think) for out in outs) / max(len(outs), 1) if chat else None
     return hits / max(len(texts), 1), texts, form
+
+
+@torch.no_grad()
+def chat_reply(model, tok, messages, think=False, temperature=0.0, max_new_tokens=256, generator=None):
+    """The assistant's next turn after `messages` (user and assistant turns, alternating from a user one) through
+    SmolLM3's chat template -> (text with its <think> block, how many of the oldest messages were left out so that
+    prompt + max_new_tokens fit the model's context)."""
+    dropped = 0
+    while True:
+        ids = render_chat(tok, messages[dropped:], add_generation_prompt=True, enable_thinking=think)[0]
+        if len(ids) + max_new_tokens <= model.cfg.max_position_embeddings or len(messages) - dropped <= 1:
+            break
+        dropped += 2                               # one exchange: a user turn and its reply
+    stop = [t for t in (tok.im_end_id, tok.eos_id) if t is not None]
+    model.eval()
+    out = model.generate([ids], max_new_tokens, temperature, stop_ids=stop, generator=generator)[0]
+    return completion_text(tok, out), dropped
 
 
 # ----------------------------------------------------------------------------------- multiple choice
@@ -599,6 +618,7 @@ class EvalConfig:
     samples: int = 1             # generative: avg@k over this many completions (needs temperature > 0)
     temperature: float = 0.0     # generative: 0 = greedy
     max_new_tokens: int = 256
+    prompt: str = ""             # chat: reply to this one message and exit (else a conversation on stdin)
     seq_len: int = 1024          # bpb: tokens per row
     out: str = "report"          # report: the folder for report.md and its plots
     device: str = "auto"         # auto: cuda when there is one, else cpu
@@ -623,12 +643,19 @@ def task_rows(name, data_dir):
     return gsm8k_rows(path) if parser == "gsm8k" else read_task(path, PARSERS[parser])
 
 
-def run(checkpoint, cfg):
-    """Evaluate a checkpoint directory on cfg's tasks and bpb files -> [(name, n, {metric: value}, seconds)]."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+def load_checkpoint(checkpoint, device="auto"):
+    """(model, tokenizer, device) of a checkpoint directory, the model in fp32 on device ("auto": cuda if any)."""
+    if not os.path.isdir(checkpoint):
+        raise ValueError(f"checkpoint directory not found: {checkpoint}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     # fp32 weights (the KV cache takes their dtype); the tree mask needs SDPA
     model = Model.from_pretrained(checkpoint, attn_impl="sdpa").float().to(device).eval()
-    tok = Tokenizer.load(checkpoint)
+    return model, Tokenizer.load(checkpoint), device
+
+
+def run(checkpoint, cfg):
+    """Evaluate a checkpoint directory on cfg's tasks and bpb files -> [(name, n, {metric: value}, seconds)]."""
+    model, tok, device = load_checkpoint(checkpoint, cfg.device)
     results = []
     for path in filter(None, cfg.bpb.split(",")):
         t0 = time.perf_counter()
@@ -751,6 +778,43 @@ def _report_main(argv):
     print(f"wrote {os.path.join(cfg.out, 'report.md')}")
 
 
+def _chat_main(argv):
+    """python eval.py chat CHECKPOINT [--key=value ...]: a conversation with a checkpoint, or one reply (--prompt)."""
+    paths = [a for a in argv if not a.startswith("--")]
+    if len(paths) != 1:
+        raise ValueError(f"chat: expected one checkpoint directory, got {paths or 'none'}")
+    cfg = EvalConfig(**vars(load([a for a in argv if a.startswith("--")], EvalConfig)))
+    model, tok, device = load_checkpoint(paths[0], cfg.device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    reply = lambda messages: chat_reply(model, tok, messages, cfg.think, cfg.temperature,  # noqa: E731
+                                        cfg.max_new_tokens, gen)
+    if cfg.prompt:
+        print(reply([{"role": "user", "content": cfg.prompt}])[0])
+        return
+    print(f"{paths[0]}: {'/think' if cfg.think else '/no_think'}, "
+          f"{f'temperature {cfg.temperature}' if cfg.temperature else 'greedy'}; /clear forgets, Ctrl-D ends")
+    messages = []
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line.strip() == "/clear":
+            messages = []
+        elif line.strip():
+            messages.append({"role": "user", "content": line})
+            try:
+                text, dropped = reply(messages)
+            except ValueError as e:                # a message longer than the context: say so, keep the rest
+                print(f"error: {e}")
+                messages.pop()
+                continue
+            print(text)
+            # the template keeps a /think reply's reasoning in the history; /no_think turns carry no tags
+            messages = messages[dropped:] + [{"role": "assistant", "content": text if cfg.think else strip_think(text)}]
+
+
 def main(argv):
     if not argv or argv[0] in ("-h", "--help"):
         keys = usage("", schema(EvalConfig)).split("\n", 1)[1]
@@ -758,11 +822,9 @@ def main(argv):
               file=sys.stdout if argv else sys.stderr)
         raise SystemExit(0 if argv else 2)
     try:
-        commands = {"tokenizer": _tokenizer_main, "signal": _signal_main, "report": _report_main}
+        commands = {"tokenizer": _tokenizer_main, "signal": _signal_main, "report": _report_main, "chat": _chat_main}
         if argv[0] in commands:
             return commands[argv[0]](argv[1:])
-        if not os.path.isdir(argv[0]):
-            raise ValueError(f"checkpoint directory not found: {argv[0]}")
         results = run(argv[0], EvalConfig(**vars(load(argv[1:], EvalConfig))))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None

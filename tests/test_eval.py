@@ -107,6 +107,45 @@ def test_exact_match_renders_the_chat_template_and_scores(tmp_path, monkeypatch)
         ev.exact_match(model, tok, rows, samples=2)
 
 
+def test_chat_keeps_the_conversation_and_drops_its_oldest_exchanges(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    Model(ModelConfig(**{**MODEL, "max_position_embeddings": 2048})).save_pretrained(tmp_path / "ckpt")
+    tok = Tokenizer.byte_level()
+    tok.save(str(tmp_path / "ckpt" / "tokenizer.json"))
+    user = lambda text: {"role": "user", "content": text}                          # noqa: E731
+    prompt = lambda messages, think: data.render_chat(tok, messages, add_generation_prompt=True,  # noqa: E731
+                                                      enable_thinking=think)[0]
+    # a real greedy reply: what model.generate continues the rendered prompt with, up to <|im_end|>
+    ev.main(["chat", str(tmp_path / "ckpt"), "--prompt=What is 2+2?", "--max_new_tokens=12"])
+    model = Model.from_pretrained(str(tmp_path / "ckpt"))
+    want = model.generate([prompt([user("What is 2+2?")], False)], 12, stop_ids=[tok.im_end_id, tok.eos_id])[0]
+    assert capsys.readouterr().out == ev.completion_text(tok, want) + "\n"
+
+    think = "<think>\n3+6\n</think>\nThe answer is 9."
+    replies = iter(["Four.", "Six.", think, "Ten."])
+    seen = []
+
+    def generate(self, prompts, max_new_tokens, temperature, stop_ids, generator):
+        seen.append(prompts[0])
+        return [tok.encode(next(replies)) + [tok.im_end_id]]
+    monkeypatch.setattr(Model, "generate", generate)
+    a1, a3 = {"role": "assistant", "content": "Four."}, {"role": "assistant", "content": think}
+    long = "What is 2+2? " + "Say it twice. " * 20
+    # max_new_tokens that leave room for the last two exchanges, not for the long first one and the next question
+    budget = 2048 - len(prompt([user("And 3+6?"), a3, user("Then 3+7?")], True))
+    assert len(prompt([user(long), a1, user("And 2+4?")], True)) + budget > 2048
+    lines = [long, "", "And 2+4?", "/clear", "And 3+6?", "Then 3+7?"]
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("\n".join(lines) + "\n"))
+    ev.main(["chat", str(tmp_path / "ckpt"), "--think=True", f"--max_new_tokens={budget}"])
+    out = capsys.readouterr().out
+    assert [ln for ln in out.split("> ")[1:] if ln.strip()] == ["Four.\n", "Six.\n", think + "\n", "Ten.\n"]
+    assert seen == [prompt([user(long)], True), prompt([user("And 2+4?")], True),   # the long exchange dropped
+                    prompt([user("And 3+6?")], True),                               # after /clear
+                    prompt([user("And 3+6?"), a3, user("Then 3+7?")], True)]        # a /think reply, reasoning kept
+    with pytest.raises(SystemExit, match="chat: expected one checkpoint directory"):
+        ev.main(["chat"])
+
+
 def test_gsm8k_rows_and_errors(tmp_path):
     path = jsonl(tmp_path / "g.jsonl", [{"question": "Q1", "answer": "steps\n#### 1,200"}, {"question": "Q2"}])
     with pytest.raises(ValueError, match=r"g.jsonl:2: missing field 'answer'"):
