@@ -729,14 +729,16 @@ def test_padding_never_meets_an_empty_softmax_row(monkeypatch):
 
 # ---------------------------------------------------------------- torch.compile
 
-def test_compiled_training_step_equals_eager_and_does_not_recompile():
+@pytest.mark.parametrize("act_ckpt", [False, True])
+def test_compiled_training_step_equals_eager_and_does_not_recompile(act_ckpt):
     """Inductor on CPU: loss and every gradient equal eager's within fp32 rounding (atol 1e-5, rtol 1e-4:
-    fused kernels reorder sums) on doc-masked GQA with a NoPE layer; packed rows with other document
-    boundaries reuse the compiled graph (dynamo compiles one frame once)."""
+    fused kernels reorder sums) on doc-masked GQA with a NoPE layer, with activation checkpointing too (the 3B
+    step's setting on one GPU); packed rows with other document boundaries reuse the compiled graph (dynamo
+    compiles one frame once)."""
     import torch._dynamo
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    m = make(n_layers=2, nope_interval=2, d_model=32, d_ff=48).train()
+    m = make(n_layers=2, nope_interval=2, d_model=32, d_ff=48, act_ckpt=act_ckpt).train()
     compiled = torch.compile(m)
     x, y = torch.randint(3, 97, (2, 16)), torch.randint(0, 97, (2, 16))
     for lengths in ([5, 11], [9, 4, 3], [16]):
