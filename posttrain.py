@@ -60,7 +60,7 @@ from data import (_ROLES, DataConfig, Tokenizer, _draw, _field, _first_index, _k
                   read_jsonl, render_chat)
 from eval import (check_answer, completion_text, evaluate, exact_match, file_rows, follows_format, pipeline_table,
                   task_rows)
-from model import Model, atomic_write
+from model import Model, atomic_write, check
 
 # ----------------------------------------------------------------------------------------- embedded sets
 # The default data, in TRL's conversational formats, made of data.py's generated problems. SFT {"messages"}: half
@@ -402,8 +402,7 @@ def resolve(ns):
               (not pc.chat_date or re.fullmatch(r"\d{4}-\d{2}-\d{2}", pc.chat_date),
                f"chat_date={pc.chat_date!r} must be a date YYYY-MM-DD or '' (the day the run started)")]
     errors = [msg for ok, msg in checks if not ok]
-    if errors:
-        raise ValueError("config: " + "; ".join(errors))
+    check(not errors, "config: " + "; ".join(errors))
     return dc, tc, pc
 
 
@@ -798,9 +797,8 @@ def token_logprobs(model, x, y, pos, temperature):
 
 
 def rollout(model, tok, prompts, answers, gc, generator):
-    """G completions of every prompt (batched generate with the KV cache) -> (rows (x, y, pos) [N*G, T] whose
-    targets are the completion tokens only, scores [N*G, 3] float64: reward, length, correct answer (0/1),
-    seconds of generation)."""
+    """G completions of every prompt (batched generate, KV cache) -> (rows (x, y, pos) [N*G, T], the completion tokens
+    the only targets; scores [N*G, 3] float64: reward, length, correct answer (0/1); seconds of generation)."""
     stop, g = [t for t in (tok.im_end_id, tok.eos_id) if t is not None], gc.group_size
     batch = [p for p in prompts for _ in range(g)]
     model.eval()
@@ -840,13 +838,14 @@ def dynamic_sample(rounds, group_size, n_groups, pad_id):
     return rows, torch.cat([rounds[r][1][i * group_size:(i + 1) * group_size] for r, i in kept])
 
 
-def rollout_stats(scores, group_size, seconds):
-    """The log's numbers of a step's rollout, scores [N*G, 3] (rollout's, of every rank) and its wall time."""
+def rollout_stats(scores, group_size, seconds, generated):
+    """The log's numbers of a step's rollouts (all ranks): scores [N*G, 3] of the groups kept, the slowest rank's
+    seconds, the tokens generated in every round of dynamic sampling, kept or not (the rollouts' throughput)."""
     rewards, lengths = scores[:, 0].float(), scores[:, 1]
     return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
             "zero_std_groups": (rewards.view(-1, group_size).std(1) == 0).float().mean().item(),
             "completion_length": lengths.mean().item(), "completion_length_max": int(lengths.max()),
-            "correct": scores[:, 2].mean().item(), "rollout_tok_per_s": lengths.sum().item() / seconds}
+            "correct": scores[:, 2].mean().item(), "rollout_tok_per_s": generated / seconds}
 
 
 def grpo(ns):
@@ -870,8 +869,7 @@ def grpo(ns):
               (tc.ckpt_interval % mu == 0 and tc.max_steps % mu == 0,
                f"ckpt_interval={tc.ckpt_interval} and max_steps={tc.max_steps} must be multiples of num_iterations={mu}")]
     errors = [msg for ok, msg in checks if not ok]
-    if errors:
-        raise ValueError("config: " + "; ".join(errors))
+    check(not errors, "config: " + "; ".join(errors))
     n_groups = tc.batch_size // (g * run.dp)       # this rank's groups per step
     loader = PromptLoader(data_file(run, gc.rl_data, "rl_train"), tok, n_groups, gc.sample_rounds, tc.seed,
                           run.dp_rank, run.dp, gc.enable_thinking, run.today)
@@ -913,9 +911,10 @@ def grpo(ns):
         old, ref_lp = (None if m is None else scored(m, rows) for m in (run.model if mu > 1 else None, ref))
         buffer[:] = [(*r, adv[s], w[s], None if old is None else old[s], None if ref_lp is None else ref_lp[s])
                      for r, s in zip(rows, part)]
-        seconds = gathered(run, torch.tensor([sum(sec for _, _, sec in rounds)])).max().item()    # the slowest rank's
-        stats.update(rollout_stats(gathered(run, scores), g, seconds), clipped=0, completion_tokens=0,
-                     rollout_rounds=int(gathered(run, torch.tensor([len(rounds)])).max()),
+        took = gathered(run, torch.tensor([[sum(r[2] for r in rounds), sum(r[1][:, 1].sum().item() for r in rounds),
+                                            len(rounds)]], dtype=torch.float64))
+        stats.update(rollout_stats(gathered(run, scores), g, took[:, 0].max().item(), took[:, 1].sum().item()),
+                     clipped=0, completion_tokens=0, rollout_rounds=int(took[:, 2].max()),
                      tokens=int(gathered(run, (pos >= 0).sum()[None]).sum()))
         return buffer
 

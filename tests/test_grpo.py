@@ -200,7 +200,7 @@ def test_rollout_rows_groups_and_the_prefilled_no_think_prompt(tok):
     want = [[pt.completion_reward(tok, o, ["5", "2"][r // 3], True, gc), len(o),
              float(pt.check_answer(pt.completion_text(tok, o), ["5", "2"][r // 3]))] for r, o in enumerate(outs)]
     assert scores.tolist() == want
-    stats = pt.rollout_stats(scores, 3, seconds)
+    stats = pt.rollout_stats(scores, 3, seconds, sum(map(len, outs)))
     assert stats["completion_length"] == sum(map(len, outs)) / 6 and stats["completion_length_max"] == max(map(len, outs))
     assert stats["rollout_tok_per_s"] == pytest.approx(sum(map(len, outs)) / seconds)
     for r in range(6):
