@@ -300,6 +300,31 @@ def test_prompt_modes_per_dataset_and_per_example(tmp_path, tok):
         assert ends == [not default, True, False]
 
 
+def test_rollout_throughput_counts_every_round_of_dynamic_sampling(tmp_path, tok, monkeypatch):
+    """sample_rounds 3 on a random model (every reward 0: no round has a group with signal, so all 3 run): the log's
+    rollout_tok_per_s is every generated token of the 3 rounds over their seconds (a clock that ticks 1 s a call)."""
+    import json
+
+    import config
+    torch.manual_seed(0)
+    Model(ModelConfig(**MODEL, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)).save_pretrained(tmp_path / "init")
+    tok.save(str(tmp_path / "init" / "tokenizer.json"))
+    rl = [{"prompt": [{"role": "system", "content": "/system_override"}, {"role": "user", "content": f"{a} + 9?"}],
+           "answer": "-1"} for a in range(6)]
+    (tmp_path / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rl))
+    generated, real_generate, clock = [], Model.generate, iter(range(10 ** 6))
+    monkeypatch.setattr(Model, "generate", lambda *a, **k: generated.extend(real_generate(*a, **k)) or generated[-8:])
+    monkeypatch.setattr(pt.time, "perf_counter", lambda: float(next(clock)))
+    argv = [f"--init_from={tmp_path / 'init'}", f"--out_dir={tmp_path / 'out'}", f"--rl_data={tmp_path / 'rl.jsonl'}",
+            "--batch_size=8", "--micro_batch_size=8", "--group_size=4", "--max_new_tokens=6", "--overlong_cache=0",
+            "--max_steps=1", "--sample_rounds=3", "--rollout_batch=8", "--eval_questions=0", "--seq_len=128",
+            "--warmup_steps=0", "--log_interval=1", "--dtype=float32", "--device=cpu"]
+    pt.grpo(config.load(argv, *pt.COMMAND_CONFIGS["grpo"]))
+    log = [r for r in map(json.loads, (tmp_path / "out" / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert log[0]["rollout_rounds"] == 3 and log[0]["reward_mean"] == 0 and len(generated) == 24
+    assert log[0]["rollout_tok_per_s"] == sum(map(len, generated)) / 3     # 3 rounds of 1 s; 8 of 24 rows kept
+
+
 def test_dynamic_sample_keeps_the_groups_with_unequal_rewards_first():
     """Three rollouts of two groups of 2 (rewards: equal, unequal | equal, equal | unequal, unequal), rows of
     different lengths: 3 kept groups are the three unequal ones in rollout order, right-padded; with 4 the first
