@@ -215,6 +215,20 @@ def test_generate_stops_and_samples():
     draws = M.sample(logits, 1.0, top_p=0.7, generator=g)
     assert set(draws.tolist()) == {1, 2}
     assert set(M.sample(logits, 1.0, top_p=0.5, generator=g).tolist()) == {1}
+    # 100k draws of 5 ids against their probabilities (3 standard errors), the masked ends never drawn
+    logits = torch.tensor([[-1e9, 0.5, -1.0, 2.0, 1.0, 0.0, -1e9]])
+    want = logits[0, 1:6].softmax(-1)
+    counts = torch.bincount(M.sample(logits.expand(100_000, 7), 1.0, top_k=5, generator=g), minlength=7) / 100_000
+    assert counts[0] == counts[6] == 0 and ((counts[1:6] - want).abs() < 3 * (want * (1 - want) / 1e5).sqrt()).all()
+
+
+def test_sample_at_the_ends_of_the_uniform_draw(monkeypatch):
+    """A uniform draw of 0 picks the first id with mass; one whose product with the total mass rounds up to the total
+    (u = 1 here) the last id with mass, never a masked id past it; in between, the id whose interval holds it."""
+    logits = torch.tensor([[float("-inf"), 0.0, 0.0, float("-inf"), 0.0, 0.0, 0.0, float("-inf")]])  # 5 ids of 0.2
+    for u, want in ((0.0, 1), (1.0, 6), (1 - 2 ** -53, 6), (0.3, 2), (0.5, 4), (0.79, 5)):
+        monkeypatch.setattr(torch, "rand", lambda *a, u=u, **k: torch.full((1, 1), u, dtype=torch.float64))
+        assert M.sample(logits, 1.0).item() == want, u
 
 
 def test_shared_prefill_samples_equal_separate_prefills(monkeypatch):
