@@ -25,7 +25,10 @@ kl_beta = 0.0
 scale_rewards = True
 loss_agg = "dapo"
 num_iterations = 1
-rollout_batch = 64
+# One H100's 80 GB at rollout: fp32 weights 12.3 GB + AdamW 24.6 + DDP's fp32 buffer 12.3 + the bf16 twin that
+# decodes (rollout_dtype "auto") 6.2 + the KV cache, 73,728 bytes/token x 22,528 columns a row: 13.3 GB for 8 rows
+# (~68 GB in all). A group of 16 in one call (26.6 GB) fits an H200's 141 GB; 64 rows (106 GB) fit neither.
+rollout_batch = 8
 max_steps = 500
 lr = 1e-6                     # DAPO: constant 1e-6 after 20 warmup steps
 min_lr = 1e-6

@@ -177,7 +177,10 @@ def test_reward_adds_the_overlong_penalty(tok):
     assert pt.completion_reward(tok, _ids(tok, "The answer is 7.", "<|im_end|>"), "7", False, gc) == 1.0
 
 
-def test_rollout_rows_groups_and_the_prefilled_no_think_prompt(tok):
+@pytest.mark.parametrize("g, rollout_batch, calls", [(3, 4, [[0], [1]]), (2, 4, [[0, 1]]),
+                                                     (4, 2, [[0], [0], [1], [1]])])
+def test_rollout_rows_groups_and_the_prefilled_no_think_prompt(tok, g, rollout_batch, calls):
+    """Whole groups per generate call, or (rollout_batch < group_size) a group over several calls."""
     torch.manual_seed(0)
     model = Model(ModelConfig(**MODEL, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id))
     # /system_override keeps the prompts short (no metadata block); the mode: the dataset's, then the example's
@@ -185,7 +188,7 @@ def test_rollout_rows_groups_and_the_prefilled_no_think_prompt(tok):
             [{"role": "system", "content": "/system_override /no_think"}, {"role": "user", "content": "1 + 1?"}]]
     prompts = [data.render_chat(tok, m, True, enable_thinking=True)[0] for m in msgs]
     assert tok.decode(prompts[1]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n")
-    gc = pt.GRPOConfig(group_size=3, max_new_tokens=6, overlong_cache=0, rollout_batch=4)
+    gc = pt.GRPOConfig(group_size=g, max_new_tokens=6, overlong_cache=0, rollout_batch=rollout_batch)
     seen, outs = [], []
     real_generate = model.generate
 
@@ -195,19 +198,43 @@ def test_rollout_rows_groups_and_the_prefilled_no_think_prompt(tok):
         return outs[-len(batch) * num_samples:]
     model.generate = generate
     (x, y, pos), scores, seconds = pt.rollout(model, tok, prompts, ["5", "2"], gc, torch.Generator().manual_seed(0))
-    assert seen == [([prompts[0]], 3), ([prompts[1]], 3)]          # rollout_batch 4: one whole group per call
-    assert x.shape[0] == y.shape[0] == 6 and scores.shape == (6, 3) and seconds > 0
-    want = [[pt.completion_reward(tok, o, ["5", "2"][r // 3], True, gc), len(o),
-             float(pt.check_answer(pt.completion_text(tok, o), ["5", "2"][r // 3]))] for r, o in enumerate(outs)]
+    assert seen == [([prompts[i] for i in call], min(g, rollout_batch)) for call in calls]
+    assert x.shape[0] == y.shape[0] == 2 * g and scores.shape == (2 * g, 3) and seconds > 0
+    want = [[pt.completion_reward(tok, o, ["5", "2"][r // g], True, gc), len(o),
+             float(pt.check_answer(pt.completion_text(tok, o), ["5", "2"][r // g]))] for r, o in enumerate(outs)]
     assert scores.tolist() == want
-    stats = pt.rollout_stats(scores, 3, seconds, sum(map(len, outs)))
-    assert stats["completion_length"] == sum(map(len, outs)) / 6 and stats["completion_length_max"] == max(map(len, outs))
+    stats = pt.rollout_stats(scores, g, seconds, sum(map(len, outs)))
+    assert stats["completion_length"] == sum(map(len, outs)) / (2 * g)
+    assert stats["completion_length_max"] == max(map(len, outs))
     assert stats["rollout_tok_per_s"] == pytest.approx(sum(map(len, outs)) / seconds)
-    for r in range(6):
-        p, o = prompts[r // 3], outs[r]
+    for r in range(2 * g):
+        p, o = prompts[r // g], outs[r]
         n = len(p) + len(o) - 1
         assert x[r, :n].tolist() == p + o[:-1] and (pos[r, :n] == torch.arange(n)).all() and (pos[r, n:] == -1).all()
         assert y[r, len(p) - 1:n].tolist() == o and (y[r, :len(p) - 1] == -100).all() and (y[r, n:] == -100).all()
+
+
+def test_rollout_model_is_a_bf16_copy_that_leaves_the_fp32_weights_alone(tok):
+    """The twin holds every tensor of the model cast to bf16 (an untied head too), shares no storage with it, and
+    samples what a deep copy cast to bf16 samples; a model already in the dtype is its own twin."""
+    import copy
+    torch.manual_seed(0)
+    model = Model(ModelConfig(**dict(MODEL, tie_embeddings=False), eos_id=tok.eos_id))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    twin = pt.rollout_model(model, torch.bfloat16)
+    want = copy.deepcopy(model).to(torch.bfloat16)
+    assert twin.state_dict().keys() == before.keys() and not twin.training
+    assert all(torch.equal(twin.state_dict()[k], v.to(torch.bfloat16)) for k, v in before.items())
+    prompts = [[5, 6, 7], [8, 9]]
+    outs = [m.generate(prompts, 8, temperature=1.0, generator=torch.Generator().manual_seed(1), num_samples=2)
+            for m in (twin, want)]
+    assert outs[0] == outs[1]
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert pt.rollout_model(model, torch.float32) is model
 
 
 def test_grpo_runs_logs_and_resumes_exactly(tmp_path, tok):
@@ -302,7 +329,8 @@ def test_prompt_modes_per_dataset_and_per_example(tmp_path, tok):
 
 def test_rollout_throughput_counts_every_round_of_dynamic_sampling(tmp_path, tok, monkeypatch):
     """sample_rounds 3 on a random model (every reward 0: no round has a group with signal, so all 3 run): the log's
-    rollout_tok_per_s is every generated token of the 3 rounds over their seconds (a clock that ticks 1 s a call)."""
+    rollout_tok_per_s is every generated token of the 3 rounds over their seconds (a clock that ticks 1 s a call).
+    rollout_dtype bfloat16: every round decodes on the bf16 twin of the fp32 weights."""
     import json
 
     import config
@@ -313,16 +341,20 @@ def test_rollout_throughput_counts_every_round_of_dynamic_sampling(tmp_path, tok
            "answer": "-1"} for a in range(6)]
     (tmp_path / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rl))
     generated, real_generate, clock = [], Model.generate, iter(range(10 ** 6))
-    monkeypatch.setattr(Model, "generate", lambda *a, **k: generated.extend(real_generate(*a, **k)) or generated[-8:])
+    dtypes = []
+    monkeypatch.setattr(Model, "generate", lambda *a, **k: dtypes.append(a[0].tok_emb.weight.dtype)
+                        or generated.extend(real_generate(*a, **k)) or generated[-8:])
     monkeypatch.setattr(pt.time, "perf_counter", lambda: float(next(clock)))
     argv = [f"--init_from={tmp_path / 'init'}", f"--out_dir={tmp_path / 'out'}", f"--rl_data={tmp_path / 'rl.jsonl'}",
             "--batch_size=8", "--micro_batch_size=8", "--group_size=4", "--max_new_tokens=6", "--overlong_cache=0",
-            "--max_steps=1", "--sample_rounds=3", "--rollout_batch=8", "--eval_questions=0", "--seq_len=128",
+            "--max_steps=1", "--sample_rounds=3", "--rollout_batch=8", "--rollout_dtype=bfloat16",
+            "--eval_questions=0", "--seq_len=128",
             "--warmup_steps=0", "--log_interval=1", "--dtype=float32", "--device=cpu"]
     pt.grpo(config.load(argv, *pt.COMMAND_CONFIGS["grpo"]))
     log = [r for r in map(json.loads, (tmp_path / "out" / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
     assert log[0]["rollout_rounds"] == 3 and log[0]["reward_mean"] == 0 and len(generated) == 24
     assert log[0]["rollout_tok_per_s"] == sum(map(len, generated)) / 3     # 3 rounds of 1 s; 8 of 24 rows kept
+    assert dtypes == [torch.bfloat16] * 3
 
 
 def test_dynamic_sample_keeps_the_groups_with_unequal_rewards_first():
