@@ -399,7 +399,7 @@ def resolve(ns):
               (pc.ref_logps in ("precompute", "frozen"),
                f"ref_logps={pc.ref_logps!r} must be 'precompute' or 'frozen'"),
               (tc.init_from, "init_from: post-training starts from a checkpoint; pass --init_from=RUN_OR_CHECKPOINT"),
-              (tc.tp == 1 and tc.zero == 0, "tp and zero: posttrain.py runs data parallel only (tp=1, zero=0)"),
+              (tc.tp == 1, "tp: posttrain.py runs data parallel only (tp=1; zero=1 shards AdamW's state)"),
               (not pc.chat_date or re.fullmatch(r"\d{4}-\d{2}-\d{2}", pc.chat_date),
                f"chat_date={pc.chat_date!r} must be a date YYYY-MM-DD or '' (the day the run started)")]
     errors = [msg for ok, msg in checks if not ok]
@@ -427,8 +427,9 @@ def setup(ns, method, **overrides):
     torch.manual_seed(tc.seed)
     model = load_model(init, pc, device, **overrides)
     model.train()
-    # train.py's wiring at tp 1: DDP's hooks sit on the parameters (rank 0's, broadcast), so the plain module runs
-    _, opts, clip, sync = parallel.setup(model, grid, 0, lambda m: train.build_optimizers(m, tc, device))
+    # train.py's wiring at tp 1: DDP's hooks sit on the parameters (rank 0's, broadcast), or ZeRO-1 shards AdamW;
+    # either way the plain module runs
+    _, opts, clip, sync = parallel.setup(model, grid, tc.zero, lambda m: train.build_optimizers(m, tc, device))
     guard = train.Guard(tc.spike_factor)
     saved = train.load_checkpoint(ckpt, model, opts, grid) if ckpt else {}
     # the template's date: the configured one, else the one the run started with (a resumed run renders the

@@ -1,6 +1,7 @@
 """SmolLM3-3B APO-zero: preference pairs against the SFT model as the reference. LR 2e-6 (about SFT's / 10) and
-beta 0.1, as the playbook; the rest our choices. One GPU (posttrain.py has no torchrun yet).
-    python posttrain.py dpo config/smollm3_apo.py"""
+beta 0.1, as the playbook; the rest our choices.
+    python posttrain.py dpo config/smollm3_apo.py                                    # one GPU
+    torchrun --standalone --nproc_per_node=8 posttrain.py dpo config/smollm3_apo.py  # data parallel, one node"""
 init_from = "out/smollm3_sft"
 out_dir = "out/smollm3_apo"
 data_dir = "data/smollm3"
@@ -24,6 +25,7 @@ grad_clip = 1.0
 dtype = "bfloat16"
 attn_impl = "triton"
 act_ckpt = True
+zero = 1                      # 8 GPUs: 59.7 GB each with AdamW's state sharded, 78.1 without (parallel.py plan)
 eval_interval = 250
 eval_rows = 512               # held-out pairs scored for rewards, margin and accuracy
 ckpt_interval = 250

@@ -1,6 +1,6 @@
 """SmolLM3-3B GRPO / RLVR (GPU): the playbook's RL stage with DAPO's settings (Yu et al. 2025): clip-higher
 eps 0.2 / 0.28, token-level loss, no KL, soft overlong penalty over the last 4k of a 20k budget, G = 16.
-    python posttrain.py grpo config/smollm3_grpo.py --init_from=out/smollm3_apo --rl_data=math_rl.jsonl"""
+    torchrun --standalone --nproc_per_node=8 posttrain.py grpo config/smollm3_grpo.py --rl_data=math_rl.jsonl"""
 init_from = "out/smollm3_apo"
 out_dir = "out/smollm3_grpo"
 data_dir = "data/smollm3"
@@ -8,6 +8,7 @@ tokenizer = "default"         # the tokenizer.json beside the start checkpoint
 seq_len = 22528               # a 2k-token prompt + the 20k completion budget
 attn_impl = "triton"
 act_ckpt = True
+zero = 1                      # 8 GPUs: a training step 73.3 GB each with AdamW's state sharded, 91.8 without (parallel.py plan)
 rl_data = "default"           # {"prompt", "answer"} lines; a GSM8K / DAPO-Math style set in practice
 enable_thinking = True
 # ---- 32 prompts x 16 completions = 512 rollouts/step (DAPO: 512 prompts x 16 at 32B; scaled to one 8-GPU node) ----
@@ -25,10 +26,10 @@ kl_beta = 0.0
 scale_rewards = True
 loss_agg = "dapo"
 num_iterations = 1
-# One H100's 80 GB at rollout: fp32 weights 12.3 GB + AdamW 24.6 + DDP's fp32 buffer 12.3 + the bf16 twin that
-# decodes (rollout_dtype "auto") 6.2 + the KV cache, 73,728 bytes/token x 22,528 columns a row: 13.3 GB for 8 rows
-# (~68 GB in all). A group of 16 in one call (26.6 GB) fits an H200's 141 GB; 64 rows (106 GB) fit neither.
-rollout_batch = 8
+# A GPU at rollout: fp32 weights 12.3 GB + ZeRO-1's state 6.2 and flat buffer 12.3 + the bf16 twin that decodes
+# (rollout_dtype "auto") 6.2 + the KV cache, 73,728 bytes/token x 22,528 columns a row: 26.6 GB for one group of
+# 16 (63.5 GB in all); 64 rows would need 106 GB of cache
+rollout_batch = 16
 max_steps = 500
 lr = 1e-6                     # DAPO: constant 1e-6 after 20 warmup steps
 min_lr = 1e-6

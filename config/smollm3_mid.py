@@ -1,6 +1,7 @@
 """SmolLM3-3B mid-training: reasoning conversations with every token in the loss, from the long-context stage's
-final weights. One GPU (posttrain.py has no torchrun yet); the LR is the SFT one, the rest our choices.
-    python posttrain.py mid config/smollm3_mid.py"""
+final weights. The LR is the SFT one, the rest our choices.
+    python posttrain.py mid config/smollm3_mid.py                                    # one GPU
+    torchrun --standalone --nproc_per_node=8 posttrain.py mid config/smollm3_mid.py  # data parallel, one node"""
 init_from = "out/smollm3_long_64k"
 out_dir = "out/smollm3_mid"
 data_dir = "data/smollm3"
@@ -21,6 +22,7 @@ grad_clip = 1.0
 dtype = "bfloat16"
 attn_impl = "triton"
 act_ckpt = True               # 36 layers x 8k tokens of activations otherwise
+zero = 1                      # 8 GPUs: 55.8 GB each with AdamW's state sharded, 74.2 without (parallel.py plan)
 eval_interval = 500
 eval_rows = 64
 ckpt_interval = 500

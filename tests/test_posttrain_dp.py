@@ -1,4 +1,4 @@
-"""posttrain.py under torchrun's environment against one process: 2 spawned CPU ranks on gloo, fp32, run SFT, DPO
+"""posttrain.py under torchrun's environment against one process: 2 spawned CPU ranks on gloo, fp32, run SFT (DDP and ZeRO-1), DPO
 (APO-zero on precomputed reference log-probs) and GRPO (token-level and per-sequence aggregation) as data
 parallel, each rank on its share of every step's rows, and must give the losses, grad norms, logged numbers and
 final weights of one process that accumulates the same global batch. GRPO's rollouts come from a stand-in for
@@ -40,10 +40,18 @@ def _ranks(rank, world, runs):
     """Rank `rank` of `world` runs each (port, method, argv) in turn, as torchrun would start it."""
     torch.set_num_threads(1)
     Model.generate = fake_generate
+    real_setup = pt.parallel.setup
     for port, method, argv in runs:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
-        pt.COMMANDS[method](config.load(argv, *pt.COMMAND_CONFIGS.get(method, pt.CONFIGS)))
+        ns = config.load(argv, *pt.COMMAND_CONFIGS.get(method, pt.CONFIGS))
+
+        def setup(*args):   # which gradient sync the run got (DDP or ZeRO1), beside its out_dir
+            pieces = real_setup(*args)
+            open(f"{ns.out_dir}.sync{rank}", "w").write(type(pieces[3]).__name__)
+            return pieces
+        pt.parallel.setup = setup
+        pt.COMMANDS[method](ns)
 
 
 def free_port():
@@ -91,6 +99,9 @@ def dp_runs(tmp_path_factory):
         "sft": ("sft", ["--batch_size=4", "--micro_batch_size=1", "--seq_len=256", "--lr=3e-3", "--grad_clip=0.5",
                         "--eval_rows=3", f"--train_data={_write_jsonl(tmp / 'c.jsonl', _short_conversations(12))}",
                         f"--val_data={_write_jsonl(tmp / 'cv.jsonl', _short_conversations(15)[12:])}"]),
+        # the same with AdamW's state sharded over the 2 ranks (ZeRO-1; one process: no effect)
+        "sft_zero1": ("sft", ["--batch_size=4", "--micro_batch_size=1", "--seq_len=256", "--lr=3e-3", "--grad_clip=0.5",
+                              "--eval_rows=3", "--zero=1", f"--train_data={tmp / 'c.jsonl'}", f"--val_data={tmp / 'cv.jsonl'}"]),
         "dpo": ("dpo", ["--batch_size=4", "--micro_batch_size=1", "--seq_len=256", "--lr=1e-2", "--eval_rows=3",
                         "--loss_type='apo_zero'", "--ref_logps='precompute'",
                         f"--train_data={_write_jsonl(tmp / 'p.jsonl', _pairs(12))}",
@@ -119,13 +130,13 @@ def dp_runs(tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("name", ["sft", "dpo", "grpo_dapo", "grpo_grpo"])
+@pytest.mark.parametrize("name", ["sft", "sft_zero1", "dpo", "grpo_dapo", "grpo_grpo"])
 def test_data_parallel_equals_one_process(dp_runs, name):
     one, dp = dp_runs[name]
     same_run(one, dp, name)
     log = records(one)
     assert [r["step"] for r in log if r["kind"] == "train"] == [1, 2, 3]
-    if name == "sft":   # unequal token counts per rank: a mean of the ranks' means would differ
+    if name.startswith("sft"):   # unequal token counts per rank: a mean of the ranks' means would differ
         assert all(r["grad_norm"] > 0.5 for r in log if r["kind"] == "train")        # clipping is active
     if name.startswith("grpo"):
         assert all(0 < r["reward_std"] and r["tokens"] > 0 for r in log if r["kind"] == "train")
@@ -133,5 +144,6 @@ def test_data_parallel_equals_one_process(dp_runs, name):
     for k, w in wa.items():
         # Adam divides by sqrt(v): last-bit gradient differences move a weight by up to ~lr x 1e-3
         assert torch.allclose(wb[k], w, rtol=1e-4, atol=1e-5), f"{name}: final {k}: {(wb[k] - w).abs().max():.3g}"
+    assert [open(f"{dp}.sync{r}").read() for r in range(WORLD)] == ["ZeRO1" if "zero" in name else "DDP"] * WORLD
     run = json.loads(open(os.path.join(dp, "run.json")).read())["history"][0]
     assert run["world_size"] == WORLD and run["config"]["chat_date"] == "2025-01-02"
