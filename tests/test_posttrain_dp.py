@@ -1,6 +1,6 @@
-"""posttrain.py under torchrun's environment against one process: 2 spawned CPU ranks on gloo, fp32, run SFT (DDP and ZeRO-1), DPO
+"""posttrain.py under torchrun's environment against one process: 2 spawned CPU ranks on gloo, fp32, run SFT, DPO
 (APO-zero on precomputed reference log-probs) and GRPO (token-level and per-sequence aggregation) as data
-parallel, each rank on its share of every step's rows, and must give the losses, grad norms, logged numbers and
+parallel (SFT and GRPO also with ZeRO-1), each rank on its share of every step's rows, and must give the losses, grad norms, logged numbers and
 final weights of one process that accumulates the same global batch. GRPO's rollouts come from a stand-in for
 Model.generate that answers each prompt deterministically (a sampled rollout depends on how the batch is
 split, so the two runs could not see the same completions); everything after generation is the real code."""
@@ -113,6 +113,7 @@ def dp_runs(tmp_path_factory):
                                     "--max_steps=3", "--ckpt_interval=3", "--eval_questions=0", "--lr=3e-3",
                                     "--seq_len=128", f"--rl_data={_write_jsonl(tmp / 'rl.jsonl', rl)}"])
            for agg in ("dapo", "grpo")}}
+    methods["grpo_dapo_zero1"] = (methods["grpo_dapo"][0], methods["grpo_dapo"][1] + ["--zero=1"])  # smollm3_grpo.py's
     runs = {name: (str(tmp / f"{name}_one"), str(tmp / f"{name}_dp")) for name in methods}
     saved, threads = Model.generate, torch.get_num_threads()
     Model.generate = fake_generate
@@ -130,7 +131,7 @@ def dp_runs(tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("name", ["sft", "sft_zero1", "dpo", "grpo_dapo", "grpo_grpo"])
+@pytest.mark.parametrize("name", ["sft", "sft_zero1", "dpo", "grpo_dapo", "grpo_grpo", "grpo_dapo_zero1"])
 def test_data_parallel_equals_one_process(dp_runs, name):
     one, dp = dp_runs[name]
     same_run(one, dp, name)
