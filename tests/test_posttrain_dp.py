@@ -1,7 +1,8 @@
 """posttrain.py under torchrun's environment against one process: 2 spawned CPU ranks on gloo, fp32, run SFT, DPO
 (APO-zero on precomputed reference log-probs) and GRPO (token-level and per-sequence aggregation) as data
-parallel (SFT and GRPO also with ZeRO-1), each rank on its share of every step's rows, and must give the losses, grad norms, logged numbers and
-final weights of one process that accumulates the same global batch. GRPO's rollouts come from a stand-in for
+parallel (SFT and GRPO also with ZeRO-1), each rank on its share of every step's rows, and must give the losses,
+grad norms, logged numbers and final weights of one process that accumulates the same global batch. GRPO's
+rollouts come from a stand-in for
 Model.generate that answers each prompt deterministically (a sampled rollout depends on how the batch is
 split, so the two runs could not see the same completions); everything after generation is the real code."""
 import json
