@@ -36,7 +36,7 @@ Sections
   sequence par.   gather_seq, scatter_seq (Korthikanti's g, g-bar), SeqParallelEmbedding, SPModel
   train.py's side setup (model, optimizers, clip, DP sync for train.Step), Layout (checkpoint gathers, RNG)
   planner         PEAK_FLOPS, PlanConfig, layer_activation_bytes, tp_allreduce_bytes, sp_comm_bytes, plan,
-                  plan_report, check_fits
+                  plan_report, check_fits, fit_warning (train.py's and posttrain.py's start on a GPU)
   cluster bench   BenchConfig, bench (nccl-tests' algbw / busbw; bf16 matmul), bench_report
   command line    main: plan | bench
 """
@@ -903,6 +903,28 @@ def check_fits(p, pc):
         raise ValueError(f"parallel plan: DP {p['dp']} x TP {p['tp']} does not fit: even ZeRO-1 with activation "
                          f"checkpointing needs {best / 1e9:.2f} GB per GPU, {(best - cap) / 1e9:.2f} GB more than "
                          f"gpu_mem={pc.gpu_mem}")
+
+
+def fit_warning(mc, seq_len, tc, world, device, gpu_bytes=None):
+    """The warning a run on `world` GPUs (of gpu_bytes each; None: the CUDA device's) gets when plan's bound for its
+    layout (tc: tp, zero, batch shape, dtype; mc.act_ckpt) exceeds them, with the switches that lower it; None when
+    it fits, on a CPU, or for a model plan does not model. A bound, not a prediction: a warning, not a refusal."""
+    if gpu_bytes is None and device.type != "cuda":
+        return None
+    gpu_bytes = gpu_bytes or torch.cuda.get_device_properties(device).total_memory
+    try:
+        p = plan(mc, seq_len, tc.batch_size, tc.micro_batch_size, PlanConfig(gpus=world, tp=tc.tp), 1.0,
+                 tc.dtype == "bfloat16")
+    except ValueError:                                         # MLA, MoE; a layout train.py refuses anyway
+        return None
+    zero = bool(tc.zero) and p["dp"] > 1
+    need = p["totals"][zero, mc.act_ckpt]
+    if need <= gpu_bytes:
+        return None
+    fixes = [f for f, off in [("--act_ckpt=True", not mc.act_ckpt), ("--zero=1", not zero and p["dp"] > 1)] if off]
+    return (f"warning: `python parallel.py plan` bounds this layout (DP {p['dp']} x TP {p['tp']}) at {need / 1e9:.1f} "
+            f"GB a GPU, over this GPU's {gpu_bytes / 1e9:.1f} GB: expect out-of-memory; "
+            + ", ".join(fixes + ["a larger --tp", "a smaller --micro_batch_size"]) + " lower it")
 
 
 # ---------------------------------------------------------------- cluster bench

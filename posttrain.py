@@ -455,6 +455,8 @@ def setup(ns, method, **overrides):
             print(f"resuming from {ckpt} at step {start}" + (f"; config changes: {changed}" if changed else ""))
     elif master:
         print(f"{method}: starting from {init}")
+    if master and (warn := parallel.fit_warning(mc, dc.seq_len, tc, world, device)):
+        print(warn)            # the training step's bound; GRPO's rollouts add rollout_batch rows of KV cache
     update = train.Step(opts, guard, tc, autocast, clip_grad_norm=clip, ddp=sync)
     fwd = torch.compile(model) if train.use_compile(tc, device) else model
     return Run(dc, tc, pc, device, autocast, model, fwd, opts, update, tok, init, ckpt, start, config, today, grid)

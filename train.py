@@ -664,6 +664,8 @@ def train(ns):
               f"{tokens_per_step:,} tokens/step = {tc.batch_size} rows ({tc.micro_batch_size} x {accum} accum "
               f"x {dp} dp) x {dc.seq_len}, tp {tc.tp}{', ZeRO-1' * bool(grid and tc.zero)}; MFU peak: "
               + (f"{peak / 1e12:.0f} TFLOP/s (dense bf16) x {world}" if peak else "n/a on this device"))
+        if warn := parallel.fit_warning(mc, dc.seq_len, tc, world, device):
+            print(warn)                                        # said before minutes of compiling, not after
     log = Logger(run_dir, start, tc, tokens_per_step, sizes[2], peak and peak * world, master)
     update = Step(opts, guard, tc, autocast, clip_grad_norm=clip, ddp=sync)
     fwd = torch.compile(net) if use_compile(tc, device) else net  # eval and generate use the uncompiled modules
