@@ -24,11 +24,12 @@ Sections:
   signal           spearman, kendall_tau, signal (monotonicity, noise, above random, consistency)
   tokenizer        tokenizer_metrics (fertility, continued words, bytes per token), its command
   plots            plot_curves (SVG line plots: train.py's loss.svg, the report's)
-  pipeline table   TARGETS, pipeline_table (posttrain.py pipeline's stage-by-stage table)
+  pipeline         checkpoint_metrics, TARGETS, pipeline_table (posttrain.py pipeline's numbers and table)
   command line     EvalConfig, TASKS, load_checkpoint, run, random_baseline, signal / report / chat commands, main
 """
 import argparse
 import collections
+import contextlib
 import datetime
 import html
 import itertools
@@ -568,8 +569,30 @@ def plot_curves(path, series, width=800, height=480, xlabel="step", ylabel="loss
     atomic_write(path, lambda p: pathlib.Path(p).write_text(text, encoding="utf-8"))
 
 
-# ----------------------------------------------------------------------------------- pipeline table
-# posttrain.py's pipeline scores every checkpoint of the tiny recipe (posttrain.checkpoint_metrics); this is its table.
+# ----------------------------------------------------------------------------------------- pipeline
+# posttrain.py's pipeline scores every checkpoint of the tiny recipe (checkpoint_metrics) and prints their table.
+
+@torch.no_grad()
+def checkpoint_metrics(path, data_dir, device, chat=True, questions=128, pairs=200):
+    """Held-out numbers of one checkpoint: math bpb (64 rows of the math val shard), exact match and format share
+    in /think and /no_think (exact_match on the first `questions` of math_test), and the share of the first `pairs`
+    pref_val pairs whose chosen reply the model gives more log-probability than the rejected one (posttrain's
+    preference loader and scorer; chat=False: bpb only). In float32 on `device`."""
+    from posttrain import PreferenceLoader, logps_table   # posttrain imports this module: at call time
+    model, tok = Model.from_pretrained(path, attn_impl="sdpa").float().to(device).eval(), Tokenizer.load(path)
+    x, y, pos = (t[:64] for t in file_rows(os.path.join(data_dir, "math", "val_00000.bin"), tok, 256))
+    out = {"math_bpb": evaluate(model, {"math": (x, y, pos)}, torch.from_numpy(tok.token_bytes()), 16,
+                                contextlib.nullcontext(), device)[1]["math"]}
+    if not chat:
+        return out
+    for mode, think in (("think", True), ("no_think", False)):
+        out[f"em_{mode}"], _, out[f"format_{mode}"] = exact_match(model, tok, task_rows("math", "")[:questions], True,
+                                                                  think, max_new_tokens=96, batch_size=64)
+    lp = logps_table(model, PreferenceLoader(os.path.join(data_dir, "pref_val.jsonl"), tok, 640, 16), 16,
+                     contextlib.nullcontext(), device)[:pairs]
+    out["pref_acc"] = (lp[:, 0] > lp[:, 1]).sum().item() / len(lp)
+    return out
+
 
 # stage -> [(metric, higher is better)] it targets, compared with the checkpoint it started from
 TARGETS = {"pretrain": [("math_bpb", False)], "sft": [(f"{m}_{k}", True) for k in ("think", "no_think")

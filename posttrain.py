@@ -29,12 +29,12 @@ Sections
                 (grpo / dapo / dr_grpo), k3_kl, grpo_token_loss (clipped ratio), rollout_model (a bf16 twin),
                 rollout, dynamic_sample, grpo
   merge         merge (weighted sum of HF-layout checkpoints, shapes and configs checked)
-  pipeline      PipelineConfig, STAGES, checkpoint_metrics (eval.py's numbers; eval.pipeline_table), pipeline
+  pipeline      PipelineConfig, STAGES, pipeline (its numbers and table: eval.checkpoint_metrics, pipeline_table)
   command line  main
 """
 import bisect
 import collections
-import contextlib
+import copy
 import dataclasses
 import datetime
 import json
@@ -59,8 +59,8 @@ import train
 from config import load, pick
 from data import (_ROLES, DataConfig, Tokenizer, _draw, _field, _first_index, _key, load_tokenizer, problems,
                   read_jsonl, render_chat)
-from eval import (check_answer, completion_text, evaluate, exact_match, file_rows, follows_format, pipeline_table,
-                  task_rows)
+from eval import (check_answer, checkpoint_metrics, completion_text, evaluate, exact_match, follows_format,
+                  pipeline_table, task_rows)
 from model import Model, atomic_write, check
 
 # ----------------------------------------------------------------------------------------- embedded sets
@@ -306,7 +306,6 @@ class PromptLoader(_Shuffled):
         """-> (prompts: list of id lists, answers: list of str), micro_batch_size of each."""
         idx = self.indices(step, micro_step).tolist()
         return [self.prompts[i] for i in idx], [self.answers[i] for i in idx]
-
 
 
 # -------------------------------------------------------------------------------------------- loop glue
@@ -725,10 +724,8 @@ class GRPOConfig:
     scale_rewards: bool = True      # divide by the group's std; False = Dr. GRPO
     loss_agg: str = "dapo"          # "grpo" | "dapo" | "dr_grpo" (see token_weights)
     num_iterations: int = 1         # optimizer updates per rollout batch, each against the rollout's log-probs
-    rollout_batch: int = 64         # completions per generate call: whole groups, or a divisor of group_size; KV
-                                    # cache: rows x (prompt + max_new_tokens) x bytes/token (python model.py CONFIG)
-    rollout_dtype: str = "auto"     # the weights rollouts decode with: "auto" (bfloat16 on a GPU under bf16
-                                    # autocast, else the fp32 weights) | "bfloat16" | "float32"
+    rollout_batch: int = 64         # rows per generate call (whole groups or a divisor of group_size): the KV cache
+    rollout_dtype: str = "auto"     # "bfloat16" | "float32" | "auto": bf16 on a GPU under bf16 autocast, else fp32
     sample_rounds: int = 1          # DAPO's dynamic sampling: up to this many rollouts a step, until its groups
                                     # all have unequal rewards (1 = off)
     eval_questions: int = 64        # held-out math_test questions for greedy exact match at each eval; 0 = none
@@ -804,16 +801,10 @@ def token_logprobs(model, x, y, pos, temperature):
 
 
 def rollout_model(model, dtype):
-    """The model that rollouts decode with: `model` itself, or a copy in `dtype`, built on the meta device so that
-    no second fp32 copy is ever allocated. bf16 halves a decode step's weight reads and the KV cache (3B, 16 rows of
-    22.5k tokens: 26.6 GB, not 53); its samples are then a hair off the autocast policy that the loss scores, as
-    with any separate inference engine."""
-    if model.tok_emb.weight.dtype == dtype:
-        return model
-    with torch.device("meta"):
-        twin = Model(model.cfg)
-    twin.load_state_dict({k: v.detach().to(dtype) for k, v in model.state_dict().items()}, assign=True)
-    return twin.eval()
+    """The model rollouts decode with: `model`, or a copy of it in `dtype`. bf16 halves a decode step's weight reads
+    and the KV cache (3B, 16 rows of 22.5k tokens: 26.6 GB, not 53); its samples are then a hair off the autocast
+    policy the loss scores, as with any separate inference engine."""
+    return model if model.tok_emb.weight.dtype == dtype else copy.deepcopy(model).to(dtype).eval()
 
 
 def rollout(model, tok, prompts, answers, gc, generator):
@@ -1063,28 +1054,6 @@ STAGES = {"mid": ("config/tiny_mid.py", "pretrain", "mid"), "sft": ("config/tiny
           "apo": ("config/tiny_apo.py", "sft", "dpo"), "grpo": ("config/tiny_grpo.py", "apo", "grpo")}
 
 
-@torch.no_grad()
-def checkpoint_metrics(path, pc, data_dir, device, chat=True):
-    """Held-out numbers of one checkpoint: math bpb (64 rows of the math val shard), exact match and format share
-    in /think and /no_think (eval.exact_match on math_test), and the share of pref_val pairs whose chosen reply
-    the model gives more log-probability than the rejected one (chat=False: bpb only). In float32 on `device`."""
-    model, tok = Model.from_pretrained(path, attn_impl="sdpa").float().to(device).eval(), Tokenizer.load(path)
-    out = {}
-    x, y, pos = (t[:64] for t in file_rows(os.path.join(data_dir, "math", "val_00000.bin"), tok, 256))
-    out["math_bpb"] = evaluate(model, {"math": (x, y, pos)}, torch.from_numpy(tok.token_bytes()), 16,
-                               contextlib.nullcontext(), device)[1]["math"]
-    if not chat:
-        return out
-    rows = task_rows("math", "")[:pc.eval_questions]
-    for mode, think in (("think", True), ("no_think", False)):
-        out[f"em_{mode}"], _, out[f"format_{mode}"] = exact_match(model, tok, rows, True, think, max_new_tokens=96,
-                                                                  batch_size=64)
-    pairs = PreferenceLoader(os.path.join(data_dir, "pref_val.jsonl"), tok, 640, 16)
-    lp = logps_table(model, pairs, 16, contextlib.nullcontext(), device)[:pc.eval_pairs]
-    out["pref_acc"] = (lp[:, 0] > lp[:, 1]).sum().item() / len(lp)
-    return out
-
-
 def pipeline(argv):
     """Run the stages that have no checkpoint yet, then print (and write to pipeline_dir/table.md) the table.
     argv: config/tiny.py (pretraining's config) and --key=value overrides, PipelineConfig's keys included."""
@@ -1134,8 +1103,8 @@ def pipeline(argv):
         tok.save(os.path.join(init_dir, "tokenizer.json"))
     for stage, d in [("init", init_dir), *dirs.items()]:
         if stage not in metrics:
-            metrics[stage] = checkpoint_metrics(checkpoint_dir(d, "pipeline"), pc, pre_ns.data_dir, device,
-                                                chat=stage not in ("init", "pretrain"))
+            metrics[stage] = checkpoint_metrics(checkpoint_dir(d, "pipeline"), pre_ns.data_dir, device,
+                                                stage not in ("init", "pretrain"), pc.eval_questions, pc.eval_pairs)
             atomic_write(metrics_path, lambda p: Path(p).write_text(json.dumps(metrics, indent=1)))
     mid_evals = [r for r in train.read_log(os.path.join(dirs["mid"], "log.jsonl")) if r["kind"] == "eval"]
     table = pipeline_table(metrics, times, mid_evals)

@@ -215,20 +215,14 @@ def test_rollout_rows_groups_and_the_prefilled_no_think_prompt(tok, g, rollout_b
 
 
 def test_rollout_model_is_a_bf16_copy_that_leaves_the_fp32_weights_alone(tok):
-    """The twin holds every tensor of the model cast to bf16 (an untied head too), shares no storage with it, and
-    samples what a deep copy cast to bf16 samples; a model already in the dtype is its own twin."""
-    import copy
+    """The twin holds every tensor of the model cast to bf16 (an untied head too), in eval mode, sharing no storage
+    with it; a model already in the dtype is its own twin."""
     torch.manual_seed(0)
     model = Model(ModelConfig(**dict(MODEL, tie_embeddings=False), eos_id=tok.eos_id))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     twin = pt.rollout_model(model, torch.bfloat16)
-    want = copy.deepcopy(model).to(torch.bfloat16)
-    assert twin.state_dict().keys() == before.keys() and not twin.training
+    assert twin.state_dict().keys() == before.keys() and not twin.training and model.training
     assert all(torch.equal(twin.state_dict()[k], v.to(torch.bfloat16)) for k, v in before.items())
-    prompts = [[5, 6, 7], [8, 9]]
-    outs = [m.generate(prompts, 8, temperature=1.0, generator=torch.Generator().manual_seed(1), num_samples=2)
-            for m in (twin, want)]
-    assert outs[0] == outs[1]
     with torch.no_grad():
         for p in twin.parameters():
             p.add_(1.0)

@@ -403,7 +403,7 @@ def test_checkpoint_metrics_equal_their_definitions(tmp_path, byte_tok):
     _write_jsonl(data_dir / "pref_val.jsonl", pairs)
     ckpt = str(tmp_path / "model")   # the chat prompts are ~1,400 bytes: a longer context than init_dir's
     _save_model(ckpt, byte_tok, max_position_embeddings=2048)
-    out = pt.checkpoint_metrics(ckpt, pt.PipelineConfig(eval_questions=2), str(data_dir), torch.device("cpu"))
+    out = pt.checkpoint_metrics(ckpt, str(data_dir), torch.device("cpu"), questions=2)
     model = Model.from_pretrained(ckpt).float().eval()
     with torch.no_grad():
         x = torch.tensor(ids)
