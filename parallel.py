@@ -921,10 +921,11 @@ def fit_warning(mc, seq_len, tc, world, device, gpu_bytes=None):
     need = p["totals"][zero, mc.act_ckpt]
     if need <= gpu_bytes:
         return None
-    fixes = [f for f, off in [("--act_ckpt=True", not mc.act_ckpt), ("--zero=1", not zero and p["dp"] > 1)] if off]
+    fixes = [f for f, off in [("--act_ckpt=True", not mc.act_ckpt),
+                              ("--zero=1", not zero and p["dp"] > 1 and tc.optimizer == "adamw")] if off]
     return (f"warning: `python parallel.py plan` bounds this layout (DP {p['dp']} x TP {p['tp']}) at {need / 1e9:.1f} "
             f"GB a GPU, over this GPU's {gpu_bytes / 1e9:.1f} GB: expect out-of-memory; "
-            + ", ".join(fixes + ["a larger --tp", "a smaller --micro_batch_size"]) + " lower it")
+            + ", ".join(fixes + ["a smaller --micro_batch_size"]) + " lower it")
 
 
 # ---------------------------------------------------------------- cluster bench

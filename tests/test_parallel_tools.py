@@ -111,7 +111,8 @@ def test_plan_refuses_what_does_not_fit_and_says_by_how_much(capsys):
 
 def test_fit_warning_at_the_start_of_a_run_that_would_not_fit():
     """README's one-node 3B run (8 GPUs, TP 2, ZeRO-1, micro-batch 3): plan's bound is 82.1 GB a GPU without
-    activation checkpointing, over an H100's 80, and 40.8 with it; without ZeRO-1 the DDP row, and --zero=1 offered."""
+    activation checkpointing, over an H100's 80, and 40.8 with it; without ZeRO-1 the DDP row, and --zero=1 offered
+    (to AdamW, not to Muon)."""
     import dataclasses
 
     import train
@@ -121,7 +122,9 @@ def test_fit_warning_at_the_start_of_a_run_that_would_not_fit():
                            "over this GPU's 80.0 GB") and "--act_ckpt=True" in warn and "--zero=1" not in warn
     assert parallel.fit_warning(dataclasses.replace(SMOLLM3, act_ckpt=True), 4096, tc, 8, cpu, 80e9) is None
     ddp = parallel.fit_warning(SMOLLM3, 4096, dataclasses.replace(tc, zero=0), 8, cpu, 80e9)
-    assert "at 88.2 GB" in ddp and "--act_ckpt=True, --zero=1, a larger --tp" in ddp
+    assert "at 88.2 GB" in ddp and "--act_ckpt=True, --zero=1, a smaller --micro_batch_size lower it" in ddp
+    muon = parallel.fit_warning(SMOLLM3, 4096, dataclasses.replace(tc, zero=0, optimizer="muon"), 8, cpu, 80e9)
+    assert "--zero=1" not in muon                                                 # Muon runs without ZeRO only
     assert parallel.fit_warning(SMOLLM3, 4096, tc, 8, cpu) is None                  # a CPU: nothing to compare with
     assert parallel.fit_warning(dataclasses.replace(SMOLLM3, n_experts=4), 4096, tc, 8, cpu, 1e9) is None
 
