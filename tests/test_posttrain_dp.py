@@ -114,7 +114,8 @@ def dp_runs(tmp_path_factory):
                                     "--max_steps=3", "--ckpt_interval=3", "--eval_questions=0", "--lr=3e-3",
                                     "--seq_len=128", f"--rl_data={_write_jsonl(tmp / 'rl.jsonl', rl)}"])
            for agg in ("dapo", "grpo")}}
-    methods["grpo_dapo_zero1"] = (methods["grpo_dapo"][0], methods["grpo_dapo"][1] + ["--zero=1"])  # smollm3_grpo.py's
+    # smollm3_grpo.py's settings: ZeRO-1, rollouts on a bf16 copy of the weights (deep-copied beside ZeRO's state)
+    methods["grpo_dapo_zero1"] = ("grpo", methods["grpo_dapo"][1] + ["--zero=1", "--rollout_dtype='bfloat16'"])
     runs = {name: (str(tmp / f"{name}_one"), str(tmp / f"{name}_dp")) for name in methods}
     saved, threads = Model.generate, torch.get_num_threads()
     Model.generate = fake_generate
